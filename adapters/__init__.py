@@ -1,0 +1,1 @@
+"""shir.adapters: real I/O around the pure core (files, Blob, Service Bus, ODBC, DPAPI)."""

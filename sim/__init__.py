@@ -1,0 +1,1 @@
+"""shir.sim: a deterministic SimPy harness that drives the core through faults."""
