@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 import attrs
+
 from shir.core.codec import CorruptRecord, decode, encode
 from shir.core.store import (
     Snapshot,

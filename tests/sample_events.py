@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import attrs
 import msgpack
+
 from shir.core.codec import event
 
 __all__ = ["CounterAdded", "NoteWritten", "TallyState", "dump_state", "fold", "load_state"]

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sample_events import CounterAdded, NoteWritten, dump_state, fold, load_state
+
 from shir.core.store import (
     ConcurrencyConflict,
     EventStore,

@@ -13,6 +13,8 @@ from pathlib import Path
 import msgpack
 import pytest
 from sample_events import CounterAdded, NoteWritten
+from store_contract import EventStoreContract
+
 from shir.adapters.filestore import (
     CorruptSnapshot,
     CorruptStream,
@@ -22,7 +24,6 @@ from shir.adapters.filestore import (
 )
 from shir.core.codec import UnknownEventType, encode
 from shir.core.store import EventStore, Snapshot, StoreError
-from store_contract import EventStoreContract
 
 
 class TestFileEventStore(EventStoreContract):

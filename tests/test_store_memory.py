@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shir.core.store import EventStore, InMemoryEventStore
 from store_contract import EventStoreContract
+
+from shir.core.store import EventStore, InMemoryEventStore
 
 
 class TestInMemoryEventStore(EventStoreContract):
