@@ -248,7 +248,7 @@ def event(
             tag=tag,
             version=version,
             cls=cls,
-            field_names=tuple(f.name for f in attrs.fields(cls)),
+            field_names=tuple(f.name for f in attrs.fields(typing.cast(Any, cls))),
             upcasters=ups,
             encode_fields=enc,
             decode_fields=dec,
@@ -275,7 +275,7 @@ def registered_events() -> tuple[EventSpec, ...]:
     return tuple(_by_tag.values())
 
 
-_packb = msgpack.Packer(use_bin_type=True).pack
+_packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 
 
 def encode(evt: object) -> bytes:
@@ -341,7 +341,8 @@ def decode_value(cls: type[T], data: bytes) -> T:
     except CodecError:
         raise
     except Exception as exc:
-        raise CorruptRecord(f"{cls.__name__}: invalid field values ({type(exc).__name__})") from None
+        why = type(exc).__name__
+        raise CorruptRecord(f"{cls.__name__}: invalid field values ({why})") from None
 
 
 def _upcast(spec: EventSpec, version: Any, fields: Any) -> Any:

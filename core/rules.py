@@ -1,0 +1,285 @@
+"""The node lifecycle rules, as data, in one place.
+
+Theory of operation
+-------------------
+A node's status is not set by hand: it is *derived* from facts (when it last spoke, what it
+reported, whether it is being upgraded) by the ordered table ``STATUS_RULES``. Each row names a
+status and a check that returns a reason or None. The first status with at least one reason wins;
+all of that status's reasons are kept (a node can be Limited for two reasons at once). A node
+with no reason anywhere is Online.
+
+After every command ``decide`` re-derives each node's status; a difference becomes a
+``NodeStatusChanged`` event. ``TRANSITIONS`` lists the status changes that can happen and what
+causes them: ``decide`` asserts every change it emits is listed, and docs/state-machine.md is
+generated from it (``python -m shir.core.rules``), with a test that keeps the two in sync.
+
+Dispatcher rule: the dispatcher keeps its role while it is *eligible* (Online or Limited, with a
+working control channel). When it is not, the eligible node registered earliest takes over, in a
+new term; if none is eligible the term still advances, to "no dispatcher". Terms only grow, so
+anything stamped with an older term is refused.
+
+Runtime status: NeedRegistration without nodes; Online when every node is Online; Offline when
+no node is Online or Limited; Limited otherwise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from shir.core.model import NodeStatus, RuntimeStatus
+from shir.core.state import FIRST_HEARTBEAT_PENDING, Node, _Model
+
+__all__ = [
+    "STATUS_RULES",
+    "TRANSITIONS",
+    "Context",
+    "StatusRule",
+    "derive_status",
+    "is_silent",
+    "mermaid",
+    "runtime_status",
+]
+
+DAY_S = 86_400.0
+
+
+@attrs.frozen
+class Context:
+    """Runtime-wide facts the status checks need, computed once per settle."""
+
+    now: float
+    offline_after_s: float
+    version_lifetime_s: float
+    majority_version: str | None
+    majority_config: str | None  # None unless a strict majority agrees
+    live_nodes: frozenset[str]
+
+
+Check = Callable[[Node, Context], "str | None"]
+
+
+@attrs.frozen
+class StatusRule:
+    """One row of the status table: ``check`` returns why ``status`` applies, or None."""
+
+    status: NodeStatus
+    name: str
+    check: Check
+
+
+def is_silent(n: Node, now: float, offline_after_s: float) -> bool:
+    """Has the node missed enough heartbeats to count as Offline?"""
+    seen = n.registered_at if n.last_seen_at is None else n.last_seen_at
+    return now - seen >= offline_after_s
+
+
+def _upgrading(n: Node, c: Context) -> str | None:
+    return f"installing version {n.upgrading_to}" if n.upgrading_to is not None else None
+
+
+def _silent(n: Node, c: Context) -> str | None:
+    if not is_silent(n, c.now, c.offline_after_s):
+        return None
+    # Reasons must not change with every tick (each change is an event): no elapsed times here.
+    if n.last_seen_at is None:
+        return f"no heartbeat within {c.offline_after_s:g} s of registering"
+    return f"missed heartbeats for {c.offline_after_s:g} s"
+
+
+def _version_expired(n: Node, c: Context) -> str | None:
+    released = n.metrics.version_released_at
+    if released is None or c.now < released + c.version_lifetime_s:
+        return None
+    return f"version {n.metrics.version} expired; update the node"
+
+
+def _first_heartbeat_pending(n: Node, c: Context) -> str | None:
+    return FIRST_HEARTBEAT_PENDING if n.last_seen_at is None else None
+
+
+def _config_differs(n: Node, c: Context) -> str | None:
+    if c.majority_config is None or n.metrics.config_hash == c.majority_config:
+        return None
+    return "configuration differs from the majority of nodes"
+
+
+def _peer_unreachable(n: Node, c: Context) -> str | None:
+    missing = sorted(p for p in c.live_nodes if p != n.name and p not in n.metrics.reachable_peers)
+    if not missing:
+        return None
+    return f"cannot reach {', '.join(missing)} on the intranet port"
+
+
+def _control_channel(n: Node, c: Context) -> str | None:
+    return None if n.metrics.control_channel_ok else "control channel unreachable"
+
+
+def _version_minority(n: Node, c: Context) -> str | None:
+    if c.majority_version is None or n.metrics.version == c.majority_version:
+        return None
+    return f"runs version {n.metrics.version}; the runtime runs {c.majority_version}"
+
+
+STATUS_RULES: tuple[StatusRule, ...] = (
+    StatusRule(NodeStatus.UPGRADING, "update in progress", _upgrading),
+    StatusRule(NodeStatus.OFFLINE, "missed heartbeats", _silent),
+    StatusRule(NodeStatus.OFFLINE, "version expired", _version_expired),
+    StatusRule(NodeStatus.INITIALIZING, "first heartbeat pending", _first_heartbeat_pending),
+    StatusRule(NodeStatus.INACTIVE, "configuration differs", _config_differs),
+    StatusRule(NodeStatus.LIMITED, "peer port unreachable", _peer_unreachable),
+    StatusRule(NodeStatus.LIMITED, "control channel trouble", _control_channel),
+    StatusRule(NodeStatus.LIMITED, "version differs from the runtime's", _version_minority),
+)
+
+
+@attrs.frozen
+class Transition:
+    """A status change that can happen, and what causes it."""
+
+    source: NodeStatus
+    target: NodeStatus
+    cause: str
+
+
+def _transitions() -> tuple[Transition, ...]:
+    # Any derived status can follow any other except that a node never returns to
+    # Initializing (the first heartbeat is seen once per registration).
+    out = []
+    causes: dict[NodeStatus, list[str]] = {}
+    for rule in STATUS_RULES:
+        causes.setdefault(rule.status, []).append(rule.name)
+    causes[NodeStatus.ONLINE] = ["all checks pass"]
+    for target, why in causes.items():
+        for source in NodeStatus:
+            if source is target or target is NodeStatus.INITIALIZING:
+                continue
+            out.append(Transition(source, target, " or ".join(why)))
+    return tuple(out)
+
+
+TRANSITIONS: tuple[Transition, ...] = _transitions()
+_ALLOWED = frozenset((t.source, t.target) for t in TRANSITIONS)
+
+
+def is_allowed(source: NodeStatus, target: NodeStatus) -> bool:
+    """Is ``source -> target`` a listed transition?"""
+    return (source, target) in _ALLOWED
+
+
+def _version_key(v: str) -> tuple[tuple[int, str], ...]:
+    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in v.split("."))
+
+
+def context(m: _Model, now: float) -> Context:
+    """Compute the runtime-wide facts for deriving statuses at ``now``."""
+    settings = m.runtime.settings if m.runtime else None
+    offline_after = settings.offline_after_s if settings else 30.0
+    lifetime = (settings.version_lifetime_days if settings else 365) * DAY_S
+    live = [
+        n
+        for n in m.nodes.values()
+        if n.upgrading_to is None and not is_silent(n, now, offline_after)
+    ]
+    versions = Counter(n.metrics.version for n in live if n.last_seen_at is not None)
+    majority_version = None
+    if versions:
+        # most common; a tie goes to the newer version (updates roll forward)
+        majority_version = max(versions, key=lambda v: (versions[v], _version_key(v)))
+    configs = Counter(n.metrics.config_hash for n in live if n.last_seen_at is not None)
+    majority_config = None
+    if configs:
+        top, count = configs.most_common(1)[0]
+        if count * 2 > sum(configs.values()):
+            majority_config = top
+    return Context(
+        now, offline_after, lifetime, majority_version, majority_config,
+        frozenset(n.name for n in live if n.last_seen_at is not None),
+    )
+
+
+def derive_status(n: Node, c: Context) -> tuple[NodeStatus, tuple[str, ...]]:
+    """Apply ``STATUS_RULES`` to one node."""
+    found: NodeStatus | None = None
+    reasons: list[str] = []
+    for rule in STATUS_RULES:
+        if found is not None and rule.status is not found:
+            break
+        why = rule.check(n, c)
+        if why is not None:
+            found = rule.status
+            reasons.append(why)
+    return (found or NodeStatus.ONLINE), tuple(reasons)
+
+
+def is_eligible_dispatcher(n: Node) -> bool:
+    """Can this node dispatch work? Online or Limited, with a working control channel."""
+    return (
+        n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED) and n.metrics.control_channel_ok
+    )
+
+
+def choose_dispatcher(nodes: Iterable[Node], current: str | None) -> str | None:
+    """The dispatcher rule (see the module docstring)."""
+    eligible = [n for n in nodes if is_eligible_dispatcher(n)]
+    if current is not None and any(n.name == current for n in eligible):
+        return current
+    return min(eligible, key=lambda n: n.seq).name if eligible else None
+
+
+def runtime_status(m: _Model) -> RuntimeStatus:
+    """The runtime's status, derived from its nodes' (see the module docstring)."""
+    if not m.nodes:
+        return RuntimeStatus.NEED_REGISTRATION
+    statuses = [n.status for n in m.nodes.values()]
+    if all(s is NodeStatus.ONLINE for s in statuses):
+        return RuntimeStatus.ONLINE
+    if not any(s in (NodeStatus.ONLINE, NodeStatus.LIMITED) for s in statuses):
+        return RuntimeStatus.OFFLINE
+    return RuntimeStatus.LIMITED
+
+
+def mermaid() -> str:
+    """docs/state-machine.md, generated from ``STATUS_RULES`` and ``TRANSITIONS``."""
+    lines = [
+        "# Node state machine",
+        "",
+        "Generated from `shir.core.rules` by `python -m shir.core.rules > docs/state-machine.md`;",
+        "a test fails when this file and the rules disagree. Do not edit by hand.",
+        "",
+        "## Status rules, in priority order",
+        "",
+        "The first status with a reason wins; a node with no reason is Online.",
+        "",
+        "| # | status | rule |",
+        "|---|---|---|",
+    ]
+    for i, rule in enumerate(STATUS_RULES, 1):
+        lines.append(f"| {i} | {rule.status.value} | {rule.name} |")
+    lines += [
+        f"| {len(STATUS_RULES) + 1} | Online | otherwise |",
+        "",
+        "## Transitions",
+        "",
+        "Each edge into a status is labelled with the rules that lead there. A node enters",
+        "Initializing only when it registers.",
+        "",
+        "```mermaid",
+        "stateDiagram-v2",
+        "    [*] --> Initializing: NodeRegistered",
+    ]
+    into: dict[NodeStatus, str] = {}
+    for t in TRANSITIONS:
+        into[t.target] = t.cause
+    for target, cause in into.items():
+        sources = sorted(t.source.value for t in TRANSITIONS if t.target is target)
+        for s in sources:
+            lines.append(f"    {s} --> {target.value}: {cause}")
+    lines += ["    Offline --> [*]: NodeRemoved (or offline expiry)", "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(mermaid(), end="")
