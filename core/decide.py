@@ -36,6 +36,14 @@ from shir.core.errors import (
     UnknownNode,
     UpgradeInProgress,
 )
+from shir.core.jobs import (
+    JOB_EVOLVE,
+    ConcurrencyLimitSet,
+    JobDeadLettered,
+    JobReleased,
+    Lease,
+    ReleaseReason,
+)
 from shir.core.keys import (
     AuthKey,
     InvalidAuthKey,
@@ -98,8 +106,21 @@ def _check_time(m: _Model, at: float) -> None:
 
 
 def _emit(s: _Model, out: Events, e: object) -> None:
-    apply(s, (e,))
+    """Record ``e`` as decided and apply it to the scratch model ``s``."""
+    if type(e) in JOB_EVOLVE:
+        # The job book is shared with the real model: note the job instead (see _Model.pending).
+        token = getattr(e, "token", None)
+        if token is not None:
+            s.pending.add(token.job_id)
+    else:
+        apply(s, (e,))
     out.append(e)
+
+
+def _remove(s: _Model, out: Events, node: str, reason: str, at: float) -> None:
+    if node in s.jobs.limits:  # an override must not outlive its node (a new one may take the name)
+        _emit(s, out, ConcurrencyLimitSet(node, None, at))
+    _emit(s, out, ev.NodeRemoved(node, reason, at))
 
 
 def _settle(s: _Model, at: float, out: Events) -> None:
@@ -127,8 +148,9 @@ def _settle(s: _Model, at: float, out: Events) -> None:
             and n.offline_since is not None
             and at - n.offline_since >= expiry
         ):
-            _emit(s, out, ev.NodeRemoved(n.name, f"offline for {expiry:g} s (auto-expiry)", at))
+            _remove(s, out, n.name, f"offline for {expiry:g} s (auto-expiry)", at)
     _settle_dispatcher(s, at, out)
+    _settle_leases(s, at, out)
 
 
 def _settle_dispatcher(s: _Model, at: float, out: Events) -> None:
@@ -145,6 +167,38 @@ def _settle_dispatcher(s: _Model, at: float, out: Events) -> None:
             f"{chosen} takes over" if chosen else "no node can dispatch"
         )
     _emit(s, out, ev.DispatcherChanged(s.term + 1, chosen, reason, at))
+
+
+def end_lease(s: _Model, out: Events, lease: Lease, reason: ReleaseReason, detail: str,
+              at: float) -> None:
+    """End a lease without completion: back to the queue, or dead-letter after max deliveries."""
+    token = lease.token
+    max_deliveries = _runtime(s).settings.max_deliveries
+    if token.delivery >= max_deliveries:
+        key = s.jobs.jobs[token.job_id].idempotency_key
+        detail = f"{detail}; delivered {token.delivery} times (max {max_deliveries})"
+        _emit(s, out, JobDeadLettered(token, key, reason, detail, at))
+    else:
+        _emit(s, out, JobReleased(token, reason, detail, at))
+
+
+def _settle_leases(s: _Model, at: float, out: Events) -> None:
+    """End the leases of nodes that went Offline or were removed, and those that expired."""
+    b = s.jobs
+    if not b.leases:
+        return
+    for node in sorted(b.node_leases):
+        n = s.nodes.get(node)
+        if n is not None and n.status is not NodeStatus.OFFLINE:
+            continue
+        why = f"node {node} was removed" if n is None else f"node {node} went Offline"
+        for job_id in sorted(b.node_leases[node]):
+            if job_id not in s.pending:
+                end_lease(s, out, b.leases[job_id], ReleaseReason.NODE_LOST, why, at)
+    for lease in b.expired(at):
+        if lease.token.job_id not in s.pending:
+            end_lease(s, out, lease, ReleaseReason.EXPIRED,
+                      f"lease expired at {lease.expires_at:g} s without renewal", at)
 
 
 def _timed(m: _Model, at: float) -> tuple[_Model, Events]:
@@ -276,7 +330,7 @@ def _remove_node(m: _Model, c: cmd.RemoveNode) -> Events:
         return []
     s, out = _timed(m, c.at)
     if c.node in s.nodes:  # settling may have expired it already
-        _emit(s, out, ev.NodeRemoved(c.node, "removed by a user", c.at))
+        _remove(s, out, c.node, "removed by a user", c.at)
         _settle(s, c.at, out)
     return out
 
@@ -404,4 +458,7 @@ def next_deadline(state: RuntimeState) -> float | None:
                 deadlines.append(expires)
         if settings.offline_expiry_s is not None and n.offline_since is not None:
             deadlines.append(n.offline_since + settings.offline_expiry_s)
+    expiry = m.jobs.next_expiry()
+    if expiry is not None:
+        deadlines.append(expiry)
     return min(deadlines) if deadlines else None

@@ -13,8 +13,17 @@ from typing import Any
 import attrs
 
 from shir.core import events as ev
+from shir.core import jobs
+from shir.core.jobs import LeaseToken
 
-__all__ = ["AnnounceDispatcher", "Disconnect", "StartSession", "effects_of"]
+__all__ = [
+    "AnnounceDispatcher",
+    "DeliverJob",
+    "Disconnect",
+    "StartSession",
+    "StopJob",
+    "effects_of",
+]
 
 
 @attrs.frozen
@@ -41,10 +50,29 @@ class Disconnect:
     reason: str
 
 
+@attrs.frozen
+class DeliverJob:
+    """Hand the job to ``token.node``: run it, renew before ``expires_at``, then complete it."""
+
+    token: LeaseToken
+    expires_at: float
+
+
+@attrs.frozen
+class StopJob:
+    """Tell ``token.node`` to stop working on a lease that ended (its result would be refused)."""
+
+    token: LeaseToken
+    reason: str
+
+
 EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
     ev.DispatcherChanged: lambda e: (AnnounceDispatcher(e.term, e.node),),
     ev.NodeRejoined: lambda e: (StartSession(e.node, e.session),),
     ev.NodeRemoved: lambda e: (Disconnect(e.node, e.reason),),
+    jobs.JobLeased: lambda e: (DeliverJob(e.token, e.expires_at),),
+    jobs.JobReleased: lambda e: (StopJob(e.token, e.detail),),
+    jobs.JobDeadLettered: lambda e: (StopJob(e.token, e.detail),),
 }
 
 

@@ -13,6 +13,7 @@ from shir.core.codec import value
 from shir.core.errors import DomainError
 
 __all__ = [
+    "CredentialVersion",
     "InvalidSettings",
     "KeyName",
     "KeyVerifier",
@@ -68,9 +69,11 @@ class RuntimeSettings:
     offline_expiry_s: float | None = None  # auto-remove nodes offline this long; off by default
     version_lifetime_days: int = 365
     version_warning_days: int = 90
+    # Completed idempotency keys are remembered this long (Service Bus duplicate detection: 10 min)
+    duplicate_window_s: float = 600.0
 
     def __attrs_post_init__(self) -> None:
-        for name in ("heartbeat_interval_s", "lock_duration_s"):
+        for name in ("heartbeat_interval_s", "lock_duration_s", "duplicate_window_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
                 raise InvalidSettings(f"{name} must be a positive number of seconds, got {v!r}")
@@ -118,6 +121,15 @@ class KeyVerifier:
 
 @value
 @attrs.frozen
+class CredentialVersion:
+    """A credential (of one linked service) by id, at one version. Never its secret."""
+
+    credential_id: str
+    version: int
+
+
+@value
+@attrs.frozen
 class NodeMetrics:
     """What a node reports with every heartbeat."""
 
@@ -130,3 +142,4 @@ class NodeMetrics:
     control_channel_ok: bool = True
     remote_access: bool = True  # "remote access from intranet" enabled
     config_hash: str = ""  # digest of the node's settings; differing from the majority -> Inactive
+    credentials: tuple[CredentialVersion, ...] = ()  # the versions this node holds

@@ -26,6 +26,7 @@ import attrs
 
 from shir.core import events as ev
 from shir.core.errors import ShirError
+from shir.core.jobs import JOB_EVOLVE, JobBook
 from shir.core.model import (
     KeyName,
     KeyVerifier,
@@ -87,7 +88,10 @@ class Node:
 class _Model:
     """The mutable body behind :class:`RuntimeState`. Private: handlers and ``decide`` only."""
 
-    __slots__ = ("dispatcher", "gen", "keys", "next_seq", "nodes", "now", "runtime", "term")
+    __slots__ = (
+        "dispatcher", "gen", "jobs", "keys", "next_seq", "nodes", "now", "pending", "runtime",
+        "term",
+    )
 
     def __init__(self) -> None:
         self.gen = 0
@@ -98,12 +102,21 @@ class _Model:
         self.term = 0
         self.dispatcher: str | None = None
         self.now = float("-inf")
+        self.jobs = JobBook()
+        # Job ids whose lease ``decide`` has already ended or granted in the decision under way.
+        # Job events are never applied to a scratch model (the job book is shared, and copying
+        # a long queue per decision would make assignment cost grow with the queue).
+        self.pending: set[str] = set()
 
     def scratch(self) -> _Model:
-        """A copy whose node records may be changed freely (for ``decide``'s what-if)."""
+        """A copy whose node records may be changed freely (for ``decide``'s what-if).
+
+        The job book is shared, read-only; job events go to ``pending`` instead.
+        """
         m = _copy.copy(self)
         m.keys = dict(self.keys)
         m.nodes = {name: n.clone() for name, n in self.nodes.items()}
+        m.pending = set()
         return m
 
 
@@ -129,6 +142,7 @@ class RuntimeState:
     def copy(self) -> RuntimeState:
         """An independent state equal to this one, which can be evolved separately."""
         m = self.model().scratch()
+        m.jobs = m.jobs.copy()
         m.gen = 0
         return RuntimeState(m)
 
@@ -169,6 +183,11 @@ class RuntimeState:
         return self.model().now
 
     @property
+    def jobs(self) -> JobBook:
+        """A copy of the job book: queue, leases and counters (see ``shir.core.jobs``)."""
+        return self.model().jobs.copy()
+
+    @property
     def key_generations(self) -> dict[KeyName, int]:
         """The current generation of each auth key."""
         return {k: v.generation for k, v in self.model().keys.items()}
@@ -191,6 +210,7 @@ class RuntimeState:
             m.term,
             m.dispatcher,
             m.now,
+            m.jobs.fingerprint(),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -293,6 +313,17 @@ EVOLVE: dict[type, Callable[[_Model, Any], None]] = {
     ev.UpgradeStarted: _upgrade_started,
     ev.UpgradeFinished: _upgrade_finished,
 }
+
+
+def _on_jobs(handler: Callable[[JobBook, Any, float], None]) -> Callable[[_Model, Any], None]:
+    def apply_to_book(m: _Model, e: Any) -> None:
+        rt = m.runtime
+        handler(m.jobs, e, rt.settings.duplicate_window_s if rt else 600.0)
+
+    return apply_to_book
+
+
+EVOLVE.update({t: _on_jobs(h) for t, h in JOB_EVOLVE.items()})
 
 
 def apply(m: _Model, events: Iterable[object]) -> None:

@@ -1,0 +1,385 @@
+"""Jobs: the queue, leases, and what happens to them. Events, state and evolve handlers.
+
+Theory of operation
+-------------------
+A job is *queued* when submitted and *leased* to one node when the dispatcher assigns it. A lease
+is a :class:`LeaseToken` (job, node, dispatcher term, delivery number) with an expiry; the node
+renews it before then, and ends it by completing, abandoning or failing the job. Whatever the
+lease's end other than completion, the job goes back to the queue (``JobReleased``), unless it has
+been delivered ``max_deliveries`` times: then it is dead-lettered with its reason. A lease also
+ends when it expires unrenewed or its node goes Offline or is removed.
+
+Idempotency: a job is identified by its idempotency key. Submitting a key that is queued, leased,
+or was completed within ``duplicate_window_s`` does nothing (as Service Bus duplicate detection);
+completing twice with the completing token does nothing; everything else with a token that is not
+the job's live lease is refused as stale. So one key has at most one completion: no duplicate
+effect.
+
+State stays bounded by live work: finished jobs leave counters, and completed keys only for the
+duplicate window.
+
+Queue: jobs wait in FIFO order in one queue per *requirement* (the credential versions a node
+must hold for it), so assignment looks at the heads of a few queues instead of scanning every
+queued job: the cost of one assignment does not grow with the queue.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import OrderedDict, deque
+from typing import Any
+
+import attrs
+
+from shir.core.codec import event, value
+from shir.core.model import CredentialVersion
+
+__all__ = [
+    "ConcurrencyLimitSet",
+    "Job",
+    "JobBook",
+    "JobCompleted",
+    "JobDeadLettered",
+    "JobLeased",
+    "JobReleased",
+    "JobSubmitted",
+    "Lease",
+    "LeaseRenewed",
+    "LeaseToken",
+    "ReleaseReason",
+    "Requirement",
+    "requirement_of",
+]
+
+Requirement = tuple[CredentialVersion, ...]  # sorted, without the credentials a job carries
+
+
+class ReleaseReason(enum.Enum):
+    """Why a lease ended without completion."""
+
+    EXPIRED = "expired"  # not renewed in time
+    ABANDONED = "abandoned"  # the node gave it back
+    FAILED = "failed"  # the node reported a failure
+    NODE_LOST = "node_lost"  # the node went Offline or was removed
+
+
+@value
+@attrs.frozen
+class LeaseToken:
+    """Proof of one delivery of one job to one node in one dispatcher term."""
+
+    job_id: str
+    node: str
+    term: int
+    delivery: int
+
+
+# --- events ----------------------------------------------------------------------------------
+
+@event("job_submitted")
+@attrs.frozen
+class JobSubmitted:
+    """A job was queued. ``carried`` credentials travel encrypted with the job itself."""
+
+    job_id: str
+    idempotency_key: str
+    needs: tuple[CredentialVersion, ...]
+    carried: tuple[str, ...]
+    size_mb: float
+    at: float
+
+
+@event("job_leased")
+@attrs.frozen
+class JobLeased:
+    """The dispatcher assigned a queued job to a node until ``expires_at``."""
+
+    token: LeaseToken
+    expires_at: float
+    at: float
+
+
+@event("lease_renewed")
+@attrs.frozen
+class LeaseRenewed:
+    """A node extended its lease."""
+
+    token: LeaseToken
+    expires_at: float
+    at: float
+
+
+@event("job_completed")
+@attrs.frozen
+class JobCompleted:
+    """A node finished a job under its live lease: the job's one effect."""
+
+    token: LeaseToken
+    idempotency_key: str
+    at: float
+
+
+@event("job_released")
+@attrs.frozen
+class JobReleased:
+    """A lease ended without completion and the job went back to the queue."""
+
+    token: LeaseToken
+    reason: ReleaseReason
+    detail: str
+    at: float
+
+
+@event("job_dead_lettered")
+@attrs.frozen
+class JobDeadLettered:
+    """A job's last allowed delivery ended without completion; it will not run again."""
+
+    token: LeaseToken
+    idempotency_key: str
+    reason: ReleaseReason
+    detail: str
+    at: float
+
+
+@event("concurrency_limit_set")
+@attrs.frozen
+class ConcurrencyLimitSet:
+    """A node's concurrent-job limit was overridden (``None``: back to the default)."""
+
+    node: str
+    limit: int | None
+    at: float
+
+
+# --- state -----------------------------------------------------------------------------------
+
+@attrs.define(slots=True)
+class Job:
+    """A job that is queued or leased."""
+
+    job_id: str
+    idempotency_key: str
+    requirement: Requirement
+    carried: tuple[str, ...]
+    size_mb: float
+    submitted_at: float
+    seq: int  # submission order: the queue is FIFO by it
+    deliveries: int = 0
+
+
+@attrs.define(slots=True)
+class Lease:
+    """A live lease."""
+
+    token: LeaseToken
+    expires_at: float
+
+
+def requirement_of(needs: tuple[CredentialVersion, ...], carried: tuple[str, ...]) -> Requirement:
+    """What a node must hold to run a job: the needed versions it does not carry along."""
+    return tuple(sorted((c for c in needs if c.credential_id not in carried),
+                        key=lambda c: (c.credential_id, c.version)))
+
+
+class JobBook:
+    """The mutable job part of the runtime's model (see ``state._Model``)."""
+
+    __slots__ = (
+        "active_keys", "completed", "dead_lettered", "expiry_heap", "jobs", "leases",
+        "limits", "next_seq", "node_leases", "queues", "recent", "released", "submitted",
+    )
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.active_keys: dict[str, str] = {}  # idempotency key -> job id, queued or leased
+        self.queues: dict[Requirement, deque[str]] = {}
+        self.leases: dict[str, Lease] = {}
+        self.node_leases: dict[str, set[str]] = {}
+        self.expiry_heap: list[tuple[float, str, int]] = []  # (expires_at, job, delivery), lazy
+        self.recent: OrderedDict[str, tuple[LeaseToken, float]] = OrderedDict()  # completed keys
+        self.limits: dict[str, int] = {}  # overrides only
+        self.next_seq = 1
+        self.submitted = 0
+        self.completed = 0
+        self.dead_lettered = 0
+        self.released = 0
+
+    def copy(self) -> JobBook:
+        """A deep copy (records are copied, immutable values shared)."""
+        b = JobBook()
+        b.jobs = {k: attrs.evolve(j) for k, j in self.jobs.items()}
+        b.active_keys = dict(self.active_keys)
+        b.queues = {k: deque(q) for k, q in self.queues.items() if q}
+        b.leases = {k: Lease(v.token, v.expires_at) for k, v in self.leases.items()}
+        b.node_leases = {k: set(v) for k, v in self.node_leases.items() if v}
+        b.expiry_heap = list(self.expiry_heap)
+        b.recent = OrderedDict(self.recent)
+        b.limits = dict(self.limits)
+        b.next_seq = self.next_seq
+        b.submitted, b.completed = self.submitted, self.completed
+        b.dead_lettered, b.released = self.dead_lettered, self.released
+        return b
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        """Plain values for equality: equal books have equal fingerprints."""
+        return (
+            tuple(sorted((k, attrs.astuple(j, recurse=False)) for k, j in self.jobs.items())),
+            tuple(sorted((k, tuple(q)) for k, q in self.queues.items() if q)),
+            tuple(sorted((k, v.token, v.expires_at) for k, v in self.leases.items())),
+            tuple(self.recent.items()),
+            tuple(sorted(self.limits.items())),
+            self.next_seq, self.submitted, self.completed, self.dead_lettered, self.released,
+        )
+
+    def running(self, node: str) -> int:
+        """How many live leases ``node`` holds."""
+        held = self.node_leases.get(node)
+        return len(held) if held else 0
+
+    def queued(self) -> int:
+        """How many jobs wait in the queue."""
+        return len(self.jobs) - len(self.leases)
+
+    def prune_recent(self, now: float, window_s: float) -> None:
+        """Forget completed keys older than the duplicate window."""
+        recent = self.recent
+        while recent:
+            _key, (_token, at) = next(iter(recent.items()))
+            if now - at < window_s:
+                break
+            recent.popitem(last=False)
+
+    def _drop_stale_tops(self) -> None:
+        # Cache upkeep only: entries of renewed or ended leases are dropped from the heap top.
+        # What the book means does not change, so queries may call this.
+        heap, live = self.expiry_heap, self.leases
+        while heap:
+            expires_at, job_id, delivery = heap[0]
+            lease = live.get(job_id)
+            if lease and lease.token.delivery == delivery and lease.expires_at == expires_at:
+                return
+            heapq.heappop(heap)
+
+    def next_expiry(self) -> float | None:
+        """When the earliest live lease expires, if any."""
+        self._drop_stale_tops()
+        return self.expiry_heap[0][0] if self.expiry_heap else None
+
+    def expired(self, at: float) -> list[Lease]:
+        """Live leases whose expiry is at or before ``at``, earliest first."""
+        self._drop_stale_tops()
+        heap = self.expiry_heap
+        if not heap or heap[0][0] > at:
+            return []
+        out = []
+        for expires_at, job_id, delivery in sorted(e for e in heap if e[0] <= at):
+            lease = self.leases.get(job_id)
+            if lease and lease.token.delivery == delivery and lease.expires_at == expires_at:
+                out.append(lease)
+        return out
+
+    def _unlease(self, job_id: str) -> Lease:
+        lease = self.leases.pop(job_id)
+        held = self.node_leases[lease.token.node]
+        held.discard(job_id)
+        if not held:
+            del self.node_leases[lease.token.node]
+        return lease
+
+    def _forget(self, job_id: str) -> Job:
+        job = self.jobs.pop(job_id)
+        del self.active_keys[job.idempotency_key]
+        return job
+
+    def _lease(self, token: LeaseToken, expires_at: float) -> None:
+        self.leases[token.job_id] = Lease(token, expires_at)
+        self.node_leases.setdefault(token.node, set()).add(token.job_id)
+        heap = self.expiry_heap
+        heapq.heappush(heap, (expires_at, token.job_id, token.delivery))
+        # Lazy deletion keeps pushes cheap; compact when stale entries dominate.
+        if len(heap) > 64 and len(heap) > 4 * len(self.leases):
+            live = self.leases
+            self.expiry_heap = [
+                e for e in heap
+                if (lease := live.get(e[1])) is not None and lease.expires_at == e[0]
+            ]
+            heapq.heapify(self.expiry_heap)
+
+
+# --- evolve handlers (registered in state.EVOLVE) --------------------------------------------
+
+def _job_submitted(b: JobBook, e: JobSubmitted, window_s: float) -> None:
+    req = requirement_of(e.needs, e.carried)
+    b.jobs[e.job_id] = Job(e.job_id, e.idempotency_key, req, e.carried, e.size_mb, e.at, b.next_seq)
+    b.next_seq += 1
+    b.active_keys[e.idempotency_key] = e.job_id
+    q = b.queues.get(req)
+    if q is None:
+        q = b.queues[req] = deque()
+    q.append(e.job_id)
+    b.submitted += 1
+    b.prune_recent(e.at, window_s)
+
+
+def _job_leased(b: JobBook, e: JobLeased, window_s: float) -> None:
+    job = b.jobs[e.token.job_id]
+    q = b.queues[job.requirement]
+    # The dispatcher takes queue heads, so this is almost always popleft.
+    if q[0] == job.job_id:
+        q.popleft()
+    else:
+        q.remove(job.job_id)
+    if not q:
+        del b.queues[job.requirement]
+    job.deliveries = e.token.delivery
+    b._lease(e.token, e.expires_at)
+
+
+def _lease_renewed(b: JobBook, e: LeaseRenewed, window_s: float) -> None:
+    lease = b.leases[e.token.job_id]
+    lease.expires_at = e.expires_at
+    heapq.heappush(b.expiry_heap, (e.expires_at, e.token.job_id, e.token.delivery))
+
+
+def _job_completed(b: JobBook, e: JobCompleted, window_s: float) -> None:
+    b._unlease(e.token.job_id)
+    b._forget(e.token.job_id)
+    b.recent[e.idempotency_key] = (e.token, e.at)
+    b.completed += 1
+    b.prune_recent(e.at, window_s)
+
+
+def _job_released(b: JobBook, e: JobReleased, window_s: float) -> None:
+    b._unlease(e.token.job_id)
+    job = b.jobs[e.token.job_id]
+    q = b.queues.get(job.requirement)
+    if q is None:
+        q = b.queues[job.requirement] = deque()
+    q.appendleft(job.job_id)  # redelivered first, as a peek-lock queue does
+    b.released += 1
+
+
+def _job_dead_lettered(b: JobBook, e: JobDeadLettered, window_s: float) -> None:
+    b._unlease(e.token.job_id)
+    b._forget(e.token.job_id)
+    b.dead_lettered += 1
+
+
+def _concurrency_limit_set(b: JobBook, e: ConcurrencyLimitSet, window_s: float) -> None:
+    if e.limit is None:
+        b.limits.pop(e.node, None)
+    else:
+        b.limits[e.node] = e.limit
+
+
+JOB_EVOLVE: dict[type, Any] = {
+    JobSubmitted: _job_submitted,
+    JobLeased: _job_leased,
+    LeaseRenewed: _lease_renewed,
+    JobCompleted: _job_completed,
+    JobReleased: _job_released,
+    JobDeadLettered: _job_dead_lettered,
+    ConcurrencyLimitSet: _concurrency_limit_set,
+}

@@ -1,0 +1,436 @@
+"""Job leasing decisions: submit, dispatch, renew, complete, abandon, fail; limits; scale advice.
+
+Theory of operation
+-------------------
+Dispatch rule (load-aware): the dispatcher of the current term sends ``DispatchJobs``. Until no
+queued job can be placed, take the oldest job among the heads of the requirement queues that some
+worker with a free slot can serve; give it to the worker that is least loaded relative to its
+limit (running / limit), ties to the earliest registered. A *worker* is a node that is Online or
+Limited, holds the credential versions the job needs (unless the job carries them), and is the
+dispatcher itself or reachable from it on the intranet port.
+
+Concurrency limit per node: by default ``min(2 x cores, memory GiB)``, clamped to 1..64. A copy
+job keeps about half a core busy and buffers around 1 GiB, so two per core and one per GiB keeps
+a node neither idle nor swapping; the product likewise derives its default from cores and memory.
+A user may override it within 1..256. Lowering a limit below what runs drains the node: no new
+job until it is below the limit, and nothing is stopped.
+
+Fencing: a ``DispatchJobs`` stamped with a term that is over is refused (``StaleTerm``); a lease
+token that is not the job's live lease is refused (``StaleLease``), so a node back from
+hibernation can neither dispatch nor finish work it held before the gap.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from shir.core.decide import DECIDE, _emit, _node, _runtime, _timed, end_lease
+from shir.core.errors import DomainError, InvalidCommand, StaleTerm
+from shir.core.jobs import (
+    ConcurrencyLimitSet,
+    JobBook,
+    JobCompleted,
+    JobLeased,
+    JobSubmitted,
+    Lease,
+    LeaseRenewed,
+    LeaseToken,
+    ReleaseReason,
+    Requirement,
+)
+from shir.core.model import CredentialVersion, NodeStatus
+from shir.core.state import Node, RuntimeState, _Model
+
+__all__ = [
+    "LIMIT_RANGE",
+    "AbandonJob",
+    "CompleteJob",
+    "DispatchJobs",
+    "FailJob",
+    "JobStats",
+    "NotDispatcher",
+    "RenewLease",
+    "ScaleAdvice",
+    "ScaleThresholds",
+    "SetConcurrencyLimit",
+    "StaleLease",
+    "SubmitJob",
+    "UnknownJob",
+    "concurrency_limit",
+    "default_limit",
+    "job_stats",
+    "scale_advice",
+]
+
+LIMIT_RANGE = (1, 256)  # bounds of a user override
+_DEFAULT_RANGE = (1, 64)
+
+
+class StaleLease(DomainError):
+    """The lease token is not the job's live lease (expired, ended, or from another delivery)."""
+
+
+class UnknownJob(DomainError):
+    """No queued or leased job has this id."""
+
+
+class NotDispatcher(DomainError):
+    """Only the dispatcher of the current term may dispatch."""
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+@attrs.frozen
+class SubmitJob:
+    """Queue a job. ``carried`` names needed credentials whose ciphertext travels with the job."""
+
+    job_id: str
+    idempotency_key: str
+    at: float
+    needs: tuple[CredentialVersion, ...] = ()
+    carried: tuple[str, ...] = ()
+    size_mb: float = 0.0
+
+
+@attrs.frozen
+class DispatchJobs:
+    """The dispatcher assigns queued jobs to workers with free slots (at most ``max_jobs``)."""
+
+    node: str
+    term: int
+    at: float
+    max_jobs: int | None = None
+
+
+@attrs.frozen
+class RenewLease:
+    """Extend a lease by the lock duration."""
+
+    token: LeaseToken
+    at: float
+
+
+@attrs.frozen
+class CompleteJob:
+    """Finish a job under its live lease."""
+
+    token: LeaseToken
+    at: float
+
+
+@attrs.frozen
+class AbandonJob:
+    """Give a job back to the queue (its delivery still counts)."""
+
+    token: LeaseToken
+    at: float
+    reason: str = ""
+
+
+@attrs.frozen
+class FailJob:
+    """Report that a job failed on this delivery; it is retried until max deliveries."""
+
+    token: LeaseToken
+    at: float
+    reason: str = ""
+
+
+@attrs.frozen
+class SetConcurrencyLimit:
+    """Override a node's concurrent-job limit (``None``: back to the default)."""
+
+    node: str
+    limit: int | None
+    at: float
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+def default_limit(cores: int, memory_mb: int) -> int:
+    """The default concurrent-job limit of a node (see the module docstring)."""
+    lo, hi = _DEFAULT_RANGE
+    return max(lo, min(hi, 2 * cores, memory_mb // 1024))
+
+
+def _limit(b: JobBook, n: Node) -> int:
+    override = b.limits.get(n.name)
+    return override if override is not None else default_limit(n.cores, n.memory_mb)
+
+
+def concurrency_limit(state: RuntimeState, node: str) -> int:
+    """The concurrent-job limit in force on ``node``."""
+    m = state.model()
+    return _limit(m.jobs, _node(m, node))
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+def _submit(m: _Model, c: SubmitJob) -> list[object]:
+    _runtime(m)
+    for what, v in (("job_id", c.job_id), ("idempotency_key", c.idempotency_key)):
+        if not isinstance(v, str) or not v or len(v) > 256:
+            raise InvalidCommand(f"{what} must be 1-256 characters, got {v!r:.60}")
+    if not (isinstance(c.size_mb, (int, float)) and c.size_mb >= 0):
+        raise InvalidCommand(f"size_mb must be >= 0, got {c.size_mb!r}")
+    for cv in c.needs:
+        if cv.version < 1:
+            raise InvalidCommand(f"credential {cv.credential_id!r} version must be >= 1")
+    b = m.jobs
+    if c.idempotency_key in b.active_keys or c.idempotency_key in b.recent:
+        return []  # a duplicate: the key is queued, running or recently done
+    if c.job_id in b.jobs:
+        raise InvalidCommand(
+            f"job id {c.job_id!r} is already in use by idempotency key "
+            f"{b.jobs[c.job_id].idempotency_key!r}; use a new job id"
+        )
+    s, out = _timed(m, c.at)
+    _emit(s, out, JobSubmitted(c.job_id, c.idempotency_key, tuple(c.needs), tuple(c.carried),
+                               float(c.size_mb), c.at))
+    return out
+
+
+def _holds(n: Node, requirement: tuple[CredentialVersion, ...]) -> bool:
+    if not requirement:
+        return True
+    held = {cv.credential_id: cv.version for cv in n.metrics.credentials}
+    return all(held.get(cv.credential_id, 0) >= cv.version for cv in requirement)
+
+
+@attrs.define(slots=True)
+class _Slots:
+    node: Node
+    running: int
+    limit: int
+
+
+def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
+    _runtime(m)
+    _node(m, c.node)
+    if c.max_jobs is not None and c.max_jobs < 0:
+        raise InvalidCommand(f"max_jobs must be >= 0 or None, got {c.max_jobs}")
+    s, out = _timed(m, c.at)
+    if c.term != s.term or c.node != s.dispatcher:
+        if c.term < s.term:
+            raise StaleTerm(
+                f"node {c.node!r} dispatched under term {c.term}, which is over (term {s.term}, "
+                f"dispatcher {s.dispatcher!r}); it must not dispatch"
+            )
+        if c.term > s.term:
+            raise InvalidCommand(f"term {c.term} has not begun (current term {s.term})")
+        raise NotDispatcher(
+            f"node {c.node!r} is not the dispatcher of term {s.term} ({s.dispatcher!r} is)"
+        )
+    b = s.jobs
+    dispatcher = s.nodes[c.node]
+    workers = [
+        n for n in s.nodes.values()
+        if n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)
+        and (n.name == c.node or n.name in dispatcher.metrics.reachable_peers)
+    ]
+    # free slots, counting leases this decision already ended
+    free: dict[str, _Slots] = {}
+    for n in workers:
+        running = b.running(n.name) - sum(
+            1 for j in s.pending if (lz := b.leases.get(j)) and lz.token.node == n.name
+        )
+        limit = _limit(b, n)
+        if running < limit:
+            free[n.name] = _Slots(n, running, limit)
+    budget = c.max_jobs if c.max_jobs is not None else 1 << 62
+    offsets = dict.fromkeys(b.queues, 0)
+    lock_s = _runtime(s).settings.lock_duration_s
+    while free and budget > 0:
+        best: tuple[int, Requirement, list[_Slots]] | None = None
+        for req, q in b.queues.items():
+            i = offsets[req]
+            if i >= len(q):
+                continue
+            job = b.jobs[q[i]]
+            if best is not None and job.seq >= best[0]:
+                continue
+            cands = [f for f in free.values() if _holds(f.node, req)]
+            if cands:
+                best = (job.seq, req, cands)
+        if best is None:
+            break
+        _seq, req, cands = best
+        job = b.jobs[b.queues[req][offsets[req]]]
+        offsets[req] += 1
+        slot = min(cands, key=lambda f: (f.running / f.limit, f.node.seq))
+        token = LeaseToken(job.job_id, slot.node.name, s.term, job.deliveries + 1)
+        _emit(s, out, JobLeased(token, c.at + lock_s, c.at))
+        slot.running += 1
+        if slot.running >= slot.limit:
+            del free[slot.node.name]
+        budget -= 1
+    return out
+
+
+def _live_lease(s: _Model, token: LeaseToken, verb: str) -> Lease:
+    b = s.jobs
+    lease = b.leases.get(token.job_id)
+    if lease is None or lease.token != token or token.job_id in s.pending:
+        if lease is None and token.job_id not in b.jobs:
+            done = [k for k, (t, _at) in b.recent.items() if t.job_id == token.job_id]
+            if not done:
+                raise UnknownJob(
+                    f"no queued or running job {token.job_id!r}: it never existed, was "
+                    "dead-lettered, or completed longer ago than the duplicate window"
+                )
+        raise StaleLease(
+            f"cannot {verb} job {token.job_id!r}: delivery {token.delivery} to {token.node} in "
+            f"term {token.term} is no longer its live lease (expired, ended, or the node was "
+            "Offline); drop the work"
+        )
+    return lease
+
+
+def _renew(m: _Model, c: RenewLease) -> list[object]:
+    _runtime(m)
+    _live_lease(m, c.token, "renew")
+    s, out = _timed(m, c.at)
+    _live_lease(s, c.token, "renew")  # settling may have ended it
+    expires = c.at + _runtime(s).settings.lock_duration_s
+    _emit(s, out, LeaseRenewed(c.token, expires, c.at))
+    return out
+
+
+def _complete(m: _Model, c: CompleteJob) -> list[object]:
+    _runtime(m)
+    b = m.jobs
+    if c.token.job_id not in b.jobs and any(t == c.token for t, _at in b.recent.values()):
+        return []  # completed with this very token: satisfied, no second effect
+    _live_lease(m, c.token, "complete")
+    s, out = _timed(m, c.at)
+    _live_lease(s, c.token, "complete")
+    _emit(s, out, JobCompleted(c.token, b.jobs[c.token.job_id].idempotency_key, c.at))
+    return out
+
+
+def _give_back(m: _Model, token: LeaseToken, at: float, reason: ReleaseReason,
+               detail: str) -> list[object]:
+    _runtime(m)
+    _live_lease(m, token, reason.value)
+    s, out = _timed(m, at)
+    lease = _live_lease(s, token, reason.value)
+    end_lease(s, out, lease, reason, detail or f"{reason.value} by {token.node}", at)
+    return out
+
+
+def _abandon(m: _Model, c: AbandonJob) -> list[object]:
+    return _give_back(m, c.token, c.at, ReleaseReason.ABANDONED, c.reason)
+
+
+def _fail(m: _Model, c: FailJob) -> list[object]:
+    return _give_back(m, c.token, c.at, ReleaseReason.FAILED, c.reason)
+
+
+def _set_limit(m: _Model, c: SetConcurrencyLimit) -> list[object]:
+    _runtime(m)
+    _node(m, c.node)
+    lo, hi = LIMIT_RANGE
+    if c.limit is not None and not (isinstance(c.limit, int) and lo <= c.limit <= hi):
+        raise InvalidCommand(
+            f"concurrency limit for {c.node!r} must be {lo}..{hi} or None (default), "
+            f"got {c.limit!r}"
+        )
+    if m.jobs.limits.get(c.node) == c.limit:
+        return []
+    s, out = _timed(m, c.at)
+    if c.node in s.nodes:
+        _emit(s, out, ConcurrencyLimitSet(c.node, c.limit, c.at))
+    return out
+
+
+DECIDE.update({
+    SubmitJob: _submit,
+    DispatchJobs: _dispatch,
+    RenewLease: _renew,
+    CompleteJob: _complete,
+    AbandonJob: _abandon,
+    FailJob: _fail,
+    SetConcurrencyLimit: _set_limit,
+})
+
+
+# --- queries -----------------------------------------------------------------------------------
+
+@attrs.frozen
+class JobStats:
+    """Counters of the job book (finished jobs leave only these)."""
+
+    queued: int
+    running: int
+    submitted: int
+    completed: int
+    dead_lettered: int
+    released: int
+    capacity: int  # sum of the limits of Online and Limited nodes
+
+
+def job_stats(state: RuntimeState) -> JobStats:
+    """The job counters and the runtime's current capacity."""
+    m = state.model()
+    b = m.jobs
+    cap = sum(
+        _limit(b, n) for n in m.nodes.values()
+        if n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)
+    )
+    return JobStats(b.queued(), len(b.leases), b.submitted, b.completed, b.dead_lettered,
+                    b.released, cap)
+
+
+@attrs.frozen
+class ScaleThresholds:
+    """When to advise scaling, as the product's guidance describes. All configurable."""
+
+    cpu_high_pct: float = 80.0  # "CPU high"
+    memory_low_ratio: float = 0.2  # available / total below this is "memory low"
+    cpu_idle_pct: float = 50.0  # "not utilized well"
+    memory_idle_ratio: float = 0.5
+
+
+@attrs.frozen
+class ScaleAdvice:
+    """One piece of advice: ``scale_out`` (add a node) or ``scale_up`` (raise a node's limit)."""
+
+    kind: str
+    node: str
+    reason: str
+    suggested_limit: int | None = None
+
+
+def scale_advice(
+    state: RuntimeState, thresholds: ScaleThresholds = ScaleThresholds()
+) -> tuple[ScaleAdvice, ...]:
+    """Advice from the latest heartbeat metrics of every Online or Limited node.
+
+    Memory low and CPU high: add a node. Concurrency saturated while CPU and memory idle: raise
+    that node's limit.
+    """
+    m = state.model()
+    b = m.jobs
+    out = []
+    for n in m.nodes.values():
+        if n.status not in (NodeStatus.ONLINE, NodeStatus.LIMITED) or n.last_seen_at is None:
+            continue
+        mem_ratio = n.metrics.available_memory_mb / n.memory_mb
+        cpu = n.metrics.cpu_pct
+        limit = _limit(b, n)
+        running = b.running(n.name)
+        if cpu >= thresholds.cpu_high_pct and mem_ratio <= thresholds.memory_low_ratio:
+            out.append(ScaleAdvice(
+                "scale_out", n.name,
+                f"CPU {cpu:.0f}% and only {mem_ratio:.0%} memory available: add a node",
+            ))
+        elif (running >= limit and cpu <= thresholds.cpu_idle_pct
+              and mem_ratio >= thresholds.memory_idle_ratio):
+            suggested = min(LIMIT_RANGE[1], limit * 2)
+            out.append(ScaleAdvice(
+                "scale_up", n.name,
+                f"{running}/{limit} jobs running while CPU {cpu:.0f}% and {mem_ratio:.0%} memory "
+                f"free: raise the limit",
+                suggested,
+            ))
+    return tuple(out)
