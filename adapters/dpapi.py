@@ -167,8 +167,9 @@ def _call_dpapi(
             )
         raise ProtectorUnavailable(f"DPAPI could not protect the secret (Windows error {code})")
     try:
-        return ctypes.string_at(data_out.pbData, data_out.cbData)
+        return ctypes.string_at(data_out.pbData, data_out.cbData) if data_out.cbData else b""
     finally:
-        # DPAPI allocates the output with LocalAlloc; zero it before handing it back
-        ctypes.memset(data_out.pbData, 0, data_out.cbData)
-        kernel32.LocalFree(data_out.pbData)
+        if data_out.pbData:  # a NULL pointer is falsy
+            # DPAPI allocates the output with LocalAlloc: wipe it, then hand it back
+            ctypes.memset(data_out.pbData, 0, data_out.cbData)
+            kernel32.LocalFree(data_out.pbData)
