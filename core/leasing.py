@@ -6,8 +6,8 @@ Dispatch rule (load-aware): the dispatcher of the current term sends ``DispatchJ
 queued job can be placed, take the oldest job among the heads of the requirement queues that some
 worker with a free slot can serve; give it to the worker that is least loaded relative to its
 limit (running / limit), ties to the earliest registered. A *worker* is a node that is Online or
-Limited, holds the credential versions the job needs (unless the job carries them), and is the
-dispatcher itself or reachable from it on the intranet port.
+Limited with a working control channel, holds the credential versions the job needs (unless the
+job carries them), and is the dispatcher itself or reachable from it on the intranet port.
 
 Concurrency limit per node: by default ``min(2 x cores, memory GiB)``, clamped to 1..64. A copy
 job keeps about half a core busy and buffers around 1 GiB, so two per core and one per GiB keeps
@@ -230,6 +230,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
     workers = [
         n for n in s.nodes.values()
         if n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)
+        and n.metrics.control_channel_ok  # its results could not reach the service otherwise
         and (n.name == c.node or n.name in dispatcher.metrics.reachable_peers)
     ]
     # free slots, counting leases this decision already ended
@@ -313,21 +314,21 @@ def _complete(m: _Model, c: CompleteJob) -> list[object]:
 
 
 def _give_back(m: _Model, token: LeaseToken, at: float, reason: ReleaseReason,
-               detail: str) -> list[object]:
+               detail: str, verb: str) -> list[object]:
     _runtime(m)
-    _live_lease(m, token, reason.value)
+    _live_lease(m, token, verb)
     s, out = _timed(m, at)
-    lease = _live_lease(s, token, reason.value)
+    lease = _live_lease(s, token, verb)
     end_lease(s, out, lease, reason, detail or f"{reason.value} by {token.node}", at)
     return out
 
 
 def _abandon(m: _Model, c: AbandonJob) -> list[object]:
-    return _give_back(m, c.token, c.at, ReleaseReason.ABANDONED, c.reason)
+    return _give_back(m, c.token, c.at, ReleaseReason.ABANDONED, c.reason, "abandon")
 
 
 def _fail(m: _Model, c: FailJob) -> list[object]:
-    return _give_back(m, c.token, c.at, ReleaseReason.FAILED, c.reason)
+    return _give_back(m, c.token, c.at, ReleaseReason.FAILED, c.reason, "fail")
 
 
 def _set_limit(m: _Model, c: SetConcurrencyLimit) -> list[object]:
