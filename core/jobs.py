@@ -357,7 +357,14 @@ def _job_released(b: JobBook, e: JobReleased, window_s: float) -> None:
     q = b.queues.get(job.requirement)
     if q is None:
         q = b.queues[job.requirement] = deque()
-    q.appendleft(job.job_id)  # redelivered first, as a peek-lock queue does
+    # Redelivered first, as a peek-lock queue does, but in submission order among the jobs
+    # released before it: one decision can end several leases (a node lost), and appendleft
+    # alone would requeue them newest first. Queues stay sorted by seq; the walk passes only
+    # jobs released earlier (bounded by live work, not by the queue).
+    jobs, i = b.jobs, 0
+    while i < len(q) and jobs[q[i]].seq < job.seq:
+        i += 1
+    q.insert(i, job.job_id)
     b.released += 1
 
 
