@@ -226,7 +226,9 @@ class JobBook:
         """Plain values for equality: equal books have equal fingerprints."""
         return (
             tuple(sorted((k, attrs.astuple(j, recurse=False)) for k, j in self.jobs.items())),
-            tuple(sorted((k, tuple(q)) for k, q in self.queues.items() if q)),
+            # requirements as plain tuples: CredentialVersion does not order
+            tuple(sorted((tuple(attrs.astuple(c) for c in k), tuple(q))
+                         for k, q in self.queues.items() if q)),
             tuple(sorted((k, v.token, v.expires_at) for k, v in self.leases.items())),
             tuple(self.recent.items()),
             tuple(sorted(self.limits.items())),
