@@ -201,11 +201,29 @@ def _settle_leases(s: _Model, at: float, out: Events) -> None:
                       f"lease expired at {lease.expires_at:g} s without renewal", at)
 
 
-def _timed(m: _Model, at: float) -> tuple[_Model, Events]:
-    """Start a decision at ``at``: check the clock, settle what is due on a scratch model."""
+def _due(m: _Model, at: float) -> bool:
+    """Is any timeout due at ``at``? (If not, settling would find nothing to do.)"""
+    deadline = _deadline(m)
+    return deadline is not None and deadline <= at
+
+
+def _timed(m: _Model, at: float, *, jobs_only: bool = False) -> tuple[_Model, Events]:
+    """Start a decision at ``at``: check the clock, settle what is due on a scratch model.
+
+    ``jobs_only`` decisions emit job events only, which never touch the scratch model: when
+    nothing is due they get a shallow copy instead of cloned node records (the common case,
+    and the one that must stay cheap).
+    """
     _check_time(m, at)
-    s = m.scratch()
     out: Events = []
+    if not _due(m, at):
+        if jobs_only:
+            # Job events never touch the model they are emitted on; only ``pending`` is
+            # written, and it is decision-scoped: empty whenever no decision is under way.
+            m.pending.clear()
+            return m, out
+        return m.scratch(), out
+    s = m.scratch()
     _settle(s, at, out)
     return s, out
 
@@ -435,10 +453,26 @@ def decide(state: RuntimeState, command: object) -> tuple[object, ...]:
 
 def next_deadline(state: RuntimeState) -> float | None:
     """When the next timeout falls due: send ``Tick(at=deadline)`` then. None if nothing waits."""
-    m = state.model()
+    return _deadline(state.model())
+
+
+def _deadline(m: _Model) -> float | None:
+    node_due = m.node_due
+    if node_due is None or node_due <= m.now:  # the cache was computed at an earlier "now"
+        node_due = m.node_due = _node_deadline(m)
+    expiry = m.jobs.next_expiry()
+    if expiry is None or (node_due is not None and node_due < expiry):
+        return None if node_due == _NEVER else node_due
+    return expiry
+
+
+_NEVER = float("inf")
+
+
+def _node_deadline(m: _Model) -> float:
     rt = m.runtime
     if rt is None:
-        return None
+        return _NEVER
     settings = rt.settings
     offline_after = settings.offline_after_s
     deadlines: list[float] = []
@@ -458,7 +492,4 @@ def next_deadline(state: RuntimeState) -> float | None:
                 deadlines.append(expires)
         if settings.offline_expiry_s is not None and n.offline_since is not None:
             deadlines.append(n.offline_since + settings.offline_expiry_s)
-    expiry = m.jobs.next_expiry()
-    if expiry is not None:
-        deadlines.append(expiry)
-    return min(deadlines) if deadlines else None
+    return min(deadlines) if deadlines else _NEVER

@@ -179,6 +179,8 @@ class Lease:
 
 def requirement_of(needs: tuple[CredentialVersion, ...], carried: tuple[str, ...]) -> Requirement:
     """What a node must hold to run a job: the needed versions it does not carry along."""
+    if not needs:
+        return ()
     return tuple(sorted((c for c in needs if c.credential_id not in carried),
                         key=lambda c: (c.credential_id, c.version)))
 

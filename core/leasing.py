@@ -188,7 +188,7 @@ def _submit(m: _Model, c: SubmitJob) -> list[object]:
             f"job id {c.job_id!r} is already in use by idempotency key "
             f"{b.jobs[c.job_id].idempotency_key!r}; use a new job id"
         )
-    s, out = _timed(m, c.at)
+    s, out = _timed(m, c.at, jobs_only=True)
     _emit(s, out, JobSubmitted(c.job_id, c.idempotency_key, tuple(c.needs), tuple(c.carried),
                                float(c.size_mb), c.at))
     return out
@@ -213,7 +213,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
     _node(m, c.node)
     if c.max_jobs is not None and c.max_jobs < 0:
         raise InvalidCommand(f"max_jobs must be >= 0 or None, got {c.max_jobs}")
-    s, out = _timed(m, c.at)
+    s, out = _timed(m, c.at, jobs_only=True)
     if c.term != s.term or c.node != s.dispatcher:
         if c.term < s.term:
             raise StaleTerm(
@@ -235,10 +235,13 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
     ]
     # free slots, counting leases this decision already ended
     free: dict[str, _Slots] = {}
+    pending = s.pending
     for n in workers:
-        running = b.running(n.name) - sum(
-            1 for j in s.pending if (lz := b.leases.get(j)) and lz.token.node == n.name
-        )
+        running = b.running(n.name)
+        if pending:
+            running -= sum(
+                1 for j in pending if (lz := b.leases.get(j)) and lz.token.node == n.name
+            )
         limit = _limit(b, n)
         if running < limit:
             free[n.name] = _Slots(n, running, limit)
@@ -294,7 +297,7 @@ def _live_lease(s: _Model, token: LeaseToken, verb: str) -> Lease:
 def _renew(m: _Model, c: RenewLease) -> list[object]:
     _runtime(m)
     _live_lease(m, c.token, "renew")
-    s, out = _timed(m, c.at)
+    s, out = _timed(m, c.at, jobs_only=True)
     _live_lease(s, c.token, "renew")  # settling may have ended it
     expires = c.at + _runtime(s).settings.lock_duration_s
     _emit(s, out, LeaseRenewed(c.token, expires, c.at))
@@ -307,7 +310,7 @@ def _complete(m: _Model, c: CompleteJob) -> list[object]:
     if c.token.job_id not in b.jobs and any(t == c.token for t, _at in b.recent.values()):
         return []  # completed with this very token: satisfied, no second effect
     _live_lease(m, c.token, "complete")
-    s, out = _timed(m, c.at)
+    s, out = _timed(m, c.at, jobs_only=True)
     _live_lease(s, c.token, "complete")
     _emit(s, out, JobCompleted(c.token, b.jobs[c.token.job_id].idempotency_key, c.at))
     return out
@@ -317,7 +320,7 @@ def _give_back(m: _Model, token: LeaseToken, at: float, reason: ReleaseReason,
                detail: str, verb: str) -> list[object]:
     _runtime(m)
     _live_lease(m, token, verb)
-    s, out = _timed(m, at)
+    s, out = _timed(m, at, jobs_only=True)
     lease = _live_lease(s, token, verb)
     end_lease(s, out, lease, reason, detail or f"{reason.value} by {token.node}", at)
     return out
@@ -342,7 +345,7 @@ def _set_limit(m: _Model, c: SetConcurrencyLimit) -> list[object]:
         )
     if m.jobs.limits.get(c.node) == c.limit:
         return []
-    s, out = _timed(m, c.at)
+    s, out = _timed(m, c.at, jobs_only=True)
     if c.node in s.nodes:
         _emit(s, out, ConcurrencyLimitSet(c.node, c.limit, c.at))
     return out

@@ -140,7 +140,9 @@ class InMemoryEventStore:
         self._snapshots: dict[str, Snapshot] = {}
 
     def append(self, stream: str, events: Sequence[object], expected_version: int) -> int:
-        log = self._streams.get(check_stream_name(stream))
+        log = self._streams.get(stream)
+        if log is None:
+            check_stream_name(stream)  # names of existing streams were checked already
         check_append(stream, expected_version, 0 if log is None else len(log))
         if log is None:
             log = self._streams[stream] = []

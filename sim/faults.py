@@ -1,0 +1,249 @@
+"""Fault kinds the simulator can inject, as data: each kind's fields, defaults and meaning.
+
+A fault is scripted in a scenario (``[[faults]]``) or drawn from the seed (``[random_faults]``).
+``FAULT_KINDS`` is the one list of kinds: the parser, the random generator, the world and
+docs/simulation.md all read it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+__all__ = ["FAULT_KINDS", "Fault", "FaultKind", "draw_faults", "parse_fault"]
+
+
+@attrs.frozen
+class FaultKind:
+    """What one kind of fault needs and does."""
+
+    needs: tuple[str, ...]  # required fields besides kind and at_s
+    allows: tuple[str, ...]  # optional fields
+    doc: str
+    targets_node: bool = True
+
+
+FAULT_KINDS: dict[str, FaultKind] = {
+    "crash": FaultKind(
+        ("node", "duration_s"), (),
+        "the node's process dies (running jobs and memory lost, durable state kept) and "
+        "restarts after duration_s",
+    ),
+    "hibernate": FaultKind(
+        ("node", "duration_s"), (),
+        "the machine sleeps: nothing runs; on wake its clock jumps forward by duration_s, so its "
+        "timers all fire at once and its first message reveals the gap",
+    ),
+    "stall": FaultKind(
+        ("node", "duration_s"), (),
+        "the node freezes without a clock jump (a long GC pause): its timers resume late",
+    ),
+    "partition": FaultKind(
+        ("node", "duration_s"), ("peer", "oneway"),
+        "node<->node on the intranet port: from node to peer (all peers if none), both ways "
+        "unless oneway = true",
+    ),
+    "control_partition": FaultKind(
+        ("node", "duration_s"), ("oneway",),
+        "node<->control channel: messages between the node and the service are lost "
+        "(oneway = true: only node -> service)",
+    ),
+    "isolate": FaultKind(
+        ("node", "duration_s"), (),
+        "a symmetric partition of the node from everything: peers and control channel",
+    ),
+    "drop": FaultKind(
+        ("duration_s", "probability"), ("node",),
+        "each message (to or from node, or any) is lost with probability",
+        targets_node=False,
+    ),
+    "duplicate": FaultKind(
+        ("duration_s", "probability"), ("node",),
+        "each message is delivered twice with probability",
+        targets_node=False,
+    ),
+    "delay": FaultKind(
+        ("duration_s", "extra_s"), ("node",),
+        "every message takes extra_s longer",
+        targets_node=False,
+    ),
+    "reorder": FaultKind(
+        ("duration_s", "probability", "extra_s"), ("node",),
+        "each message is held back by up to extra_s with probability, so later ones overtake it",
+        targets_node=False,
+    ),
+    "clock_skew": FaultKind(
+        ("node", "duration_s", "factor"), (),
+        "the node's clock runs at factor x real time (its timers fire early or late)",
+    ),
+    "clock_jump": FaultKind(
+        ("node", "extra_s"), (),
+        "the node's clock jumps forward by extra_s: timers due in that span fire at once",
+    ),
+    "slow": FaultKind(
+        ("node", "duration_s", "factor"), (),
+        "the node runs jobs at factor x its speed",
+    ),
+    "regenerate_key": FaultKind(
+        ("key",), (),
+        "a user regenerates key1 or key2; operators get the new one",
+        targets_node=False,
+    ),
+    "version_skew": FaultKind(
+        ("node", "version"), ("duration_s",),
+        "the node reports another version (until duration_s passes, if given)",
+    ),
+    "upgrade": FaultKind(
+        ("node", "version", "duration_s"), ("fail",),
+        "the node installs version over duration_s (restarting: jobs lost); fail = true "
+        "makes it roll back",
+    ),
+    "append_unknown": FaultKind(
+        ("duration_s", "probability"), (),
+        "an event-store append's outcome is unknown to the host (it may have landed): the host "
+        "re-reads the stream before going on",
+        targets_node=False,
+    ),
+}
+
+_FIELD_TYPES: dict[str, str] = {
+    "node": "str", "peer": "str", "duration_s": "pos", "probability": "prob", "extra_s": "pos",
+    "factor": "pos", "key": "key", "version": "str", "fail": "bool", "oneway": "bool",
+}
+
+
+@attrs.frozen
+class Fault:
+    """One fault at ``at_s`` (simulated seconds). Unused fields keep their defaults."""
+
+    kind: str
+    at_s: float
+    node: str | None = None
+    peer: str | None = None
+    duration_s: float = 0.0
+    probability: float = 0.0
+    extra_s: float = 0.0
+    factor: float = 1.0
+    key: str | None = None
+    version: str | None = None
+    fail: bool = False
+    oneway: bool = False
+
+    @property
+    def end_s(self) -> float:
+        """When the fault is over."""
+        return self.at_s + self.duration_s
+
+    def describe(self) -> str:
+        """A short label for timelines and reports."""
+        who = self.node or self.key or "all"
+        extra = f"->{self.peer}" if self.peer else ""
+        return f"{self.kind} {who}{extra} @{self.at_s:g}s" + (
+            f" for {self.duration_s:g}s" if self.duration_s else ""
+        )
+
+
+def parse_fault(data: Mapping[str, Any], nodes: set[str]) -> Fault:
+    """Build a fault from a TOML table; ``ValueError('.key: expected ...')`` on bad input."""
+    kind = data.get("kind")
+    if kind not in FAULT_KINDS:
+        raise ValueError(
+            f".kind: unknown fault kind {kind!r}; valid kinds: {', '.join(FAULT_KINDS)}"
+        )
+    spec = FAULT_KINDS[kind]
+    allowed = {"kind", "at_s", *spec.needs, *spec.allows}
+    for k in data:
+        if k not in allowed:
+            raise ValueError(
+                f".{k}: not a field of a {kind} fault; it takes {', '.join(sorted(allowed))}"
+            )
+    for k in spec.needs:
+        if k not in data:
+            raise ValueError(f".{k}: a {kind} fault needs {k}")
+    values: dict[str, Any] = {"kind": kind}
+    at = data.get("at_s", 0.0)
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at < 0:
+        raise ValueError(f".at_s: expected a time in seconds >= 0, got {at!r}")
+    values["at_s"] = float(at)
+    for k, v in data.items():
+        if k in ("kind", "at_s"):
+            continue
+        t = _FIELD_TYPES[k]
+        if t == "str":
+            if not isinstance(v, str) or not v:
+                raise ValueError(f".{k}: expected a string, got {v!r}")
+            if k in ("node", "peer") and v not in nodes:
+                raise ValueError(f".{k}: expected one of the nodes {sorted(nodes)}, got {v!r}")
+        elif t == "key":
+            if v not in ("key1", "key2"):
+                raise ValueError(f".{k}: expected key1 or key2, got {v!r}")
+        elif t == "bool":
+            if not isinstance(v, bool):
+                raise ValueError(f".{k}: expected true or false, got {v!r}")
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f".{k}: expected a number, got {v!r}")
+            if v < 0 or (t == "prob" and v > 1) or (k == "factor" and v == 0):
+                rng = "0..1" if t == "prob" else "> 0" if k == "factor" else ">= 0"
+                raise ValueError(f".{k}: expected a number {rng}, got {v!r}")
+            v = float(v)
+        values[k] = v
+    return Fault(**values)
+
+
+def draw_faults(
+    rng: random.Random,
+    kinds: tuple[str, ...],
+    per_hour: float,
+    until_s: float,
+    nodes: tuple[str, ...],
+    min_duration_s: float,
+    max_duration_s: float,
+    probability: float,
+) -> tuple[Fault, ...]:
+    """Faults as a Poisson process of ``per_hour``, every draw from ``rng`` (so from the seed)."""
+    out: list[Fault] = []
+    if per_hour <= 0 or not kinds or not nodes:
+        return ()
+    t = 0.0
+    while True:
+        t += rng.expovariate(per_hour / 3600.0)
+        if t >= until_s:
+            return tuple(out)
+        kind = rng.choice(kinds)
+        node = rng.choice(nodes)
+        duration = rng.uniform(min_duration_s, max_duration_s)
+        f: Fault
+        if kind in ("drop", "duplicate"):
+            f = Fault(kind, t, duration_s=duration, probability=probability)
+        elif kind == "delay":
+            f = Fault(kind, t, duration_s=duration, extra_s=rng.uniform(0.05, 2.0))
+        elif kind == "reorder":
+            f = Fault(kind, t, duration_s=duration, probability=probability,
+                      extra_s=rng.uniform(0.05, 2.0))
+        elif kind == "partition":
+            peers = [n for n in nodes if n != node]
+            f = Fault(kind, t, node=node, peer=rng.choice(peers) if peers else None,
+                      duration_s=duration, oneway=rng.random() < 0.5)
+        elif kind == "control_partition":
+            f = Fault(kind, t, node=node, duration_s=duration, oneway=rng.random() < 0.3)
+        elif kind in ("clock_skew", "slow"):
+            f = Fault(kind, t, node=node, duration_s=duration, factor=rng.uniform(0.5, 1.5))
+        elif kind == "clock_jump":
+            f = Fault(kind, t, node=node, extra_s=duration)
+        elif kind == "regenerate_key":
+            f = Fault(kind, t, key=rng.choice(("key1", "key2")))
+        elif kind == "version_skew":
+            f = Fault(kind, t, node=node, version="5.39", duration_s=duration)
+        elif kind == "upgrade":
+            f = Fault(kind, t, node=node, version=f"5.{41 + len(out)}", duration_s=min(duration, 60.0),
+                      fail=rng.random() < 0.3)
+        elif kind == "append_unknown":
+            f = Fault(kind, t, duration_s=duration, probability=probability)
+        else:
+            f = Fault(kind, t, node=node, duration_s=duration)
+        out.append(f)

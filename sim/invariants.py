@@ -1,0 +1,174 @@
+"""Invariant checkers: they read the event stream, apart from the workload and from the core.
+
+Each checker keeps its own small shadow of what the events say (never the core's state), checks
+every batch of events as it is stored, and reports violations as plain sentences with the time.
+``check_replay`` checks at the end that the log alone rebuilds the state, through the codec, and
+that a snapshot taken midway plus the tail gives the same state.
+
+The checks (docs/simulation.md explains each):
+
+- ``terms``: terms only grow, by one, and each term has exactly one dispatcher announcement.
+- ``leases``: at most one live lease per job; every renewal or end names the live lease;
+  deliveries of a job only grow.
+- ``capacity``: no assignment takes a node above its concurrency limit.
+- ``effects``: at most one completion per idempotency key (no duplicate effect).
+- ``membership``: at most max_nodes nodes; a node registers only with a key generation that
+  was current when it registered.
+- ``replay``: full replay through the codec, and snapshot + tail, equal the live state.
+- ``lost`` (at the end): every accepted job is completed, dead-lettered, or still in the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from shir.core import events as ev
+from shir.core import jobs
+from shir.core.codec import decode
+from shir.core.leasing import default_limit
+from shir.core.model import KeyName
+from shir.core.state import RuntimeState, fold, initial
+
+__all__ = ["Checkers", "check_replay"]
+
+
+class Checkers:
+    """All stream checkers; ``on_events`` is a driver listener."""
+
+    def __init__(self, clock: Callable[[], float],
+                 presented_generation: Callable[[str], int | None]) -> None:
+        self.clock = clock
+        self.presented_generation = presented_generation
+        self.violations: list[str] = []
+        self.term = 0
+        self.max_nodes = 4
+        self.nodes: dict[str, int] = {}  # node -> default limit
+        self.limits: dict[str, int] = {}  # overrides
+        self.running: dict[str, int] = {}
+        self.live: dict[str, jobs.LeaseToken] = {}
+        self.deliveries: dict[str, int] = {}
+        self.completed_keys: set[str] = set()
+        self.dead_keys: set[str] = set()
+        self.duplicate_effects = 0
+        self.key_generation: dict[KeyName, int] = {}
+        self.handlers: dict[type, Callable[[Any], None]] = {
+            ev.RuntimeCreated: self._runtime_created,
+            ev.AuthKeyRegenerated: self._key_regenerated,
+            ev.NodeRegistered: self._node_registered,
+            ev.NodeRemoved: self._node_removed,
+            ev.DispatcherChanged: self._dispatcher_changed,
+            jobs.JobLeased: self._leased,
+            jobs.LeaseRenewed: self._renewed,
+            jobs.JobCompleted: self._completed,
+            jobs.JobReleased: self._ended,
+            jobs.JobDeadLettered: self._ended,
+            jobs.ConcurrencyLimitSet: self._limit_set,
+        }
+
+    def fail(self, what: str) -> None:
+        """Record a violation, stamped with the simulated time."""
+        self.violations.append(f"t={self.clock():.3f}s {what}")
+
+    def on_events(self, events: Sequence[object]) -> None:
+        """Check one stored batch."""
+        handlers = self.handlers
+        for e in events:
+            h = handlers.get(type(e))
+            if h is not None:
+                h(e)
+
+    # -- membership
+    def _runtime_created(self, e: ev.RuntimeCreated) -> None:
+        self.max_nodes = e.settings.max_nodes
+        self.key_generation = {KeyName.KEY1: e.key1.generation, KeyName.KEY2: e.key2.generation}
+
+    def _key_regenerated(self, e: ev.AuthKeyRegenerated) -> None:
+        self.key_generation[e.key.name] = e.key.generation
+
+    def _node_registered(self, e: ev.NodeRegistered) -> None:
+        self.nodes[e.node] = default_limit(e.cores, e.memory_mb)
+        if len(self.nodes) > self.max_nodes:
+            self.fail(f"membership: {len(self.nodes)} nodes, more than {self.max_nodes}")
+        presented = self.presented_generation(e.node)
+        current = self.key_generation.get(e.key_name)
+        if presented is not None and presented != current:
+            self.fail(
+                f"membership: {e.node} joined with {e.key_name.value} generation {presented}, "
+                f"but generation {current} was current"
+            )
+
+    def _node_removed(self, e: ev.NodeRemoved) -> None:
+        self.nodes.pop(e.node, None)
+        if self.running.get(e.node):
+            self.fail(f"leases: {e.node} removed while holding {self.running[e.node]} leases")
+
+    # -- terms
+    def _dispatcher_changed(self, e: ev.DispatcherChanged) -> None:
+        if e.term != self.term + 1:
+            self.fail(f"terms: term went from {self.term} to {e.term} (must grow by one)")
+        self.term = max(self.term, e.term)
+
+    # -- leases and capacity
+    def _limit_set(self, e: jobs.ConcurrencyLimitSet) -> None:
+        if e.limit is None:
+            self.limits.pop(e.node, None)
+        else:
+            self.limits[e.node] = e.limit
+
+    def _leased(self, e: jobs.JobLeased) -> None:
+        t = e.token
+        if t.job_id in self.live:
+            self.fail(f"leases: {t.job_id} leased to {t.node} while {self.live[t.job_id]} is live")
+        if t.delivery <= self.deliveries.get(t.job_id, 0):
+            self.fail(f"leases: {t.job_id} delivery went back to {t.delivery}")
+        if t.term != self.term:
+            self.fail(f"terms: {t.job_id} leased under term {t.term} during term {self.term}")
+        self.deliveries[t.job_id] = t.delivery
+        self.live[t.job_id] = t
+        n = self.running.get(t.node, 0) + 1
+        self.running[t.node] = n
+        limit = self.limits.get(t.node, self.nodes.get(t.node, 0))
+        if n > limit:
+            self.fail(f"capacity: {t.node} runs {n} jobs, above its limit {limit}")
+
+    def _check_live(self, token: jobs.LeaseToken, what: str) -> bool:
+        live = self.live.get(token.job_id)
+        if live != token:
+            self.fail(f"leases: {what} of {token.job_id} with {token}, live lease is {live}")
+            return False
+        return True
+
+    def _renewed(self, e: jobs.LeaseRenewed) -> None:
+        self._check_live(e.token, "renewal")
+
+    def _end(self, token: jobs.LeaseToken, what: str) -> None:
+        if self._check_live(token, what):
+            del self.live[token.job_id]
+            self.running[token.node] -= 1
+
+    def _completed(self, e: jobs.JobCompleted) -> None:
+        self._end(e.token, "completion")
+        if e.idempotency_key in self.completed_keys:
+            self.duplicate_effects += 1
+            self.fail(f"effects: idempotency key {e.idempotency_key} completed twice")
+        self.completed_keys.add(e.idempotency_key)
+        self.deliveries.pop(e.token.job_id, None)
+
+    def _ended(self, e: jobs.JobReleased | jobs.JobDeadLettered) -> None:
+        self._end(e.token, "release")
+        if isinstance(e, jobs.JobDeadLettered):
+            self.deliveries.pop(e.token.job_id, None)
+            self.dead_keys.add(e.idempotency_key)
+
+
+def check_replay(encoded: Sequence[bytes], events: Sequence[object], live: RuntimeState,
+                 snapshot: RuntimeState | None, snapshot_at: int) -> list[str]:
+    """Full replay of the encoded log, and snapshot + tail, must both equal ``live``."""
+    problems = []
+    replayed = fold(initial(), [decode(b) for b in encoded])
+    if replayed != live:
+        problems.append("replay: folding the encoded log does not give the live state")
+    if snapshot is not None and fold(snapshot, events[snapshot_at:]) != live:
+        problems.append(f"replay: snapshot at event {snapshot_at} + tail differs from the live state")
+    return problems

@@ -1,0 +1,481 @@
+"""Scenarios: what to simulate, read from TOML (stdlib ``tomllib``).
+
+A scenario file has these tables (all optional but ``[[nodes]]``); docs/simulation.md is the
+full schema with every default::
+
+    name = "dispatcher-hibernates"
+    description = "..."
+    seed = 7
+    duration_s = 600          # simulated time with workload and faults
+    drain_s = 300             # then: faults healed, no new jobs, time for work to finish
+
+    [settings]                # shir.core.RuntimeSettings fields
+    heartbeat_interval_s = 10
+
+    [[nodes]]
+    name = "node-1"
+    cores = 8
+    memory_mb = 16384
+    version = "5.40"
+    join_at_s = 0             # when the node registers
+    key = "key1"              # which auth key its operator pastes
+    concurrency_limit = 16    # optional override
+
+    [workload]
+    rate_per_s = 10           # Poisson arrivals
+    duration = { kind = "exponential", mean_s = 30 }
+    stop_at_s = 600
+
+    [network]
+    latency_s = 0.005
+    jitter_s = 0.002
+
+    [[faults]]
+    kind = "hibernate"
+    node = "node-1"
+    at_s = 120
+    duration_s = 90
+
+    [random_faults]
+    per_hour = 12
+    kinds = ["crash", "hibernate"]
+    min_duration_s = 5
+    max_duration_s = 120
+
+    [[expect]]
+    kind = "dispatcher"       # or: status, metric
+    at_s = 200
+    node = "node-2"
+
+Every error names the file, the key and what was expected (:class:`ScenarioError`).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from shir.core.errors import ShirError
+from shir.core.model import InvalidSettings, NodeStatus, RuntimeSettings
+from shir.sim.faults import FAULT_KINDS, Fault, parse_fault
+
+__all__ = [
+    "DurationDist",
+    "Expectation",
+    "NetworkSpec",
+    "NodeSpec",
+    "RandomFaults",
+    "Scenario",
+    "ScenarioError",
+    "Workload",
+    "builtin_names",
+    "load_scenario",
+    "parse_scenario",
+]
+
+
+class ScenarioError(ShirError, ValueError):
+    """A scenario file is malformed; the message names the file, the key and what was expected."""
+
+
+@attrs.frozen
+class DurationDist:
+    """How long a job runs on a node of speed 1."""
+
+    kind: str = "exponential"  # exponential | fixed | uniform
+    mean_s: float = 30.0
+    min_s: float = 0.0
+    max_s: float = 0.0
+
+
+@attrs.frozen
+class Workload:
+    """Jobs arriving as a Poisson process."""
+
+    rate_per_s: float = 1.0
+    duration: DurationDist = DurationDist()
+    start_at_s: float = 0.0
+    stop_at_s: float | None = None  # default: the scenario's duration
+    needs: tuple[tuple[str, int], ...] = ()  # credential versions every job needs
+    duplicate_submit_p: float = 0.0  # the service resends a submission (same key)
+
+
+@attrs.frozen
+class NodeSpec:
+    """One machine that joins the runtime."""
+
+    name: str
+    cores: int = 4
+    memory_mb: int = 8192
+    version: str = "5.40"
+    version_released_at: float | None = None
+    join_at_s: float = 0.0
+    key: str = "key1"
+    concurrency_limit: int | None = None
+    speed: float = 1.0  # job speed factor (a slow node < 1)
+    remote_access: bool = True
+
+
+@attrs.frozen
+class NetworkSpec:
+    """Message delays between nodes and the control channel."""
+
+    latency_s: float = 0.005
+    jitter_s: float = 0.002
+
+
+@attrs.frozen
+class RandomFaults:
+    """Faults drawn from the seed: ``per_hour`` on average, kinds chosen uniformly."""
+
+    per_hour: float = 0.0
+    kinds: tuple[str, ...] = ()
+    min_duration_s: float = 5.0
+    max_duration_s: float = 120.0
+    probability: float = 0.2  # for message faults: the drop/duplicate probability
+
+
+@attrs.frozen
+class Expectation:
+    """Something that must hold: ``dispatcher`` / ``status`` at a time, or a ``metric`` bound."""
+
+    kind: str
+    at_s: float | None = None
+    node: str | None = None
+    status: str | None = None
+    metric: str | None = None
+    max: float | None = None
+    min: float | None = None
+    equals: float | None = None
+
+    def describe(self) -> str:
+        """A one-line description for reports."""
+        if self.kind == "dispatcher":
+            return f"at {self.at_s:g} s the dispatcher is {self.node or 'nobody'}"
+        if self.kind == "status":
+            return f"at {self.at_s:g} s {self.node} is {self.status}"
+        bounds = []
+        if self.min is not None:
+            bounds.append(f">= {self.min:g}")
+        if self.max is not None:
+            bounds.append(f"<= {self.max:g}")
+        if self.equals is not None:
+            bounds.append(f"== {self.equals:g}")
+        return f"{self.metric} {' and '.join(bounds)}"
+
+
+@attrs.frozen
+class Scenario:
+    """A whole simulation: topology, settings, workload, faults and expectations."""
+
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    description: str = ""
+    seed: int = 1
+    duration_s: float = 600.0
+    drain_s: float = 300.0
+    settings: RuntimeSettings = RuntimeSettings()
+    workload: Workload = Workload()
+    network: NetworkSpec = NetworkSpec()
+    faults: tuple[Fault, ...] = ()
+    random_faults: RandomFaults = RandomFaults()
+    expect: tuple[Expectation, ...] = ()
+    source: str = "<memory>"
+
+
+# --- parsing with errors that name the key ---------------------------------------------------
+
+_METRICS_HELP = (
+    "jobs.submitted, jobs.completed, jobs.dead_lettered, jobs.lost, jobs.duplicate_effects, "
+    "failovers, max_dispatcher_gap_s, max_offline_detect_s, invariant_violations, "
+    "refusals.<ErrorName>"
+)
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, expected: str, got: Any = None, *, show: bool = True) -> ScenarioError:
+        shown = f", got {got!r:.80}" if show else ""
+        return ScenarioError(f"{self.source}: {key}: expected {expected}{shown}")
+
+    def table(self, data: Any, key: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.fail(key, "a table", data)
+        return data
+
+    def known(self, data: Mapping[str, Any], key: str, allowed: set[str]) -> None:
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise self.fail(
+                f"{key}.{unknown[0]}" if key else unknown[0],
+                f"one of the keys {', '.join(sorted(allowed))}", unknown[0], show=False,
+            )
+
+    def num(self, data: Mapping[str, Any], key: str, name: str, default: float | None,
+            lo: float = 0.0) -> float | None:
+        v = data.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
+            raise self.fail(f"{key}.{name}" if key else name, f"a number >= {lo:g}", v)
+        return float(v)
+
+    def req_num(self, data: Mapping[str, Any], key: str, name: str, default: float,
+                lo: float = 0.0) -> float:
+        v = self.num(data, key, name, default, lo)
+        assert v is not None
+        return v
+
+    def int_(self, data: Mapping[str, Any], key: str, name: str, default: int | None,
+             lo: int = 0) -> int | None:
+        v = data.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise self.fail(f"{key}.{name}" if key else name, f"an integer >= {lo}", v)
+        return v
+
+    def str_(self, data: Mapping[str, Any], key: str, name: str, default: str | None) -> str | None:
+        v = data.get(name, default)
+        if v is not None and not isinstance(v, str):
+            raise self.fail(f"{key}.{name}" if key else name, "a string", v)
+        return v
+
+    def bool_(self, data: Mapping[str, Any], key: str, name: str, default: bool) -> bool:
+        v = data.get(name, default)
+        if not isinstance(v, bool):
+            raise self.fail(f"{key}.{name}", "true or false", v)
+        return v
+
+
+def _settings(r: _Reader, data: Any) -> RuntimeSettings:
+    data = r.table(data, "settings")
+    fields = {f.name for f in attrs.fields(RuntimeSettings)}
+    r.known(data, "settings", fields)
+    try:
+        return RuntimeSettings(**data)
+    except InvalidSettings as exc:
+        raise ScenarioError(f"{r.source}: settings: {exc}") from None
+    except TypeError as exc:
+        raise ScenarioError(f"{r.source}: settings: {exc}") from None
+
+
+def _duration(r: _Reader, data: Any, key: str) -> DurationDist:
+    data = r.table(data, key)
+    r.known(data, key, {"kind", "mean_s", "min_s", "max_s"})
+    kind = r.str_(data, key, "kind", "exponential")
+    if kind not in ("exponential", "fixed", "uniform"):
+        raise r.fail(f"{key}.kind", "one of exponential, fixed, uniform", kind)
+    d = DurationDist(
+        kind,  # type: ignore[arg-type]
+        r.req_num(data, key, "mean_s", 30.0),
+        r.req_num(data, key, "min_s", 0.0),
+        r.req_num(data, key, "max_s", 0.0),
+    )
+    if kind == "uniform" and d.max_s < d.min_s:
+        raise r.fail(f"{key}.max_s", f"a number >= min_s ({d.min_s:g})", d.max_s)
+    return d
+
+
+def _workload(r: _Reader, data: Any) -> Workload:
+    data = r.table(data, "workload")
+    r.known(data, "workload", {"rate_per_s", "duration", "start_at_s", "stop_at_s", "needs",
+                               "duplicate_submit_p"})
+    needs_raw = data.get("needs", [])
+    if not isinstance(needs_raw, list):
+        raise r.fail("workload.needs", "a list of {credential = \"id\", version = N}", needs_raw)
+    needs = []
+    for i, item in enumerate(needs_raw):
+        key = f"workload.needs[{i}]"
+        item = r.table(item, key)
+        r.known(item, key, {"credential", "version"})
+        cid = r.str_(item, key, "credential", None)
+        if not cid:
+            raise r.fail(f"{key}.credential", "a credential id", cid)
+        needs.append((cid, r.int_(item, key, "version", 1, lo=1) or 1))
+    p = r.req_num(data, "workload", "duplicate_submit_p", 0.0)
+    if p > 1:
+        raise r.fail("workload.duplicate_submit_p", "a probability 0..1", p)
+    return Workload(
+        r.req_num(data, "workload", "rate_per_s", 1.0),
+        _duration(r, data.get("duration", {}), "workload.duration"),
+        r.req_num(data, "workload", "start_at_s", 0.0),
+        r.num(data, "workload", "stop_at_s", None),
+        tuple(needs),
+        p,
+    )
+
+
+_NODE_KEYS = {f.name for f in attrs.fields(NodeSpec)}
+
+
+def _node(r: _Reader, data: Any, i: int) -> NodeSpec:
+    key = f"nodes[{i}]"
+    data = r.table(data, key)
+    r.known(data, key, _NODE_KEYS)
+    name = r.str_(data, key, "name", None)
+    if not name:
+        raise r.fail(f"{key}.name", "a node name", name)
+    k = r.str_(data, key, "key", "key1")
+    if k not in ("key1", "key2"):
+        raise r.fail(f"{key}.key", "key1 or key2", k)
+    speed = r.req_num(data, key, "speed", 1.0)
+    if speed <= 0:
+        raise r.fail(f"{key}.speed", "a number > 0", speed)
+    return NodeSpec(
+        name,
+        r.int_(data, key, "cores", 4, lo=1) or 1,
+        r.int_(data, key, "memory_mb", 8192, lo=1) or 1,
+        r.str_(data, key, "version", "5.40") or "5.40",
+        r.num(data, key, "version_released_at", None, lo=-1e12),
+        r.req_num(data, key, "join_at_s", 0.0),
+        k,
+        r.int_(data, key, "concurrency_limit", None, lo=1),
+        speed,
+        r.bool_(data, key, "remote_access", True),
+    )
+
+
+def _random_faults(r: _Reader, data: Any) -> RandomFaults:
+    data = r.table(data, "random_faults")
+    r.known(data, "random_faults", {f.name for f in attrs.fields(RandomFaults)})
+    kinds = data.get("kinds", [])
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise r.fail("random_faults.kinds", "a list of fault kinds", kinds)
+    for k in kinds:
+        if k not in FAULT_KINDS:
+            raise r.fail("random_faults.kinds", f"fault kinds among: {', '.join(FAULT_KINDS)}", k)
+    lo = r.req_num(data, "random_faults", "min_duration_s", 5.0)
+    hi = r.req_num(data, "random_faults", "max_duration_s", 120.0)
+    if hi < lo:
+        raise r.fail("random_faults.max_duration_s", f"a number >= min_duration_s ({lo:g})", hi)
+    p = r.req_num(data, "random_faults", "probability", 0.2)
+    if p > 1:
+        raise r.fail("random_faults.probability", "a probability 0..1", p)
+    return RandomFaults(r.req_num(data, "random_faults", "per_hour", 0.0), tuple(kinds), lo, hi, p)
+
+
+_EXPECT_KINDS = ("dispatcher", "status", "metric")
+
+
+def _expect(r: _Reader, data: Any, i: int, nodes: set[str]) -> Expectation:
+    key = f"expect[{i}]"
+    data = r.table(data, key)
+    r.known(data, key, {f.name for f in attrs.fields(Expectation)})
+    kind = r.str_(data, key, "kind", None)
+    if kind not in _EXPECT_KINDS:
+        raise r.fail(f"{key}.kind", f"one of {', '.join(_EXPECT_KINDS)}", kind)
+    at = r.num(data, key, "at_s", None)
+    node = r.str_(data, key, "node", None)
+    if node is not None and node not in nodes:
+        raise r.fail(f"{key}.node", f"one of the scenario's nodes ({', '.join(sorted(nodes))})", node)
+    status = r.str_(data, key, "status", None)
+    metric = r.str_(data, key, "metric", None)
+    if kind in ("dispatcher", "status") and at is None:
+        raise r.fail(f"{key}.at_s", "the time to check, in seconds", None)
+    if kind == "status":
+        if node is None:
+            raise r.fail(f"{key}.node", "the node whose status to check", None)
+        valid = [s.value for s in NodeStatus] + ["Removed"]
+        if status not in valid:
+            raise r.fail(f"{key}.status", f"one of {', '.join(valid)}", status)
+    bounds = [r.num(data, key, b, None, lo=-1e18) for b in ("max", "min", "equals")]
+    if kind == "metric":
+        if not metric:
+            raise r.fail(f"{key}.metric", f"a metric name ({_METRICS_HELP})", metric)
+        if all(b is None for b in bounds):
+            raise r.fail(key, "at least one of max, min, equals", None, show=False)
+    return Expectation(kind, at, node, status, metric, *bounds)
+
+
+_TOP_KEYS = {
+    "name", "description", "seed", "duration_s", "drain_s", "settings", "nodes", "workload",
+    "network", "faults", "random_faults", "expect",
+}
+
+
+def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenario:
+    """Build a scenario from parsed TOML; raises :class:`ScenarioError` naming what is wrong."""
+    r = _Reader(source)
+    r.known(data, "", _TOP_KEYS)
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise r.fail("nodes", "an array of tables [[nodes]] with at least one node", raw_nodes)
+    nodes = tuple(_node(r, n, i) for i, n in enumerate(raw_nodes))
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise r.fail("nodes", "unique node names", dup)
+    settings = _settings(r, data.get("settings", {}))
+    net = r.table(data.get("network", {}), "network")
+    r.known(net, "network", {"latency_s", "jitter_s"})
+    faults_raw = data.get("faults", [])
+    if not isinstance(faults_raw, list):
+        raise r.fail("faults", "an array of tables [[faults]]", faults_raw)
+    faults = []
+    for i, f in enumerate(faults_raw):
+        try:
+            faults.append(parse_fault(r.table(f, f"faults[{i}]"), set(names)))
+        except ValueError as exc:
+            raise ScenarioError(f"{source}: faults[{i}]{exc}") from None
+    expect_raw = data.get("expect", [])
+    if not isinstance(expect_raw, list):
+        raise r.fail("expect", "an array of tables [[expect]]", expect_raw)
+    name = r.str_(data, "", "name", None) or Path(source).stem
+    return Scenario(
+        name=name,
+        nodes=nodes,
+        description=r.str_(data, "", "description", "") or "",
+        seed=r.int_(data, "", "seed", 1) or 0,
+        duration_s=r.req_num(data, "", "duration_s", 600.0),
+        drain_s=r.req_num(data, "", "drain_s", 300.0),
+        settings=settings,
+        workload=_workload(r, data.get("workload", {})),
+        network=NetworkSpec(
+            r.req_num(net, "network", "latency_s", 0.005), r.req_num(net, "network", "jitter_s", 0.002)
+        ),
+        faults=tuple(faults),
+        random_faults=_random_faults(r, data.get("random_faults", {})),
+        expect=tuple(_expect(r, e, i, set(names)) for i, e in enumerate(expect_raw)),
+        source=source,
+    )
+
+
+def builtin_names() -> tuple[str, ...]:
+    """The names of the scenarios shipped inside the package."""
+    folder = resources.files("shir.sim") / "scenarios"
+    return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml")))
+
+
+def load_scenario(name_or_path: str | Path) -> Scenario:
+    """Load a built-in scenario by name, or a TOML file by path."""
+    text: str
+    source = str(name_or_path)
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ScenarioError(f"{source}: cannot read the scenario file ({exc.strerror})") from None
+    else:
+        res = resources.files("shir.sim") / "scenarios" / f"{source}.toml"
+        if not res.is_file():
+            raise ScenarioError(
+                f"no built-in scenario {source!r} and no such file; built-in scenarios: "
+                f"{', '.join(builtin_names())}"
+            )
+        text = res.read_text(encoding="utf-8")
+        source = f"{source} (built-in)"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{source}: not valid TOML ({exc})") from None
+    return parse_scenario(data, source)

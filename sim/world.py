@@ -1,0 +1,859 @@
+"""The simulated world: a SimPy cluster that drives the pure core exactly as real hosts would.
+
+Theory of operation
+-------------------
+*The service* holds the runtime's event log and runs the core through a :class:`Driver`: every
+command that reaches it is decided at the service's clock (``env.now``), stored, folded, and its
+effects are sent out as messages. It asks the core for its next deadline and ticks then.
+
+*Nodes* are one SimPy process each (the heartbeat loop); the jobs a node runs are timers on that
+node, not processes. A node knows only what messages told it: its session, the term and who
+dispatches. The dispatcher node sends ``DispatchJobs`` under the term it believes in when the
+service nudges it about work (and on a slow poll, in case a nudge was lost).
+
+*The network* carries every message with a latency, through partitions and message faults.
+Three channels: heartbeats (node -> service over HTTPS), the control channel (jobs, both ways,
+a Service Bus queue in the product) and the intranet (node <-> node, port 8060: only its
+reachability matters here).
+
+*Faults* are scheduled from the scenario and from the seed. At ``duration_s`` the workload stops
+and every fault heals; the run goes on for ``drain_s`` so work can finish, then the final checks
+run (no job lost, replay equals state).
+
+Every random draw comes from a generator derived from the seed and a fixed stream name, and
+nothing iterates a set: the same scenario and seed give the same event log, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import simpy
+
+from shir.core import commands as cmd
+from shir.core import effects as fx
+from shir.core import events as ev
+from shir.core import jobs
+from shir.core.codec import encode
+from shir.core.errors import DomainError
+from shir.core.keys import AuthKey
+from shir.core.leasing import (
+    CompleteJob,
+    DispatchJobs,
+    RenewLease,
+    SetConcurrencyLimit,
+    SubmitJob,
+    default_limit,
+)
+from shir.core.model import CredentialVersion, KeyName, NodeMetrics, NodeStatus
+from shir.core.state import RuntimeState
+from shir.core.store import InMemoryEventStore
+from shir.sim.driver import AppendOutcomeUnknown, Driver
+from shir.sim.faults import Fault, draw_faults
+from shir.sim.invariants import Checkers, check_replay
+from shir.sim.scenario import NodeSpec, Scenario
+
+__all__ = ["RunResult", "World", "run"]
+
+SERVICE = "service"
+HB, CONTROL, INTRANET = "hb", "control", "intranet"
+_JOB_EVENTS = frozenset(jobs.JOB_EVOLVE)
+_NUDGE_EVENTS = frozenset({
+    jobs.JobSubmitted, jobs.JobCompleted, jobs.JobReleased, jobs.JobDeadLettered,
+    ev.DispatcherChanged, ev.NodeStatusChanged, jobs.ConcurrencyLimitSet,
+})
+DISPATCH_POLL_S = 5.0  # the dispatcher also polls, so a lost nudge delays work only this long
+NUDGE_COALESCE_S = 0.25  # a burst of submissions becomes one DispatchJobs
+
+
+@attrs.define
+class RunResult:
+    """What happened in one run: the report ``shir sim run --json`` prints, and more."""
+
+    scenario: str
+    seed: int
+    simulated_s: float
+    wall_s: float
+    events: int
+    event_log_sha256: str
+    invariant_violations: list[str]
+    jobs: dict[str, int]
+    failovers: int
+    max_dispatcher_gap_s: float
+    max_offline_detect_s: float
+    refusals: dict[str, int]
+    store_recoveries: int
+    timeline: dict[str, Any]
+    log: list[object] = attrs.field(repr=False, factory=list)
+    expectations: dict[str, list[str]] = attrs.field(factory=lambda: {"passed": [], "failed": []})
+
+    @property
+    def ok(self) -> bool:
+        """True when no invariant and no expectation failed."""
+        return not self.invariant_violations and not self.expectations["failed"]
+
+    def metric(self, name: str) -> float | None:
+        """A metric by its report name (``jobs.lost``, ``failovers``, ``refusals.StaleLease``)."""
+        if name.startswith("jobs."):
+            v = self.jobs.get(name[5:])
+            return None if v is None else float(v)
+        if name.startswith("refusals."):
+            return float(self.refusals.get(name[9:], 0))
+        if name == "invariant_violations":
+            return float(len(self.invariant_violations))
+        v = getattr(self, name, None)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON report (without the timeline and the log)."""
+        return {
+            "scenario": self.scenario,
+            "seed": self.seed,
+            "simulated_s": round(self.simulated_s, 3),
+            "wall_s": round(self.wall_s, 3),
+            "events": self.events,
+            "event_log_sha256": self.event_log_sha256,
+            "invariant_violations": self.invariant_violations,
+            "expectations": self.expectations,
+            "jobs": self.jobs,
+            "failovers": self.failovers,
+            "max_dispatcher_gap_s": round(self.max_dispatcher_gap_s, 3),
+            "max_offline_detect_s": round(self.max_offline_detect_s, 3),
+            "refusals": self.refusals,
+            "store_recoveries": self.store_recoveries,
+            "ok": self.ok,
+        }
+
+
+class _FlakyStore(InMemoryEventStore):
+    """An in-memory store whose appends may end with an unknown outcome (fault append_unknown)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.rng = rng
+        self.p = 0.0
+
+    def append(self, stream: str, events: Sequence[object], expected_version: int) -> int:
+        if self.p and self.rng.random() < self.p:
+            if self.rng.random() < 0.5:
+                super().append(stream, events, expected_version)
+            raise AppendOutcomeUnknown("append timed out; outcome unknown")
+        return super().append(stream, events, expected_version)
+
+
+@attrs.define
+class _Job:
+    token: jobs.LeaseToken
+    due: float  # sim time of the next timer (renew or finish)
+    end: float  # sim time the work finishes
+    gen: int = 0
+
+
+class SimNode:
+    """One machine running a node: what it knows, and what it does."""
+
+    def __init__(self, world: World, spec: NodeSpec) -> None:
+        self.w = world
+        self.spec = spec
+        self.name = spec.name
+        self.registered = False
+        self.up = True  # process running (not crashed, not mid-upgrade)
+        self.paused = False  # hibernating or stalled
+        self.session = 1  # durable: survives crashes
+        self.term = 0
+        self.dispatcher: str | None = None
+        self.version = spec.version
+        self.released_at = spec.version_released_at
+        self.reported_version: str | None = None  # version_skew fault
+        self.speed = spec.speed
+        self.clock_rate = 1.0
+        self.running: dict[str, _Job] = {}
+        self.deferred: list[_Job] = []  # timers that came due while paused
+        self.wake = world.env.event()
+        self.dispatch_pending = False
+        self.key_generation: int | None = None  # the generation of the key it registered with
+        self.retry_registration = False
+
+    # -- heartbeat loop: the node's one process
+    def process(self) -> Any:
+        env = self.w.env
+        spec = self.spec
+        if spec.join_at_s > env.now:
+            yield env.timeout(spec.join_at_s - env.now)
+        self.w.register(self)
+        interval = self.w.scenario.settings.heartbeat_interval_s
+        poll_at = env.now + DISPATCH_POLL_S
+        while True:
+            while not self.up or self.paused:
+                yield self.wake
+            if self.registered:
+                self.w.send_heartbeat(self)
+                if self.dispatcher == self.name and env.now >= poll_at:
+                    poll_at = env.now + DISPATCH_POLL_S
+                    self.nudge()
+            elif self.retry_registration:  # an operator pastes the current key again
+                self.retry_registration = False
+                self.w.register(self)
+            yield env.timeout(interval / self.clock_rate)
+
+    def metrics(self) -> NodeMetrics:
+        w = self.w
+        limit = w.limits.get(self.name, 1)
+        load = len(self.running) / max(1, limit)
+        peers = tuple(p for p in w.node_names if p != self.name and w.intranet_ok(self.name, p))
+        return NodeMetrics(
+            cpu_pct=min(100.0, 5.0 + 90.0 * load / self.speed),
+            available_memory_mb=max(0, self.spec.memory_mb - 512 * len(self.running)),
+            running_jobs=len(self.running),
+            version=self.reported_version or self.version,
+            version_released_at=self.released_at,
+            reachable_peers=peers,
+            control_channel_ok=w.net.link_ok(self.name, SERVICE, CONTROL),
+            remote_access=self.spec.remote_access,
+            credentials=w.node_credentials,
+        )
+
+    def alive(self) -> bool:
+        return self.up and not self.paused
+
+    # -- messages from the service
+    def receive(self, effect: object) -> None:
+        if not self.alive():
+            return  # a sleeping or dead machine hears nothing
+        t = type(effect)
+        if t is fx.DeliverJob:
+            self.start_job(effect)  # type: ignore[arg-type]
+        elif t is fx.StopJob:
+            job = self.running.get(effect.token.job_id)  # type: ignore[attr-defined]
+            if job is not None and job.token == effect.token:  # type: ignore[attr-defined]
+                del self.running[job.token.job_id]
+                job.gen += 1
+        elif t is fx.AnnounceDispatcher:
+            if effect.term >= self.term:  # type: ignore[attr-defined]
+                self.term = effect.term  # type: ignore[attr-defined]
+                self.dispatcher = effect.node  # type: ignore[attr-defined]
+                if self.dispatcher == self.name:
+                    self.nudge()
+        elif t is fx.StartSession:
+            self.session = max(self.session, effect.session)  # type: ignore[attr-defined]
+        elif t is _Nudge:
+            if self.dispatcher == self.name:
+                self.nudge()
+        elif t is fx.Disconnect:
+            self.registered = False
+        elif t is _Registered:
+            self.registered = True
+            self.session = 1
+
+    def nudge(self) -> None:
+        """Dispatch soon (coalescing a burst of nudges into one command)."""
+        if self.dispatch_pending:
+            return
+        self.dispatch_pending = True
+        self.w.later(NUDGE_COALESCE_S, self._dispatch)
+
+    def _dispatch(self) -> None:
+        self.dispatch_pending = False
+        if self.alive() and self.dispatcher == self.name:
+            name, term = self.name, self.term
+            self.w.send(self.name, SERVICE, CONTROL, lambda at: DispatchJobs(name, term, at))
+
+    # -- jobs: one timer per running job, for its next renewal or its end
+    def start_job(self, d: fx.DeliverJob) -> None:
+        if d.token.job_id in self.running:
+            return  # a duplicated delivery
+        w = self.w
+        now = w.env.now
+        work = w.job_work.get(d.token.job_id, 1.0) / (self.speed * w.slow.get(self.name, 1.0))
+        job = _Job(d.token, 0.0, now + work)
+        self.running[d.token.job_id] = job
+        self._arm(job, now)
+
+    def _arm(self, job: _Job, now: float) -> None:
+        renew_every = self.w.scenario.settings.lock_duration_s / 2 / self.clock_rate
+        self._arm_at(job, min(job.end, now + renew_every))
+
+    def _arm_at(self, job: _Job, due: float) -> None:
+        job.due = due
+        job.gen += 1
+        gen = job.gen
+        self.w.at(job.due, lambda: self._fire(job, gen))
+
+    def _fire(self, job: _Job, gen: int) -> None:
+        if job.gen != gen or self.running.get(job.token.job_id) is not job:
+            return
+        if not self.up:
+            return
+        if self.paused:
+            self.deferred.append(job)
+            return
+        now = self.w.env.now
+        token = job.token
+        if now >= job.end:
+            del self.running[token.job_id]
+            self.w.send(self.name, SERVICE, CONTROL, lambda at: CompleteJob(token, at))
+        else:
+            self.w.send(self.name, SERVICE, CONTROL, lambda at: RenewLease(token, at))
+            self._arm(job, now)
+
+    # -- faults
+    def crash(self) -> None:
+        self.up = False
+        self.running.clear()  # memory lost; work in flight is gone
+        self.deferred.clear()
+        self.term, self.dispatcher = 0, None
+
+    def restart(self) -> None:
+        self.up = True
+        self._wake()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self, shift_s: float) -> None:
+        """End a pause; ``shift_s`` > 0 delays every pending timer (a stall has no clock jump)."""
+        self.paused = False
+        deferred, self.deferred = self.deferred, []
+        for job in list(self.running.values()):
+            job.end += shift_s
+            if any(job is d for d in deferred):
+                self._fire_now(job)  # came due while paused: fires at once, late
+            elif shift_s:
+                self._arm_at(job, job.due + shift_s)
+        self._wake()
+
+    def _fire_now(self, job: _Job) -> None:
+        job.gen += 1
+        self._fire(job, job.gen)
+
+    def _wake(self) -> None:
+        if not self.wake.triggered:
+            self.wake.succeed()
+        self.wake = self.w.env.event()
+
+
+@attrs.frozen
+class _Nudge:
+    """Service -> dispatcher: there may be work to dispatch."""
+
+
+@attrs.frozen
+class _Registered:
+    """Service -> node: the registration was accepted."""
+
+
+class _Network:
+    """Links, partitions and message faults."""
+
+    def __init__(self, world: World, rng: random.Random) -> None:
+        self.w = world
+        self.rng = rng
+        self.blocked: Counter[tuple[str, str, str]] = Counter()
+        self.message_faults: list[Fault] = []  # active drop/duplicate/delay/reorder
+
+    def link_ok(self, src: str, dst: str, channel: str) -> bool:
+        return not self.blocked.get((src, dst, channel)) and not self.blocked.get(
+            (src, "*", channel)
+        )
+
+    def send(self, src: str, dst: str, channel: str, deliver: Callable[[], None]) -> None:
+        if self.blocked and not self.link_ok(src, dst, channel):
+            return
+        spec = self.w.scenario.network
+        rng = self.rng
+        delay = spec.latency_s + rng.random() * spec.jitter_s
+        copies = 1
+        for f in self.message_faults:
+            if f.node is not None and f.node not in (src, dst):
+                continue
+            k = f.kind
+            if k == "drop" and rng.random() < f.probability:
+                return
+            if k == "duplicate" and rng.random() < f.probability:
+                copies += 1
+            elif k == "delay":
+                delay += f.extra_s
+            elif k == "reorder" and rng.random() < f.probability:
+                delay += rng.random() * f.extra_s
+        for i in range(copies):
+            self.w.later(delay + i * spec.latency_s, deliver)
+
+
+class World:
+    """One simulation run of a scenario with a seed."""
+
+    def __init__(self, scenario: Scenario, seed: int | None = None,
+                 until_s: float | None = None) -> None:
+        self.scenario = scenario
+        self.seed = scenario.seed if seed is None else seed
+        self.duration_s = scenario.duration_s if until_s is None else until_s
+        self.env = simpy.Environment()
+        self.events_log: list[object] = []
+        self.encoded_log: list[bytes] = []
+        self.hasher = hashlib.sha256()
+        self.store = _FlakyStore(self._rng("store"))
+        self.checkers = Checkers(lambda: self.env.now, self._presented_generation)
+        self.driver = Driver(self.store, "runtime", [self._on_events, self.checkers.on_events])
+        self.net = _Network(self, self._rng("network"))
+        self.nodes: dict[str, SimNode] = {s.name: SimNode(self, s) for s in scenario.nodes}
+        self.node_names = tuple(self.nodes)
+        self.limits: dict[str, int] = {}
+        self.slow: dict[str, float] = {}
+        self.job_work: dict[str, float] = {}
+        self.refusals: Counter[str] = Counter()
+        self.keys: dict[str, AuthKey] = {}
+        self.node_credentials = tuple(
+            CredentialVersion(cid, v) for cid, v in scenario.workload.needs
+        )
+        self.submitted_keys: dict[str, str] = {}  # key -> job id
+        self.tick_at: float | None = None
+        self._tick_gen = 0
+        self.snapshot: RuntimeState | None = None
+        self.snapshot_at = 0
+        # metrics
+        self.failovers = 0
+        self.dispatcher: str | None = None
+        self.gap_started: float | None = 0.0
+        self.max_gap = 0.0
+        self.down_since: dict[str, float] = {}
+        self.max_detect = 0.0
+        self.timeline: dict[str, Any] = {
+            "status": [], "dispatcher": [], "samples": [], "faults": [],
+        }
+        self.healing = False
+
+    # -- randomness: one generator per named stream, derived from the seed
+    def _rng(self, stream: str) -> random.Random:
+        return random.Random(f"shir:{self.seed}:{stream}")
+
+    # -- scheduling helpers (callbacks, not processes)
+    def later(self, delay: float, fn: Callable[[], None]) -> None:
+        t = self.env.timeout(max(0.0, delay))
+        t.callbacks.append(lambda _e: fn())
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        self.later(when - self.env.now, fn)
+
+    # -- the service side --------------------------------------------------------------------
+    def handle(self, command: object, sender: str | None = None) -> tuple[object, ...]:
+        try:
+            effects = self.driver.handle(command)
+        except AppendOutcomeUnknown:
+            self.refusals["AppendOutcomeUnknown"] += 1
+            if isinstance(command, SubmitJob):  # the service retries what it could not store
+                self.later(1.0, lambda: self.handle(attrs.evolve(command, at=self.env.now)))
+            return ()
+        except DomainError as exc:
+            self.refusals[type(exc).__name__] += 1
+            if isinstance(command, cmd.RegisterNode) and sender is not None:
+                self._registration_refused(sender, exc)
+            return ()
+        if isinstance(command, cmd.RegisterNode) and sender is not None:
+            node = self.nodes[sender]
+            self.send(SERVICE, sender, CONTROL, lambda: node.receive(_Registered()))
+        for effect in effects:
+            self._carry_out(effect)
+        return effects
+
+    def _carry_out(self, effect: object) -> None:
+        t = type(effect)
+        if t is fx.DeliverJob or t is fx.StopJob:
+            target = [effect.token.node]  # type: ignore[attr-defined]
+        elif t is fx.AnnounceDispatcher:
+            target = list(self.node_names)
+        else:
+            target = [effect.node]  # type: ignore[attr-defined]
+        for name in target:
+            node = self.nodes.get(name)
+            if node is not None:
+                self.net.send(SERVICE, name, CONTROL, lambda n=node: n.receive(effect))
+
+    def send(self, src: str, dst: str, channel: str, make: Callable[..., Any]) -> None:
+        """Send a message; towards the service ``make(at)`` builds the command on arrival."""
+        if dst == SERVICE:
+            self.net.send(src, dst, channel, lambda: self.handle(make(self.env.now), src))
+        else:
+            self.net.send(src, dst, channel, make)
+
+    def send_heartbeat(self, node: SimNode) -> None:
+        name, session, metrics = node.name, node.session, node.metrics()
+        self.send(name, SERVICE, HB, lambda at: cmd.Heartbeat(name, session, metrics, at))
+
+    def register(self, node: SimNode) -> None:
+        spec = node.spec
+        key = self.keys[spec.key]
+        node.key_generation = key.generation
+        metrics = node.metrics()
+        self.send(node.name, SERVICE, HB, lambda at: cmd.RegisterNode(
+            key.text, spec.name, f"machine-{spec.name}", spec.cores, spec.memory_mb, at, metrics))
+
+    def _registration_refused(self, name: str, exc: DomainError) -> None:
+        node = self.nodes[name]
+        node.key_generation = None
+        node.retry_registration = True
+
+    def _presented_generation(self, node: str) -> int | None:
+        n = self.nodes.get(node)
+        return n.key_generation if n else None
+
+    def _on_events(self, events: Sequence[object]) -> None:
+        now = self.env.now
+        h = self.hasher
+        log = self.events_log
+        encoded = self.encoded_log
+        nudge = False
+        lifecycle = False
+        for e in events:
+            data = encode(e)
+            h.update(data)
+            encoded.append(data)
+            log.append(e)
+            t = type(e)
+            if t in _NUDGE_EVENTS:
+                nudge = True
+            if t not in _JOB_EVENTS:
+                lifecycle = True
+                self._observe(e, now)
+        if nudge:
+            d = self.driver.state.dispatcher
+            node = self.nodes.get(d) if d else None
+            if node is not None:
+                self.net.send(SERVICE, node.name, CONTROL, lambda: node.receive(_Nudge()))
+        if lifecycle or self.tick_at is None:
+            self._schedule_tick()
+
+    def _observe(self, e: object, now: float) -> None:
+        t = type(e)
+        if t is ev.NodeStatusChanged:
+            self.timeline["status"].append((now, e.node, e.status.value))  # type: ignore[attr-defined]
+            if e.status is NodeStatus.OFFLINE:  # type: ignore[attr-defined]
+                since = self.down_since.pop(e.node, None)  # type: ignore[attr-defined]
+                if since is not None:
+                    self.max_detect = max(self.max_detect, now - since)
+        elif t is ev.DispatcherChanged:
+            self.timeline["dispatcher"].append((now, e.term, e.node))  # type: ignore[attr-defined]
+            if self.dispatcher is not None and e.node != self.dispatcher:  # type: ignore[attr-defined]
+                self.failovers += 1
+            self.dispatcher = e.node  # type: ignore[attr-defined]
+            self._update_gap()
+        elif t is ev.NodeRegistered:
+            limit = self.nodes[e.node].spec.concurrency_limit  # type: ignore[attr-defined]
+            self.limits[e.node] = limit or default_limit(e.cores, e.memory_mb)  # type: ignore[attr-defined]
+        elif t is ev.NodeRemoved:
+            self.timeline["status"].append((now, e.node, "Removed"))  # type: ignore[attr-defined]
+
+    # -- ticks: the core's deadlines
+    def _schedule_tick(self) -> None:
+        deadline = self.driver.deadline()
+        if deadline is None:
+            return
+        if self.tick_at is not None and self.tick_at <= deadline:
+            return
+        self.tick_at = deadline
+        self._tick_gen += 1
+        gen = self._tick_gen
+        self.at(deadline, lambda: self._tick(gen))
+
+    def _tick(self, gen: int) -> None:
+        if gen != self._tick_gen:
+            return
+        self.tick_at = None
+        self.handle(cmd.Tick(self.env.now))
+        self._schedule_tick()
+
+    # -- dispatcher gap: no *working* dispatcher (none, or one that is down in fact)
+    def _working_dispatcher(self) -> bool:
+        d = self.dispatcher
+        node = self.nodes.get(d) if d else None
+        return node is not None and node.alive() and self.net.link_ok(d, SERVICE, CONTROL)  # type: ignore[arg-type]
+
+    def _update_gap(self) -> None:
+        now = self.env.now
+        working = self._working_dispatcher()
+        if working and self.gap_started is not None:
+            self.max_gap = max(self.max_gap, now - self.gap_started)
+            self.gap_started = None
+        elif not working and self.gap_started is None:
+            self.gap_started = now
+
+    # -- workload ----------------------------------------------------------------------------
+    def workload(self) -> Any:
+        wl = self.scenario.workload
+        rng = self._rng("workload")
+        stop = min(self.duration_s, wl.stop_at_s if wl.stop_at_s is not None else self.duration_s)
+        if wl.rate_per_s <= 0:
+            return
+        env = self.env
+        if wl.start_at_s > env.now:
+            yield env.timeout(wl.start_at_s - env.now)
+        needs = self.node_credentials
+        n = 0
+        dist = wl.duration
+        while True:
+            yield env.timeout(rng.expovariate(wl.rate_per_s))
+            if env.now >= stop:
+                return
+            n += 1
+            job_id = f"job-{n}"
+            key = f"key-{n}"
+            if dist.kind == "exponential":
+                work = rng.expovariate(1.0 / dist.mean_s) if dist.mean_s > 0 else 0.0
+            elif dist.kind == "uniform":
+                work = rng.uniform(dist.min_s, dist.max_s)
+            else:
+                work = dist.mean_s
+            self.job_work[job_id] = work
+            self.submitted_keys[key] = job_id
+            submit = SubmitJob(job_id, key, env.now, needs)
+            self.handle(submit)
+            if wl.duplicate_submit_p and rng.random() < wl.duplicate_submit_p:
+                dup = attrs.evolve(submit)
+                self.later(rng.random() * 5.0, lambda c=dup: self.handle(
+                    attrs.evolve(c, at=self.env.now)))
+
+    def sampler(self) -> Any:
+        env = self.env
+        while True:
+            b = self.driver.state.model().jobs
+            self.timeline["samples"].append((env.now, b.queued(), len(b.leases)))
+            yield env.timeout(max(1.0, self.duration_s / 600))
+
+    # -- faults ------------------------------------------------------------------------------
+    def schedule_faults(self) -> None:
+        sc = self.scenario
+        rf = sc.random_faults
+        drawn = draw_faults(self._rng("faults"), rf.kinds, rf.per_hour, self.duration_s,
+                            self.node_names, rf.min_duration_s, rf.max_duration_s, rf.probability)
+        for f in (*sc.faults, *drawn):
+            if f.at_s < self.duration_s:
+                self.at(f.at_s, lambda f=f: self._start_fault(f))
+
+    def _start_fault(self, f: Fault) -> None:
+        if self.healing:
+            return
+        now = self.env.now
+        self.timeline["faults"].append((now, f.kind, f.node, f.duration_s))
+        node = self.nodes.get(f.node) if f.node else None
+        end: Callable[[], None] | None = None
+        k = f.kind
+        if k == "crash" and node is not None and node.up:
+            node.crash()
+            self.down_since.setdefault(node.name, now)
+            end = node.restart
+        elif k in ("hibernate", "stall") and node is not None and not node.paused:
+            node.pause()
+            self.down_since.setdefault(node.name, now)
+            shift = f.duration_s if k == "stall" else 0.0
+            end = lambda: node.resume(shift)  # noqa: E731
+        elif k in ("partition", "control_partition", "isolate") and node is not None:
+            links = self._links(f)
+            for link in links:
+                self.net.blocked[link] += 1
+            if k in ("isolate", "control_partition"):
+                self.down_since.setdefault(node.name, now)
+
+            def end() -> None:
+                for link in links:
+                    self.net.blocked[link] -= 1
+                    if not self.net.blocked[link]:
+                        del self.net.blocked[link]
+
+        elif k in ("drop", "duplicate", "delay", "reorder"):
+            self.net.message_faults.append(f)
+            end = lambda: self.net.message_faults.remove(f)  # noqa: E731
+        elif k == "clock_skew" and node is not None:
+            node.clock_rate = f.factor
+            end = lambda: setattr(node, "clock_rate", 1.0)  # noqa: E731
+        elif k == "clock_jump" and node is not None:
+            # timers due within the jump fire now; the heartbeat loop is unaffected
+            for job in list(node.running.values()):
+                if job.due <= now + f.extra_s:
+                    job.end = min(job.end, now) if job.end <= now + f.extra_s else job.end
+                    node._fire_now(job)
+        elif k == "slow" and node is not None:
+            self.slow[node.name] = f.factor
+            end = lambda: self.slow.pop(node.name, None)  # type: ignore[misc]  # noqa: E731
+        elif k == "regenerate_key":
+            self._regenerate(f.key or "key1")
+        elif k == "version_skew" and node is not None:
+            node.reported_version = f.version
+            if f.duration_s:
+                end = lambda: setattr(node, "reported_version", None)  # noqa: E731
+        elif k == "upgrade" and node is not None:
+            self._upgrade(node, f)
+        elif k == "append_unknown":
+            self.store.p = f.probability
+            end = lambda: setattr(self.store, "p", 0.0)  # noqa: E731
+        self._update_gap()
+        if end is not None and f.duration_s:
+            done = end
+
+            def finish() -> None:
+                if self._active_ends.pop(id(f), None) is not None:
+                    done()
+                    self._update_gap()
+
+            self._active_ends[id(f)] = finish
+            self.later(f.duration_s, finish)
+
+    _active_ends: dict[int, Callable[[], None]]
+
+    def _links(self, f: Fault) -> list[tuple[str, str, str]]:
+        name = f.node
+        assert name is not None
+        if f.kind == "control_partition":
+            out = [(name, SERVICE, CONTROL)]
+            if not f.oneway:
+                out.append((SERVICE, name, CONTROL))
+            return out
+        peers = [f.peer] if f.peer else [p for p in self.node_names if p != name]
+        out = []
+        for p in peers:
+            out.append((name, p, INTRANET))
+            if not f.oneway:
+                out.append((p, name, INTRANET))
+        if f.kind == "isolate":
+            out += [(name, SERVICE, CONTROL), (SERVICE, name, CONTROL),
+                    (name, SERVICE, HB), (SERVICE, name, HB)]
+        return out
+
+    def intranet_ok(self, a: str, b: str) -> bool:
+        peer = self.nodes[b]
+        return (peer.alive() and peer.registered and self.net.link_ok(a, b, INTRANET)
+                and self.net.link_ok(b, a, INTRANET))
+
+    def _regenerate(self, slot: str) -> None:
+        old = self.keys[slot]
+        seed = self._rng(f"key:{slot}:{old.generation + 1}").randbytes(48)
+        new = AuthKey.from_seed(old.runtime_id, old.name, old.generation + 1, seed)
+        self.handle(cmd.RegenerateAuthKey(new, self.env.now))
+        if self.driver.state.key_generations.get(old.name) == new.generation:
+            self.keys[slot] = new  # operators paste the new key from now on
+
+    def _upgrade(self, node: SimNode, f: Fault) -> None:
+        name = node.name
+        self.handle(cmd.StartUpgrade(name, f.version or node.version, self.env.now))
+        n = self.driver.state.node(name)
+        if n is None or n.upgrading_to is None:
+            return
+        node.crash()  # the service restarts to install
+        node.up = False
+
+        def finish() -> None:
+            ok = not f.fail
+            if ok:
+                node.version = f.version or node.version
+            node.restart()
+            self.handle(cmd.FinishUpgrade(name, ok, self.env.now, node.released_at,
+                                          "" if ok else "installer failed"))
+
+        self.later(f.duration_s, finish)
+
+    def heal_all(self) -> None:
+        """End every fault now and stop new ones: the drain phase begins."""
+        self.healing = True
+        for finish in list(self._active_ends.values()):
+            finish()
+        self.net.message_faults.clear()
+        self.net.blocked.clear()
+        self.store.p = 0.0
+        for node in self.nodes.values():
+            node.reported_version = None
+            node.clock_rate = 1.0
+            if not node.up:
+                node.restart()
+            if node.paused:
+                node.resume(0.0)
+        self.slow.clear()
+        self._update_gap()
+
+    # -- the run -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        sc = self.scenario
+        self._active_ends = {}
+        rid = "rt-" + sc.name.replace(" ", "-")[:60]
+        keyrng = self._rng("keys")
+        self.keys = {
+            "key1": AuthKey.from_seed(rid, KeyName.KEY1, 1, keyrng.randbytes(48)),
+            "key2": AuthKey.from_seed(rid, KeyName.KEY2, 1, keyrng.randbytes(48)),
+        }
+        self.handle(cmd.CreateRuntime(rid, "factory-sim", sc.name, self.keys["key1"],
+                                      self.keys["key2"], 0.0, sc.description, sc.settings))
+        for spec in sc.nodes:
+            self.env.process(self.nodes[spec.name].process())
+            if spec.concurrency_limit is not None:
+                self.at(spec.join_at_s + 1.0, lambda s=spec: self.handle(
+                    SetConcurrencyLimit(s.name, s.concurrency_limit, self.env.now)))
+        self.env.process(self.workload())
+        self.env.process(self.sampler())
+        self.schedule_faults()
+        self.at(self.duration_s / 2, self._take_snapshot)
+        self.at(self.duration_s, self.heal_all)
+
+    def _take_snapshot(self) -> None:
+        self.snapshot = self.driver.state.copy()
+        self.snapshot_at = len(self.events_log)
+
+    def run(self) -> RunResult:
+        """Run the scenario to the end of its drain phase and check everything."""
+        started = time.perf_counter()
+        self.setup()
+        end = self.duration_s + self.scenario.drain_s
+        self.env.run(until=end)
+        wall = time.perf_counter() - started
+        if self.gap_started is not None:
+            self.max_gap = max(self.max_gap, self.env.now - self.gap_started)
+        violations = list(self.checkers.violations)
+        violations += check_replay(self.encoded_log, self.events_log, self.driver.state,
+                                   self.snapshot, self.snapshot_at)
+        b = self.driver.state.model().jobs
+        active = set(b.active_keys)
+        c = self.checkers
+        completed = len(c.completed_keys)
+        dead = b.dead_lettered
+        lost = [k for k in self.submitted_keys
+                if k not in c.completed_keys and k not in active and k not in c.dead_keys]
+        if lost:
+            violations.append(f"lost: {len(lost)} jobs vanished, e.g. {lost[:3]}")
+        return RunResult(
+            scenario=self.scenario.name,
+            seed=self.seed,
+            simulated_s=self.env.now,
+            wall_s=wall,
+            events=len(self.events_log),
+            event_log_sha256=self.hasher.hexdigest(),
+            invariant_violations=violations,
+            jobs={
+                "submitted": len(self.submitted_keys),
+                "completed": completed,
+                "dead_lettered": dead,
+                "unfinished": len(active),
+                "lost": len(lost),
+                "duplicate_effects": c.duplicate_effects,
+            },
+            failovers=self.failovers,
+            max_dispatcher_gap_s=self.max_gap,
+            max_offline_detect_s=self.max_detect,
+            refusals=dict(sorted(self.refusals.items())),
+            store_recoveries=self.driver.recoveries,
+            timeline=self.timeline,
+            log=self.events_log,
+        )
+
+
+def run(scenario: Scenario, seed: int | None = None, until_s: float | None = None) -> RunResult:
+    """Run ``scenario`` (with ``seed`` instead of its own, for ``until_s`` instead of its
+    duration) and evaluate its expectations."""
+    from shir.sim.report import evaluate
+
+    world = World(scenario, seed, until_s)
+    result = world.run()
+    evaluate(scenario, result)
+    return result
+
