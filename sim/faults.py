@@ -240,7 +240,8 @@ def draw_faults(
         elif kind == "version_skew":
             f = Fault(kind, t, node=node, version="5.39", duration_s=duration)
         elif kind == "upgrade":
-            f = Fault(kind, t, node=node, version=f"5.{41 + len(out)}", duration_s=min(duration, 60.0),
+            f = Fault(kind, t, node=node, version=f"5.{41 + len(out)}",
+                      duration_s=min(duration, 60.0),
                       fail=rng.random() < 0.3)
         elif kind == "append_unknown":
             f = Fault(kind, t, duration_s=duration, probability=probability)

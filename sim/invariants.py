@@ -170,5 +170,7 @@ def check_replay(encoded: Sequence[bytes], events: Sequence[object], live: Runti
     if replayed != live:
         problems.append("replay: folding the encoded log does not give the live state")
     if snapshot is not None and fold(snapshot, events[snapshot_at:]) != live:
-        problems.append(f"replay: snapshot at event {snapshot_at} + tail differs from the live state")
+        problems.append(
+            f"replay: snapshot at event {snapshot_at} + tail differs from the live state"
+        )
     return problems

@@ -376,7 +376,8 @@ def _expect(r: _Reader, data: Any, i: int, nodes: set[str]) -> Expectation:
     at = r.num(data, key, "at_s", None)
     node = r.str_(data, key, "node", None)
     if node is not None and node not in nodes:
-        raise r.fail(f"{key}.node", f"one of the scenario's nodes ({', '.join(sorted(nodes))})", node)
+        known = ", ".join(sorted(nodes))
+        raise r.fail(f"{key}.node", f"one of the scenario's nodes ({known})", node)
     status = r.str_(data, key, "status", None)
     metric = r.str_(data, key, "metric", None)
     if kind in ("dispatcher", "status") and at is None:
@@ -440,7 +441,8 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         settings=settings,
         workload=_workload(r, data.get("workload", {})),
         network=NetworkSpec(
-            r.req_num(net, "network", "latency_s", 0.005), r.req_num(net, "network", "jitter_s", 0.002)
+            r.req_num(net, "network", "latency_s", 0.005),
+            r.req_num(net, "network", "jitter_s", 0.002),
         ),
         faults=tuple(faults),
         random_faults=_random_faults(r, data.get("random_faults", {})),
@@ -464,7 +466,8 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ScenarioError(f"{source}: cannot read the scenario file ({exc.strerror})") from None
+            why = exc.strerror
+            raise ScenarioError(f"{source}: cannot read the scenario file ({why})") from None
     else:
         res = resources.files("shir.sim") / "scenarios" / f"{source}.toml"
         if not res.is_file():
