@@ -100,7 +100,7 @@ def parse_auth_key(text: str) -> AuthKey:
         raise InvalidAuthKey(
             f"auth key names slot {name[:10]!r}; only key1 and key2 exist"
         ) from None
-    if not generation.isdigit():
+    if not (generation.isascii() and generation.isdigit()):  # int() refuses '²', isdigit() not
         raise InvalidAuthKey("auth key generation is not a number; copy the key again")
     try:
         raw = base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))
