@@ -273,8 +273,9 @@ def _regenerate_auth_key(m: _Model, c: cmd.RegenerateAuthKey) -> Events:
             f"{key.name.value} is at generation {current.generation}; a regenerated key needs "
             f"a higher generation, got {key.generation}"
         )
-    _check_time(m, c.at)
-    return [ev.AuthKeyRegenerated(key.verifier(), c.at)]
+    s, out = _timed(m, c.at)  # settle first, like every command: no deadline may lag behind now
+    _emit(s, out, ev.AuthKeyRegenerated(key.verifier(), c.at))
+    return out
 
 
 def _check_auth_key(m: _Model, text: str) -> KeyName:
