@@ -17,6 +17,7 @@ node records. A command that is already satisfied yields no events.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -470,6 +471,18 @@ def _deadline(m: _Model) -> float | None:
 _NEVER = float("inf")
 
 
+def _first_at(start: float, span: float) -> float:
+    """``start + span``, or the next float up if needed for ``t - start >= span`` to hold.
+
+    That is the test the checks apply, and ``start + span`` can round below it: a tick there
+    would find nothing due, and the same deadline would come back forever.
+    """
+    t = start + span
+    while t - start < span:
+        t = math.nextafter(t, math.inf)
+    return t
+
+
 def _node_deadline(m: _Model) -> float:
     rt = m.runtime
     if rt is None:
@@ -480,7 +493,7 @@ def _node_deadline(m: _Model) -> float:
     for n in m.nodes.values():
         if n.upgrading_to is None:
             seen = n.registered_at if n.last_seen_at is None else n.last_seen_at
-            silent_at = seen + offline_after
+            silent_at = _first_at(seen, offline_after)
             if n.status is not NodeStatus.OFFLINE or silent_at > m.now:
                 deadlines.append(silent_at)
         released = n.metrics.version_released_at
@@ -492,5 +505,5 @@ def _node_deadline(m: _Model) -> float:
             elif expires > m.now:
                 deadlines.append(expires)
         if settings.offline_expiry_s is not None and n.offline_since is not None:
-            deadlines.append(n.offline_since + settings.offline_expiry_s)
+            deadlines.append(_first_at(n.offline_since, settings.offline_expiry_s))
     return min(deadlines) if deadlines else _NEVER
