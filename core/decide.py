@@ -358,6 +358,10 @@ def _remove_node(m: _Model, c: cmd.RemoveNode) -> Events:
 def _heartbeat(m: _Model, c: cmd.Heartbeat) -> Events:
     rt = _runtime(m)
     n = _node(m, c.node)
+    if n.last_seen_at == c.at and n.metrics == c.metrics and n.session - 1 <= c.session:
+        # The same heartbeat again: satisfied, even when it is the one that made the node
+        # rejoin (it was sent under the session that the rejoin ended).
+        return []
     if c.session != n.session:
         if c.session < n.session:
             raise StaleSession(
@@ -367,8 +371,6 @@ def _heartbeat(m: _Model, c: cmd.Heartbeat) -> Events:
         raise InvalidCommand(
             f"node {c.node!r} claims session {c.session}, never given (current {n.session})"
         )
-    if n.last_seen_at == c.at and n.metrics == c.metrics:
-        return []  # the same heartbeat again: satisfied
     s, out = _timed(m, c.at)
     n = _node(s, c.node)
     offline_after = rt.settings.offline_after_s
