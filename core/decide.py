@@ -502,9 +502,12 @@ def _node_deadline(m: _Model) -> float:
         if released is not None:
             expires = released + settings.version_lifetime_days * DAY_S
             warn = expires - settings.version_warning_days * DAY_S
-            if n.warned_version != n.metrics.version and warn > m.now:
+            if n.warned_version != n.metrics.version and m.now < warn < expires:
                 deadlines.append(warn)
-            elif expires > m.now:
+            elif expires > m.now and n.upgrading_to is None:
+                # An updating node stays Upgrading whatever its version, so a tick at expiry
+                # would find nothing to do and the deadline would never clear; FinishUpgrade
+                # settles the expiry instead.
                 deadlines.append(expires)
         if settings.offline_expiry_s is not None and n.offline_since is not None:
             deadlines.append(_first_at(n.offline_since, settings.offline_expiry_s))
