@@ -130,6 +130,17 @@ def _settle(s: _Model, at: float, out: Events) -> None:
     if rt is None:
         return
     settings = rt.settings
+    expiry = settings.offline_expiry_s
+    if expiry is not None:
+        # Before deriving statuses: a removed node must no longer count for the majority or
+        # as a live peer (a node Offline for an expired version still heartbeats).
+        for n in list(s.nodes.values()):
+            if (
+                n.status is NodeStatus.OFFLINE
+                and n.offline_since is not None
+                and at - n.offline_since >= expiry
+            ):
+                _remove(s, out, n.name, f"offline for {expiry:g} s (auto-expiry)", at)
     c = context(s, at)
     for n in list(s.nodes.values()):
         status, reasons = derive_status(n, c)
@@ -142,14 +153,6 @@ def _settle(s: _Model, at: float, out: Events) -> None:
             expires = released + settings.version_lifetime_days * DAY_S
             if expires - settings.version_warning_days * DAY_S <= at < expires:
                 _emit(s, out, ev.VersionExpiryWarned(n.name, n.metrics.version, expires, at))
-        expiry = settings.offline_expiry_s
-        if (
-            expiry is not None
-            and n.status is NodeStatus.OFFLINE
-            and n.offline_since is not None
-            and at - n.offline_since >= expiry
-        ):
-            _remove(s, out, n.name, f"offline for {expiry:g} s (auto-expiry)", at)
     _settle_dispatcher(s, at, out)
     _settle_leases(s, at, out)
 
