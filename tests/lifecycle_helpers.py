@@ -1,0 +1,259 @@
+"""A small driver for the lifecycle tests: ``Cluster`` runs one runtime through ``shir.core``.
+
+It plays the part a real host plays: it keeps the current state handle, the event log, each
+node's session (learned from ``StartSession`` effects, as a node would), and what each node
+reports. The example-based tests and the Hypothesis state machine both drive the core through it.
+
+    c = Cluster()                      # runtime "rt-1", keys from a seeded generator, t = 0
+    c.register_n(2)                    # nodes n1, n2 (metrics: version 5.0, all peers reachable)
+    c.heartbeat_all(at=10)             # both Online; n1 dispatches in term 1
+    err = c.refused(cmd)               # asserts a DomainError and an unchanged fingerprint
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import pytest
+
+from shir.core import (
+    AuthKey,
+    CreateRuntime,
+    DispatcherChanged,
+    DomainError,
+    FinishUpgrade,
+    Heartbeat,
+    KeyName,
+    NodeMetrics,
+    NodeStatus,
+    NodeStatusChanged,
+    RegenerateAuthKey,
+    RegisterNode,
+    RemoveNode,
+    RuntimeSettings,
+    RuntimeState,
+    StartSession,
+    StartUpgrade,
+    Tick,
+    handle,
+    initial,
+    next_deadline,
+)
+
+DAY_S = 86_400.0
+VERSION = "5.0"
+CONFIG = "cfg-a"
+
+
+def names(events: Iterable[object]) -> list[str]:
+    """The event types of ``events``, by class name, in order."""
+    return [type(e).__name__ for e in events]
+
+
+def of_type(events: Iterable[object], cls: type) -> list[Any]:
+    """The events of one type, in order."""
+    return [e for e in events if isinstance(e, cls)]
+
+
+def statuses(events: Iterable[object], node: str) -> list[NodeStatus]:
+    """The statuses ``node`` went through in ``events``."""
+    return [e.status for e in events if isinstance(e, NodeStatusChanged) and e.node == node]
+
+
+def terms(events: Iterable[object]) -> list[tuple[int, str | None]]:
+    """(term, dispatcher) of each ``DispatcherChanged`` in ``events``."""
+    return [(e.term, e.node) for e in events if isinstance(e, DispatcherChanged)]
+
+
+class Cluster:
+    """One runtime, driven the way a host drives the core. Every field is plain and public."""
+
+    def __init__(
+        self,
+        settings: RuntimeSettings | None = None,
+        *,
+        runtime_id: str = "rt-1",
+        seed: int = 0,
+        at: float = 0.0,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.runtime_id = runtime_id
+        self.settings = settings or RuntimeSettings()
+        self.keys = {k: self.new_key(k, 1) for k in KeyName}
+        self.state: RuntimeState = initial()
+        self.log: list[object] = []  # every event, in order
+        self.effects: list[object] = []
+        self.sessions: dict[str, int] = {}  # what each node believes its session is
+        self.reports: dict[str, NodeMetrics] = {}  # what each node reports in its heartbeats
+        self.machines: dict[str, str] = {}
+        self.now = at
+        self.create = CreateRuntime(
+            runtime_id, "factory-1", "shir-test", self.keys[KeyName.KEY1],
+            self.keys[KeyName.KEY2], at, "a test runtime", self.settings,
+        )
+        self.handle(self.create)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def new_key(self, name: KeyName, generation: int, runtime_id: str | None = None) -> AuthKey:
+        """A key of this runtime (or ``runtime_id``) from the seeded generator."""
+        return AuthKey.from_seed(
+            runtime_id or self.runtime_id, name, generation, self.rng.randbytes(48)
+        )
+
+    def handle(self, command: Any) -> tuple[object, ...]:
+        """Run one command; keep the new state, log and effects; return its events."""
+        d = handle(self.state, command)
+        self.state = d.state
+        self.log.extend(d.events)
+        self.effects.extend(d.effects)
+        self.now = max(self.now, command.at)
+        for fx in d.effects:
+            if isinstance(fx, StartSession):
+                self.sessions[fx.node] = fx.session
+        for name in list(self.sessions):
+            if self.state.node(name) is None:
+                del self.sessions[name], self.reports[name], self.machines[name]
+        return d.events
+
+    def refused(self, command: Any, error: type[DomainError] = DomainError) -> DomainError:
+        """Assert the core refuses ``command`` with ``error`` and leaves the state as it was."""
+        before = self.state.fingerprint()
+        with pytest.raises(error) as info:
+            handle(self.state, command)
+        assert self.state.fingerprint() == before, "a refused command changed the state"
+        return info.value
+
+    def at(self, at: float | None) -> float:
+        return self.now if at is None else at
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def key_text(self, name: KeyName = KeyName.KEY1) -> str:
+        return self.keys[name].text
+
+    def register_cmd(
+        self,
+        node: str,
+        *,
+        machine: str | None = None,
+        key: str | None = None,
+        at: float | None = None,
+        remote_access: bool = True,
+        cores: int = 4,
+        memory_mb: int = 8192,
+    ) -> RegisterNode:
+        return RegisterNode(
+            self.key_text() if key is None else key, node, machine or f"machine-{node}",
+            cores, memory_mb, self.at(at), NodeMetrics(remote_access=remote_access),
+        )
+
+    def register(self, node: str, **kw: Any) -> tuple[object, ...]:
+        """Register ``node`` (key1 unless ``key=``); it reports healthy metrics from then on."""
+        command = self.register_cmd(node, **kw)
+        events = self.handle(command)
+        self.sessions.setdefault(node, 1)
+        self.machines[node] = command.machine_id
+        self.reports.setdefault(node, NodeMetrics(
+            available_memory_mb=command.memory_mb, version=VERSION, config_hash=CONFIG,
+            remote_access=command.metrics.remote_access,
+        ))
+        return events
+
+    def register_n(self, n: int, *, at: float | None = None) -> list[str]:
+        """Register nodes n1..n<n> (those not registered yet); return all their names."""
+        out = [f"n{i}" for i in range(1, n + 1)]
+        for name in out:
+            if name not in self.sessions:
+                self.register(name, at=at)
+        return out
+
+    def metrics(self, node: str, **changes: Any) -> NodeMetrics:
+        """What ``node`` reports: its standing report, every other node reachable, ``changes``."""
+        changes.setdefault("reachable_peers", tuple(sorted(p for p in self.sessions if p != node)))
+        return attrs.evolve(self.reports[node], **changes)
+
+    def report(self, node: str, **changes: Any) -> None:
+        """Change what ``node`` reports from now on (e.g. ``control_channel_ok=False``)."""
+        self.reports[node] = attrs.evolve(self.reports[node], **changes)
+
+    def heartbeat_cmd(
+        self, node: str, *, at: float | None = None, session: int | None = None, **changes: Any
+    ) -> Heartbeat:
+        return Heartbeat(
+            node, self.sessions[node] if session is None else session,
+            self.metrics(node, **changes), self.at(at),
+        )
+
+    def heartbeat(self, node: str, **kw: Any) -> tuple[object, ...]:
+        return self.handle(self.heartbeat_cmd(node, **kw))
+
+    def heartbeat_all(
+        self, at: float | None = None, *, skip: Sequence[str] = ()
+    ) -> tuple[object, ...]:
+        """Every registered node not in ``skip`` heartbeats at ``at``, in registration order."""
+        out: list[object] = []
+        for n in self.state.nodes:
+            if n.name not in skip:
+                out.extend(self.heartbeat(n.name, at=at))
+        return tuple(out)
+
+    def tick(self, at: float | None = None) -> tuple[object, ...]:
+        return self.handle(Tick(self.at(at)))
+
+    def run(self, until: float, *, every: float = 10.0, skip: Sequence[str] = ()) -> list[object]:
+        """Heartbeat every ``every`` seconds (except ``skip``) and tick at every deadline that
+        falls before ``until``, the way a host's loop would; return the events."""
+        out: list[object] = []
+        t = self.now
+        ticked: float | None = None
+        while True:
+            beat = t + every
+            deadline = next_deadline(self.state)
+            if deadline is not None and self.now <= deadline <= min(beat, until):
+                assert deadline != ticked, f"a tick at the deadline {deadline} changed nothing"
+                ticked = deadline
+                out.extend(self.tick(deadline))
+                continue
+            if beat > until:
+                break
+            t = beat
+            out.extend(self.heartbeat_all(t, skip=skip))
+        return out
+
+    def remove(self, node: str, at: float | None = None) -> tuple[object, ...]:
+        return self.handle(RemoveNode(node, self.at(at)))
+
+    def regenerate(self, name: KeyName, at: float | None = None) -> tuple[object, ...]:
+        key = self.new_key(name, self.keys[name].generation + 1)
+        events = self.handle(RegenerateAuthKey(key, self.at(at)))
+        self.keys[name] = key
+        return events
+
+    def start_upgrade(self, node: str, to: str, at: float | None = None) -> tuple[object, ...]:
+        return self.handle(StartUpgrade(node, to, self.at(at)))
+
+    def finish_upgrade(
+        self, node: str, ok: bool, at: float | None = None, released_at: float | None = None
+    ) -> tuple[object, ...]:
+        """Report the update's end; on success ``node`` reports the new version from then on."""
+        target = self.state.node(node).upgrading_to if self.state.node(node) else None
+        events = self.handle(FinishUpgrade(node, ok, self.at(at), released_at))
+        if ok and target is not None:
+            self.report(node, version=target, version_released_at=released_at)
+        return events
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def status(self, node: str) -> NodeStatus:
+        n = self.state.node(node)
+        assert n is not None, f"{node} is not registered"
+        return n.status
+
+    def reasons(self, node: str) -> tuple[str, ...]:
+        n = self.state.node(node)
+        assert n is not None, f"{node} is not registered"
+        return n.reasons
