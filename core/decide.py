@@ -207,7 +207,11 @@ def _settle_leases(s: _Model, at: float, out: Events) -> None:
 
 def _due(m: _Model, at: float) -> bool:
     """Is any timeout due at ``at``? (If not, settling would find nothing to do.)"""
+    due = m.due
+    if due is not None and at < due:
+        return False
     deadline = _deadline(m)
+    m.due = _NEVER if deadline is None else deadline  # a cache; the meaning is unchanged
     return deadline is not None and deadline <= at
 
 
@@ -223,8 +227,7 @@ def _timed(m: _Model, at: float, *, jobs_only: bool = False) -> tuple[_Model, Ev
     if not _due(m, at):
         if jobs_only:
             # Job events never touch the model they are emitted on; only ``pending`` is
-            # written, and it is decision-scoped: empty whenever no decision is under way.
-            m.pending.clear()
+            # written, and ``decide`` empties it when the decision is over.
             return m, out
         return m.scratch(), out
     s = m.scratch()
@@ -455,7 +458,12 @@ def decide(state: RuntimeState, command: object) -> tuple[object, ...]:
             f"{type(command).__name__} is not a command; expected one of "
             + ", ".join(sorted(t.__name__ for t in DECIDE))
         )
-    return tuple(handler(state.model(), command))
+    m = state.model()
+    try:
+        return tuple(handler(m, command))
+    finally:
+        if m.pending:  # decision-scoped: empty again once the decision is over
+            m.pending.clear()
 
 
 def next_deadline(state: RuntimeState) -> float | None:

@@ -190,7 +190,8 @@ class JobBook:
 
     __slots__ = (
         "active_keys", "completed", "dead_lettered", "expiry_heap", "jobs", "leases",
-        "limits", "next_seq", "node_leases", "queues", "recent", "released", "submitted",
+        "limits", "next_seq", "node_leases", "pruned_at", "queues", "recent", "recent_jobs",
+        "released", "submitted", "window_s",
     )
 
     def __init__(self) -> None:
@@ -201,6 +202,9 @@ class JobBook:
         self.node_leases: dict[str, set[str]] = {}
         self.expiry_heap: list[tuple[float, str, int]] = []  # (expires_at, job, delivery), lazy
         self.recent: OrderedDict[str, tuple[LeaseToken, float]] = OrderedDict()  # completed keys
+        self.recent_jobs: dict[str, LeaseToken] = {}  # the same completions, by job id
+        self.window_s = 600.0  # the runtime's duplicate_window_s
+        self.pruned_at = float("-inf")
         self.limits: dict[str, int] = {}  # overrides only
         self.next_seq = 1
         self.submitted = 0
@@ -218,6 +222,8 @@ class JobBook:
         b.node_leases = {k: set(v) for k, v in self.node_leases.items() if v}
         b.expiry_heap = list(self.expiry_heap)
         b.recent = OrderedDict(self.recent)
+        b.recent_jobs = dict(self.recent_jobs)
+        b.window_s, b.pruned_at = self.window_s, self.pruned_at
         b.limits = dict(self.limits)
         b.next_seq = self.next_seq
         b.submitted, b.completed = self.submitted, self.completed
@@ -233,6 +239,7 @@ class JobBook:
                          for k, q in self.queues.items() if q)),
             tuple(sorted((k, v.token, v.expires_at) for k, v in self.leases.items())),
             tuple(self.recent.items()),
+            self.window_s, self.pruned_at,
             tuple(sorted(self.limits.items())),
             self.next_seq, self.submitted, self.completed, self.dead_lettered, self.released,
         )
@@ -246,14 +253,23 @@ class JobBook:
         """How many jobs wait in the queue."""
         return len(self.jobs) - len(self.leases)
 
-    def prune_recent(self, now: float, window_s: float) -> None:
-        """Forget completed keys older than the duplicate window."""
-        recent = self.recent
+    def prune_recent(self, now: float) -> None:
+        """Forget completed keys older than the duplicate window.
+
+        Amortised: at most every 1/16 of the window (submissions judge the window by time
+        themselves, so a key kept a little longer changes no decision).
+        """
+        window_s = self.window_s
+        if now - self.pruned_at < window_s / 16:
+            return
+        self.pruned_at = now
+        recent, recent_jobs = self.recent, self.recent_jobs
         while recent:
-            _key, (_token, at) = next(iter(recent.items()))
+            _key, (token, at) = next(iter(recent.items()))
             if now - at < window_s:
                 break
             recent.popitem(last=False)
+            recent_jobs.pop(token.job_id, None)
 
     def _drop_stale_tops(self) -> None:
         # Cache upkeep only: entries of renewed or ended leases are dropped from the heap top.
@@ -314,7 +330,8 @@ class JobBook:
 
 # --- evolve handlers (registered in state.EVOLVE) --------------------------------------------
 
-def _job_submitted(b: JobBook, e: JobSubmitted, window_s: float) -> None:
+def _job_submitted(m: Any, e: JobSubmitted) -> None:
+    b: JobBook = m.jobs
     req = requirement_of(e.needs, e.carried)
     b.jobs[e.job_id] = Job(e.job_id, e.idempotency_key, req, e.carried, e.size_mb, e.at, b.next_seq)
     b.next_seq += 1
@@ -324,10 +341,11 @@ def _job_submitted(b: JobBook, e: JobSubmitted, window_s: float) -> None:
         q = b.queues[req] = deque()
     q.append(e.job_id)
     b.submitted += 1
-    b.prune_recent(e.at, window_s)
+    b.prune_recent(e.at)
 
 
-def _job_leased(b: JobBook, e: JobLeased, window_s: float) -> None:
+def _job_leased(m: Any, e: JobLeased) -> None:
+    b: JobBook = m.jobs
     job = b.jobs[e.token.job_id]
     q = b.queues[job.requirement]
     # The dispatcher takes queue heads, so this is almost always popleft.
@@ -339,23 +357,31 @@ def _job_leased(b: JobBook, e: JobLeased, window_s: float) -> None:
         del b.queues[job.requirement]
     job.deliveries = e.token.delivery
     b._lease(e.token, e.expires_at)
+    if m.due is not None and e.expires_at < m.due:
+        m.due = e.expires_at
 
 
-def _lease_renewed(b: JobBook, e: LeaseRenewed, window_s: float) -> None:
+def _lease_renewed(m: Any, e: LeaseRenewed) -> None:
+    b: JobBook = m.jobs
     lease = b.leases[e.token.job_id]
     lease.expires_at = e.expires_at
     heapq.heappush(b.expiry_heap, (e.expires_at, e.token.job_id, e.token.delivery))
+    if m.due is not None and e.expires_at < m.due:
+        m.due = e.expires_at
 
 
-def _job_completed(b: JobBook, e: JobCompleted, window_s: float) -> None:
+def _job_completed(m: Any, e: JobCompleted) -> None:
+    b: JobBook = m.jobs
     b._unlease(e.token.job_id)
     b._forget(e.token.job_id)
     b.recent[e.idempotency_key] = (e.token, e.at)
+    b.recent_jobs[e.token.job_id] = e.token
     b.completed += 1
-    b.prune_recent(e.at, window_s)
+    b.prune_recent(e.at)
 
 
-def _job_released(b: JobBook, e: JobReleased, window_s: float) -> None:
+def _job_released(m: Any, e: JobReleased) -> None:
+    b: JobBook = m.jobs
     b._unlease(e.token.job_id)
     job = b.jobs[e.token.job_id]
     q = b.queues.get(job.requirement)
@@ -372,13 +398,15 @@ def _job_released(b: JobBook, e: JobReleased, window_s: float) -> None:
     b.released += 1
 
 
-def _job_dead_lettered(b: JobBook, e: JobDeadLettered, window_s: float) -> None:
+def _job_dead_lettered(m: Any, e: JobDeadLettered) -> None:
+    b: JobBook = m.jobs
     b._unlease(e.token.job_id)
     b._forget(e.token.job_id)
     b.dead_lettered += 1
 
 
-def _concurrency_limit_set(b: JobBook, e: ConcurrencyLimitSet, window_s: float) -> None:
+def _concurrency_limit_set(m: Any, e: ConcurrencyLimitSet) -> None:
+    b: JobBook = m.jobs
     if e.limit is None:
         b.limits.pop(e.node, None)
     else:

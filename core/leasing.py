@@ -50,6 +50,7 @@ __all__ = [
     "JobStats",
     "NotDispatcher",
     "RenewLease",
+    "RenewLeases",
     "ScaleAdvice",
     "ScaleThresholds",
     "SetConcurrencyLimit",
@@ -107,6 +108,17 @@ class RenewLease:
     """Extend a lease by the lock duration."""
 
     token: LeaseToken
+    at: float
+
+
+@attrs.frozen
+class RenewLeases:
+    """Extend every one of these leases that is still live (a node's periodic keep-alive).
+
+    Leases that already ended are skipped: their node was sent ``StopJob`` when they ended.
+    """
+
+    tokens: tuple[LeaseToken, ...]
     at: float
 
 
@@ -278,14 +290,14 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
 def _live_lease(s: _Model, token: LeaseToken, verb: str) -> Lease:
     b = s.jobs
     lease = b.leases.get(token.job_id)
-    if lease is None or lease.token != token or token.job_id in s.pending:
-        if lease is None and token.job_id not in b.jobs:
-            done = [k for k, (t, _at) in b.recent.items() if t.job_id == token.job_id]
-            if not done:
-                raise UnknownJob(
-                    f"no queued or running job {token.job_id!r}: it never existed, was "
-                    "dead-lettered, or completed longer ago than the duplicate window"
-                )
+    if lease is None or (lease.token is not token and lease.token != token) or (
+        token.job_id in s.pending
+    ):
+        if lease is None and token.job_id not in b.jobs and token.job_id not in b.recent_jobs:
+            raise UnknownJob(
+                f"no queued or running job {token.job_id!r}: it never existed, was "
+                "dead-lettered, or completed longer ago than the duplicate window"
+            )
         raise StaleLease(
             f"cannot {verb} job {token.job_id!r}: delivery {token.delivery} to {token.node} in "
             f"term {token.term} is no longer its live lease (expired, ended, or the node was "
@@ -304,10 +316,25 @@ def _renew(m: _Model, c: RenewLease) -> list[object]:
     return out
 
 
+def _renew_many(m: _Model, c: RenewLeases) -> list[object]:
+    _runtime(m)
+    s, out = _timed(m, c.at, jobs_only=True)
+    leases = s.jobs.leases
+    pending = s.pending
+    expires = c.at + _runtime(s).settings.lock_duration_s
+    for token in c.tokens:
+        lease = leases.get(token.job_id)
+        if lease is not None and (lease.token is token or lease.token == token) and (
+            token.job_id not in pending
+        ):
+            _emit(s, out, LeaseRenewed(token, expires, c.at))
+    return out
+
+
 def _complete(m: _Model, c: CompleteJob) -> list[object]:
     _runtime(m)
     b = m.jobs
-    if c.token.job_id not in b.jobs and any(t == c.token for t, _at in b.recent.values()):
+    if c.token.job_id not in b.jobs and b.recent_jobs.get(c.token.job_id) == c.token:
         return []  # completed with this very token: satisfied, no second effect
     _live_lease(m, c.token, "complete")
     s, out = _timed(m, c.at, jobs_only=True)
@@ -355,6 +382,7 @@ DECIDE.update({
     SubmitJob: _submit,
     DispatchJobs: _dispatch,
     RenewLease: _renew,
+    RenewLeases: _renew_many,
     CompleteJob: _complete,
     AbandonJob: _abandon,
     FailJob: _fail,

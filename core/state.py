@@ -93,8 +93,8 @@ class _Model:
     """The mutable body behind :class:`RuntimeState`. Private: handlers and ``decide`` only."""
 
     __slots__ = (
-        "dispatcher", "gen", "jobs", "keys", "next_seq", "node_due", "nodes", "now", "pending",
-        "runtime", "term",
+        "dispatcher", "due", "gen", "jobs", "keys", "next_seq", "node_due", "nodes", "now",
+        "pending", "runtime", "term",
     )
 
     def __init__(self) -> None:
@@ -114,6 +114,9 @@ class _Model:
         # Cached earliest node deadline (silence, version, expiry); None: recompute. Only
         # lifecycle events move it, so job traffic never pays for it.
         self.node_due: float | None = None
+        # A lower bound of the next deadline of any kind; None: recompute. Lease events only
+        # lower it (job handlers), lifecycle events clear it: most decisions compare one float.
+        self.due: float | None = None
 
     def scratch(self) -> _Model:
         """A copy whose node records may be changed freely (for ``decide``'s what-if).
@@ -249,6 +252,7 @@ def initial() -> RuntimeState:
 
 def _runtime_created(m: _Model, e: ev.RuntimeCreated) -> None:
     m.runtime = RuntimeInfo(e.runtime_id, e.factory_id, e.name, e.description, e.settings, e.at)
+    m.jobs.window_s = e.settings.duplicate_window_s
     m.keys = {KeyName.KEY1: e.key1, KeyName.KEY2: e.key2}
 
 
@@ -324,15 +328,7 @@ EVOLVE: dict[type, Callable[[_Model, Any], None]] = {
 }
 
 
-def _on_jobs(handler: Callable[[JobBook, Any, float], None]) -> Callable[[_Model, Any], None]:
-    def apply_to_book(m: _Model, e: Any) -> None:
-        rt = m.runtime
-        handler(m.jobs, e, rt.settings.duplicate_window_s if rt else 600.0)
-
-    return apply_to_book
-
-
-EVOLVE.update({t: _on_jobs(h) for t, h in JOB_EVOLVE.items()})
+EVOLVE.update(JOB_EVOLVE)
 
 
 _JOB_TYPES = frozenset(JOB_EVOLVE)
@@ -354,7 +350,7 @@ def apply(m: _Model, events: Iterable[object]) -> None:
             now = at
     m.now = now
     if lifecycle:
-        m.node_due = None
+        m.node_due = m.due = None
 
 
 def fold(state: RuntimeState, events: Iterable[object]) -> RuntimeState:

@@ -46,17 +46,17 @@ from shir.core.keys import AuthKey
 from shir.core.leasing import (
     CompleteJob,
     DispatchJobs,
-    RenewLease,
+    RenewLeases,
     SetConcurrencyLimit,
     SubmitJob,
     default_limit,
 )
 from shir.core.model import CredentialVersion, KeyName, NodeMetrics, NodeStatus
-from shir.core.state import RuntimeState
+from shir.core.snapshot import snapshot_bytes
 from shir.core.store import InMemoryEventStore
 from shir.sim.driver import AppendOutcomeUnknown, Driver
 from shir.sim.faults import Fault, draw_faults
-from shir.sim.invariants import Checkers, check_replay
+from shir.sim.invariants import Checkers, check_snapshot
 from shir.sim.scenario import NodeSpec, Scenario
 
 __all__ = ["RunResult", "World", "run"]
@@ -174,7 +174,11 @@ class SimNode:
         self.speed = spec.speed
         self.clock_rate = 1.0
         self.running: dict[str, _Job] = {}
-        self.deferred: list[_Job] = []  # timers that came due while paused
+        self.deferred: list[_Job] = []  # jobs whose end came while paused
+        self.renewing = False  # a renewal timer is armed
+        self.renew_due = 0.0
+        self.renew_gen = 0
+        self.renew_deferred = False
         self.wake = world.env.event()
         self.dispatch_pending = False
         self.key_generation: int | None = None  # the generation of the key it registered with
@@ -264,7 +268,7 @@ class SimNode:
             name, term = self.name, self.term
             self.w.send(self.name, SERVICE, CONTROL, lambda at: DispatchJobs(name, term, at))
 
-    # -- jobs: one timer per running job, for its next renewal or its end
+    # -- jobs: one timer per running job for its end, one per node for renewing all leases
     def start_job(self, d: fx.DeliverJob) -> None:
         if d.token.job_id in self.running:
             return  # a duplicated delivery
@@ -273,40 +277,56 @@ class SimNode:
         work = w.job_work.get(d.token.job_id, 1.0) / (self.speed * w.slow.get(self.name, 1.0))
         job = _Job(d.token, 0.0, now + work)
         self.running[d.token.job_id] = job
-        self._arm(job, now)
+        self._arm_job(job, job.end)
+        if not self.renewing:
+            self.renewing = True
+            self._arm_renew(now + self._renew_every())
 
-    def _arm(self, job: _Job, now: float) -> None:
-        renew_every = self.w.scenario.settings.lock_duration_s / 2 / self.clock_rate
-        self._arm_at(job, min(job.end, now + renew_every))
+    def _renew_every(self) -> float:
+        return self.w.scenario.settings.lock_duration_s / 2 / self.clock_rate
 
-    def _arm_at(self, job: _Job, due: float) -> None:
+    def _arm_job(self, job: _Job, due: float) -> None:
         job.due = due
         job.gen += 1
         gen = job.gen
-        self.w.at(job.due, lambda: self._fire(job, gen))
+        self.w.at(due, lambda: self._finish(job, gen))
 
-    def _fire(self, job: _Job, gen: int) -> None:
-        if job.gen != gen or self.running.get(job.token.job_id) is not job:
-            return
-        if not self.up:
+    def _finish(self, job: _Job, gen: int) -> None:
+        if job.gen != gen or self.running.get(job.token.job_id) is not job or not self.up:
             return
         if self.paused:
             self.deferred.append(job)
             return
-        now = self.w.env.now
         token = job.token
-        if now >= job.end:
-            del self.running[token.job_id]
-            self.w.send(self.name, SERVICE, CONTROL, lambda at: CompleteJob(token, at))
-        else:
-            self.w.send(self.name, SERVICE, CONTROL, lambda at: RenewLease(token, at))
-            self._arm(job, now)
+        del self.running[token.job_id]
+        self.w.send(self.name, SERVICE, CONTROL, lambda at: CompleteJob(token, at))
+
+    def _arm_renew(self, due: float) -> None:
+        self.renew_due = due
+        self.renew_gen += 1
+        gen = self.renew_gen
+        self.w.at(due, lambda: self._renew(gen))
+
+    def _renew(self, gen: int) -> None:
+        if gen != self.renew_gen or not self.up:
+            return
+        if self.paused:
+            self.renew_deferred = True
+            return
+        if not self.running:
+            self.renewing = False
+            return
+        tokens = tuple(j.token for j in self.running.values())
+        self.w.send(self.name, SERVICE, CONTROL, lambda at: RenewLeases(tokens, at))
+        self._arm_renew(self.w.env.now + self._renew_every())
 
     # -- faults
     def crash(self) -> None:
         self.up = False
         self.running.clear()  # memory lost; work in flight is gone
         self.deferred.clear()
+        self.renewing, self.renew_deferred = False, False
+        self.renew_gen += 1
         self.term, self.dispatcher = 0, None
 
     def restart(self) -> None:
@@ -320,17 +340,35 @@ class SimNode:
         """End a pause; ``shift_s`` > 0 delays every pending timer (a stall has no clock jump)."""
         self.paused = False
         deferred, self.deferred = self.deferred, []
-        for job in list(self.running.values()):
-            job.end += shift_s
-            if any(job is d for d in deferred):
-                self._fire_now(job)  # came due while paused: fires at once, late
-            elif shift_s:
-                self._arm_at(job, job.due + shift_s)
+        for job in deferred:
+            self._finish_now(job)  # came due while paused: fires at once, late
+        if shift_s:
+            for job in self.running.values():
+                job.end += shift_s
+                self._arm_job(job, job.due + shift_s)
+        if self.renew_deferred:
+            self.renew_deferred = False
+            self._renew_now()
+        elif shift_s and self.renewing:
+            self._arm_renew(self.renew_due + shift_s)
         self._wake()
 
-    def _fire_now(self, job: _Job) -> None:
+    def jump_clock(self, jump_s: float) -> None:
+        """The node's clock leaps ahead: timers due within the jump fire now."""
+        horizon = self.w.env.now + jump_s
+        for job in list(self.running.values()):
+            if job.due <= horizon:
+                self._finish_now(job)
+        if self.renewing and self.renew_due <= horizon:
+            self._renew_now()
+
+    def _finish_now(self, job: _Job) -> None:
         job.gen += 1
-        self._fire(job, job.gen)
+        self._finish(job, job.gen)
+
+    def _renew_now(self) -> None:
+        self.renew_gen += 1
+        self._renew(self.renew_gen)
 
     def _wake(self) -> None:
         if not self.wake.triggered:
@@ -395,7 +433,6 @@ class World:
         self.duration_s = scenario.duration_s if until_s is None else until_s
         self.env = simpy.Environment()
         self.events_log: list[object] = []
-        self.encoded_log: list[bytes] = []
         self.hasher = hashlib.sha256()
         self.store = _FlakyStore(self._rng("store"))
         self.checkers = Checkers(lambda: self.env.now, self._presented_generation)
@@ -414,7 +451,7 @@ class World:
         self.submitted_keys: dict[str, str] = {}  # key -> job id
         self.tick_at: float | None = None
         self._tick_gen = 0
-        self.snapshot: RuntimeState | None = None
+        self.snapshot: bytes | None = None
         self.snapshot_at = 0
         # metrics
         self.failovers = 0
@@ -506,13 +543,10 @@ class World:
         now = self.env.now
         h = self.hasher
         log = self.events_log
-        encoded = self.encoded_log
         nudge = False
         lifecycle = False
         for e in events:
-            data = encode(e)
-            h.update(data)
-            encoded.append(data)
+            h.update(encode(e))
             log.append(e)
             t = type(e)
             if t in _NUDGE_EVENTS:
@@ -671,11 +705,7 @@ class World:
             node.clock_rate = f.factor
             end = lambda: setattr(node, "clock_rate", 1.0)  # noqa: E731
         elif k == "clock_jump" and node is not None:
-            # timers due within the jump fire now; the heartbeat loop is unaffected
-            for job in list(node.running.values()):
-                if job.due <= now + f.extra_s:
-                    job.end = min(job.end, now) if job.end <= now + f.extra_s else job.end
-                    node._fire_now(job)
+            node.jump_clock(f.extra_s)
         elif k == "slow" and node is not None:
             self.slow[node.name] = f.factor
             end = lambda: self.slow.pop(node.name, None)  # type: ignore[misc]  # noqa: E731
@@ -797,7 +827,7 @@ class World:
         self.at(self.duration_s, self.heal_all)
 
     def _take_snapshot(self) -> None:
-        self.snapshot = self.driver.state.copy()
+        self.snapshot = snapshot_bytes(self.driver.state)
         self.snapshot_at = len(self.events_log)
 
     def run(self) -> RunResult:
@@ -810,8 +840,8 @@ class World:
         if self.gap_started is not None:
             self.max_gap = max(self.max_gap, self.env.now - self.gap_started)
         violations = list(self.checkers.violations)
-        violations += check_replay(self.encoded_log, self.events_log, self.driver.state,
-                                   self.snapshot, self.snapshot_at)
+        violations += check_snapshot(self.snapshot, self.events_log[self.snapshot_at:],
+                                     self.driver.state)
         b = self.driver.state.model().jobs
         active = set(b.active_keys)
         c = self.checkers
