@@ -598,7 +598,18 @@ class World:
         if gen != self._tick_gen:
             return
         self.tick_at = None
-        self.handle(cmd.Tick(self.env.now))
+        now = self.env.now
+        self.handle(cmd.Tick(now))
+        deadline = self.driver.deadline()
+        if deadline is not None and deadline <= now:
+            # A tick must resolve what is due; a deadline that stays in the past would spin
+            # the simulation forever at one instant. Report it and move on.
+            self.checkers.fail(f"deadlines: Tick({now:g}) left the deadline at {deadline:g}")
+            self.tick_at = now + 1.0
+            self._tick_gen += 1
+            gen = self._tick_gen
+            self.at(now + 1.0, lambda: self._tick(gen))
+            return
         self._schedule_tick()
 
     # -- dispatcher gap: no *working* dispatcher (none, or one that is down in fact)
