@@ -790,6 +790,8 @@ class World:
             ok = not f.fail
             if ok:
                 node.version = f.version or node.version
+                if node.released_at is not None:
+                    node.released_at = self.env.now  # a new version: its year starts now
             node.restart()
             self.handle(cmd.FinishUpgrade(name, ok, self.env.now, node.released_at,
                                           "" if ok else "installer failed"))
