@@ -577,6 +577,7 @@ class World:
             self.dispatcher = e.node  # type: ignore[attr-defined]
             self._update_gap()
         elif t is ev.NodeRegistered:
+            self.timeline["status"].append((now, e.node, NodeStatus.INITIALIZING.value))  # type: ignore[attr-defined]
             limit = self.nodes[e.node].spec.concurrency_limit  # type: ignore[attr-defined]
             self.limits[e.node] = limit or default_limit(e.cores, e.memory_mb)  # type: ignore[attr-defined]
         elif t is ev.NodeRemoved:
