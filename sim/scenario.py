@@ -385,7 +385,8 @@ def _expect(r: _Reader, data: Any, i: int, nodes: set[str]) -> Expectation:
     if kind == "status":
         if node is None:
             raise r.fail(f"{key}.node", "the node whose status to check", None)
-        valid = [s.value for s in NodeStatus] + ["Removed"]
+        # before registering (and in the timeline, before it) a node reads as NeedRegistration
+        valid = ["NeedRegistration", *(s.value for s in NodeStatus), "Removed"]
         if status not in valid:
             raise r.fail(f"{key}.status", f"one of {', '.join(valid)}", status)
     bounds = [r.num(data, key, b, None, lo=-1e18) for b in ("max", "min", "equals")]
