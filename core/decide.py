@@ -403,7 +403,7 @@ def _start_upgrade(m: _Model, c: cmd.StartUpgrade) -> Events:
             "finish that one first"
         )
     s, out = _timed(m, c.at)
-    if s.nodes[c.node].status is NodeStatus.OFFLINE:
+    if _node(s, c.node).status is NodeStatus.OFFLINE:  # settling may have expired it: refuse
         raise NodeOffline(f"node {c.node!r} is Offline; bring it back before updating it")
     _emit(s, out, ev.UpgradeStarted(c.node, n.metrics.version, c.to_version, c.at))
     _settle(s, c.at, out)
