@@ -385,7 +385,7 @@ def _expect(r: _Reader, data: Any, i: int, nodes: set[str]) -> Expectation:
     if kind == "status":
         if node is None:
             raise r.fail(f"{key}.node", "the node whose status to check", None)
-        # before registering (and in the timeline, before it) a node reads as NeedRegistration
+        # a node that has not registered yet reads as NeedRegistration (see report.py)
         valid = ["NeedRegistration", *(s.value for s in NodeStatus), "Removed"]
         if status not in valid:
             raise r.fail(f"{key}.status", f"one of {', '.join(valid)}", status)
