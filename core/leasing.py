@@ -260,6 +260,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
     budget = c.max_jobs if c.max_jobs is not None else 1 << 62
     offsets = dict.fromkeys(b.queues, 0)
     lock_s = _runtime(s).settings.lock_duration_s
+    eligible: dict[Requirement, list[_Slots]] = {}  # per requirement, until a slot fills up
     while free and budget > 0:
         best: tuple[int, Requirement, list[_Slots]] | None = None
         for req, q in b.queues.items():
@@ -269,7 +270,9 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
             job = b.jobs[q[i]]
             if best is not None and job.seq >= best[0]:
                 continue
-            cands = [f for f in free.values() if _holds(f.node, req)]
+            cands = eligible.get(req)
+            if cands is None:
+                cands = eligible[req] = [f for f in free.values() if _holds(f.node, req)]
             if cands:
                 best = (job.seq, req, cands)
         if best is None:
@@ -283,6 +286,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
         slot.running += 1
         if slot.running >= slot.limit:
             del free[slot.node.name]
+            eligible.clear()
         budget -= 1
     return out
 

@@ -70,6 +70,7 @@ _NUDGE_EVENTS = frozenset({
 })
 DISPATCH_POLL_S = 5.0  # the dispatcher also polls, so a lost nudge delays work only this long
 NUDGE_COALESCE_S = 0.25  # a burst of submissions becomes one DispatchJobs
+_SILENCING = frozenset({"crash", "hibernate", "stall", "isolate"})  # the service hears nothing
 
 
 @attrs.define
@@ -464,6 +465,8 @@ class World:
             "status": [], "dispatcher": [], "samples": [], "faults": [],
         }
         self.healing = False
+        self.append_lost_at: float | None = None
+        self.next_nudge_at = 0.0
 
     # -- randomness: one generator per named stream, derived from the seed
     def _rng(self, stream: str) -> random.Random:
@@ -483,6 +486,7 @@ class World:
             effects = self.driver.handle(command)
         except AppendOutcomeUnknown:
             self.refusals["AppendOutcomeUnknown"] += 1
+            self.append_lost_at = self.env.now
             if isinstance(command, SubmitJob):  # the service retries what it could not store
                 self.later(1.0, lambda: self.handle(attrs.evolve(command, at=self.env.now)))
             return ()
@@ -541,20 +545,20 @@ class World:
 
     def _on_events(self, events: Sequence[object]) -> None:
         now = self.env.now
-        h = self.hasher
-        log = self.events_log
+        self.hasher.update(b"".join(map(encode, events)))
+        self.events_log.extend(events)
         nudge = False
         lifecycle = False
         for e in events:
-            h.update(encode(e))
-            log.append(e)
             t = type(e)
             if t in _NUDGE_EVENTS:
                 nudge = True
             if t not in _JOB_EVENTS:
                 lifecycle = True
                 self._observe(e, now)
-        if nudge:
+        if nudge and now >= self.next_nudge_at:
+            # One nudge per coalescing window: the dispatch it causes reads the whole queue.
+            self.next_nudge_at = now + NUDGE_COALESCE_S
             d = self.driver.state.dispatcher
             node = self.nodes.get(d) if d else None
             if node is not None:
@@ -602,6 +606,13 @@ class World:
         now = self.env.now
         self.handle(cmd.Tick(now))
         deadline = self.driver.deadline()
+        if self.append_lost_at == now:  # the store lost the tick's events: tick again soon
+            self.tick_at = None
+            self._tick_gen += 1
+            gen = self._tick_gen
+            self.tick_at = now + 0.1
+            self.at(now + 0.1, lambda: self._tick(gen))
+            return
         if deadline is not None and deadline <= now:
             # A tick must resolve what is due; a deadline that stays in the past would spin
             # the simulation forever at one instant. Report it and move on.
@@ -690,20 +701,15 @@ class World:
         k = f.kind
         if k == "crash" and node is not None and node.up:
             node.crash()
-            self.down_since.setdefault(node.name, now)
             end = node.restart
         elif k in ("hibernate", "stall") and node is not None and not node.paused:
             node.pause()
-            self.down_since.setdefault(node.name, now)
             shift = f.duration_s if k == "stall" else 0.0
             end = lambda: node.resume(shift)  # noqa: E731
         elif k in ("partition", "control_partition", "isolate") and node is not None:
             links = self._links(f)
             for link in links:
                 self.net.blocked[link] += 1
-            if k in ("isolate", "control_partition"):
-                self.down_since.setdefault(node.name, now)
-
             def end() -> None:
                 for link in links:
                     self.net.blocked[link] -= 1
@@ -732,6 +738,15 @@ class World:
         elif k == "append_unknown":
             self.store.p = f.probability
             end = lambda: setattr(self.store, "p", 0.0)  # noqa: E731
+        if node is not None and end is not None and k in _SILENCING:
+            # time to detection is measured from here, if the node is still silent then
+            self.down_since.setdefault(node.name, now)
+            heal, name = end, node.name
+
+            def end() -> None:
+                heal()
+                self.down_since.pop(name, None)
+
         self._update_gap()
         if end is not None and f.duration_s:
             done = end
@@ -837,7 +852,8 @@ class World:
         self.env.process(self.workload())
         self.env.process(self.sampler())
         self.schedule_faults()
-        self.at(self.duration_s / 2, self._take_snapshot)
+        # The snapshot is taken as the faults end: the drain phase is the tail it must replay.
+        self.at(self.duration_s, self._take_snapshot)
         self.at(self.duration_s, self.heal_all)
 
     def _take_snapshot(self) -> None:
