@@ -102,6 +102,11 @@ FAULT_KINDS: dict[str, FaultKind] = {
         "the node installs version over duration_s (restarting: jobs lost); fail = true "
         "makes it roll back",
     ),
+    "burst": FaultKind(
+        ("count",), (),
+        "the service submits count jobs at once (durations drawn like the workload's)",
+        targets_node=False,
+    ),
     "append_unknown": FaultKind(
         ("duration_s", "probability"), (),
         "an event-store append's outcome is unknown to the host (it may have landed): the host "
@@ -113,6 +118,7 @@ FAULT_KINDS: dict[str, FaultKind] = {
 _FIELD_TYPES: dict[str, str] = {
     "node": "str", "peer": "str", "duration_s": "pos", "probability": "prob", "extra_s": "pos",
     "factor": "pos", "key": "key", "version": "str", "fail": "bool", "oneway": "bool",
+    "count": "count",
 }
 
 
@@ -132,6 +138,7 @@ class Fault:
     version: str | None = None
     fail: bool = False
     oneway: bool = False
+    count: int = 0
 
     @property
     def end_s(self) -> float:
@@ -184,6 +191,9 @@ def parse_fault(data: Mapping[str, Any], nodes: set[str]) -> Fault:
         elif t == "bool":
             if not isinstance(v, bool):
                 raise ValueError(f".{k}: expected true or false, got {v!r}")
+        elif t == "count":
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100_000:
+                raise ValueError(f".{k}: expected an integer 1..100000, got {v!r}")
         else:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f".{k}: expected a number, got {v!r}")
@@ -243,6 +253,8 @@ def draw_faults(
             f = Fault(kind, t, node=node, version=f"5.{41 + len(out)}",
                       duration_s=min(duration, 60.0),
                       fail=rng.random() < 0.3)
+        elif kind == "burst":
+            f = Fault(kind, t, count=rng.randint(10, 200))
         elif kind == "append_unknown":
             f = Fault(kind, t, duration_s=duration, probability=probability)
         else:

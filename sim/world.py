@@ -450,6 +450,8 @@ class World:
             CredentialVersion(cid, v) for cid, v in scenario.workload.needs
         )
         self.submitted_keys: dict[str, str] = {}  # key -> job id
+        self.workload_rng = self._rng("workload")
+        self.jobs_made = 0
         self.tick_at: float | None = None
         self._tick_gen = 0
         self.snapshot: bytes | None = None
@@ -642,37 +644,42 @@ class World:
     # -- workload ----------------------------------------------------------------------------
     def workload(self) -> Any:
         wl = self.scenario.workload
-        rng = self._rng("workload")
+        rng = self.workload_rng
         stop = min(self.duration_s, wl.stop_at_s if wl.stop_at_s is not None else self.duration_s)
         if wl.rate_per_s <= 0:
             return
         env = self.env
         if wl.start_at_s > env.now:
             yield env.timeout(wl.start_at_s - env.now)
-        needs = self.node_credentials
-        n = 0
-        dist = wl.duration
         while True:
             yield env.timeout(rng.expovariate(wl.rate_per_s))
             if env.now >= stop:
                 return
-            n += 1
-            job_id = f"job-{n}"
-            key = f"key-{n}"
-            if dist.kind == "exponential":
-                work = rng.expovariate(1.0 / dist.mean_s) if dist.mean_s > 0 else 0.0
-            elif dist.kind == "uniform":
-                work = rng.uniform(dist.min_s, dist.max_s)
-            else:
-                work = dist.mean_s
-            self.job_work[job_id] = work
-            self.submitted_keys[key] = job_id
-            submit = SubmitJob(job_id, key, env.now, needs)
-            self.handle(submit)
-            if wl.duplicate_submit_p and rng.random() < wl.duplicate_submit_p:
-                dup = attrs.evolve(submit)
-                self.later(rng.random() * 5.0, lambda c=dup: self.handle(
-                    attrs.evolve(c, at=self.env.now)))
+            self.submit_job()
+
+    def submit_job(self) -> None:
+        """The service submits one job of the scenario's workload, now."""
+        wl = self.scenario.workload
+        rng = self.workload_rng
+        env = self.env
+        self.jobs_made += 1
+        n = self.jobs_made
+        job_id = f"job-{n}"
+        key = f"key-{n}"
+        dist = wl.duration
+        if dist.kind == "exponential":
+            work = rng.expovariate(1.0 / dist.mean_s) if dist.mean_s > 0 else 0.0
+        elif dist.kind == "uniform":
+            work = rng.uniform(dist.min_s, dist.max_s)
+        else:
+            work = dist.mean_s
+        self.job_work[job_id] = work
+        self.submitted_keys[key] = job_id
+        submit = SubmitJob(job_id, key, env.now, self.node_credentials)
+        self.handle(submit)
+        if wl.duplicate_submit_p and rng.random() < wl.duplicate_submit_p:
+            self.later(rng.random() * 5.0, lambda: self.handle(
+                attrs.evolve(submit, at=self.env.now)))
 
     def sampler(self) -> Any:
         env = self.env
@@ -735,6 +742,9 @@ class World:
                 end = lambda: setattr(node, "reported_version", None)  # noqa: E731
         elif k == "upgrade" and node is not None:
             self._upgrade(node, f)
+        elif k == "burst":
+            for _ in range(f.count):
+                self.submit_job()
         elif k == "append_unknown":
             self.store.p = f.probability
             end = lambda: setattr(self.store, "p", 0.0)  # noqa: E731
