@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shir.sim.scenario import Expectation, Scenario
 
@@ -12,7 +12,10 @@ if TYPE_CHECKING:
 __all__ = ["evaluate"]
 
 
-def _at(series: list[tuple[float, ...]], t: float, key: object | None = None) -> tuple | None:
+Row = tuple[Any, ...]
+
+
+def _at(series: list[Row], t: float, key: object | None = None) -> Row | None:
     """The last entry of a time series at or before ``t`` (matching ``key`` in column 1)."""
     last = None
     for row in series:

@@ -275,7 +275,7 @@ def _duration(r: _Reader, data: Any, key: str) -> DurationDist:
     if kind not in ("exponential", "fixed", "uniform"):
         raise r.fail(f"{key}.kind", "one of exponential, fixed, uniform", kind)
     d = DurationDist(
-        kind,  # type: ignore[arg-type]
+        kind,
         r.req_num(data, key, "mean_s", 30.0),
         r.req_num(data, key, "min_s", 0.0),
         r.req_num(data, key, "max_s", 0.0),

@@ -32,6 +32,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import attrs
@@ -402,7 +403,7 @@ class _Network:
             (src, "*", channel)
         )
 
-    def send(self, src: str, dst: str, channel: str, deliver: Callable[[], None]) -> None:
+    def send(self, src: str, dst: str, channel: str, deliver: Callable[[], object]) -> None:
         if self.blocked and not self.link_ok(src, dst, channel):
             return
         spec = self.w.scenario.network
@@ -476,11 +477,13 @@ class World:
         return random.Random(f"shir:{self.seed}:{stream}")
 
     # -- scheduling helpers (callbacks, not processes)
-    def later(self, delay: float, fn: Callable[[], None]) -> None:
-        t = self.env.timeout(max(0.0, delay))
-        t.callbacks.append(lambda _e: fn())
+    def later(self, delay: float, fn: Callable[[], object]) -> None:
+        def fire(_event: object) -> None:
+            fn()
 
-    def at(self, when: float, fn: Callable[[], None]) -> None:
+        self.env.timeout(max(0.0, delay)).callbacks.append(fire)
+
+    def at(self, when: float, fn: Callable[[], object]) -> None:
         self.later(when - self.env.now, fn)
 
     # -- the service side --------------------------------------------------------------------
@@ -516,7 +519,7 @@ class World:
         for name in target:
             node = self.nodes.get(name)
             if node is not None:
-                self.net.send(SERVICE, name, CONTROL, lambda n=node: n.receive(effect))
+                self.net.send(SERVICE, name, CONTROL, partial(node.receive, effect))
 
     def send(self, src: str, dst: str, channel: str, make: Callable[..., Any]) -> None:
         """Send a message; towards the service ``make(at)`` builds the command on arrival."""
@@ -697,7 +700,7 @@ class World:
                             self.node_names, rf.min_duration_s, rf.max_duration_s, rf.probability)
         for f in (*sc.faults, *drawn):
             if f.at_s < self.duration_s:
-                self.at(f.at_s, lambda f=f: self._start_fault(f))
+                self.at(f.at_s, partial(self._start_fault, f))
 
     def _start_fault(self, f: Fault) -> None:
         if self.healing:
@@ -705,7 +708,7 @@ class World:
         now = self.env.now
         self.timeline["faults"].append((now, f.kind, f.node, f.duration_s))
         node = self.nodes.get(f.node) if f.node else None
-        end: Callable[[], None] | None = None
+        end: Callable[[], object] | None = None
         k = f.kind
         if k == "crash" and node is not None and node.up:
             node.crash()
@@ -734,7 +737,7 @@ class World:
             node.jump_clock(f.extra_s)
         elif k == "slow" and node is not None:
             self.slow[node.name] = f.factor
-            end = lambda: self.slow.pop(node.name, None)  # type: ignore[misc]  # noqa: E731
+            end = lambda: self.slow.pop(node.name, None)  # noqa: E731
         elif k == "regenerate_key":
             self._regenerate(f.key or "key1")
         elif k == "version_skew" and node is not None:
@@ -858,14 +861,16 @@ class World:
         for spec in sc.nodes:
             self.env.process(self.nodes[spec.name].process())
             if spec.concurrency_limit is not None:
-                self.at(spec.join_at_s + 1.0, lambda s=spec: self.handle(
-                    SetConcurrencyLimit(s.name, s.concurrency_limit, self.env.now)))
+                self.at(spec.join_at_s + 1.0, partial(self._set_limit, spec))
         self.env.process(self.workload())
         self.env.process(self.sampler())
         self.schedule_faults()
         # The snapshot is taken as the faults end: the drain phase is the tail it must replay.
         self.at(self.duration_s, self._take_snapshot)
         self.at(self.duration_s, self.heal_all)
+
+    def _set_limit(self, spec: NodeSpec) -> None:
+        self.handle(SetConcurrencyLimit(spec.name, spec.concurrency_limit, self.env.now))
 
     def _take_snapshot(self) -> None:
         self.snapshot = snapshot_bytes(self.driver.state)
