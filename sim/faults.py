@@ -250,7 +250,8 @@ def draw_faults(
         elif kind == "version_skew":
             f = Fault(kind, t, node=node, version="5.39", duration_s=duration)
         elif kind == "upgrade":
-            f = Fault(kind, t, node=node, version=f"5.{41 + len(out)}",
+            # every drawn upgrade targets the same next version, so they roll forward together
+            f = Fault(kind, t, node=node, version="5.41",
                       duration_s=min(duration, 60.0),
                       fail=rng.random() < 0.3)
         elif kind == "burst":

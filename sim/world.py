@@ -83,6 +83,7 @@ class RunResult:
     seed: int
     simulated_s: float
     wall_s: float
+    duration_s: float  # workload and faults end here; the drain phase follows
     events: int
     event_log_sha256: str
     invariant_violations: list[str]
@@ -119,6 +120,7 @@ class RunResult:
             "scenario": self.scenario,
             "seed": self.seed,
             "simulated_s": round(self.simulated_s, 3),
+            "duration_s": round(self.duration_s, 3),
             "wall_s": round(self.wall_s, 3),
             "events": self.events,
             "event_log_sha256": self.event_log_sha256,
@@ -909,6 +911,7 @@ class World:
             seed=self.seed,
             simulated_s=self.env.now,
             wall_s=wall,
+            duration_s=self.duration_s,
             events=len(self.events_log),
             event_log_sha256=self.hasher.hexdigest(),
             invariant_violations=violations,
