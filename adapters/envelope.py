@@ -105,8 +105,12 @@ def exchange(private: X25519PrivateKey, public: bytes, what: str) -> bytes:
         ) from None
 
 
-def derive_key(ikm: bytes, info: bytes) -> bytes:
-    """HKDF-SHA256 of ``ikm`` to a 32-byte AES key, bound to ``info``."""
+def derive_key(ikm: bytes, label: bytes, *context: bytes | str) -> bytes:
+    """HKDF-SHA256 of ``ikm`` to a 32-byte AES key, bound to ``label`` and every ``context``
+    field (length-prefixed, so fields cannot run into each other)."""
+    info = label + b"".join(
+        len_prefixed(c.encode("utf-8") if isinstance(c, str) else c) for c in context
+    )
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(ikm)
 
 
@@ -182,15 +186,6 @@ class OpenedEnvelope(NamedTuple):
         )
 
 
-def _info(ephemeral: bytes, sender: bytes, recipient: bytes, recipient_name: str) -> bytes:
-    return (
-        _INFO_LABEL
-        + len_prefixed(ephemeral)
-        + len_prefixed(sender)
-        + len_prefixed(recipient)
-        + len_prefixed(recipient_name.encode("utf-8"))
-    )
-
 
 def seal(
     credential_id: str,
@@ -214,7 +209,8 @@ def seal(
     ikm = exchange(ephemeral, recipient_public, "the recipient's public key") + exchange(
         sender.private_key, recipient_public, "the recipient's public key"
     )
-    key = derive_key(ikm, _info(ephemeral_public, sender.public, recipient_public, recipient_name))
+    key = derive_key(ikm, _INFO_LABEL, ephemeral_public, sender.public, recipient_public,
+                     recipient_name)
     nonce = os.urandom(_NONCE_SIZE)
     header = (
         _MAGIC
@@ -288,7 +284,8 @@ def open_envelope(
     try:
         ikm = exchange(recipient.private_key, ephemeral_public, "the envelope's ephemeral key")
         ikm += exchange(recipient.private_key, claimed_sender, "the sender's public key")
-        key = derive_key(ikm, _info(ephemeral_public, claimed_sender, recipient.public, sealed_for))
+        key = derive_key(ikm, _INFO_LABEL, ephemeral_public, claimed_sender, recipient.public,
+                         sealed_for)
         plaintext = AESGCM(key).decrypt(nonce, sealed, header)
     except (InvalidTag, BadPublicKey):
         raise TamperedCiphertext(

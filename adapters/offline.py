@@ -44,7 +44,6 @@ from shir.adapters.protect import (
     WrongRecipient,
     check_credential_id,
     check_name,
-    len_prefixed,
     text_field,
 )
 
@@ -70,15 +69,6 @@ class OfflineCredential(NamedTuple):
         )
 
 
-def _info(ephemeral: bytes, runtime_public: bytes, runtime_id: str, credential_id: str) -> bytes:
-    return (
-        _INFO_LABEL
-        + len_prefixed(ephemeral)
-        + len_prefixed(runtime_public)
-        + len_prefixed(runtime_id.encode("utf-8"))
-        + len_prefixed(credential_id.encode("utf-8"))
-    )
-
 
 def encrypt_for_runtime(
     runtime_public: bytes, runtime_id: str, credential_id: str, plaintext: bytes
@@ -91,7 +81,8 @@ def encrypt_for_runtime(
     runtime_public = bytes(runtime_public)
     ephemeral = NodeKeys.generate()
     shared = exchange(ephemeral.private_key, runtime_public, "the runtime public key")
-    key = derive_key(shared, _info(ephemeral.public, runtime_public, runtime_id, credential_id))
+    key = derive_key(shared, _INFO_LABEL, ephemeral.public, runtime_public, runtime_id,
+                     credential_id)
     nonce = os.urandom(_NONCE_SIZE)
     header = (
         _MAGIC
@@ -141,7 +132,8 @@ def decrypt_offline(blob: bytes, runtime_keys: NodeKeys, runtime_id: str) -> Off
         )
     try:
         shared = exchange(runtime_keys.private_key, ephemeral_public, "the ephemeral key")
-        key = derive_key(shared, _info(ephemeral_public, meant_key, meant_for, credential_id))
+        key = derive_key(shared, _INFO_LABEL, ephemeral_public, meant_key, meant_for,
+                         credential_id)
         plaintext = AESGCM(key).decrypt(nonce, sealed, header)
     except (InvalidTag, BadPublicKey):
         raise TamperedCiphertext(
