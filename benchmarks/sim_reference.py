@@ -1,4 +1,4 @@
-"""How fast the simulator runs the `reference` scenario, against a bare SimPy model of the same work.
+"""How fast the simulator runs the `reference` scenario, against a bare SimPy model of that work.
 
 The bare model has the same shape as shir's world with the core taken out: four nodes with a
 heartbeat process each, Poisson job arrivals at 10/s, exponential durations (mean 30 s), a

@@ -192,7 +192,8 @@ class Scenario:
 # --- parsing with errors that name the key ---------------------------------------------------
 
 _METRICS_HELP = (
-    "jobs.submitted, jobs.completed, jobs.dead_lettered, jobs.lost, jobs.duplicate_effects, "
+    "jobs.submitted, jobs.completed, jobs.dead_lettered, jobs.redelivered, jobs.lost, "
+    "jobs.duplicate_effects, "
     "failovers, max_dispatcher_gap_s, max_offline_detect_s, invariant_violations, "
     "refusals.<ErrorName>"
 )

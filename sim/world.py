@@ -502,6 +502,11 @@ class World:
             self.refusals[type(exc).__name__] += 1
             if isinstance(command, cmd.RegisterNode) and sender is not None:
                 self._registration_refused(sender, exc)
+            elif isinstance(command, DispatchJobs) and sender is not None:
+                # The refusal tells the fenced node the current term, as a real reply would;
+                # without it a node that missed the announcement would retry forever.
+                state = self.driver.state
+                self._carry_out(fx.AnnounceDispatcher(state.term, state.dispatcher), sender)
             return ()
         if isinstance(command, cmd.RegisterNode) and sender is not None:
             node = self.nodes[sender]
@@ -510,9 +515,11 @@ class World:
             self._carry_out(effect)
         return effects
 
-    def _carry_out(self, effect: object) -> None:
+    def _carry_out(self, effect: object, only: str | None = None) -> None:
         t = type(effect)
-        if t is fx.DeliverJob or t is fx.StopJob:
+        if only is not None:
+            target = [only]
+        elif t is fx.DeliverJob or t is fx.StopJob:
             target = [effect.token.node]  # type: ignore[attr-defined]
         elif t is fx.AnnounceDispatcher:
             target = list(self.node_names)
@@ -919,6 +926,7 @@ class World:
                 "submitted": len(self.submitted_keys),
                 "completed": completed,
                 "dead_lettered": dead,
+                "redelivered": b.released,
                 "unfinished": len(active),
                 "lost": len(lost),
                 "duplicate_effects": c.duplicate_effects,

@@ -1,4 +1,4 @@
-"""Snapshots: bytes that restore to an equal state, from which folding the tail gives the live state."""
+"""Snapshots: bytes that restore to an equal state; folding the tail onto it gives the live one."""
 
 from __future__ import annotations
 
@@ -33,13 +33,13 @@ def _world_log() -> tuple[list[object], object]:
 
 
 def test_snapshot_round_trip_equals_the_state_mid_run() -> None:
-    log, live = _world_log()
+    _log, live = _world_log()
     assert live.model().jobs.leases, "the test needs live leases in the state"
     assert restore(snapshot_bytes(live)) == live
 
 
 def test_snapshot_plus_tail_equals_full_replay() -> None:
-    log, live = _world_log()
+    log, _live = _world_log()
     for cut in (0, 1, len(log) // 3, len(log) - 1, len(log)):
         snap = snapshot_bytes(fold(initial(), log[:cut]))
         assert fold(restore(snap), log[cut:]) == fold(initial(), log)
