@@ -155,13 +155,20 @@ class Cluster:
         """Register ``node`` (key1 unless ``key=``); it reports healthy metrics from then on."""
         command = self.register_cmd(node, **kw)
         events = self.handle(command)
-        self.sessions.setdefault(node, 1)
+        self.adopt(command)
+        return events
+
+    def adopt(self, command: RegisterNode) -> None:
+        """Play the registered machine: session 1, healthy metrics (version 5.0, config a)."""
+        node = command.node
+        if self.state.node(node) is None or node in self.sessions:
+            return
+        self.sessions[node] = 1
         self.machines[node] = command.machine_id
-        self.reports.setdefault(node, NodeMetrics(
+        self.reports[node] = NodeMetrics(
             available_memory_mb=command.memory_mb, version=VERSION, config_hash=CONFIG,
             remote_access=command.metrics.remote_access,
-        ))
-        return events
+        )
 
     def register_n(self, n: int, *, at: float | None = None) -> list[str]:
         """Register nodes n1..n<n> (those not registered yet); return all their names."""
