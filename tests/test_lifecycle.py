@@ -782,3 +782,11 @@ def test_an_expired_node_removed_by_expiry_no_longer_counts_for_the_others() -> 
     assert [type(e).__name__ for e in events][:1] == ["NodeRemoved"]
     assert statuses(events, "n2") == [ON]  # in the same decision, not at the next command
     assert c.tick(620) == ()
+
+
+def test_updating_a_node_that_expires_at_that_moment_is_refused_as_unknown() -> None:
+    c = online(2, offline_expiry_s=100)
+    c.run(130, skip=["n2"])  # n2 Offline since 40; due for removal at 140
+    c.now = 140
+    err = c.refused(StartUpgrade("n2", "5.1", 140), UnknownNode)
+    assert "node 'n2' is not registered" in str(err)
