@@ -68,6 +68,12 @@ __all__ = ["decide", "next_deadline"]
 
 Events = list[object]
 
+# Modules with rules of their own (core/credentials.py) register here: every settle ends with the
+# settle hooks, and the deadline hooks' deadlines join the node deadlines. A hook's deadline must
+# be a time at which its settle hook emits something (a tick there must not find nothing to do).
+SETTLE_HOOKS: list[Callable[[_Model, float, Events], None]] = []
+DEADLINE_HOOKS: list[Callable[[_Model], float | None]] = []
+
 _MAX_NAME = 128
 
 
@@ -155,6 +161,8 @@ def _settle(s: _Model, at: float, out: Events) -> None:
                 _emit(s, out, ev.VersionExpiryWarned(n.name, n.metrics.version, expires, at))
     _settle_dispatcher(s, at, out)
     _settle_leases(s, at, out)
+    for hook in SETTLE_HOOKS:
+        hook(s, at, out)
 
 
 def _settle_dispatcher(s: _Model, at: float, out: Events) -> None:
@@ -522,4 +530,8 @@ def _node_deadline(m: _Model) -> float:
                 deadlines.append(expires)
         if settings.offline_expiry_s is not None and n.offline_since is not None:
             deadlines.append(_first_at(n.offline_since, settings.offline_expiry_s))
+    for hook in DEADLINE_HOOKS:
+        d = hook(m)
+        if d is not None:
+            deadlines.append(d)
     return min(deadlines) if deadlines else _NEVER
