@@ -56,6 +56,8 @@ class Context:
     majority_version: str | None
     majority_config: str | None  # None unless a strict majority agrees
     live_nodes: frozenset[str]
+    # (credential id, latest version) of every saved credential, by id (shir.core.credentials)
+    latest_credentials: tuple[tuple[str, int], ...] = ()
 
 
 Check = Callable[[Node, Context], "str | None"]
@@ -123,6 +125,19 @@ def _version_minority(n: Node, c: Context) -> str | None:
     return f"runs version {n.metrics.version}; the runtime runs {c.majority_version}"
 
 
+def _credential_behind(n: Node, c: Context) -> str | None:
+    if not c.latest_credentials:
+        return None
+    held = {cv.credential_id: cv.version for cv in n.metrics.credentials}
+    lag = []
+    for cid, latest in c.latest_credentials:
+        have = held.get(cid, 0)
+        if have < latest:
+            at = f"at v{have}" if have else "missing"
+            lag.append(f"credential {cid} {at}, latest v{latest}")
+    return "; ".join(lag) or None
+
+
 STATUS_RULES: tuple[StatusRule, ...] = (
     StatusRule(NodeStatus.UPGRADING, "update in progress", _upgrading),
     StatusRule(NodeStatus.OFFLINE, "missed heartbeats", _silent),
@@ -132,6 +147,7 @@ STATUS_RULES: tuple[StatusRule, ...] = (
     StatusRule(NodeStatus.LIMITED, "peer port unreachable", _peer_unreachable),
     StatusRule(NodeStatus.LIMITED, "control channel trouble", _control_channel),
     StatusRule(NodeStatus.LIMITED, "version differs from the runtime's", _version_minority),
+    StatusRule(NodeStatus.LIMITED, "credential version behind", _credential_behind),
 )
 
 
@@ -197,6 +213,8 @@ def context(m: _Model, now: float) -> Context:
     return Context(
         now, offline_after, lifetime, majority_version, majority_config,
         frozenset(n.name for n in live if n.last_seen_at is not None),
+        tuple((cid, m.credentials[cid].version) for cid in sorted(m.credentials))
+        if m.credentials else (),
     )
 
 

@@ -19,7 +19,7 @@ Event handlers live in the ``EVOLVE`` table below: one small function per event 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -34,6 +34,9 @@ from shir.core.model import (
     RuntimeSettings,
     RuntimeStatus,
 )
+
+if TYPE_CHECKING:
+    from shir.core.credentials import CredentialSync, LatestCredential
 
 __all__ = [
     "FIRST_HEARTBEAT_PENDING",
@@ -93,8 +96,8 @@ class _Model:
     """The mutable body behind :class:`RuntimeState`. Private: handlers and ``decide`` only."""
 
     __slots__ = (
-        "dispatcher", "due", "gen", "jobs", "keys", "next_seq", "node_due", "nodes", "now",
-        "pending", "runtime", "term",
+        "credentials", "dispatcher", "due", "gen", "jobs", "keys", "next_seq", "node_due",
+        "nodes", "now", "pending", "runtime", "syncs", "term",
     )
 
     def __init__(self) -> None:
@@ -117,6 +120,11 @@ class _Model:
         # A lower bound of the next deadline of any kind; None: recompute. Lease events only
         # lower it (job handlers), lifecycle events clear it: most decisions compare one float.
         self.due: float | None = None
+        # Credentials (shir.core.credentials): the latest version of each, and the outstanding
+        # syncs by (credential, node). Copy-on-write: handlers rebind them, never change them in
+        # place, so scratch models can share them.
+        self.credentials: dict[str, LatestCredential] = {}
+        self.syncs: dict[tuple[str, str], CredentialSync] = {}
 
     def scratch(self) -> _Model:
         """A copy whose node records may be changed freely (for ``decide``'s what-if).
@@ -223,6 +231,8 @@ class RuntimeState:
             m.dispatcher,
             m.now,
             m.jobs.fingerprint(),
+            tuple(sorted(m.credentials.items())),
+            tuple(sorted(m.syncs.items())),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -267,6 +277,8 @@ def _node_registered(m: _Model, e: ev.NodeRegistered) -> None:
 
 def _node_removed(m: _Model, e: ev.NodeRemoved) -> None:
     del m.nodes[e.node]
+    if m.syncs:  # no sync to a node that is gone (copy-on-write, see _Model)
+        m.syncs = {k: v for k, v in m.syncs.items() if k[1] != e.node}
 
 
 def _heartbeat_received(m: _Model, e: ev.HeartbeatReceived) -> None:
