@@ -4,7 +4,8 @@
 event store's ``Snapshot(version, data)`` a host loads the snapshot and folds only the events
 after ``version``. The simulator checks "snapshot + tail == full replay" on every run.
 
-The format is one msgpack array whose first item is ``FORMAT``; a newer format is refused with
+The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state;
+a format 1 snapshot still restores, with none); a newer format is refused with
 :class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with ``CorruptRecord``.
 """
 
@@ -17,13 +18,15 @@ import msgpack
 
 from shir.core.codec import CorruptRecord, UnsupportedEventVersion, decode_value, encode_value
 from shir.core.codec import value as register_value
+from shir.core.credentials import CredentialSync, LatestCredential
 from shir.core.jobs import Job, JobBook, Lease, LeaseToken
 from shir.core.model import CredentialVersion, KeyVerifier
 from shir.core.state import Node, RuntimeInfo, RuntimeState, _Model
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
-FORMAT = 1
+FORMAT = 2
+_READABLE = (1, 2)
 
 for _cls in (RuntimeInfo, Node, Job, Lease):
     register_value(_cls)
@@ -46,6 +49,8 @@ def snapshot_bytes(state: RuntimeState) -> bytes:
         sorted(b.limits.items()),
         [b.next_seq, b.submitted, b.completed, b.dead_lettered, b.released, b.window_s,
          b.pruned_at],
+        [encode_value(latest) for _cid, latest in sorted(m.credentials.items())],
+        [encode_value(sync) for _key, sync in sorted(m.syncs.items())],
     ]
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -58,7 +63,7 @@ def restore(data: bytes) -> RuntimeState:
         raise CorruptRecord(f"not a shir snapshot ({type(exc).__name__})") from None
     if not isinstance(body, list) or not body or not isinstance(body[0], int):
         raise CorruptRecord("not a shir snapshot (no format number)")
-    if body[0] != FORMAT:
+    if body[0] not in _READABLE:
         raise UnsupportedEventVersion(
             f"snapshot format {body[0]} is not {FORMAT}; rebuild it from the event log"
         )
@@ -71,8 +76,14 @@ def restore(data: bytes) -> RuntimeState:
 
 
 def _restore(body: list[Any]) -> RuntimeState:
-    (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases, recent,
-     limits, counters) = body
+    credentials: list[Any] = []
+    syncs: list[Any] = []
+    if body[0] == 1:
+        (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
+         recent, limits, counters) = body
+    else:
+        (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
+         recent, limits, counters, credentials, syncs) = body
     m = _Model()
     m.runtime = decode_value(RuntimeInfo, runtime) if runtime is not None else None
     for raw in keys:
@@ -100,4 +111,10 @@ def _restore(body: list[Any]) -> RuntimeState:
     b.limits = dict(limits)
     (b.next_seq, b.submitted, b.completed, b.dead_lettered, b.released, b.window_s,
      b.pruned_at) = counters
+    for raw in credentials:
+        latest = decode_value(LatestCredential, raw)
+        m.credentials[latest.credential_id] = latest
+    for raw in syncs:
+        sync = decode_value(CredentialSync, raw)
+        m.syncs[sync.credential_id, sync.to_node] = sync
     return RuntimeState(m)
