@@ -418,10 +418,12 @@ def _check_credential(credential_id: str, version: int) -> None:
 def _save(m: _Model, c: SaveCredential) -> list[object]:
     _runtime(m)
     _check_credential(c.credential_id, c.version)
-    _node(m, c.node)
+    node = _node(m, c.node)
     latest = m.credentials.get(c.credential_id)
     if latest is not None:
-        if latest.version == c.version and latest.node == c.node:
+        if (latest.version, latest.node) == (c.version, c.node) and (
+            node.registered_at <= latest.saved_at  # not a new node that took the name since
+        ):
             return []  # this very save again: satisfied
         if c.version <= latest.version:
             raise StaleCredentialVersion(

@@ -140,6 +140,15 @@ def test_the_same_save_again_yields_nothing() -> None:
     assert decide(c.state, SaveCredential("sql-1", 1, "n1", 15)) == ()  # later, still satisfied
 
 
+def test_the_same_save_on_a_new_node_that_took_the_name_is_refused() -> None:
+    c = online(2)
+    c.save("sql-1", 1, "n2", at=11)
+    c.remove("n2", at=12)
+    c.register("n2", machine="machine-new", at=13)
+    err = c.refused(SaveCredential("sql-1", 1, "n2", 14), StaleCredentialVersion)
+    assert "save it as v2 or later" in str(err)
+
+
 @pytest.mark.parametrize(("cid", "version", "message"), [
     ("", 1, "invalid credential id ''"),
     ("../etc", 1, "invalid credential id '../etc'"),
