@@ -181,6 +181,8 @@ def requirement_of(needs: tuple[CredentialVersion, ...], carried: tuple[str, ...
     """What a node must hold to run a job: the needed versions it does not carry along."""
     if not needs:
         return ()
+    if len(needs) == 1 and not carried:
+        return tuple(needs)
     return tuple(sorted((c for c in needs if c.credential_id not in carried),
                         key=lambda c: (c.credential_id, c.version)))
 

@@ -102,6 +102,16 @@ FAULT_KINDS: dict[str, FaultKind] = {
         "the node installs version over duration_s (restarting: jobs lost); fail = true "
         "makes it roll back",
     ),
+    "credential_drift": FaultKind(
+        ("node", "credential"), (),
+        "the node's local copy of credential falls one version behind (or is lost): the "
+        "service must notice from its heartbeat and sync it again",
+    ),
+    "rotate_credential": FaultKind(
+        ("node", "credential"), (),
+        "a user saves the next version of credential on node; every other node must sync, "
+        "and new jobs need the new version",
+    ),
     "burst": FaultKind(
         ("count",), (),
         "the service submits count jobs at once (durations drawn like the workload's)",
@@ -118,7 +128,7 @@ FAULT_KINDS: dict[str, FaultKind] = {
 _FIELD_TYPES: dict[str, str] = {
     "node": "str", "peer": "str", "duration_s": "pos", "probability": "prob", "extra_s": "pos",
     "factor": "pos", "key": "key", "version": "str", "fail": "bool", "oneway": "bool",
-    "count": "count",
+    "count": "count", "credential": "str",
 }
 
 
@@ -139,6 +149,7 @@ class Fault:
     fail: bool = False
     oneway: bool = False
     count: int = 0
+    credential: str | None = None
 
     @property
     def end_s(self) -> float:
@@ -148,6 +159,8 @@ class Fault:
     def describe(self) -> str:
         """A short label for timelines and reports."""
         who = self.node or self.key or "all"
+        if self.credential:
+            who += f"/{self.credential}"
         extra = f"->{self.peer}" if self.peer else ""
         return f"{self.kind} {who}{extra} @{self.at_s:g}s" + (
             f" for {self.duration_s:g}s" if self.duration_s else ""
@@ -214,6 +227,7 @@ def draw_faults(
     min_duration_s: float,
     max_duration_s: float,
     probability: float,
+    credentials: tuple[str, ...] = (),
 ) -> tuple[Fault, ...]:
     """Faults as a Poisson process of ``per_hour``, every draw from ``rng`` (so from the seed)."""
     out: list[Fault] = []
@@ -254,6 +268,10 @@ def draw_faults(
             f = Fault(kind, t, node=node, version="5.41",
                       duration_s=min(duration, 60.0),
                       fail=rng.random() < 0.3)
+        elif kind in ("credential_drift", "rotate_credential"):
+            if not credentials:
+                continue  # no workload credential to drift or rotate
+            f = Fault(kind, t, node=node, credential=rng.choice(credentials))
         elif kind == "burst":
             f = Fault(kind, t, count=rng.randint(10, 200))
         elif kind == "append_unknown":

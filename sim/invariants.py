@@ -18,6 +18,8 @@ The checks (docs/simulation.md explains each):
   equals the live state (the fold of the whole log). ``shir sim replay`` and the tests also
   decode a whole recorded log and fold it to the same state.
 - ``lost`` (at the end): every accepted job is completed, dead-lettered, or still in the queue.
+- ``credentials`` (at the end, after the drain): every Online or Limited node holds the latest
+  version of every credential (versions converge).
 """
 
 from __future__ import annotations

@@ -43,6 +43,13 @@ from shir.core import effects as fx
 from shir.core import events as ev
 from shir.core import jobs
 from shir.core.codec import encode
+from shir.core.credentials import (
+    DeliverCredential,
+    SaveCredential,
+    SealCredentialFor,
+    ShareCredential,
+    credential_status,
+)
 from shir.core.errors import DomainError
 from shir.core.keys import AuthKey
 from shir.core.leasing import (
@@ -186,6 +193,7 @@ class SimNode:
         self.renew_deferred = False
         self.wake = world.env.event()
         self.dispatch_pending = False
+        self.credentials: dict[str, int] = {}  # its local encrypted store: durable
         self.key_generation: int | None = None  # the generation of the key it registered with
         self.retry_registration = False
 
@@ -225,7 +233,9 @@ class SimNode:
             reachable_peers=peers,
             control_channel_ok=w.net.link_ok(self.name, SERVICE, CONTROL),
             remote_access=self.spec.remote_access,
-            credentials=w.node_credentials,
+            credentials=tuple(
+                CredentialVersion(cid, v) for cid, v in sorted(self.credentials.items())
+            ),
         )
 
     def alive(self) -> bool:
@@ -259,6 +269,17 @@ class SimNode:
         elif t is _Registered:
             self.registered = True
             self.session = 1
+        elif t is SealCredentialFor:
+            e: Any = effect
+            if self.credentials.get(e.credential_id, 0) >= e.version:
+                # seal for the named peer (the envelope adapter does this for real) and share
+                envelope = f"sealed:{e.credential_id}:v{e.version}:for:{e.to_node}".encode()
+                self.w.send(self.name, SERVICE, CONTROL, lambda at: ShareCredential(
+                    e.credential_id, e.version, self.name, e.to_node, envelope, at))
+        elif t is DeliverCredential:
+            e = effect
+            if self.credentials.get(e.credential_id, 0) < e.version:
+                self.credentials[e.credential_id] = e.version  # opened and stored locally
 
     def nudge(self) -> None:
         """Dispatch soon (coalescing a burst of nudges into one command)."""
@@ -450,9 +471,8 @@ class World:
         self.job_work: dict[str, float] = {}
         self.refusals: Counter[str] = Counter()
         self.keys: dict[str, AuthKey] = {}
-        self.node_credentials = tuple(
-            CredentialVersion(cid, v) for cid, v in scenario.workload.needs
-        )
+        # what every new job needs: the latest saved version of each workload credential
+        self.job_needs = tuple(CredentialVersion(cid, v) for cid, v in scenario.workload.needs)
         self.submitted_keys: dict[str, str] = {}  # key -> job id
         self.workload_rng = self._rng("workload")
         self.jobs_made = 0
@@ -519,6 +539,10 @@ class World:
         t = type(effect)
         if only is not None:
             target = [only]
+        elif t is SealCredentialFor:
+            target = [effect.from_node]  # type: ignore[attr-defined]
+        elif t is DeliverCredential:
+            target = [effect.to_node]  # type: ignore[attr-defined]
         elif t is fx.DeliverJob or t is fx.StopJob:
             target = [effect.token.node]  # type: ignore[attr-defined]
         elif t is fx.AnnounceDispatcher:
@@ -688,7 +712,7 @@ class World:
             work = dist.mean_s
         self.job_work[job_id] = work
         self.submitted_keys[key] = job_id
-        submit = SubmitJob(job_id, key, env.now, self.node_credentials)
+        submit = SubmitJob(job_id, key, env.now, self.job_needs)
         self.handle(submit)
         if wl.duplicate_submit_p and rng.random() < wl.duplicate_submit_p:
             self.later(rng.random() * 5.0, lambda: self.handle(
@@ -706,7 +730,8 @@ class World:
         sc = self.scenario
         rf = sc.random_faults
         drawn = draw_faults(self._rng("faults"), rf.kinds, rf.per_hour, self.duration_s,
-                            self.node_names, rf.min_duration_s, rf.max_duration_s, rf.probability)
+                            self.node_names, rf.min_duration_s, rf.max_duration_s, rf.probability,
+                            tuple(cid for cid, _v in sc.workload.needs))
         for f in (*sc.faults, *drawn):
             if f.at_s < self.duration_s:
                 self.at(f.at_s, partial(self._start_fault, f))
@@ -755,6 +780,14 @@ class World:
                 end = lambda: setattr(node, "reported_version", None)  # noqa: E731
         elif k == "upgrade" and node is not None:
             self._upgrade(node, f)
+        elif k == "credential_drift" and node is not None and f.credential:
+            held = node.credentials.get(f.credential, 0)
+            if held > 1:
+                node.credentials[f.credential] = held - 1
+            else:
+                node.credentials.pop(f.credential, None)
+        elif k == "rotate_credential" and node is not None and f.credential:
+            self.save_credential(node.name, f.credential)
         elif k == "burst":
             for _ in range(f.count):
                 self.submit_job()
@@ -871,12 +904,37 @@ class World:
             self.env.process(self.nodes[spec.name].process())
             if spec.concurrency_limit is not None:
                 self.at(spec.join_at_s + 1.0, partial(self._set_limit, spec))
+        if sc.workload.needs:
+            # a user saves every credential the workload needs through the first node to join
+            first = min(sc.nodes, key=lambda n: n.join_at_s)
+            for cid, version in sc.workload.needs:
+                self.at(first.join_at_s + 0.5,
+                        partial(self.save_credential, first.name, cid, version))
         self.env.process(self.workload())
         self.env.process(self.sampler())
         self.schedule_faults()
         # The snapshot is taken as the faults end: the drain phase is the tail it must replay.
         self.at(self.duration_s, self._take_snapshot)
         self.at(self.duration_s, self.heal_all)
+
+    def save_credential(self, node: str, credential: str, version: int | None = None) -> None:
+        """A user saves ``credential`` (the next version unless given) through ``node``."""
+        latest = credential_status(self.driver.state).latest_version(credential) or 0
+        version = latest + 1 if version is None else version
+        if not self.nodes[node].alive():
+            self.later(1.0, partial(self.save_credential, node, credential, version))
+            return
+        self.handle(SaveCredential(credential, version, node, self.env.now))
+        if credential_status(self.driver.state).latest_version(credential) != version:
+            # refused (the node is not registered yet, or offline): the user tries again
+            self.later(1.0, partial(self.save_credential, node, credential, version))
+            return
+        held = self.nodes[node].credentials
+        held[credential] = max(held.get(credential, 0), version)
+        self.job_needs = tuple(
+            CredentialVersion(c.credential_id, version) if c.credential_id == credential else c
+            for c in self.job_needs
+        )
 
     def _set_limit(self, spec: NodeSpec) -> None:
         self.handle(SetConcurrencyLimit(spec.name, spec.concurrency_limit, self.env.now))
@@ -913,6 +971,14 @@ class World:
                 if k not in c.completed_keys and k not in active and k not in c.dead_keys]
         if lost:
             violations.append(f"lost: {len(lost)} jobs vanished, e.g. {lost[:3]}")
+        behind = [n for n in credential_status(self.driver.state).nodes
+                  if n.behind and n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)]
+        if behind:
+            lacking = "; ".join(
+                n.node + " lacks " + ", ".join(f"{c.credential_id} v{c.version}" for c in n.behind)
+                for n in behind
+            )
+            violations.append(f"credentials: not converged after the drain: {lacking}")
         return RunResult(
             scenario=self.scenario.name,
             seed=self.seed,
