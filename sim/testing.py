@@ -20,9 +20,9 @@ does and makes SimPy order simultaneous events as the replay will:
 - injections at one instant are applied before anything else happens at that instant (as the
   replay's fault timers, scheduled at set-up, come first), faults in recorded order, then joins
   in node order;
-- the machine's own times lie on a half-second grid (0.5, 1.5, ...), never on the whole seconds
-  where nodes that joined at 0 heartbeat, so no injection ties with an event the replay would
-  order differently;
+- the machine's own times lie on a grid (0.25, 1.25, 2.25, ...), never on the whole or half
+  seconds where set-up timers fire and nodes that joined at 0 heartbeat, so no injection ties
+  with an event the replay would order differently;
 - the World runs with an endless duration; the end is chosen at teardown (at or after the
   workload stops), and there, as the replay's timers would, the machine takes the snapshot,
   heals every fault and drains.
@@ -79,6 +79,7 @@ from shir.core import commands as cmd
 from shir.core import events as ev
 from shir.core import jobs
 from shir.core.codec import _values, registered_events
+from shir.core.credentials import credential_status
 from shir.core.keys import AuthKey
 from shir.core.leasing import (
     AbandonJob,
@@ -97,7 +98,7 @@ from shir.core.model import (
     NodeStatus,
     RuntimeSettings,
 )
-from shir.sim.faults import FAULT_KINDS, Fault
+from shir.sim.faults import _FIELD_TYPES, FAULT_KINDS, Fault
 from shir.sim.invariants import check_snapshot
 from shir.sim.scenario import (
     DurationDist,
@@ -384,9 +385,12 @@ def events(types_: Iterable[type] | None = None) -> st.SearchStrategy[object]:
 # --- strategies: faults and scenarios ------------------------------------------------------
 
 _WHOLE_S = st.integers(1, 120).map(float)
+# Shrinks towards 1.0: a minimal schedule then does not hinge on one lucky draw.
+_PROBABILITY = st.integers(0, 19).map(lambda k: (20 - k) / 20)
+# By field name; a field added to the fault kinds later falls back to its type (_BY_TYPE).
 _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "duration_s": _WHOLE_S,
-    "probability": st.integers(1, 20).map(lambda k: k / 20),
+    "probability": _PROBABILITY,
     "extra_s": st.sampled_from((0.5, 2.0, 0.05, 10.0)),
     "factor": st.sampled_from((0.5, 2.0, 0.8, 1.5)),
     "key": st.sampled_from(("key1", "key2")),
@@ -395,23 +399,46 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "oneway": st.booleans(),
     "count": st.integers(1, 20),
 }
+_BY_TYPE: dict[str, st.SearchStrategy[Any]] = {
+    "pos": _WHOLE_S,
+    "prob": _PROBABILITY,
+    "bool": st.booleans(),
+    "key": st.sampled_from(("key1", "key2")),
+    "count": st.integers(1, 20),
+    "str": st.sampled_from(("x", "y")),
+}
 _KIND_FIELDS: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("clock_jump", "extra_s"): _WHOLE_S,  # a leap of the node's clock, not a message delay
     ("upgrade", "duration_s"): st.integers(1, 60).map(float),
 }
+CREDENTIALS = ("ls-sql",)
+
+
+def _field(kind: str, name: str, credentials: tuple[str, ...]) -> st.SearchStrategy[Any]:
+    if name == "credential":
+        return st.sampled_from(credentials)
+    s = _KIND_FIELDS.get((kind, name))
+    if s is None:
+        s = _FIELDS.get(name)
+    if s is None:
+        s = _BY_TYPE[_FIELD_TYPES[name]]
+    return s
 
 
 def faults(
     nodes: Sequence[str],
     at_s: st.SearchStrategy[float] | None = None,
     kinds: Iterable[str] | None = None,
+    credentials: Sequence[str] = CREDENTIALS,
 ) -> st.SearchStrategy[Fault]:
-    """Faults of every kind in ``FAULT_KINDS`` (or ``kinds``) with valid fields, on ``nodes``.
+    """Faults of every kind in ``FAULT_KINDS`` (or ``kinds``) with valid fields, on ``nodes``
+    (and, for credential faults, ``credentials``: the workload's ``needs`` ids).
 
     Kinds that need a node are left out when ``nodes`` is empty. Every fault parses back
     through ``parse_fault`` unchanged (``to_toml`` writes it).
     """
     nodes = tuple(nodes)
+    creds = tuple(credentials) or CREDENTIALS
     at = at_s if at_s is not None else st.integers(0, 600).map(float)
     chosen = list(FAULT_KINDS) if kinds is None else list(kinds)
     for k in chosen:
@@ -422,22 +449,25 @@ def faults(
         spec = FAULT_KINDS[kind]
         if "node" in spec.needs and not nodes:
             continue
-        options.append(_fault_of(kind, nodes, at))
+        options.append(_fault_of(kind, nodes, at, creds))
     if not options:
         raise ValueError("no fault kind fits: every chosen kind needs a node, and nodes is empty")
     return st.one_of(options)
 
 
-def _fault_of(kind: str, nodes: tuple[str, ...], at: st.SearchStrategy[float]
-              ) -> st.SearchStrategy[Fault]:
+def _fault_of(kind: str, nodes: tuple[str, ...], at: st.SearchStrategy[float],
+              credentials: tuple[str, ...]) -> st.SearchStrategy[Fault]:
     spec = FAULT_KINDS[kind]
+    fields = {name: _field(kind, name, credentials) for name in (*spec.needs, *spec.allows)
+              if name not in ("node", "peer")}
 
     @st.composite
     def build(draw: st.DrawFn) -> Fault:
         values: dict[str, Any] = {"kind": kind, "at_s": draw(at)}
         for name in (*spec.needs, *spec.allows):
             required = name in spec.needs
-            if not required and not draw(st.booleans()):
+            if not required and ((name in ("node", "peer") and not nodes)
+                                 or not draw(st.booleans())):
                 continue
             if name == "node":
                 values["node"] = draw(st.sampled_from(nodes))
@@ -446,18 +476,19 @@ def _fault_of(kind: str, nodes: tuple[str, ...], at: st.SearchStrategy[float]
                 if others:
                     values["peer"] = draw(st.sampled_from(others))
             else:
-                values[name] = draw(_KIND_FIELDS.get((kind, name), _FIELDS[name]))
+                values[name] = draw(fields[name])
         return Fault(**values)
 
     return build()
 
 
 def fault_schedules(nodes: Sequence[str], duration_s: float, max_size: int = 6,
-                    kinds: Iterable[str] | None = None) -> st.SearchStrategy[tuple[Fault, ...]]:
+                    kinds: Iterable[str] | None = None, credentials: Sequence[str] = CREDENTIALS,
+                    ) -> st.SearchStrategy[tuple[Fault, ...]]:
     """Up to ``max_size`` faults at whole seconds in ``[0, duration_s)``, in time order."""
     last = max(0, math.ceil(duration_s) - 1)
     at = st.integers(0, last).map(float)
-    return st.lists(faults(nodes, at, kinds), max_size=max_size).map(
+    return st.lists(faults(nodes, at, kinds, credentials), max_size=max_size).map(
         lambda fs: tuple(sorted(fs, key=lambda f: f.at_s)))
 
 
@@ -525,7 +556,8 @@ def scenarios(draw: st.DrawFn, max_nodes: int = 4, max_duration_s: int = 300,
         workload=workload,
         network=draw(st.just(NetworkSpec()) | st.builds(
             NetworkSpec, st.sampled_from((0.001, 0.05)), st.sampled_from((0.0, 0.01)))),
-        faults=draw(fault_schedules(names, duration, max_faults)),
+        faults=draw(fault_schedules(names, duration, max_faults,
+                                    credentials=[c for c, _v in workload.needs] or CREDENTIALS)),
         random_faults=random_faults,
         expect=expect,
     )
@@ -756,7 +788,11 @@ class ClusterChecks:
 
 
 def final_violations(world: World) -> list[str]:
-    """The end-of-run checks of ``World.run`` (snapshot + tail = live state, no job lost)."""
+    """The end-of-run checks of ``World.run``: snapshot + tail = live state, no job lost,
+    credentials converged. (The same code as there; a test compares both.)"""
+    own = getattr(world, "final_violations", None)
+    if own is not None:  # a World that exposes its end-of-run checks
+        return list(own())
     violations = list(world.checkers.violations)
     violations += check_snapshot(world.snapshot, world.events_log[world.snapshot_at:],
                                  world.driver.state)
@@ -766,6 +802,14 @@ def final_violations(world: World) -> list[str]:
             if k not in c.completed_keys and k not in active and k not in c.dead_keys]
     if lost:
         violations.append(f"lost: {len(lost)} jobs vanished, e.g. {lost[:3]}")
+    behind = [n for n in credential_status(world.driver.state).nodes
+              if n.behind and n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)]
+    if behind:
+        lacking = "; ".join(
+            n.node + " lacks " + ", ".join(f"{c.credential_id} v{c.version}" for c in n.behind)
+            for n in behind
+        )
+        violations.append(f"credentials: not converged after the drain: {lacking}")
     return violations
 
 
@@ -798,41 +842,46 @@ class ClusterSetup:
     workload: Workload
 
 
+_HARDWARE = ((2, 4096, "key1"), (4, 8192, "key2"), (8, 16384, "key1"))  # cores, MiB, key
+_TIMING = ((10.0, 3, 60.0), (5.0, 2, 20.0), (10.0, 3, 20.0))  # heartbeat, missed, lock
+
+
 @st.composite
 def cluster_setups(draw: st.DrawFn, max_nodes: int = 5) -> ClusterSetup:
     """Setups for :class:`ClusterMachine`: 1..``max_nodes`` nodes (a fifth is one too many and
-    must be refused), short settings, and the workload: job durations, and maybe a window of
-    Poisson arrivals besides the ``burst`` rule's."""
+    must be refused), short settings, and the workload: job durations, maybe credentials the
+    jobs need, and maybe a window of Poisson arrivals besides the ``burst`` rule's.
+
+    Few draws on purpose: every draw costs Hypothesis time in every example.
+    """
     count = draw(st.integers(1, max_nodes))
     late = draw(st.integers(0, count - 1))  # shrinks towards "everyone from the start"
-    nodes = tuple(
-        NodeSpec(
-            NODE_NAMES[i],
-            cores=draw(st.sampled_from((2, 4, 8))),
-            memory_mb=draw(st.sampled_from((4096, 8192, 16384))),
-            key=draw(st.sampled_from(("key1", "key2"))),
-            join_at_s=0.0 if i < count - late else NEVER_S,
-        )
-        for i in range(count)
-    )
+    nodes = []
+    for i in range(count):
+        cores, memory, key = draw(st.sampled_from(_HARDWARE))
+        nodes.append(NodeSpec(NODE_NAMES[i], cores=cores, memory_mb=memory, key=key,
+                              join_at_s=0.0 if i < count - late else NEVER_S))
+    heartbeat, missed, lock = draw(st.sampled_from(_TIMING))
     runtime = RuntimeSettings(
-        heartbeat_interval_s=draw(st.sampled_from((10.0, 5.0))),
-        missed_heartbeats_offline=draw(st.sampled_from((3, 2))),
-        lock_duration_s=draw(st.sampled_from((60.0, 20.0))),
+        heartbeat_interval_s=heartbeat,
+        missed_heartbeats_offline=missed,
+        lock_duration_s=lock,
         max_deliveries=draw(st.sampled_from((10, 3, 1))),
         offline_expiry_s=draw(st.sampled_from((None, 120.0))),
     )
-    kind = draw(st.sampled_from(("fixed", "exponential")))
-    rate = draw(st.sampled_from((0.0, 1.0, 0.2, 3.0)))  # shrinks to bursts only
-    start = float(draw(st.integers(0, 30))) if rate else 0.0
+    kind, mean = draw(st.sampled_from((("fixed", 10.0), ("exponential", 10.0), ("fixed", 2.0),
+                                       ("exponential", 40.0))))
+    rate, start, length = draw(st.sampled_from(((0.0, 0.0, 0), (0.2, 0.0, 30), (1.0, 10.0, 20),
+                                                (0.5, 0.0, 60))))  # shrinks to bursts only
     workload = Workload(
         rate_per_s=rate,
-        duration=DurationDist(kind, draw(st.sampled_from((10.0, 2.0, 40.0)))),
+        duration=DurationDist(kind, mean),
         start_at_s=start,
-        stop_at_s=start + draw(st.integers(1, 60)) if rate else None,
+        stop_at_s=start + length if rate else None,
+        needs=draw(st.sampled_from(((), (("ls-sql", 1),)))),
         duplicate_submit_p=draw(st.sampled_from((0.0, 0.2))),
     )
-    return ClusterSetup(draw(st.integers(0, 2**16)), nodes, runtime, workload)
+    return ClusterSetup(draw(st.integers(0, 2**16)), tuple(nodes), runtime, workload)
 
 
 @attrs.frozen
@@ -858,17 +907,20 @@ class Failure:
         return len(self.scenario.faults) + late
 
 
-_EDGE = 0.5  # the machine's times are k + 0.5 (see the module docstring)
-_MECHANICS = ("hibernate", "crash", "partition", "control_partition", "regenerate_key", "burst")
+_EDGE = 0.25  # the machine's times are k + 0.25 (see the module docstring)
+_MECHANICS = ("hibernate", "crash", "partition", "control_partition", "regenerate_key", "burst",
+              "rotate_credential", "credential_drift")
 _OTHER_KINDS = tuple(k for k in FAULT_KINDS if k not in _MECHANICS)
 _node_index = st.integers(0, 4)
-_other_cache: dict[tuple[str, ...], st.SearchStrategy[Fault]] = {}
+_other_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], st.SearchStrategy[Fault]] = {}
 
 
-def _other_faults(nodes: tuple[str, ...]) -> st.SearchStrategy[Fault]:
-    s = _other_cache.get(nodes)
+def _other_faults(nodes: tuple[str, ...], credentials: tuple[str, ...]
+                  ) -> st.SearchStrategy[Fault]:
+    s = _other_cache.get((nodes, credentials))
     if s is None:
-        s = _other_cache[nodes] = faults(nodes, st.just(0.0), _OTHER_KINDS)
+        s = _other_cache[nodes, credentials] = faults(nodes, st.just(0.0), _OTHER_KINDS,
+                                                      credentials)
     return s
 
 
@@ -884,7 +936,7 @@ class ClusterMachine(RuleBasedStateMachine):
     ``super().teardown()`` if you override teardown.
     """
 
-    drain_s = 120.0
+    drain_s = 60.0  # after healing: time for nodes to come back and credentials to sync
     failure_dir: Path | None = Path(".hypothesis") / "shir"
     last_failure: Failure | None = None  # set on the class whose run failed
 
@@ -933,6 +985,12 @@ class ClusterMachine(RuleBasedStateMachine):
         assert self.setup is not None
         return [n.name for n in self.setup.nodes
                 if n.name in self.joined or n.name in self._pending_joins]
+
+    @property
+    def credentials(self) -> tuple[str, ...]:
+        """Ids of the credentials the workload's jobs need (``CREDENTIALS`` if none)."""
+        assert self.setup is not None
+        return tuple(c for c, _v in self.setup.workload.needs) or CREDENTIALS
 
     def inject(self, fault: Fault) -> None:
         """Record ``fault`` to start at ``self.now`` (its ``at_s`` is replaced)."""
@@ -1009,10 +1067,38 @@ class ClusterMachine(RuleBasedStateMachine):
         self.inject(Fault("control_partition", self.now, node=self._node(i),
                           duration_s=duration_s, oneway=oneway))
 
-    @rule(count=st.integers(1, 20))
+    @rule(count=st.integers(1, 10))
     def burst(self, count: int) -> None:
         """The service submits ``count`` jobs at once (durations drawn like the workload's)."""
         self.inject(Fault("burst", self.now, count=count))
+
+    @precondition(lambda self: self.nodes and self.setup.workload.needs)
+    @rule(i=_node_index, c=st.integers(0, 3))
+    def save_credential(self, i: int, c: int) -> None:
+        """A user saves the next version of a credential the jobs need, through a node."""
+        creds = self.credentials
+        self.inject(Fault("rotate_credential", self.now, node=self._node(i),
+                          credential=creds[c % len(creds)]))
+
+    @precondition(lambda self: len(self.nodes) > 1 and self.setup.workload.needs)
+    @rule(i=_node_index, c=st.integers(0, 3))
+    def credential_drift(self, i: int, c: int) -> None:
+        """A node's copy of a credential falls a version behind (or is lost), provided another
+        node still holds the latest version to sync it from: when the last copy is lost only
+        a user can save it again, and the run's convergence check would rightly fail."""
+        creds = self.credentials
+        cid = creds[c % len(creds)]
+        node = self._node(i)
+        w = self.world
+        assert w is not None
+        latest = credential_status(self.state).latest_version(cid) or 0
+        drifting = {f.node for f in self._pending if f.kind == "credential_drift"
+                    and f.credential == cid}
+        holders = [n for n in self.nodes if n != node and n not in drifting
+                   and w.nodes[n].credentials.get(cid, 0) >= latest > 0]
+        saving = any(f.kind == "rotate_credential" and f.credential == cid for f in self._pending)
+        if holders and not saving:  # a save now would have the drifting node as its only holder
+            self.inject(Fault("credential_drift", self.now, node=node, credential=cid))
 
     @rule(key=st.sampled_from(("key1", "key2")))
     def regenerate_key(self, key: str) -> None:
@@ -1024,7 +1110,7 @@ class ClusterMachine(RuleBasedStateMachine):
     def other_fault(self, data: st.DataObject) -> None:
         """Any other fault kind: stall, isolate, message faults, clocks, slowness, versions,
         upgrades, store appends with an unknown outcome."""
-        self.inject(data.draw(_other_faults(tuple(self.nodes))))
+        self.inject(data.draw(_other_faults(tuple(self.nodes), self.credentials)))
 
     @rule(dt=st.integers(1, 60))
     def advance(self, dt: int) -> None:
