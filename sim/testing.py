@@ -891,9 +891,14 @@ class Failure:
     scenario: Scenario
     seed: int
     error: str
-    steps: int  # rules the failing example ran (initialize included)
+    trace: tuple[str, ...]  # what the machine's rules did, in order (start included)
     toml: str
     path: Path | None  # where the TOML was saved (the final, shrunk run only)
+
+    @property
+    def steps(self) -> int:
+        """How many of the machine's rules the failing example ran (start included)."""
+        return len(self.trace)
 
     @property
     def replay_command(self) -> str:
@@ -950,7 +955,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.joined: dict[str, float] = {}  # node -> when it joined (applied)
         self._pending: list[Fault] = []  # recorded at ``now``, applied before time moves on
         self._pending_joins: list[str] = []
-        self._steps = 0
+        self.trace: list[str] = []  # what each recording rule did, in order
         self._last_term = 0
         self._end_s: float | None = None  # set by teardown: the scenario's duration_s
         # An exception being handled around the whole run is not this run's failure.
@@ -962,7 +967,7 @@ class ClusterMachine(RuleBasedStateMachine):
     @initialize(setup=cluster_setups())
     def start(self, setup: ClusterSetup) -> None:
         """Build the World as a scenario run would, and run it to the first grid point."""
-        self._steps += 1
+        self.trace.append(f"start with {len(setup.nodes)} node(s), seed {setup.seed}")
         self.setup = setup
         for spec in setup.nodes:
             if spec.join_at_s == 0.0:
@@ -994,8 +999,9 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def inject(self, fault: Fault) -> None:
         """Record ``fault`` to start at ``self.now`` (its ``at_s`` is replaced)."""
-        self._steps += 1
-        self._pending.append(attrs.evolve(fault, at_s=self.now))
+        fault = attrs.evolve(fault, at_s=self.now)
+        self.trace.append(fault.describe())
+        self._pending.append(fault)
 
     def run_until(self, t: float) -> None:
         """Apply what was injected now, then let simulated time run to ``t``."""
@@ -1030,8 +1036,9 @@ class ClusterMachine(RuleBasedStateMachine):
         """A node that was not there registers now (a fifth one must be refused)."""
         waiting = [n.name for n in self.setup.nodes  # type: ignore[union-attr]
                    if n.name not in self.nodes]
-        self._steps += 1
-        self._pending_joins.append(waiting[i % len(waiting)])
+        name = waiting[i % len(waiting)]
+        self.trace.append(f"join {name} @{self.now:g}s")
+        self._pending_joins.append(name)
 
     def _node(self, i: int) -> str:
         names = self.nodes
@@ -1112,20 +1119,21 @@ class ClusterMachine(RuleBasedStateMachine):
         upgrades, store appends with an unknown outcome."""
         self.inject(data.draw(_other_faults(tuple(self.nodes), self.credentials)))
 
-    @rule(dt=st.integers(1, 60))
+    @rule(dt=st.integers(0, 59).map(lambda k: 60 - k))
     def advance(self, dt: int) -> None:
-        """Simulated time runs ``dt`` seconds."""
-        self._steps += 1
+        """Simulated time runs ``dt`` seconds (1..60; it shrinks towards 60, so a shrunk
+        schedule has one long step where it would have had many short ones)."""
+        self.trace.append(f"advance {dt}s to {self.now + dt:g}s")
         self._run(self.now + dt)
 
     @rule()
     def tick(self) -> None:
         """Time runs until just past the core's next deadline (or one second, if none)."""
-        self._steps += 1
         deadline = self.world.driver.deadline()  # type: ignore[union-attr]
         target = self.now + 1.0
         if deadline is not None and deadline < self.now + 600:
             target = max(target, math.floor(deadline - _EDGE) + 1 + _EDGE)
+        self.trace.append(f"tick to {target:g}s")
         self._run(target)
 
     # -- invariants
@@ -1243,8 +1251,8 @@ class ClusterMachine(RuleBasedStateMachine):
             path = Path(cls.failure_dir) / f"{cls.__name__}-{digest}.toml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-        failure = Failure(sc, sc.seed, f"{type(error).__name__}: {error}", self._steps, text,
-                          path)
+        failure = Failure(sc, sc.seed, f"{type(error).__name__}: {error}", tuple(self.trace),
+                          text, path)
         cls.last_failure = failure
         with contextlib.suppress(Exception):  # outside a Hypothesis test: nothing to note
             note(f"The failing schedule as a scenario"
