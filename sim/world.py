@@ -50,7 +50,7 @@ from shir.core.credentials import (
     ShareCredential,
     credential_status,
 )
-from shir.core.errors import DomainError
+from shir.core.errors import DomainError, StaleSession
 from shir.core.keys import AuthKey
 from shir.core.leasing import (
     CompleteJob,
@@ -195,7 +195,6 @@ class SimNode:
         self.dispatch_pending = False
         self.credentials: dict[str, int] = {}  # its local encrypted store: durable
         self.key_generation: int | None = None  # the generation of the key it registered with
-        self.retry_registration = False
 
     # -- heartbeat loop: the node's one process
     def process(self) -> Any:
@@ -214,8 +213,9 @@ class SimNode:
                 if self.dispatcher == self.name and env.now >= poll_at:
                     poll_at = env.now + DISPATCH_POLL_S
                     self.nudge()
-            elif self.retry_registration:  # an operator pastes the current key again
-                self.retry_registration = False
+            else:
+                # Not (or no longer) registered, or the reply was lost: the operator pastes
+                # the current key again. Registering is idempotent, so retrying is safe.
                 self.w.register(self)
             yield env.timeout(interval / self.clock_rate)
 
@@ -520,13 +520,8 @@ class World:
             return ()
         except DomainError as exc:
             self.refusals[type(exc).__name__] += 1
-            if isinstance(command, cmd.RegisterNode) and sender is not None:
-                self._registration_refused(sender, exc)
-            elif isinstance(command, DispatchJobs) and sender is not None:
-                # The refusal tells the fenced node the current term, as a real reply would;
-                # without it a node that missed the announcement would retry forever.
-                state = self.driver.state
-                self._carry_out(fx.AnnounceDispatcher(state.term, state.dispatcher), sender)
+            if sender is not None:
+                self._reply_to_refusal(command, exc, sender)
             return ()
         if isinstance(command, cmd.RegisterNode) and sender is not None:
             node = self.nodes[sender]
@@ -573,10 +568,24 @@ class World:
         self.send(node.name, SERVICE, HB, lambda at: cmd.RegisterNode(
             key.text, spec.name, f"machine-{spec.name}", spec.cores, spec.memory_mb, at, metrics))
 
-    def _registration_refused(self, name: str, exc: DomainError) -> None:
-        node = self.nodes[name]
-        node.key_generation = None
-        node.retry_registration = True
+    def _reply_to_refusal(self, command: object, exc: DomainError, sender: str) -> None:
+        """What a refusal tells its sender, as a real reply would. Without these a node that
+        missed one message (a lost StartSession, announcement or registration reply) would be
+        refused forever; found by the property machine (tests/scenarios/regression-*)."""
+        state = self.driver.state
+        if isinstance(command, cmd.RegisterNode):
+            self.nodes[sender].key_generation = None  # it retries with the current key
+        elif isinstance(command, DispatchJobs):
+            self._carry_out(fx.AnnounceDispatcher(state.term, state.dispatcher), sender)
+        elif isinstance(command, cmd.Heartbeat):
+            node = state.node(sender)
+            reply: object = (
+                fx.Disconnect(sender, "not registered") if node is None
+                else fx.StartSession(sender, node.session) if isinstance(exc, StaleSession)
+                else None
+            )
+            if reply is not None:
+                self._carry_out(reply, sender)
 
     def _presented_generation(self, node: str) -> int | None:
         n = self.nodes.get(node)
