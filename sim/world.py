@@ -202,7 +202,6 @@ class SimNode:
         spec = self.spec
         if spec.join_at_s > env.now:
             yield env.timeout(spec.join_at_s - env.now)
-        self.w.register(self)
         interval = self.w.scenario.settings.heartbeat_interval_s
         poll_at = env.now + DISPATCH_POLL_S
         while True:
