@@ -514,7 +514,10 @@ class World:
         except AppendOutcomeUnknown:
             self.refusals["AppendOutcomeUnknown"] += 1
             self.append_lost_at = self.env.now
-            if isinstance(command, SubmitJob):  # the service retries what it could not store
+            # The service retries its own commands that were not stored. Nodes retry theirs by
+            # their own rhythm (heartbeats, renewals; a lost completion ends in redelivery), a
+            # Tick reschedules itself, and a StartUpgrade that did not land skips that upgrade.
+            if sender is None and not isinstance(command, (cmd.Tick, cmd.StartUpgrade)):
                 self.later(1.0, lambda: self.handle(attrs.evolve(command, at=self.env.now)))
             return ()
         except DomainError as exc:
@@ -853,9 +856,8 @@ class World:
         old = self.keys[slot]
         seed = self._rng(f"key:{slot}:{old.generation + 1}").randbytes(48)
         new = AuthKey.from_seed(old.runtime_id, old.name, old.generation + 1, seed)
-        self.handle(cmd.RegenerateAuthKey(new, self.env.now))
-        if self.driver.state.key_generations.get(old.name) == new.generation:
-            self.keys[slot] = new  # operators paste the new key from now on
+        self.handle(cmd.RegenerateAuthKey(new, self.env.now))  # retried if not stored
+        self.keys[slot] = new  # operators paste the new key from now on
 
     def _upgrade(self, node: SimNode, f: Fault) -> None:
         name = node.name

@@ -9,7 +9,7 @@
   ``World`` run of its recorded scenario, and the end-of-run checks agree;
 - on failure the schedule is reported as a scenario that parses back and names its seed;
 - the example of docs/property-testing.md runs;
-- regression scenarios of simulator bugs the machine found (an open one is marked xfail).
+- regression scenarios of simulator bugs the machine found (all fixed since).
 """
 
 from __future__ import annotations
@@ -115,21 +115,13 @@ def test_the_documented_example_runs(capsys: pytest.CaptureFixture[str]) -> None
 
 # Simulator bugs the machine found. Each scenario was shrunk by the machine, then cut down by
 # hand to one node, with an expectation that says what must happen.
-FIXED = ["regression-lost-start-session.toml", "regression-lost-registration-reply.toml"]
-OPEN = {
-    "regression-lost-finish-upgrade.toml":
-        "sim/world.py: a FinishUpgrade whose append outcome is unknown is never retried; the "
-        "node stays Upgrading forever",
-}
+FIXED = [
+    "regression-lost-start-session.toml",
+    "regression-lost-registration-reply.toml",
+    "regression-lost-finish-upgrade.toml",
+]
 
 
 @pytest.mark.parametrize("name", FIXED)
 def test_regressions_of_fixed_simulator_bugs(name: str) -> None:
-    assert shir_main(["sim", "run", str(SCENARIOS / name)]) == 0
-
-
-@pytest.mark.parametrize("name", sorted(OPEN))
-def test_regressions_of_open_simulator_bugs(name: str, request: pytest.FixtureRequest) -> None:
-    # strict: once the simulator is fixed this passes, fails the xfail, and moves to FIXED
-    request.applymarker(pytest.mark.xfail(strict=True, reason=OPEN[name]))
     assert shir_main(["sim", "run", str(SCENARIOS / name)]) == 0
