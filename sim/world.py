@@ -518,7 +518,8 @@ class World:
             # their own rhythm (heartbeats, renewals; a lost completion ends in redelivery), a
             # Tick reschedules itself, and a StartUpgrade that did not land skips that upgrade.
             if sender is None and not isinstance(command, (cmd.Tick, cmd.StartUpgrade)):
-                self.later(1.0, lambda: self.handle(attrs.evolve(command, at=self.env.now)))
+                retry: Any = command  # every command is a frozen attrs class with an `at`
+                self.later(1.0, lambda: self.handle(attrs.evolve(retry, at=self.env.now)))
             return ()
         except DomainError as exc:
             self.refusals[type(exc).__name__] += 1
