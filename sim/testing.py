@@ -929,8 +929,9 @@ class ClusterMachine(RuleBasedStateMachine):
 
     Subclass it to add rules and invariants: read ``self.world`` (the World), ``self.state``
     (the core's state), ``self.now``, ``self.nodes`` (names of joined nodes); inject with
-    :meth:`inject` (a ``Fault`` at ``self.now``) so that the schedule stays replayable; call
-    ``super().teardown()`` if you override teardown.
+    :meth:`inject` (a ``Fault`` at ``self.now``) so that the schedule stays replayable; let
+    time pass with :meth:`run_until`; check more at the end in :meth:`at_end`; call
+    ``super().teardown()`` first if you override teardown.
     """
 
     drain_s = 60.0  # after healing: time for nodes to come back and credentials to sync
@@ -997,8 +998,11 @@ class ClusterMachine(RuleBasedStateMachine):
         self._pending.append(fault)
 
     def run_until(self, t: float) -> None:
-        """Apply what was injected now, then let simulated time run to ``t``."""
+        """Apply what was injected now, then let simulated time run to ``t`` (rounded up to
+        the machine's grid of k + 0.25 s, which keeps the replay exact)."""
+        t = math.ceil(t - _EDGE) + _EDGE
         if t > self.now:
+            self.trace.append(f"run until {t:g}s")
             self._run(t)
 
     def scenario(self, duration_s: float | None = None) -> Scenario:
