@@ -72,7 +72,7 @@ try:
     )
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "shir.sim.testing needs Hypothesis: pip install hypothesis (or shir[dev])"
+        "shir.sim.testing needs Hypothesis: pip install 'shir[testing]' (or hypothesis)"
     ) from exc
 
 from shir.core import commands as cmd
@@ -99,7 +99,6 @@ from shir.core.model import (
     RuntimeSettings,
 )
 from shir.sim.faults import _FIELD_TYPES, FAULT_KINDS, Fault
-from shir.sim.invariants import check_snapshot
 from shir.sim.scenario import (
     DurationDist,
     Expectation,
@@ -274,7 +273,7 @@ def commands(
 
 
 # Events: built from the codec's registrations, so a new event type is covered without a
-# hand-written strategy. (tests/strategies.py has the same builder for the codec tests.)
+# hand-written strategy. (tests/strategies.py names it for the codec tests.)
 MSGPACK_INT = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 FLOATS = st.floats(allow_nan=False, allow_infinity=True)  # NaN != NaN breaks round trips
 EVENT_OVERRIDES: dict[type, st.SearchStrategy[Any]] = {}
@@ -780,29 +779,8 @@ class ClusterChecks:
 
 
 def final_violations(world: World) -> list[str]:
-    """The end-of-run checks of ``World.run``: snapshot + tail = live state, no job lost,
-    credentials converged. (The same code as there; a test compares both.)"""
-    own = getattr(world, "final_violations", None)
-    if own is not None:  # a World that exposes its end-of-run checks
-        return list(own())
-    violations = list(world.checkers.violations)
-    violations += check_snapshot(world.snapshot, world.events_log[world.snapshot_at:],
-                                 world.driver.state)
-    active = set(world.driver.state.model().jobs.active_keys)
-    c = world.checkers
-    lost = [k for k in world.submitted_keys
-            if k not in c.completed_keys and k not in active and k not in c.dead_keys]
-    if lost:
-        violations.append(f"lost: {len(lost)} jobs vanished, e.g. {lost[:3]}")
-    behind = [n for n in credential_status(world.driver.state).nodes
-              if n.behind and n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)]
-    if behind:
-        lacking = "; ".join(
-            n.node + " lacks " + ", ".join(f"{c.credential_id} v{c.version}" for c in n.behind)
-            for n in behind
-        )
-        violations.append(f"credentials: not converged after the drain: {lacking}")
-    return violations
+    """The end-of-run checks of ``World.run`` (see :meth:`World.final_violations`)."""
+    return world.final_violations()
 
 
 def replay(scenario: Scenario | str | Path, seed: int | None = None) -> RunResult:

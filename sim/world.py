@@ -950,6 +950,32 @@ class World:
     def _set_limit(self, spec: NodeSpec) -> None:
         self.handle(SetConcurrencyLimit(spec.name, spec.concurrency_limit, self.env.now))
 
+    def final_violations(self) -> list[str]:
+        """Every invariant violation, with the end-of-run checks: snapshot + tail equals the
+        live state, no job lost, credentials converged."""
+        violations = list(self.checkers.violations)
+        violations += check_snapshot(self.snapshot, self.events_log[self.snapshot_at:],
+                                     self.driver.state)
+        lost = self._lost_keys()
+        if lost:
+            violations.append(f"lost: {len(lost)} jobs vanished, e.g. {lost[:3]}")
+        behind = [n for n in credential_status(self.driver.state).nodes
+                  if n.behind and n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)]
+        if behind:
+            lacking = "; ".join(
+                n.node + " lacks " + ", ".join(f"{c.credential_id} v{c.version}" for c in n.behind)
+                for n in behind
+            )
+            violations.append(f"credentials: not converged after the drain: {lacking}")
+        return violations
+
+    def _lost_keys(self) -> list[str]:
+        """Submitted keys that are neither completed, dead-lettered nor still held."""
+        active = self.driver.state.model().jobs.active_keys
+        c = self.checkers
+        return [k for k in self.submitted_keys
+                if k not in c.completed_keys and k not in active and k not in c.dead_keys]
+
     def _take_snapshot(self) -> None:
         self.snapshot = snapshot_bytes(self.driver.state)
         self.snapshot_at = len(self.events_log)
@@ -970,26 +996,13 @@ class World:
         wall = time.perf_counter() - started
         if self.gap_started is not None:
             self.max_gap = max(self.max_gap, self.env.now - self.gap_started)
-        violations = list(self.checkers.violations)
-        violations += check_snapshot(self.snapshot, self.events_log[self.snapshot_at:],
-                                     self.driver.state)
+        violations = self.final_violations()
         b = self.driver.state.model().jobs
-        active = set(b.active_keys)
+        active = b.active_keys
         c = self.checkers
         completed = len(c.completed_keys)
         dead = b.dead_lettered
-        lost = [k for k in self.submitted_keys
-                if k not in c.completed_keys and k not in active and k not in c.dead_keys]
-        if lost:
-            violations.append(f"lost: {len(lost)} jobs vanished, e.g. {lost[:3]}")
-        behind = [n for n in credential_status(self.driver.state).nodes
-                  if n.behind and n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)]
-        if behind:
-            lacking = "; ".join(
-                n.node + " lacks " + ", ".join(f"{c.credential_id} v{c.version}" for c in n.behind)
-                for n in behind
-            )
-            violations.append(f"credentials: not converged after the drain: {lacking}")
+        lost = self._lost_keys()
         return RunResult(
             scenario=self.scenario.name,
             seed=self.seed,
