@@ -292,13 +292,8 @@ def read_backup(path: Path, password: str) -> Backup:
     except OSError as exc:
         raise BadBackupFile(f"cannot read backup file {path}: {exc.strerror}") from None
     reader = ByteReader(data, f"backup file {path}", BadBackupFile)
-    if reader.take(len(_MAGIC)) != _MAGIC:
-        raise reader.fail("is not a shir backup (bad magic): check the file name")
-    fmt = reader.u8()
-    if fmt != _FORMAT:
-        raise reader.fail(
-            f"has format {fmt}; this shir reads format {_FORMAT}: use a newer shir to restore it"
-        )
+    reader.header(_MAGIC, _FORMAT, "is not a shir backup (bad magic): check the file name",
+                  "use a newer shir to restore it")
     kdf_id = reader.u8()
     if kdf_id != _KDF_ARGON2ID:
         raise reader.fail(f"names key derivation {kdf_id}, which this shir does not know")

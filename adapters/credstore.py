@@ -184,11 +184,9 @@ class LocalCredentialStore:
                 f"credential {credential_id!r} is not stored in {self.directory}"
             ) from None
         reader = ByteReader(data, f"credential file {path}", TamperedCiphertext)
-        if reader.take(len(_MAGIC)) != _MAGIC:
-            raise reader.fail("is not a shir credential file (bad magic); move it out of the way")
-        fmt = reader.u8()
-        if fmt != _FORMAT:
-            raise reader.fail(f"has format {fmt}; this shir reads format {_FORMAT}: upgrade shir")
+        reader.header(_MAGIC, _FORMAT,
+                      "is not a shir credential file (bad magic); move it out of the way",
+                      "upgrade shir")
         version = reader.u64()
         if version < 1:
             raise reader.fail("claims version 0; it is damaged")

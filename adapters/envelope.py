@@ -242,14 +242,8 @@ def open_envelope(
     if isinstance(last_seen_version, bool) or not isinstance(last_seen_version, int):
         raise CredentialError(f"last_seen_version must be an int, not {last_seen_version!r}")
     reader = ByteReader(blob, "the credential envelope", TamperedCiphertext)
-    if reader.take(len(_MAGIC)) != _MAGIC:
-        raise reader.fail("is not a shir credential envelope (bad magic)")
-    fmt = reader.u8()
-    if fmt != _FORMAT:
-        raise reader.fail(
-            f"has format {fmt}; this shir reads format {_FORMAT}: upgrade this node, or the "
-            "envelope is damaged"
-        )
+    reader.header(_MAGIC, _FORMAT, "is not a shir credential envelope (bad magic)",
+                  "upgrade this node, or the envelope is damaged")
     credential_id = reader.text()
     version = reader.u64()
     sealed_for = reader.text()

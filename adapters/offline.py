@@ -103,14 +103,9 @@ def decrypt_offline(blob: bytes, runtime_keys: NodeKeys, runtime_id: str) -> Off
     :class:`TamperedCiphertext` for altered, truncated or foreign bytes.
     """
     reader = ByteReader(blob, "the offline-encrypted credential", TamperedCiphertext)
-    if reader.take(len(_MAGIC)) != _MAGIC:
-        raise reader.fail("is not a shir offline-encrypted credential (bad magic)")
-    fmt = reader.u8()
-    if fmt != _FORMAT:
-        raise reader.fail(
-            f"has format {fmt}; this runtime reads format {_FORMAT}: upgrade it, or encrypt "
-            "the credential again with this runtime's version of the tool"
-        )
+    reader.header(_MAGIC, _FORMAT, "is not a shir offline-encrypted credential (bad magic)",
+                  "upgrade the runtime, or encrypt the credential again with its version of "
+                  "the tool")
     meant_for = reader.text()
     credential_id = reader.text()
     meant_key = reader.take(PUBLIC_KEY_SIZE)

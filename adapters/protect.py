@@ -250,6 +250,18 @@ class ByteReader:
         """An error of the reader's type saying ``problem`` about the input."""
         return self._error(f"{self._what} {problem}")
 
+    def header(self, magic: bytes, fmt: int, foreign: str, upgrade: str) -> None:
+        """Check the magic and format byte a shir binary format starts with.
+
+        ``foreign`` says what the input is when the magic is wrong; ``upgrade`` what to do
+        when it has another format.
+        """
+        if self.take(len(magic)) != magic:
+            raise self.fail(foreign)
+        found = self.u8()
+        if found != fmt:
+            raise self.fail(f"has format {found}; this shir reads format {fmt}: {upgrade}")
+
     def take(self, n: int) -> bytes:
         """The next ``n`` bytes."""
         if n < 0 or self._pos + n > len(self._data):
