@@ -6,10 +6,13 @@ round-tripped and fuzzed here without anyone writing a test for it.
 
 from __future__ import annotations
 
+import copy
 import enum
 import importlib
+import pickle
 import pkgutil
 import typing
+import weakref
 from typing import Any
 
 import attrs
@@ -27,6 +30,7 @@ from shir.core.codec import (
     CorruptRecord,
     UnknownEventType,
     UnsupportedEventVersion,
+    _shadow,
     _values,
     decode,
     decode_value,
@@ -121,6 +125,23 @@ class PostInit:
     def __attrs_post_init__(self) -> None:
         if self.low > self.high:
             raise ValueError("low > high")
+
+
+class _CountsSubclasses:
+    __slots__ = ()  # slotted, so only the hook can keep the decoder off the fast path
+    subclassed = 0
+
+    def __init_subclass__(cls) -> None:
+        _CountsSubclasses.subclassed += 1
+
+
+@attrs.frozen
+class HooksSubclassing(_CountsSubclasses):
+    x: int
+
+
+SUBCLASSED = _CountsSubclasses.subclassed  # before registering: attrs itself subclasses twice
+event("test.init_subclass")(HooksSubclassing)
 
 
 @attrs.frozen
@@ -414,6 +435,27 @@ def test_decoded_objects_are_what_the_constructor_builds() -> None:
         assert decoded == original and hash(decoded) == hash(original)
         assert repr(decoded) == repr(original)
     assert decode(encode(CachedHash("k"))).__hash__() == hash(CachedHash("k"))
+
+
+def test_decoded_objects_behave_like_constructed_ones() -> None:
+    # Decoding builds plain classes in a writable twin and then switches the class: the object
+    # must be indistinguishable afterwards: weak references, pickling, copying, attrs helpers.
+    assert _shadow(NoteWritten, ["text"]) is not None  # the path under test
+    p = Point(1.5, 2, "a")
+    decoded = decode(encode(NoteWritten("n")))
+    assert weakref.ref(decoded)() is decoded
+    assert pickle.loads(pickle.dumps(decoded)) == decoded
+    assert copy.copy(decoded) == decoded
+    assert attrs.evolve(decode_value(Point, encode_value(p)), x=2.0) == Point(2.0, 2, "a")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        del decoded.text
+
+
+def test_classes_hooking_subclassing_are_built_through_init() -> None:
+    # A twin would be a subclass, and running someone's __init_subclass__ is not the codec's
+    # business: such classes take the plain constructor.
+    assert decode(encode(HooksSubclassing(5))) == HooksSubclassing(5)
+    assert _CountsSubclasses.subclassed == SUBCLASSED
 
 
 def test_post_init_checks_still_run_on_decode() -> None:
