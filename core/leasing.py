@@ -206,10 +206,8 @@ def _submit(m: _Model, c: SubmitJob) -> list[object]:
     return out
 
 
-def _holds(n: Node, requirement: tuple[CredentialVersion, ...]) -> bool:
-    if not requirement:
-        return True
-    held = {cv.credential_id: cv.version for cv in n.metrics.credentials}
+def _holds(held: dict[str, int], requirement: tuple[CredentialVersion, ...]) -> bool:
+    """Does a node holding ``held`` (credential id -> version) meet ``requirement``?"""
     return all(held.get(cv.credential_id, 0) >= cv.version for cv in requirement)
 
 
@@ -218,6 +216,7 @@ class _Slots:
     node: Node
     running: int
     limit: int
+    held: dict[str, int]  # the credential versions the node holds, read once per decision
 
 
 def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
@@ -238,17 +237,19 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
             f"node {c.node!r} is not the dispatcher of term {s.term} ({s.dispatcher!r} is)"
         )
     b = s.jobs
-    dispatcher = s.nodes[c.node]
-    workers = [
-        n for n in s.nodes.values()
-        if n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)
-        and n.metrics.control_channel_ok  # its results could not reach the service otherwise
-        and (n.name == c.node or n.name in dispatcher.metrics.reachable_peers)
-    ]
-    # free slots, counting leases this decision already ended
+    if not b.queues:
+        return out
+    reachable = s.nodes[c.node].metrics.reachable_peers
+    # free slots of the workers, counting leases this decision already ended
     free: dict[str, _Slots] = {}
     pending = s.pending
-    for n in workers:
+    for n in s.nodes.values():
+        if not (
+            n.status in _WORKING
+            and n.metrics.control_channel_ok  # its results could not reach the service otherwise
+            and (n.name == c.node or n.name in reachable)
+        ):
+            continue
         running = b.running(n.name)
         if pending:
             running -= sum(
@@ -256,7 +257,8 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
             )
         limit = _limit(b, n)
         if running < limit:
-            free[n.name] = _Slots(n, running, limit)
+            held = {cv.credential_id: cv.version for cv in n.metrics.credentials}
+            free[n.name] = _Slots(n, running, limit, held)
     budget = c.max_jobs if c.max_jobs is not None else 1 << 62
     offsets = dict.fromkeys(b.queues, 0)
     lock_s = _runtime(s).settings.lock_duration_s
@@ -272,7 +274,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
                 continue
             cands = eligible.get(req)
             if cands is None:
-                cands = eligible[req] = [f for f in free.values() if _holds(f.node, req)]
+                cands = eligible[req] = [f for f in free.values() if _holds(f.held, req)]
             if cands:
                 best = (job.seq, req, cands)
         if best is None:
@@ -280,7 +282,13 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
         _seq, req, cands = best
         job = b.jobs[b.queues[req][offsets[req]]]
         offsets[req] += 1
-        slot = min(cands, key=lambda f: (f.running / f.limit, f.node.seq))
+        # the least loaded relative to its limit, ties to the earliest registered
+        slot = cands[0]
+        for f in cands[1:]:
+            if f.running * slot.limit < slot.running * f.limit or (
+                f.running * slot.limit == slot.running * f.limit and f.node.seq < slot.node.seq
+            ):
+                slot = f
         token = LeaseToken(job.job_id, slot.node.name, s.term, job.deliveries + 1)
         _emit(s, out, JobLeased(token, c.at + lock_s, c.at))
         slot.running += 1
@@ -289,6 +297,9 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
             eligible.clear()
         budget -= 1
     return out
+
+
+_WORKING = (NodeStatus.ONLINE, NodeStatus.LIMITED)
 
 
 def _live_lease(s: _Model, token: LeaseToken, verb: str) -> Lease:
