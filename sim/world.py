@@ -995,17 +995,20 @@ class World:
 
     def run(self) -> RunResult:
         """Run the scenario to the end of its drain phase and check everything."""
-        started = time.perf_counter()
-        self.setup()
-        end = self.duration_s + self.scenario.drain_s
         # The run keeps its whole event log alive, so the default collector would rescan a
-        # growing heap over and over (a fifth of the run's time); collect less often instead.
+        # growing heap over and over (a fifth of the run's time, and again in the end-of-run
+        # checks); collect less often instead.
         threshold = gc.get_threshold()
         gc.set_threshold(100_000, 50, 100)
         try:
-            self.env.run(until=end)
+            return self._run()
         finally:
             gc.set_threshold(*threshold)
+
+    def _run(self) -> RunResult:
+        started = time.perf_counter()
+        self.setup()
+        self.env.run(until=self.duration_s + self.scenario.drain_s)
         wall = time.perf_counter() - started
         if self.gap_started is not None:
             self.max_gap = max(self.max_gap, self.env.now - self.gap_started)
