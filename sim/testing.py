@@ -883,6 +883,10 @@ class Failure:
 
 
 _EDGE = 0.25  # the machine's times are k + 0.25 (see the module docstring)
+# The drain may end once nothing but heartbeats happened for this long: longer than anything the
+# World schedules after an event it caused (a duplicate submit comes up to 5 s after the
+# original, retries of a refused or unstored command after 1 s).
+_QUIET_S = 6.0
 _MECHANICS = ("hibernate", "crash", "partition", "control_partition", "regenerate_key", "burst",
               "rotate_credential", "credential_drift")
 _OTHER_KINDS = tuple(k for k in FAULT_KINDS if k not in _MECHANICS)
@@ -912,7 +916,8 @@ class ClusterMachine(RuleBasedStateMachine):
     ``super().teardown()`` first if you override teardown.
     """
 
-    drain_s = 60.0  # after healing: time for nodes to come back and credentials to sync
+    drain_s = 60.0  # the longest drain after healing (it ends sooner once the cluster is at rest)
+    drain_ends_at_rest = True  # False: always drain ``drain_s`` (an end check that needs time)
     failure_dir: Path | None = Path(".hypothesis") / "shir"
     last_failure: Failure | None = None  # set on the class whose run failed
 
@@ -1175,19 +1180,108 @@ class ClusterMachine(RuleBasedStateMachine):
         end = self._end_s = self.now
         # heal_all ends every fault but an update in progress: drain past it as well
         late = max([f.end_s - end for f in self.faults if f.kind == "upgrade"] + [0.0])
-        self._drain_s = self.drain_s + late
+        longest = self._drain_s = self.drain_s + late
         w._take_snapshot()  # what World.setup schedules at the end
         w.heal_all()
-        self._run(end + self._drain_s)
         assert self.checks is not None
+        self._drain(end, late)
+        self._drain_s = self.now - end  # grid times: exact, so the replay ends here too
         self.final = final_violations(w) + list(self.checks.violations)
+        if self.final and self._drain_s < longest:
+            # A failure is reported after the whole drain, as it was before drains could end
+            # early: the schedule then replays against a fixed core as it always did.
+            self._run(end + longest)
+            self._drain_s = longest
+            self.final = final_violations(w) + list(self.checks.violations)
         assert not self.final, self.final
         assert w.checkers.duplicate_effects == 0
         self.at_end()
 
+    def _drain(self, end: float, late: float) -> None:
+        """Run the drain until the cluster is at rest, and at most ``self._drain_s``; the
+        drain's length becomes the scenario's ``drain_s``, so the replay runs exactly as long.
+
+        At rest (:meth:`at_rest`, true at two probes a second apart, with no event but
+        ``HeartbeatReceived`` for ``_QUIET_S`` and every message sent before the heal landed),
+        the rest of the drain could only repeat heartbeats that change nothing: the end-of-run
+        checks would find the same. ``tests/test_property_machine.py`` runs examples on to the
+        full drain and checks just that.
+        """
+        w = self.world
+        assert w is not None and self._drain_s is not None
+        limit = end + self._drain_s
+        if not self.drain_ends_at_rest:
+            self._run(limit)
+            return
+        net = w.scenario.network
+        # the longest a message sent before the heal can take; message faults stack
+        in_flight = net.latency_s + net.jitter_s + sum(
+            f.extra_s if f.kind in ("delay", "reorder")
+            else net.latency_s if f.kind == "duplicate" else 0.0 for f in self.faults)
+        earliest = end + late + in_flight + 1.0  # + 1 s: a retry of a command lost before it
+        active_at = [end]  # when the last event other than a heartbeat's receipt was stored
+
+        def watch(batch: Sequence[object]) -> None:
+            if any(type(e) is not ev.HeartbeatReceived for e in batch):
+                active_at[0] = w.env.now
+
+        rest_at: float | None = None  # the last probe that found the cluster at rest
+        w.driver.listeners.append(watch)
+        try:
+            while self.now < limit:
+                t = max(earliest, active_at[0] + _QUIET_S, self.now + 1.0)
+                self._run(min(math.ceil(t - _EDGE) + _EDGE, limit))
+                if active_at[0] > self.now - _QUIET_S or not self.at_rest():
+                    rest_at = None
+                elif rest_at is not None and active_at[0] <= rest_at:
+                    # At rest a second ago, and since: any message in flight then has landed,
+                    # and nothing but a heartbeat was sent in between.
+                    return
+                else:
+                    rest_at = self.now
+        finally:
+            w.driver.listeners.remove(watch)
+
+    def at_rest(self) -> bool:
+        """Is the cluster at rest: every node that joined alive, running nothing, believing
+        itself the dispatcher only if it is, in the current term, and (if the core has room
+        for it) Online and reporting what the core last recorded; no job queued or leased;
+        credentials synced?
+
+        At rest, nothing can happen but heartbeats that change nothing: no job can start, no
+        credential sync is due, no node can be lost or dispatch under an old term. A subclass
+        with state of its own extends it (``super().at_rest() and ...``).
+        """
+        w = self.world
+        assert w is not None
+        state = self.state
+        if state.dispatcher is None or state.model().jobs.jobs:
+            return False
+        core = {n.name: n for n in state.nodes}
+        if any(n.status is not NodeStatus.ONLINE for n in core.values()):
+            return False
+        full = len(core) >= state.settings.max_nodes
+        for name in self.joined:
+            node = w.nodes[name]
+            if not node.alive() or node.running or node.deferred:
+                return False
+            # One that missed an announcement may keep an old view while it waits for none:
+            # only a node that believes it dispatches acts on it (its polls).
+            if node.dispatcher == name and (name != state.dispatcher or node.term != state.term):
+                return False
+            recorded = core.get(name)
+            if recorded is None:
+                if node.registered or not full:  # a node kept out by a full runtime stays out
+                    return False
+            elif not node.registered or recorded.metrics != node.metrics():
+                return False
+        status = credential_status(state)
+        return not status.behind and not status.syncs
+
     def at_end(self) -> None:
-        """Override to check more at the end: called after the drain and the end-of-run
-        checks, with the World at rest. A failure here is reported like any other."""
+        """Override to check more at the end: called after the drain (which ended with the
+        cluster at rest, or after ``drain_s``) and the end-of-run checks. A failure here is
+        reported like any other."""
 
     def _run(self, t: float) -> None:
         w = self.world

@@ -7,6 +7,8 @@
 
 - what the machine runs replays exactly: the event log of each example hashes the same as a
   ``World`` run of its recorded scenario, and the end-of-run checks agree;
+- a drain that ends early (the cluster at rest) misses nothing: run on to its longest, only
+  heartbeats are received and the end-of-run checks agree;
 - on failure the schedule is reported as a scenario that parses back and names its seed;
 - the example of docs/property-testing.md runs;
 - regression scenarios of simulator bugs the machine found (all fixed since).
@@ -27,7 +29,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from shir.sim.cli import main as shir_main
 from shir.sim.scenario import parse_scenario
-from shir.sim.testing import PROFILES, ClusterMachine, profile
+from shir.sim.testing import PROFILES, ClusterMachine, final_violations, profile
 from shir.sim.world import World
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +73,39 @@ def test_every_example_replays_byte_for_byte_from_its_scenario() -> None:
         max_examples=60, stateful_step_count=25, derandomize=True, deadline=None,
         database=None, suppress_health_check=list(HealthCheck)))
     assert Replayed.compared >= 50
+
+
+class DrainedOn(ClusterMachine):
+    """After each passing example whose drain ended early, run on to the longest drain."""
+
+    early = 0
+
+    def teardown(self) -> None:
+        super().teardown()
+        if self.world is None or sys.exc_info()[1] is not None:
+            return
+        assert self._end_s is not None and self.checks is not None
+        w = self.world
+        late = max([f.end_s - self._end_s for f in self.faults if f.kind == "upgrade"] + [0.0])
+        longest = self._end_s + self.drain_s + late
+        if self.now >= longest:
+            return
+        seen = len(w.events_log)
+        w.env.run(until=longest)
+        after = sorted({type(e).__name__ for e in w.events_log[seen:]} - {"HeartbeatReceived"})
+        assert not after, (after, self.trace)
+        assert final_violations(w) + self.checks.violations == self.final, self.trace
+        DrainedOn.early += 1
+
+
+def test_a_drain_ends_early_only_when_the_rest_would_change_nothing() -> None:
+    """The drain ends once the cluster is at rest; from there to its longest, only heartbeats
+    may be received, and the end-of-run checks must find what they found when it ended."""
+    DrainedOn.early = 0
+    run_state_machine_as_test(DrainedOn, settings=settings(
+        max_examples=60, stateful_step_count=25, derandomize=True, deadline=None,
+        database=None, suppress_health_check=list(HealthCheck)))
+    assert DrainedOn.early >= 20  # most examples come to rest before the longest drain
 
 
 class Fails(ClusterMachine):
