@@ -8,6 +8,9 @@ Each stream is one file, ``<stream>.events``, holding a sequence of *frames*::
     4 bytes  big-endian CRC32 (zlib.crc32) of the payload
     n bytes  payload = shir.core.codec.encode(event)
 
+The framing, the scanner and the snapshot format live in :mod:`shir.adapters.framing`, shared with
+the Blob store.
+
 An append encodes every event first (a codec error writes nothing), then writes all the frames
 with a single ``write`` and, unless ``fsync=False``, an ``fdatasync`` before returning: once
 ``append`` returns, the events are on disk. A crash or a full disk during that write can leave a
@@ -44,15 +47,26 @@ import contextlib
 import errno
 import fcntl
 import os
-import struct
 import threading
-import zlib
 from collections.abc import Sequence
 from types import TracebackType
 
 import attrs
 
-from shir.core.codec import CorruptRecord, decode, encode
+from shir.adapters.framing import (
+    CHECKPOINT_EVERY,
+    HEADER,
+    HEADER_SIZE,
+    CorruptSnapshot,
+    Damage,
+    Index,
+    encode_frames,
+    parse_snapshot,
+    read_frames,
+    scan,
+    snapshot_frame,
+)
+from shir.adapters.framing import MAX_RECORD_BYTES as MAX_RECORD_BYTES  # public here too
 from shir.core.store import (
     Snapshot,
     StoreError,
@@ -70,16 +84,7 @@ __all__ = [
     "TornTail",
 ]
 
-_HEADER = struct.Struct(">II")
-_HEADER_SIZE = _HEADER.size
-_VERSION = struct.Struct(">Q")
-# Larger frames are refused on write and treated as damage on read: a bit flip in a length
-# field must not make the scanner read gigabytes.
-MAX_RECORD_BYTES = 64 * 1024 * 1024
 _CHUNK = 1024 * 1024
-# Every this many records the index remembers a frame offset, so reading from a snapshot's
-# version skips most of the file instead of walking every header.
-_CHECKPOINT_EVERY = 256
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
@@ -129,10 +134,6 @@ class CorruptStream(StoreError):
         self.next_good_offset = next_good_offset
 
 
-class CorruptSnapshot(StoreError):
-    """The snapshot file cannot be trusted; the events are intact and can be replayed."""
-
-
 class StoreLocked(StoreError):
     """Another store already has the directory open for writing."""
 
@@ -153,22 +154,6 @@ class RepairReport:
     reason: str | None
     #: True when a snapshot beyond the kept records was deleted with the tail.
     snapshot_removed: bool = False
-
-
-@attrs.define
-class _Index:
-    count: int
-    end: int
-    # checkpoints[i] is the byte offset of record number i * _CHECKPOINT_EVERY (0-based).
-    checkpoints: list[int]
-
-
-@attrs.frozen
-class _Damage:
-    offset: int
-    good_records: int
-    reason: str
-    next_good_offset: int | None
 
 
 class _Reader:
@@ -201,72 +186,6 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _frame_problem(reader: _Reader, offset: int) -> tuple[str | None, bytes, int]:
-    """Check the frame at ``offset``: (problem or None, payload, frame end)."""
-    remaining = reader.size - offset
-    if remaining < _HEADER_SIZE:
-        return f"short header: {remaining} of {_HEADER_SIZE} bytes", b"", 0
-    length, crc = _HEADER.unpack(reader.get(offset, _HEADER_SIZE))
-    if length > MAX_RECORD_BYTES:
-        return f"implausible length {length}", b"", 0
-    if length > remaining - _HEADER_SIZE:
-        return f"short payload: {remaining - _HEADER_SIZE} of {length} bytes", b"", 0
-    payload = reader.get(offset + _HEADER_SIZE, length)
-    if zlib.crc32(payload) != crc:
-        return "CRC mismatch", b"", 0
-    return None, payload, offset + _HEADER_SIZE + length
-
-
-def _codec_refuses(payload: bytes) -> str | None:
-    # Only a malformed record counts as damage; an unknown tag or a newer schema version is an
-    # intact record written by a newer shir, which read() reports as such.
-    try:
-        decode(payload)
-    except CorruptRecord as exc:
-        return f"the codec refuses the payload: {exc}"
-    except Exception:
-        return None
-    return None
-
-
-def _next_good_frame(reader: _Reader, start: int) -> int | None:
-    """The first offset at or after ``start`` where an intact, decodable frame begins."""
-    for offset in range(start, reader.size - _HEADER_SIZE + 1):
-        problem, payload, _ = _frame_problem(reader, offset)
-        if problem is None and _codec_refuses(payload) is None:
-            return offset
-    return None
-
-
-def _scan(fd: int) -> tuple[_Index, _Damage | None]:
-    """Index the intact prefix of a stream file and describe any damage after it."""
-    reader = _Reader(fd, os.fstat(fd).st_size)
-    offset = count = 0
-    last_start = -1
-    last_payload = b""
-    checkpoints: list[int] = []
-    while offset < reader.size:
-        problem, payload, end = _frame_problem(reader, offset)
-        if problem is not None:
-            index = _Index(count, offset, checkpoints)
-            return index, _Damage(offset, count, problem, _next_good_frame(reader, offset + 1))
-        if count % _CHECKPOINT_EVERY == 0:
-            checkpoints.append(offset)
-        last_start, last_payload = offset, payload
-        offset = end
-        count += 1
-    if count:
-        # A CRC-valid frame the codec refuses cannot come from a torn write, but a record that
-        # cannot be read must not be appended after either.
-        problem = _codec_refuses(last_payload)
-        if problem is not None:
-            if (count - 1) % _CHECKPOINT_EVERY == 0:
-                checkpoints.pop()
-            index = _Index(count - 1, last_start, checkpoints)
-            return index, _Damage(last_start, count - 1, problem, None)
-    return _Index(count, offset, checkpoints), None
-
-
 class FileEventStore:
     """The :class:`~shir.core.store.EventStore` port on a local directory; see the module doc.
 
@@ -278,7 +197,7 @@ class FileEventStore:
         self._dir = os.fspath(directory)
         self._fsync = fsync
         self._mutex = threading.Lock()
-        self._index: dict[str, _Index] = {}
+        self._index: dict[str, Index] = {}
         os.makedirs(self._dir, exist_ok=True)
         self._lock_fd: int | None = self._acquire_lock()
 
@@ -346,7 +265,7 @@ class FileEventStore:
         if self._lock_fd is None:
             raise StoreError(f"the FileEventStore on {self._dir} is closed; open a new one")
 
-    def _load_index(self, stream: str) -> _Index:
+    def _load_index(self, stream: str) -> Index:
         """The stream's index, scanning the file on first access; raises on damage."""
         self._check_open()
         index = self._index.get(stream)
@@ -360,18 +279,18 @@ class FileEventStore:
         return index
 
     @staticmethod
-    def _scan(path: str) -> tuple[_Index, _Damage | None]:
+    def _scan(path: str) -> tuple[Index, Damage | None]:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return _Index(0, 0, []), None
+            return Index(0, 0, []), None
         try:
-            return _scan(fd)
+            return scan(_Reader(fd, os.fstat(fd).st_size))
         finally:
             os.close(fd)
 
     @staticmethod
-    def _damage_error(stream: str, path: str, damage: _Damage) -> StoreError:
+    def _damage_error(stream: str, path: str, damage: Damage) -> StoreError:
         if damage.next_good_offset is not None:
             return CorruptStream(
                 stream, path, damage.offset, damage.good_records, damage.reason,
@@ -402,17 +321,7 @@ class FileEventStore:
             check_append(stream, expected_version, index.count)
             if not events:
                 return index.count
-            frames: list[bytes] = []
-            for evt in events:
-                payload = encode(evt)  # codec errors surface before anything is written
-                if len(payload) > MAX_RECORD_BYTES:
-                    raise StoreError(
-                        f"event {type(evt).__name__} encodes to {len(payload)} bytes, over the "
-                        f"{MAX_RECORD_BYTES}-byte record limit: keep large data out of events"
-                    )
-                frames.append(_HEADER.pack(len(payload), zlib.crc32(payload)))
-                frames.append(payload)
-            data = b"".join(frames)
+            data, sizes = encode_frames(events)  # codec errors surface before any write
             path = self.path_of(stream)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
             try:
@@ -430,10 +339,10 @@ class FileEventStore:
                 self._sync_dir()  # make the new file's directory entry durable too
             base = index.count
             offset = index.end
-            for i in range(len(events)):
-                if (base + i) % _CHECKPOINT_EVERY == 0:
+            for i, size in enumerate(sizes):
+                if (base + i) % CHECKPOINT_EVERY == 0:
                     index.checkpoints.append(offset)
-                offset += _HEADER_SIZE + len(frames[2 * i + 1])
+                offset += size
             index.count += len(events)
             index.end = offset
             return index.count
@@ -470,36 +379,20 @@ class FileEventStore:
                 os.close(fd)
 
     def _read_from(
-        self, fd: int, stream: str, path: str, index: _Index, from_version: int
+        self, fd: int, stream: str, path: str, index: Index, from_version: int
     ) -> list[object]:
-        slot = from_version // _CHECKPOINT_EVERY
-        number = slot * _CHECKPOINT_EVERY
+        slot = from_version // CHECKPOINT_EVERY
+        number = slot * CHECKPOINT_EVERY
         offset = index.checkpoints[slot]
         # Walk headers only up to the first wanted record, then read the rest in one go.
         while number < from_version:
-            (length, _) = _HEADER.unpack(_pread_all(fd, _HEADER_SIZE, offset))
-            offset += _HEADER_SIZE + length
+            (length, _) = HEADER.unpack(_pread_all(fd, HEADER_SIZE, offset))
+            offset += HEADER_SIZE + length
             number += 1
         data = _pread_all(fd, index.end - offset, offset)
-        unpack_from = _HEADER.unpack_from
-        crc32 = zlib.crc32
-        out: list[object] = []
-        pos = 0
-        end = len(data)
-        while pos < end:
-            if end - pos < _HEADER_SIZE:
-                raise self._changed(stream, path, offset + pos, number, "short header")
-            length, crc = unpack_from(data, pos)
-            start = pos + _HEADER_SIZE
-            payload = data[start : start + length]
-            if len(payload) != length or crc32(payload) != crc:
-                raise self._changed(stream, path, offset + pos, number, "CRC mismatch")
-            try:
-                out.append(decode(payload))
-            except CorruptRecord as exc:
-                raise self._changed(stream, path, offset + pos, number, str(exc)) from exc
-            pos = start + length
-            number += 1
+        out, bad = read_frames(data, offset, number)
+        if bad is not None:
+            raise self._changed(stream, path, *bad)
         return out
 
     def _changed(
@@ -515,15 +408,9 @@ class FileEventStore:
 
     def save_snapshot(self, stream: str, snapshot: Snapshot) -> None:
         """Replace the stream's snapshot atomically."""
-        if not isinstance(snapshot.data, bytes):
-            raise StoreError(
-                f"snapshot data must be bytes, got {type(snapshot.data).__name__}: serialise "
-                "the state before saving it"
-            )
         with self._mutex:
             check_snapshot(stream, snapshot, self._load_index(stream).count)
-            payload = _VERSION.pack(snapshot.version) + snapshot.data
-            frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+            frame = snapshot_frame(snapshot)
             path = self._snapshot_path(stream)
             tmp = os.path.join(self._dir, f".{stream}.snapshot.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -547,7 +434,7 @@ class FileEventStore:
                     frame = f.read()
             except FileNotFoundError:
                 return None
-            snapshot = _parse_snapshot(path, frame)
+            snapshot = parse_snapshot(path, frame)
             count = self._load_index(stream).count
             if snapshot.version > count:
                 raise CorruptSnapshot(
@@ -599,7 +486,7 @@ class FileEventStore:
         except FileNotFoundError:
             return False
         try:
-            beyond = _parse_snapshot(path, frame).version > count
+            beyond = parse_snapshot(path, frame).version > count
         except CorruptSnapshot:
             return False  # not ours to judge here; load_snapshot reports it
         if beyond:
@@ -613,21 +500,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _parse_snapshot(path: str, frame: bytes) -> Snapshot:
-    what = (
-        "; delete it and replay the stream from the start (the events are the source of truth)"
-    )
-    if len(frame) < _HEADER_SIZE + _VERSION.size:
-        raise CorruptSnapshot(f"{path}: snapshot file is truncated ({len(frame)} bytes){what}")
-    length, crc = _HEADER.unpack_from(frame, 0)
-    payload = frame[_HEADER_SIZE:]
-    if length != len(payload):
-        raise CorruptSnapshot(
-            f"{path}: snapshot frame says {length} bytes but {len(payload)} follow{what}"
-        )
-    if zlib.crc32(payload) != crc:
-        raise CorruptSnapshot(f"{path}: snapshot CRC mismatch{what}")
-    (version,) = _VERSION.unpack_from(payload, 0)
-    return Snapshot(version=version, data=payload[_VERSION.size :])
