@@ -62,7 +62,7 @@ try:
     from hypothesis import HealthCheck, assume, note, settings
     from hypothesis import strategies as st
     from hypothesis.control import current_build_context
-    from hypothesis.errors import InvalidArgument
+    from hypothesis.errors import InvalidArgument, StopTest, UnsatisfiedAssumption
     from hypothesis.stateful import (
         RuleBasedStateMachine,
         initialize,
@@ -891,6 +891,8 @@ _MECHANICS = ("hibernate", "crash", "partition", "control_partition", "regenerat
               "rotate_credential", "credential_drift")
 _OTHER_KINDS = tuple(k for k in FAULT_KINDS if k not in _MECHANICS)
 _node_index = st.integers(0, 4)
+# How Hypothesis abandons an example (out of data, or an assumption failed): no failure to report.
+_DISCARDED = (StopTest, UnsatisfiedAssumption)
 _other_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], st.SearchStrategy[Fault]] = {}
 
 
@@ -1166,7 +1168,7 @@ class ClusterMachine(RuleBasedStateMachine):
             except BaseException as exc:
                 self._report(exc)
                 raise
-        else:
+        elif not isinstance(error, _DISCARDED):
             self._report(error)
 
     def _finish(self) -> None:
