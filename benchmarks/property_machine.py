@@ -6,7 +6,8 @@ same number of examples and steps per example), in alternating rounds, so both s
 conditions. The trivial machine keeps a counter with
 three rules (add, subtract, reset) and one invariant: what it costs is Hypothesis' own
 overhead per example. The cluster machine adds a SimPy World driving the core, the invariant
-checks and, at teardown, the heal, the drain and the end-of-run checks.
+checks and, at teardown, the heal, the drain (until the cluster is at rest, 60 s at most) and
+the end-of-run checks.
 
 Prints JSON lines (name, value, unit, baseline, ratio), medians of the rounds:
 
