@@ -173,7 +173,8 @@ def _shadow(cls: type, names: list[str]) -> type | None:
         return None
     if not init.__code__.co_filename.startswith("<attrs generated"):
         return None
-    if type(cls) is not type or cls.__new__ is not object.__new__:
+    new: object = cls.__new__
+    if type(cls) is not type or new is not object.__new__:
         return None
     if any("__init_subclass__" in k.__dict__ for k in cls.__mro__[:-1]):
         return None  # subclassing would run user code
