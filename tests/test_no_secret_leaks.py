@@ -249,3 +249,64 @@ def test_cli_refusals(written: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cli("restore", "--data-dir", str(written / "copy"), str(written / "absent")) == 2
     monkeypatch.delenv(PASSWORD_ENV)
     assert cli("backup", "--data-dir", node, "--out", str(written / "n.bak")) == 2
+
+
+@pytest.mark.services
+def test_blob_store_refusals(
+    azurite_connection_string: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The canary as account key and as SAS signature: every refusal and repr stays clean."""
+    blobstore = pytest.importorskip("shir.adapters.blobstore")
+    from azure.storage.blob import BlobServiceClient
+    from sample_events import CounterAdded
+
+    from shir.core.store import Snapshot, StoreError
+
+    key = base64.b64encode(CANARY_BYTES * 4).decode("ascii")  # starts with the canary's base64
+    parts = dict(p.split("=", 1) for p in azurite_connection_string.split(";") if p)
+    endpoint = parts["BlobEndpoint"]
+    with_key = f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};" \
+        f"BlobEndpoint={endpoint};"
+    with_sas = f"BlobEndpoint={endpoint};SharedAccessSignature=sv=2025-11-05&sp=rwdlac&sig={key}"
+    unreachable = with_key.replace(endpoint, "http://127.0.0.1:9/devstoreaccount1")
+
+    def blob_refused(action: Callable[[], object], error: type[Exception] = StoreError) -> None:
+        with pytest.raises(error) as caught:
+            action()
+        exc = caught.value
+        assert_no_secret("".join(traceback.format_exception(exc)), "a formatted traceback")
+        assert_no_secret(repr(exc) + str(exc) + repr(exc.args), "an error's repr/str/args")
+        assert_no_secret(repr(vars(exc)), "an error's attributes")
+
+    for connection_string in (with_key, with_sas, unreachable):
+        store = clean(blobstore.BlobEventStore.from_connection_string(
+            connection_string, "canary-test", retry_total=0
+        ))
+        blob_refused(lambda s=store: s.version("rt"))
+        blob_refused(lambda s=store: s.append("rt", [], 0))
+        blob_refused(lambda s=store: s.load_snapshot("rt"))
+        store.close()
+    for malformed in (key, f"junk;AccountKey={key};x", f"AccountKey={key}", CANARY):
+        blob_refused(
+            lambda m=malformed: blobstore.BlobEventStore.from_connection_string(m, "events"),
+            blobstore.InvalidConnectionString,
+        )
+    blob_refused(
+        lambda: blobstore.BlobEventStore.from_connection_string(with_key, "Not_Valid"),
+        blobstore.InvalidContainerName,
+    )
+    # The real (well-known) Azurite key on the success path: never in a repr or a log record.
+    azurite_key = parts["AccountKey"]
+    caplog.set_level(logging.DEBUG)
+    container = f"canary-{os.urandom(6).hex()}"
+    with blobstore.BlobEventStore.from_connection_string(
+        azurite_connection_string, container
+    ) as store:
+        assert store.append("rt", [CounterAdded(1)], 0) == 1
+        assert store.read("rt") == [CounterAdded(1)]
+        store.save_snapshot("rt", Snapshot(1, b"state"))
+        assert azurite_key not in repr(store)
+    service = BlobServiceClient.from_connection_string(azurite_connection_string)
+    service.delete_container(container)
+    logged = "".join(r.getMessage() + repr(r.args) for r in caplog.records)
+    assert azurite_key not in logged and azurite_key[:20] not in logged
