@@ -122,6 +122,7 @@ from shir.adapters.framing import (
     snapshot_frame,
 )
 from shir.core.store import (
+    AppendOutcomeUnknown,
     ConcurrencyConflict,
     Snapshot,
     StoreError,
@@ -184,7 +185,7 @@ class InvalidContainerName(StoreError, ValueError):
     """A container name that Azure does not accept."""
 
 
-class BlobAppendOutcomeUnknown(StoreError):
+class BlobAppendOutcomeUnknown(AppendOutcomeUnknown):
     """An append may or may not have landed, and re-reading the stream failed too.
 
     Re-read the stream (``read``/``version``) before deciding again: the events are either

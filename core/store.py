@@ -22,6 +22,7 @@ import attrs
 from shir.core.errors import ShirError
 
 __all__ = [
+    "AppendOutcomeUnknown",
     "ConcurrencyConflict",
     "EventStore",
     "InMemoryEventStore",
@@ -50,6 +51,14 @@ class ConcurrencyConflict(StoreError):
         self.stream = stream
         self.expected_version = expected_version
         self.actual_version = actual_version
+
+
+class AppendOutcomeUnknown(StoreError):
+    """The store did not say whether an append landed (a timeout, a dropped connection).
+
+    The events are in the stream in full or not at all: re-read the stream before deciding
+    again (``shir.sim.driver.Driver`` does).
+    """
 
 
 class InvalidStreamName(StoreError, ValueError):
@@ -89,7 +98,8 @@ class EventStore(Protocol):
         """Append ``events`` atomically if the stream is at ``expected_version``.
 
         Returns the new version. Raises :class:`ConcurrencyConflict` when the stream is at
-        another version; nothing is appended then.
+        another version; nothing is appended then. Raises :class:`AppendOutcomeUnknown` when
+        the store cannot tell whether the append landed.
         """
         ...
 

@@ -12,13 +12,9 @@ from collections.abc import Callable, Sequence
 
 from shir.core import decide, effects_of, fold, initial, next_deadline
 from shir.core.state import RuntimeState
-from shir.core.store import EventStore, InMemoryEventStore, StoreError
+from shir.core.store import AppendOutcomeUnknown, EventStore, InMemoryEventStore
 
 __all__ = ["AppendOutcomeUnknown", "Driver"]
-
-
-class AppendOutcomeUnknown(StoreError):
-    """The store did not say whether an append landed (a timeout, a dropped connection)."""
 
 
 Listener = Callable[[Sequence[object]], None]
