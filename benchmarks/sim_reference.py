@@ -13,6 +13,10 @@ Prints JSON lines (name, value, unit, baseline, ratio), medians of the rounds, w
   model's, ratio = shir / bare.
 - ``sim_reference_wall``: wall seconds of one run, baseline the bare model's, ratio = shir / bare
   (goal <= 3).
+- ``sim_reference_core``: of one more run, the seconds spent in the driver's core work alone
+  (``decide``, the store's ``append``, ``fold``, ``effects_of``), timed around each call;
+  baseline the bare model's wall seconds. Its ratio is a floor for ``sim_reference_wall``'s:
+  however lean the simulator, the run cannot take less than the core's own work.
 
     .venv/bin/python benchmarks/sim_reference.py [--rounds 3] [--until 3600]
 """
@@ -104,6 +108,36 @@ def bare_model(sc: Scenario, until_s: float) -> float:
     return env.now
 
 
+def core_seconds(sc: Scenario, until_s: float | None) -> float:
+    """Run once with the driver's core calls timed; return the seconds spent in them."""
+    import shir.sim.driver as driver_module
+    from shir.sim.world import World
+
+    spent = [0.0]
+    clock = time.perf_counter
+
+    def timed(fn: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object) -> object:
+            start = clock()
+            try:
+                return fn(*args)
+            finally:
+                spent[0] += clock() - start
+        return call
+
+    saved = {name: getattr(driver_module, name) for name in ("decide", "fold", "effects_of")}
+    for name, fn in saved.items():
+        setattr(driver_module, name, timed(fn))
+    try:
+        world = World(sc, None, until_s)
+        world.store.append = timed(world.store.append)  # type: ignore[method-assign]
+        world.run()
+    finally:
+        for name, fn in saved.items():
+            setattr(driver_module, name, fn)
+    return spent[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -125,9 +159,12 @@ def main() -> None:
             raise SystemExit(f"the reference run failed: {result.to_json()}")
     wall, wall_bare = statistics.median(ours), statistics.median(bare)
     speed, speed_bare = result.simulated_s / wall, total / wall_bare
+    gc.collect()
+    core = core_seconds(sc, args.until)
     for name, value, unit, baseline in (
         ("sim_reference_speed", speed, "simulated s per wall s", speed_bare),
         ("sim_reference_wall", wall, "s", wall_bare),
+        ("sim_reference_core", core, "s", wall_bare),
     ):
         print(json.dumps({"name": name, "value": round(value, 3), "unit": unit,
                           "baseline": round(baseline, 3), "ratio": round(value / baseline, 3)}))
