@@ -24,7 +24,6 @@ no node is Online or Limited; Limited otherwise.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -199,20 +198,24 @@ def context(m: _Model, now: float) -> Context:
         for n in m.nodes.values()
         if n.upgrading_to is None and not is_silent(n, now, offline_after)
     ]
-    versions = Counter(n.metrics.version for n in live if n.last_seen_at is not None)
+    reporting = [n for n in live if n.last_seen_at is not None]
+    versions: dict[str, int] = {}
+    configs: dict[str, int] = {}
+    for n in reporting:
+        versions[n.metrics.version] = versions.get(n.metrics.version, 0) + 1
+        configs[n.metrics.config_hash] = configs.get(n.metrics.config_hash, 0) + 1
     majority_version = None
     if versions:
         # most common; a tie goes to the newer version (updates roll forward)
-        majority_version = max(versions, key=lambda v: (versions[v], _version_key(v)))
-    configs = Counter(n.metrics.config_hash for n in live if n.last_seen_at is not None)
-    majority_config = None
-    if configs:
-        top, count = configs.most_common(1)[0]
-        if count * 2 > sum(configs.values()):
-            majority_config = top
+        majority_version = (
+            next(iter(versions)) if len(versions) == 1
+            else max(versions, key=lambda v: (versions[v], _version_key(v)))
+        )
+    # a strict majority, so never a tie
+    majority_config = next((h for h, k in configs.items() if k * 2 > len(reporting)), None)
     return Context(
         now, offline_after, lifetime, majority_version, majority_config,
-        frozenset(n.name for n in live if n.last_seen_at is not None),
+        frozenset(n.name for n in reporting),
         tuple((cid, m.credentials[cid].version) for cid in sorted(m.credentials))
         if m.credentials else (),
     )
