@@ -36,7 +36,6 @@ from shir.core.jobs import (
     LeaseRenewed,
     LeaseToken,
     ReleaseReason,
-    Requirement,
 )
 from shir.core.model import CredentialVersion, NodeStatus
 from shir.core.state import Node, RuntimeState, _Model
@@ -260,28 +259,33 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
             held = {cv.credential_id: cv.version for cv in n.metrics.credentials}
             free[n.name] = _Slots(n, running, limit, held)
     budget = c.max_jobs if c.max_jobs is not None else 1 << 62
-    offsets = dict.fromkeys(b.queues, 0)
     lock_s = _runtime(s).settings.lock_duration_s
-    eligible: dict[Requirement, list[_Slots]] = {}  # per requirement, until a slot fills up
+    # Per requirement queue, by position (requirements hash slowly): the queue, how far this
+    # decision has taken from it, and its candidate slots until one fills up.
+    queues = list(b.queues.items())
+    offsets = [0] * len(queues)
+    eligible: list[list[_Slots] | None] = [None] * len(queues)
     while free and budget > 0:
-        best: tuple[int, Requirement, list[_Slots]] | None = None
-        for req, q in b.queues.items():
-            i = offsets[req]
+        best = -1
+        best_seq = 0
+        for k, (req, q) in enumerate(queues):
+            i = offsets[k]
             if i >= len(q):
                 continue
-            job = b.jobs[q[i]]
-            if best is not None and job.seq >= best[0]:
+            seq = b.jobs[q[i]].seq
+            if best >= 0 and seq >= best_seq:
                 continue
-            cands = eligible.get(req)
+            cands = eligible[k]
             if cands is None:
-                cands = eligible[req] = [f for f in free.values() if _holds(f.held, req)]
+                cands = eligible[k] = [f for f in free.values() if _holds(f.held, req)]
             if cands:
-                best = (job.seq, req, cands)
-        if best is None:
+                best, best_seq = k, seq
+        if best < 0:
             break
-        _seq, req, cands = best
-        job = b.jobs[b.queues[req][offsets[req]]]
-        offsets[req] += 1
+        cands = eligible[best]
+        assert cands is not None
+        job = b.jobs[queues[best][1][offsets[best]]]
+        offsets[best] += 1
         # the least loaded relative to its limit, ties to the earliest registered
         slot = cands[0]
         for f in cands[1:]:
@@ -294,7 +298,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
         slot.running += 1
         if slot.running >= slot.limit:
             del free[slot.node.name]
-            eligible.clear()
+            eligible = [None] * len(queues)
         budget -= 1
     return out
 
