@@ -95,6 +95,7 @@ try:
     from azure.core import MatchConditions
     from azure.core.exceptions import (
         AzureError,
+        ClientAuthenticationError,
         HttpResponseError,
         ResourceExistsError,
         ServiceRequestError,
@@ -289,7 +290,10 @@ def _status(exc: AzureError) -> int | None:
 
 
 def _code(exc: AzureError) -> str:
-    return str(getattr(exc, "error_code", None) or "")
+    code = getattr(exc, "error_code", None)
+    # The SDK gives the codes it maps to no exception class as StorageErrorCode members, whose
+    # str() is "StorageErrorCode.SERVER_BUSY": the service's own code is their value.
+    return str(getattr(code, "value", code) or "")
 
 
 def _check_container_name(name: str) -> str:
@@ -326,7 +330,8 @@ class BlobEventStore:
         parts = urlsplit(container.url)
         # Never the query string: with a SAS credential it holds the signature.
         self._endpoint = f"{parts.scheme}://{parts.netloc}{parts.path.rsplit('/', 1)[0]}"
-        self._has_credential = container.credential is not None
+        # A SAS from a connection string lives in the URL, not in ``credential``.
+        self._has_credential = container.credential is not None or "sig=" in parts.query
         _guard_transport_logs()
         self._segment_max_appends = segment_max_appends
         self._mutex = threading.Lock()
@@ -909,6 +914,16 @@ class BlobEventStore:
                 f"the connection to {self._endpoint} failed while trying to {doing} "
                 f"({_redact(str(exc))}); retry"
             )
+        elif isinstance(exc, ClientAuthenticationError) and status is None:
+            # Raised before anything was sent: signing with the key, or getting a token, failed.
+            if type(exc).__name__ == "AzureSigningError":  # the SDK's (private) signing error
+                hint = (
+                    "the AccountKey is not a valid base64 account key (it is not shown here): "
+                    "copy key1 or key2 again from the storage account's Access keys page"
+                )
+            else:
+                hint = f"the credential could not get a token ({_redact(str(exc))})"
+            message = f"{where}: could not sign the request to {doing}: {hint}"
         elif status in (401, 403):
             hint = (
                 "the AccountKey, SharedAccessSignature or token is wrong, expired, or lacks "

@@ -9,6 +9,7 @@ the service applied the request); the service itself is never mocked.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import struct
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 pytest.importorskip("azure.storage.blob")
 
 from azure.core.exceptions import ResourceNotFoundError, ServiceResponseError
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 from sample_events import CounterAdded, NoteWritten
 from store_contract import EventStoreContract
 
@@ -606,6 +607,71 @@ def test_a_wrong_key_says_the_credential_is_wrong_without_showing_it(
             assert info.value.status == 403
             assert "AccountKey" in str(info.value)
             assert key not in str(info.value) and info.value.__cause__ is None
+
+
+@services
+def test_a_wrong_key_error_carries_the_services_error_code(
+    azurite_connection_string: str,
+) -> None:
+    # The SDK turns codes it does not map to an exception class into StorageErrorCode members,
+    # whose str() is "StorageErrorCode.AUTHORIZATION_FAILURE", not the service's code.
+    key = "Zm9vYmFyc2VjcmV0a2V5MTIzNDU2Nzg5MA=="
+    wrong = ";".join(
+        f"AccountKey={key}" if part.startswith("AccountKey=") else part
+        for part in azurite_connection_string.split(";")
+    )
+    with (
+        BlobEventStore.from_connection_string(wrong, new_container()) as store,
+        pytest.raises(BlobServiceError) as info,
+    ):
+        store.version("rt")
+    assert info.value.error_code == "AuthorizationFailure"
+    assert "(AuthorizationFailure, HTTP 403)" in str(info.value)
+    assert "StorageErrorCode" not in str(info.value)
+
+
+@services
+def test_an_expired_sas_is_called_expired_or_wrong_not_missing(
+    azurite_connection_string: str, service: BlobServiceClient
+) -> None:
+    parts = dict(p.split("=", 1) for p in azurite_connection_string.split(";") if p)
+    container = new_container()
+    service.create_container(container)
+    sas = generate_container_sas(
+        parts["AccountName"], container, account_key=parts["AccountKey"],
+        permission=ContainerSasPermissions(read=True, add=True, create=True, write=True,
+                                           list=True),
+        expiry=datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1),
+    )
+    signature = dict(p.split("=", 1) for p in sas.split("&"))["sig"]
+    with BlobEventStore.from_connection_string(
+        f"BlobEndpoint={parts['BlobEndpoint']};SharedAccessSignature={sas}", container
+    ) as store:
+        for call in (lambda: store.version("rt"), lambda: store.append("rt", EVENTS, 0)):
+            with pytest.raises(BlobServiceError) as info:
+                call()
+            message = str(info.value)
+            assert info.value.status == 403
+            assert "SharedAccessSignature" in message and "expired" in message
+            assert "add one" not in message  # it has one: telling the user to add one misleads
+            assert signature not in message and signature not in repr(store)
+
+
+def test_a_malformed_account_key_is_named_before_any_request() -> None:
+    # Not base64: the SDK fails while signing, before it sends anything, with no HTTP status.
+    bad_key = "not*base64!secret"
+    store = BlobEventStore.from_connection_string(
+        f"DefaultEndpointsProtocol=http;AccountName=acct;AccountKey={bad_key};"
+        "BlobEndpoint=http://127.0.0.1:9/acct;", "events", retry_total=0,
+    )
+    for call in (lambda: store.version("rt"), lambda: store.append("rt", EVENTS, 0),
+                 lambda: store.load_snapshot("rt")):
+        with pytest.raises(BlobServiceError) as info:
+            call()
+        message = str(info.value)
+        assert "AccountKey" in message and "base64" in message, message
+        assert "HTTP None" not in message and "refused" not in message
+        assert bad_key not in message and info.value.__cause__ is None
 
 
 def test_without_the_azure_sdk_the_import_says_what_to_install() -> None:
