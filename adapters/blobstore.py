@@ -65,7 +65,9 @@ Damage is never skipped: a record whose length or CRC is wrong, or whose payload
 refuses, raises :class:`TornBlobTail` (nothing intact after it) or :class:`CorruptBlobStream`
 (intact records after it, or the blob changed under an index) on every access until fixed by
 hand. Append Block is atomic, so neither comes from a crash of a shir writer; append blobs
-cannot be truncated, so there is no ``repair``.
+cannot be truncated, so there is no ``repair``. A segment deleted (or deleted and created
+again, told by its creation time, which has a resolution of one second) under an index raises
+:class:`CorruptBlobStream` once, and the next call reads the stream afresh.
 
 Credentials: the connection string or credential lives only inside the SDK client. Errors name
 the endpoint (without its query string), the container, the blob and the service's error code,
@@ -80,6 +82,7 @@ store objects, in any number of processes, may write one stream.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import re
 import threading
@@ -243,6 +246,9 @@ class _Segment:
     index: Index | None = None
     #: The blob's ETag when ``index`` covered all of it; None: unknown.
     etag: str | None = None
+    #: The blob's creation time, from the first answer that carried it: a blob deleted and
+    #: created again keeps its name but not this.
+    created: datetime.datetime | None = None
 
 
 @attrs.define
@@ -524,7 +530,8 @@ class BlobEventStore:
                     f"segment {number} (metadata {_BASE_KEY}={base}) does not continue the "
                     f"{len(segments)} segment(s) before it"
                 )
-            segments.append(_Segment(number, base, exists=True, sealed=True))
+            segments.append(_Segment(number, base, exists=True, sealed=True,
+                                     created=props.creation_time))
         if segments:
             segments[-1].sealed = False  # the download that indexes it says whether it is
         else:
@@ -635,6 +642,7 @@ class BlobEventStore:
                     "the stream was deleted behind the store's back"
                 ) from None
             self._raise(exc, f"read stream {st.name!r}")
+        self._check_same_blob(st, seg, props)
         index = seg.index
         if index is not None and props.size < index.end:
             self._streams.pop(st.name, None)
@@ -643,6 +651,22 @@ class BlobEventStore:
                 f"store indexed {index.end}: it was replaced behind the store's back"
             )
         return props
+
+    def _check_same_blob(self, st: _Stream, seg: _Segment, props: BlobProperties) -> None:
+        """Raise if the segment's blob is not the one this store indexed (same name, created
+        again): its bytes after the index would be spliced onto records that are gone."""
+        created = props.creation_time
+        if created is None or seg.created is None:
+            seg.created = seg.created or created
+            return
+        if created != seg.created:
+            self._streams.pop(st.name, None)  # the next call lists and reads the stream afresh
+            raise CorruptBlobStream(
+                st.name, self._where(_segment_blob(st.name, seg.number)),
+                f"the blob was created again after this store read it (at {created}, not "
+                f"{seg.created}): the stream was deleted and written again behind the "
+                "store's back, and the events this store knew are gone"
+            )
 
     def _confirm_seal(self, st: _Stream, seg: _Segment) -> bool:
         """True if the segment is sealed with nothing after the index: its count is final."""
@@ -669,6 +693,7 @@ class BlobEventStore:
         if props.blob_type != BlobType.APPENDBLOB:
             raise CorruptBlobStream(st.name, name, f"it is a {props.blob_type}, not an append "
                                     "blob: something other than shir wrote it")
+        self._check_same_blob(st, seg, props)
         base = _base_of(props)
         if base != seg.base:
             raise CorruptBlobStream(
@@ -878,6 +903,9 @@ class BlobEventStore:
                     self._raise(exc, f"create a segment of stream {st.name!r}")
                 self._create_container()
         seg.exists = True
+        # Its creation time, so that a blob deleted and created again is told apart from it
+        # (one request per segment; an append's answer does not carry it).
+        self._properties(st, seg)
 
     def _seal(self, st: _Stream, seg: _Segment) -> None:
         blob = self._container.get_blob_client(_segment_blob(st.name, seg.number))
