@@ -13,8 +13,8 @@ exhausted, closed, or fails.
 Streaming needs the driver's help. psqlODBC by default materialises the whole result in the
 client on execute; with ``UseDeclareFetch=1;Fetch=N`` it declares a server-side cursor and
 fetches ``N`` rows at a time. :func:`postgresql_connection_string` always sets both; a psqlODBC
-connection without them gets a warning in the log. The SQLite ODBC driver steps through the
-result row by row.
+connection without them gets a warning in the log. SQLite ODBC 0.9998 builds the whole result
+in memory on execute: it steps row by row only outside a transaction, and a source reads in one.
 
 **Values are passed through as the driver gives them.** Each driver hands back the Python type
 that holds its stored value exactly: PostgreSQL ``numeric`` is exact, and psqlODBC returns
@@ -33,9 +33,13 @@ query run on. With ``timeout_s`` set, a watchdog thread calls ``SQLCancel`` (pyo
 the same on demand from another thread. Both drivers honour the cancel during execute (psqlODBC
 sends PostgreSQL a cancel request; SQLite interrupts). psqlODBC ignores it while fetching the
 next block of a declare/fetch cursor, so that fetch runs to its end and the read *then* raises
-:class:`QueryTimedOut`: a call that outlives its deadline never returns rows. For a hard bound
-on PostgreSQL fetches too, set ``statement_timeout_s`` in :func:`postgresql_connection_string`
-(the server's ``statement_timeout`` applies to every ``FETCH``).
+:class:`QueryTimedOut`: a call that outlives its deadline never returns rows. SQLite fetches are
+never cancelled (its ``SQLCancel`` frees the result under the fetch and crashes the process;
+they only read the result the execute built): they too end, then the read stops. A commit in
+:meth:`OdbcSource.execute` that succeeds stands, however late, and is not reported as stopped.
+For a hard bound on PostgreSQL fetches too, set ``statement_timeout_s`` in
+:func:`postgresql_connection_string` (the server's ``statement_timeout`` applies to every
+``FETCH``).
 
 **Secrets.** The connection string is not kept: the source keeps the non-secret parts that
 name the target (driver, server, port, database, user) and a scrubber for the password (any key
@@ -244,8 +248,8 @@ def parse_connection_string(connection_string: str) -> dict[str, str]:
             while True:
                 if j >= n:
                     raise InvalidConnectionString(
-                        f"connection string: the braced value of key {key!r} is not closed "
-                        "(content not shown)"
+                        f"connection string: the braced value at character {eq + 1} is not "
+                        "closed (content not shown)"
                     )
                 if text[j] == "}":
                     if text[j + 1 : j + 2] == "}":
@@ -260,7 +264,7 @@ def parse_connection_string(connection_string: str) -> dict[str, str]:
             end = text.find(";", j)
             if text[j : end if end >= 0 else n].strip():
                 raise InvalidConnectionString(
-                    f"connection string: text after the braced value of key {key!r} "
+                    f"connection string: text after the braced value at character {eq + 1} "
                     "(content not shown)"
                 )
             i = n if end < 0 else end + 1
@@ -427,6 +431,11 @@ def _error_parts(exc: BaseException, scrub: Callable[[str], str]) -> tuple[str |
     """(SQLSTATE, scrubbed driver message) of a pyodbc error."""
     args = exc.args
     state: str | None = None
+    if (
+        len(args) == 2 and isinstance(args[1], str) and _SQLSTATE.fullmatch(args[1])
+        and not _SQLSTATE.fullmatch(str(args[0]))
+    ):
+        args = (args[1], args[0])  # pyodbc's own checks: (message, SQLSTATE)
     if len(args) >= 2 and isinstance(args[0], str) and _SQLSTATE.fullmatch(args[0]):
         state, message = args[0], str(args[1])
     else:
@@ -446,6 +455,7 @@ class _Call:
 
     cursor: Any
     deadline: float  # time.monotonic(); inf: no timeout
+    interruptible: bool = True  # False: never SQLCancel it, stop the read once it returns
     timed_out: bool = False
 
 
@@ -482,6 +492,7 @@ class OdbcSource:
         self._watchdog: threading.Thread | None = None
         self._watchdog_wakes_at = math.inf
         self._closed = False
+        self._cancel_fetches = True  # see _open
         error = self._open(connection_string, connect_timeout_s)
         # Tools that record tracebacks with frame locals (crash reporters) must not find the
         # password: drop the string, and raise with a traceback that starts here.
@@ -509,6 +520,12 @@ class OdbcSource:
             # autocommit off: a read runs in one transaction, rolled back when it ends
             self._connection = pyodbc.connect(
                 connection_string, autocommit=False, timeout=login_timeout
+            )
+        except (UnicodeError, ValueError):
+            # UnicodeEncodeError holds the whole string (.object): not raised, not chained
+            return InvalidConnectionString(
+                "connection string: it holds characters that cannot be encoded for the driver, "
+                "such as a lone surrogate from bytes that were not UTF-8 (content not shown)"
             )
         except pyodbc.Error as exc:
             state, message = _error_parts(exc, self._scrub)
@@ -539,6 +556,10 @@ class OdbcSource:
                 f"[{state or 'no SQLSTATE'}]: {message}", sqlstate=state, driver_message=message,
             )
         log.debug("connected to %s: %s", self.target, self.driver)
+        # SQLite ODBC's SQLCancel also frees the statement's result, under a fetch running in
+        # another thread: the process crashes. Its fetches only read the result the execute
+        # built, so they need no cancel; a timed-out or cancelled fetch stops once it returns.
+        self._cancel_fetches = not self.driver.driver_name.lower().startswith("sqlite")
         if self.driver.driver_name.lower().startswith("psqlodbc") and "dsn" not in pairs and (
             pairs.get("usedeclarefetch") != "1"
         ):
@@ -596,7 +617,7 @@ class OdbcSource:
         try:
             self._run(cursor, cursor.execute, statement, *params)
             count = int(cursor.rowcount)
-            self._run(cursor, self._connection.commit)
+            self._run(cursor, self._connection.commit, done_stands=True)
             committed = True
             return count
         finally:
@@ -612,7 +633,7 @@ class OdbcSource:
             if not self._busy:
                 return
             self._cancel_requested = True
-            if self._call is not None:
+            if self._call is not None and self._call.interruptible:
                 with contextlib.suppress(pyodbc.Error):
                     self._call.cursor.cancel()
 
@@ -675,13 +696,20 @@ class OdbcSource:
             self._busy = False
         raise error
 
-    def _run(self, cursor: Any, call: Callable[..., Any], *args: Any) -> Any:
-        """``call(*args)`` under the timeout and cancel, with pyodbc errors translated."""
+    def _run(
+        self, cursor: Any, call: Callable[..., Any], *args: Any, interruptible: bool = True,
+        done_stands: bool = False,
+    ) -> Any:
+        """``call(*args)`` under the timeout and cancel, with pyodbc errors translated.
+
+        ``done_stands``: a call that succeeded returns even if it outlived its deadline or a
+        cancel came meanwhile (a commit that happened cannot be reported as stopped).
+        """
         deadline = math.inf if self.timeout_s is None else time.monotonic() + self.timeout_s
         with self._lock:
             if self._cancel_requested:
                 raise self._cancelled()
-            self._call = running = _Call(cursor, deadline)
+            self._call = running = _Call(cursor, deadline, interruptible)
             if deadline < self._watchdog_wakes_at:
                 self._start_or_wake_watchdog()
         error: OdbcError | None = None
@@ -694,6 +722,8 @@ class OdbcSource:
             with self._lock:  # waits for a cancel in progress: the cursor is ours again after
                 self._call = None
                 cancelled = self._cancel_requested
+        if done_stands and error is None:
+            return result
         if cancelled:
             raise self._cancelled()
         if running.timed_out:  # even if the driver ignored the cancel and the call finished
@@ -763,6 +793,8 @@ class OdbcSource:
                     self._lock.wait(left_s)
                     continue
                 running.timed_out = True
+                if not running.interruptible:
+                    continue
                 # The lock stays held: the reading thread cannot close the cursor meanwhile.
                 with contextlib.suppress(pyodbc.Error):
                     running.cursor.cancel()
@@ -808,7 +840,10 @@ class RowStream:
         if not self._open:
             raise StopIteration
         try:
-            rows = self._source._run(self._cursor, self._cursor.fetchmany, self.batch_rows)
+            rows = self._source._run(
+                self._cursor, self._cursor.fetchmany, self.batch_rows,
+                interruptible=self._source._cancel_fetches,
+            )
         except BaseException:
             self.close()
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -84,7 +85,11 @@ def test_parse_reads_what_people_write() -> None:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("text", [f"Pwd={{{CANARY}", f"Server=h;{CANARY}", f"Pwd={{{CANARY}}}x"])
+@pytest.mark.parametrize("text", [
+    f"Pwd={{{CANARY}", f"Server=h;{CANARY}", f"Pwd={{{CANARY}}}x",
+    # an unbraced password with ; and = in it: its tail reads as a key, which is not repeated
+    f"Pwd=ab;{CANARY}={{x", f"Pwd=ab;{CANARY}={{x}}y",
+])  # fmt: skip
 def test_malformed_strings_are_refused_without_repeating_them(text: str) -> None:
     with pytest.raises(InvalidConnectionString) as caught:
         parse_connection_string(text)
@@ -231,6 +236,11 @@ def test_sqlite_failing_query_then_the_source_reads_again(sqlite: OdbcSource) ->
     with pytest.raises(QueryFailed, match="no result set"):
         sqlite.read("CREATE TEMP TABLE t (x)")
     assert rows_of(sqlite.read("SELECT ? + 1", (41,))) == [(42,)]
+    # pyodbc's own parameter check gives (message, SQLSTATE): the state is still found
+    with pytest.raises(QueryFailed) as caught:
+        sqlite.read("SELECT 1", (1,))
+    assert caught.value.sqlstate == "HY000"
+    assert str(caught.value).endswith("0 parameter markers, but 1 parameters were supplied")
     with pytest.raises(TypeError, match="params must be a sequence"):
         sqlite.read("SELECT ?", "x")
     with pytest.raises(ValueError, match="batch_rows"):
@@ -280,6 +290,43 @@ def test_cancel_between_batches_stops_the_read(sqlite: OdbcSource) -> None:
     with pytest.raises(QueryCancelled):
         next(stream)
     assert rows_of(sqlite.read("SELECT 4")) == [(4,)]
+
+
+def test_sqlite_cancel_during_a_fetch_does_not_crash(tmp_path: Path) -> None:
+    """SQLite ODBC's SQLCancel frees the result a fetch in another thread is reading. With
+    freed memory unmapped at once (a small mmap threshold) that crashed within a few tries."""
+    code = (
+        "import random, sys, threading, time\n"
+        "from shir.adapters.odbc import OdbcSource, QueryCancelled, sqlite_connection_string\n"
+        "with OdbcSource(sqlite_connection_string(sys.argv[1])) as s:\n"
+        "    s.execute('CREATE TABLE t (i INTEGER, pad TEXT)')\n"
+        "    s.execute(\"INSERT INTO t WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1\"\n"
+        "              \" FROM g WHERE i < 30000) SELECT i, printf('%040d', i) FROM g\")\n"
+        "    stream = s.read('SELECT i, pad FROM t', batch_rows=30000)\n"
+        "    start = time.monotonic(); next(stream); fetch_s = time.monotonic() - start\n"
+        "    stream.close()\n"
+        "    rng, cancelled = random.Random(7), 0\n"
+        "    for _ in range(40):\n"
+        "        stream = s.read('SELECT i, pad FROM t', batch_rows=30000)\n"
+        "        timer = threading.Timer(rng.uniform(0, fetch_s), s.cancel)\n"
+        "        timer.start()\n"
+        "        try:\n"
+        "            assert [r[0] for r in next(stream)] == list(range(1, 30001))\n"
+        "        except QueryCancelled:\n"
+        "            cancelled += 1\n"
+        "        timer.join()\n"
+        "        stream.close()\n"
+        "print('cancelled', cancelled)\n"
+    )
+    if "SQLite3" not in pyodbc.drivers():
+        pytest.skip("the ODBC driver {SQLite3} is not installed (libsqliteodbc)")
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "t.sqlite3")], capture_output=True, text=True,
+        timeout=120, cwd=ROOT, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )  # fmt: skip
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    # a cancel that lands in the fetch stops the read once the fetch returns
+    assert int(result.stdout.split()[1]) > 0, result.stdout
 
 
 def test_unknown_driver_names_what_is_installed(tmp_path: Path) -> None:
@@ -485,6 +532,30 @@ def test_pg_timeout_cancels_the_query(pg_parts: dict[str, Any]) -> None:
 
 
 @pytest.mark.services
+def test_pg_execute_that_committed_is_not_reported_as_stopped(pg_parts: dict[str, Any]) -> None:
+    """A commit that outlives timeout_s (or meets a cancel) but succeeds has happened: execute
+    returns its count rather than an error that would invite a second, duplicate insert."""
+    with OdbcSource(postgresql_connection_string(**pg_parts), timeout_s=0.5) as source:
+        source.execute("CREATE TEMP TABLE t (id int)")
+        source.execute(
+            "CREATE FUNCTION pg_temp.slow() RETURNS trigger LANGUAGE plpgsql"
+            " AS 'BEGIN PERFORM pg_sleep(1); RETURN NULL; END'"
+        )
+        source.execute(  # runs at COMMIT: the INSERT is quick, the commit takes 1 s
+            "CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON t DEFERRABLE INITIALLY DEFERRED"
+            " FOR EACH ROW EXECUTE FUNCTION pg_temp.slow()"
+        )
+        start = time.monotonic()
+        assert source.execute("INSERT INTO t VALUES (1)") == 1
+        assert time.monotonic() - start >= 0.9  # the deadline passed during the commit
+        timer = threading.Timer(0.3, source.cancel)
+        timer.start()
+        assert source.execute("INSERT INTO t VALUES (2)") == 1
+        timer.join()
+        assert rows_of(source.read("SELECT id FROM t ORDER BY id")) == [(1,), (2,)]
+
+
+@pytest.mark.services
 def test_pg_cancel_from_another_thread(pg: OdbcSource) -> None:
     timer = threading.Timer(0.3, pg.cancel)
     timer.start()
@@ -603,6 +674,11 @@ def test_canary_sqlite(
     for bad in (f"Driver={{SQLite3}};Pwd={{{CANARY}", f"Driver={{SQLite3}};{CANARY}"):
         refused(lambda b=bad: OdbcSource(b), InvalidConnectionString, secrets)  # type: ignore[misc]
     refused(lambda: OdbcSource(f"Driver={{Nope}};Pwd={CANARY}"), DriverNotInstalled, secrets)
+    # a lone surrogate (bytes that were not UTF-8, e.g. from os.environ) cannot be encoded:
+    # the UnicodeEncodeError would carry the whole string
+    error = refused(lambda: OdbcSource(f"{cs};Pwd={CANARY}\udcff"), InvalidConnectionString,
+                    secrets)  # fmt: skip
+    assert error.__cause__ is None and error.__context__ is None
     refused(lambda: OdbcSource(f"Driver=/nonexistent/x.so;PWD={CANARY}"), DriverNotInstalled,
             secrets)  # fmt: skip
     logged = "".join(r.getMessage() + repr(r.args) for r in caplog.records)
