@@ -968,10 +968,19 @@ class BlobEventStore:
             response = getattr(exc, "response", None)
             if response is not None:
                 request_id = str(response.headers.get("x-ms-request-id") or "")
-            message = (
-                f"{where}: the Blob service refused to {doing} ({code or 'no error code'}, HTTP "
-                f"{status}{', request id ' + request_id if request_id else ''})"
+            detail = (
+                f"({code or 'no error code'}, HTTP {status}"
+                f"{', request id ' + request_id if request_id else ''})"
             )
+            if status is not None and (status >= 500 or status in (408, 429)):
+                # Throttling (503 ServerBusy) and failures: nothing the user sent was wrong.
+                message = (
+                    f"{where}: the Blob service failed to {doing} {detail}: it is throttling "
+                    "this account or failing, and the SDK's retries ran out; retry later "
+                    "(the client option retry_total sets how often the SDK retries)"
+                )
+            else:
+                message = f"{where}: the Blob service refused to {doing} {detail}"
         raise BlobServiceError(message, status, code or None) from None
 
 

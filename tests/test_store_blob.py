@@ -706,6 +706,33 @@ def test_a_malformed_account_key_is_named_before_any_request() -> None:
         assert bad_key not in message and info.value.__cause__ is None
 
 
+@services
+def test_a_busy_or_failing_service_says_retry_later_not_refused(
+    open_store: Callable[..., BlobEventStore],
+) -> None:
+    busy = {"on": False}
+
+    def throttle(response: Any) -> None:
+        # The service's answer turned into the 503 it sends when it throttles an account.
+        if busy["on"]:
+            response.http_response.status_code = 503
+            response.http_response.headers["x-ms-error-code"] = "ServerBusy"
+
+    store = open_store(raw_response_hook=throttle, retry_total=0)
+    store.append("rt", EVENTS, 0)
+    busy["on"] = True
+    for call in (lambda: store.version("rt"), lambda: store.read("rt"),
+                 lambda: store.save_snapshot("rt", Snapshot(1, b"state"))):
+        with pytest.raises(BlobServiceError) as info:
+            call()
+        message = str(info.value)
+        assert (info.value.status, info.value.error_code) == (503, "ServerBusy")
+        assert "(ServerBusy, HTTP 503" in message and "retry later" in message, message
+        assert "refused" not in message  # it did not refuse anything: it is busy or failing
+    busy["on"] = False
+    assert store.read("rt") == EVENTS
+
+
 def test_without_the_azure_sdk_the_import_says_what_to_install() -> None:
     script = (
         "import sys\n"
