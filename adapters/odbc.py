@@ -65,6 +65,7 @@ import operator
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -770,34 +771,52 @@ class OdbcSource:
     def _start_or_wake_watchdog(self) -> None:
         # called with the lock held
         if self._watchdog is None:
+            # The thread holds the source only weakly, and is woken when the source is
+            # collected: a source dropped without close() does not live on in its watchdog.
+            weakref.finalize(self, _wake_all, self._lock)
             self._watchdog = threading.Thread(
-                target=self._watch, name=f"shir-odbc-watchdog {self.target}", daemon=True
+                target=_watch, args=(weakref.ref(self), self._lock),
+                name=f"shir-odbc-watchdog {self.target}", daemon=True,
             )
             self._watchdog.start()
         else:
             self._lock.notify()
 
-    def _watch(self) -> None:
-        """Cancel the call in flight once its deadline passes (the watchdog thread)."""
-        with self._lock:
-            while not self._closed:
-                running = self._call
-                if running is None or running.timed_out:
-                    # nothing to watch (or already cancelled): sleep until a call starts
-                    self._watchdog_wakes_at = math.inf
-                    self._lock.wait()
-                    continue
-                left_s = running.deadline - time.monotonic()
-                if left_s > 0:
-                    self._watchdog_wakes_at = running.deadline
-                    self._lock.wait(left_s)
-                    continue
-                running.timed_out = True
-                if not running.interruptible:
-                    continue
-                # The lock stays held: the reading thread cannot close the cursor meanwhile.
-                with contextlib.suppress(pyodbc.Error):
-                    running.cursor.cancel()
+
+def _wake_all(lock: threading.Condition) -> None:
+    with lock:
+        lock.notify_all()
+
+
+def _watch(ref: weakref.ref[OdbcSource], lock: threading.Condition) -> None:
+    """Cancel the call in flight once its deadline passes (the watchdog thread of one source).
+
+    Ends when the source is closed or collected; holds it strongly only between waits.
+    """
+    with lock:
+        while True:
+            source = ref()
+            if source is None or source._closed:
+                return
+            running = source._call
+            if running is None or running.timed_out:
+                # nothing to watch (or already cancelled): sleep until a call starts
+                source._watchdog_wakes_at = math.inf
+                del source, running
+                lock.wait()
+                continue
+            left_s = running.deadline - time.monotonic()
+            if left_s > 0:
+                source._watchdog_wakes_at = running.deadline
+                del source, running
+                lock.wait(left_s)
+                continue
+            running.timed_out = True
+            if not running.interruptible:
+                continue
+            # The lock stays held: the reading thread cannot close the cursor meanwhile.
+            with contextlib.suppress(pyodbc.Error):
+                running.cursor.cancel()
 
 
 def _one_tuple(row: Any) -> tuple[Any, ...]:

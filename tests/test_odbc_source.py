@@ -11,6 +11,7 @@ files can change independently.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -268,6 +270,22 @@ def test_sqlite_timeout_interrupts_a_long_query(tmp_path: Path, sqlite: OdbcSour
         assert any(t.name.startswith("shir-odbc-watchdog") for t in threading.enumerate())
     # close() stops the watchdog thread
     assert not any(t.name.startswith("shir-odbc-watchdog") for t in threading.enumerate())
+
+
+def test_a_source_dropped_without_close_does_not_live_on_in_its_watchdog(
+    tmp_path: Path, require_odbc_driver: Callable[[str, str], None]
+) -> None:
+    require_odbc_driver("SQLite3", "libsqliteodbc")
+    source = OdbcSource(sqlite_connection_string(tmp_path / "t.sqlite3"), timeout_s=30)
+    assert rows_of(source.read("SELECT 1")) == [(1,)]  # the first timed call starts it
+    watchdog = source._watchdog
+    assert watchdog is not None and watchdog.is_alive()
+    collected = weakref.ref(source)
+    del source
+    gc.collect()
+    assert collected() is None, "the watchdog thread kept the source alive"
+    watchdog.join(timeout=5)
+    assert not watchdog.is_alive()
 
 
 def test_sqlite_cancel_from_another_thread(sqlite: OdbcSource) -> None:
