@@ -904,8 +904,10 @@ class BlobEventStore:
                 self._create_container()
         seg.exists = True
         # Its creation time, so that a blob deleted and created again is told apart from it
-        # (one request per segment; an append's answer does not carry it).
-        self._properties(st, seg)
+        # (one request per segment; an append's answer does not carry it). Best effort: the
+        # next download of the segment learns it too.
+        with contextlib.suppress(BlobServiceError):
+            self._properties(st, seg)
 
     def _seal(self, st: _Stream, seg: _Segment) -> None:
         blob = self._container.get_blob_client(_segment_blob(st.name, seg.number))
