@@ -591,6 +591,9 @@ class OdbcSource:
         try:
             self._run(cursor, cursor.execute, query, *params)
             description = cursor.description
+            # Statements before the one with rows (``SET ...; SELECT ...``) leave no result set.
+            while description is None and self._run(cursor, cursor.nextset):
+                description = cursor.description
             if description is None:
                 raise QueryFailed(
                     f"{self.target}: the statement returned no result set to read "
@@ -867,13 +870,38 @@ class RowStream:
             self.close()
             raise
         if not rows:
+            self._check_no_more_results()
             self.close()
             raise StopIteration
         self.rows_read += len(rows)
         self.batches_read += 1
         if len(rows) < self.batch_rows:  # pyodbc's fetchmany comes up short only at the end
+            self._check_no_more_results()
             self.close()
         return tuple(map(self._as_tuple, rows))
+
+    def _check_no_more_results(self) -> None:
+        """Refuse a query whose later statements return rows too (``SELECT 1; SELECT 2``).
+
+        psqlODBC would hand over the first result set and drop the rest without a word, and a
+        copy that silently misses rows is worse than one that fails.
+        """
+        source, cursor = self._source, self._cursor
+        try:
+            while source._run(cursor, cursor.nextset, interruptible=source._cancel_fetches):
+                if cursor.description is not None:
+                    self.close()
+                    raise QueryFailed(
+                        f"{source.target}: the query returned more than one result set; a read "
+                        "streams one: send each SELECT as its own read"
+                    )
+        except QueryFailed as exc:
+            if exc.sqlstate not in ("HYC00", "IM001"):  # not "the driver cannot tell"
+                self.close()
+                raise
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Close the cursor and end the read's transaction (idempotent)."""

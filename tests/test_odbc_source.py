@@ -453,6 +453,24 @@ def test_pg_streams_in_batches_of_the_requested_size(pg: OdbcSource) -> None:
 
 
 @pytest.mark.services
+@pytest.mark.parametrize("batch_rows", [2, 3, 10])  # ends on a short batch, an empty fetch, both
+def test_pg_a_second_result_set_fails_the_read_instead_of_vanishing(
+    pg: OdbcSource, batch_rows: int
+) -> None:
+    stream = pg.read("SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3; SELECT 42",
+                     batch_rows=batch_rows)  # fmt: skip
+    with pytest.raises(QueryFailed, match="more than one result set"):
+        list(stream)
+    assert rows_of(pg.read("SELECT 'still usable'")) == [("still usable",)]
+
+
+@pytest.mark.services
+def test_pg_statements_without_rows_before_the_select_are_run(pg: OdbcSource) -> None:
+    assert rows_of(pg.read("SET LOCAL statement_timeout = '5s'; SELECT 7")) == [(7,)]
+    assert rows_of(pg.read("SELECT 1; SET LOCAL work_mem = '8MB'")) == [(1,)]
+
+
+@pytest.mark.services
 def test_pg_streams_through_a_server_side_cursor(pg_parts: dict[str, Any]) -> None:
     cs = postgresql_connection_string(**pg_parts, fetch_rows=500)
     with OdbcSource(cs) as source, OdbcSource(cs) as observer:
