@@ -825,6 +825,13 @@ class BlobEventStore:
                 self._raise(exc, f"append to stream {st.name!r}")
             self._appended(st, seg, position, sizes, result)
             return _version(st)
+        if maybe_landed is not None:
+            # An attempt whose answer was lost may still land (on Azure, a timed-out request
+            # can): the caller must re-read, not assume nothing was stored.
+            raise BlobAppendOutcomeUnknown(
+                f"could not append to stream {st.name!r} in {_MAX_ATTEMPTS} attempts, and one "
+                "attempt's outcome is unknown: re-read the stream before deciding again"
+            )
         raise BlobServiceError(
             f"could not append to stream {st.name!r} in {_MAX_ATTEMPTS} attempts: the stream "
             "kept moving or the service kept failing; re-read it and retry"

@@ -45,7 +45,13 @@ from shir.adapters.blobstore import (
     TornBlobTail,
 )
 from shir.core.codec import UnknownEventType, encode
-from shir.core.store import ConcurrencyConflict, EventStore, Snapshot, StoreError
+from shir.core.store import (
+    AppendOutcomeUnknown,
+    ConcurrencyConflict,
+    EventStore,
+    Snapshot,
+    StoreError,
+)
 
 services = pytest.mark.services
 CREATED: list[str] = []
@@ -731,6 +737,36 @@ def test_a_busy_or_failing_service_says_retry_later_not_refused(
         assert "refused" not in message  # it did not refuse anything: it is busy or failing
     busy["on"] = False
     assert store.read("rt") == EVENTS
+
+
+def test_appends_that_keep_failing_with_a_lost_answer_end_in_an_unknown_outcome(
+    open_store: Callable[..., BlobEventStore],
+) -> None:
+    # Every append is refused by the service (its position condition made impossible) and its
+    # answer turned into a 500: each attempt's outcome is unknown to the store. When the
+    # attempts run out, the caller must be told to re-read (on Azure a timed-out request can
+    # still land later), not that the service merely failed.
+    failing = {"on": False}
+
+    def impossible_position(request: Any) -> None:
+        http = request.http_request
+        if failing["on"] and "comp=appendblock" in http.url:
+            http.headers["x-ms-blob-condition-appendpos"] = str(1 << 40)
+
+    def lost_answer(response: Any) -> None:
+        if failing["on"] and "comp=appendblock" in response.http_request.url:
+            response.http_response.status_code = 500
+            response.http_response.headers["x-ms-error-code"] = "InternalError"
+
+    store = open_store(raw_request_hook=impossible_position, raw_response_hook=lost_answer,
+                       retry_total=0)  # fmt: skip
+    store.append("rt", EVENTS, 0)
+    failing["on"] = True
+    with pytest.raises(AppendOutcomeUnknown, match="re-read the stream before deciding"):
+        store.append("rt", [NoteWritten("lost?")], len(EVENTS))
+    failing["on"] = False
+    assert store.read("rt") == EVENTS  # it did not land, and the store still works
+    assert store.append("rt", [NoteWritten("next")], len(EVENTS)) == len(EVENTS) + 1
 
 
 def test_without_the_azure_sdk_the_import_says_what_to_install() -> None:
