@@ -629,15 +629,20 @@ def test_an_unreachable_endpoint_says_where_and_what_to_check() -> None:
     assert key not in message and key not in repr(store)
 
 
+def with_account_key(connection_string: str, key: str) -> str:
+    """``connection_string`` with its AccountKey replaced by ``key``."""
+    return ";".join(
+        f"AccountKey={key}" if part.startswith("AccountKey=") else part
+        for part in connection_string.split(";")
+    )
+
+
 @services
 def test_a_wrong_key_says_the_credential_is_wrong_without_showing_it(
     azurite_connection_string: str,
 ) -> None:
     key = "Zm9vYmFyc2VjcmV0a2V5MTIzNDU2Nzg5MA=="
-    wrong = ";".join(
-        f"AccountKey={key}" if part.startswith("AccountKey=") else part
-        for part in azurite_connection_string.split(";")
-    )
+    wrong = with_account_key(azurite_connection_string, key)
     with BlobEventStore.from_connection_string(wrong, new_container()) as store:
         for call in (lambda: store.version("rt"), lambda: store.append("rt", EVENTS, 0)):
             with pytest.raises(BlobServiceError, match="refused") as info:
@@ -654,10 +659,7 @@ def test_a_wrong_key_error_carries_the_services_error_code(
     # The SDK turns codes it does not map to an exception class into StorageErrorCode members,
     # whose str() is "StorageErrorCode.AUTHORIZATION_FAILURE", not the service's code.
     key = "Zm9vYmFyc2VjcmV0a2V5MTIzNDU2Nzg5MA=="
-    wrong = ";".join(
-        f"AccountKey={key}" if part.startswith("AccountKey=") else part
-        for part in azurite_connection_string.split(";")
-    )
+    wrong = with_account_key(azurite_connection_string, key)
     with (
         BlobEventStore.from_connection_string(wrong, new_container()) as store,
         pytest.raises(BlobServiceError) as info,
