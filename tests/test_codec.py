@@ -144,6 +144,21 @@ SUBCLASSED = _CountsSubclasses.subclassed  # before registering: attrs itself su
 event("test.init_subclass")(HooksSubclassing)
 
 
+@event("test.watched_setattr")
+@attrs.define
+class WatchedSetattr:
+    """Not frozen, with its own __setattr__, which __init__ goes through."""
+
+    x: int
+
+    def __setattr__(self, name: str, value: object) -> None:
+        WATCHED.append(name)
+        object.__setattr__(self, name, value)
+
+
+WATCHED: list[str] = []
+
+
 @attrs.frozen
 class Unregistered:
     """An attrs class never passed to @value: not a valid field type."""
@@ -456,6 +471,15 @@ def test_classes_hooking_subclassing_are_built_through_init() -> None:
     # business: such classes take the plain constructor.
     assert decode(encode(HooksSubclassing(5))) == HooksSubclassing(5)
     assert _CountsSubclasses.subclassed == SUBCLASSED
+
+
+def test_a_class_with_its_own_setattr_is_built_through_init() -> None:
+    # Its __init__ stores through that __setattr__; the twin's plain stores would skip it.
+    original = WatchedSetattr(5)
+    record = encode(original)
+    WATCHED.clear()
+    assert decode(record) == original
+    assert WATCHED == ["x"]  # the decoded object was built through it
 
 
 def test_post_init_checks_still_run_on_decode() -> None:
