@@ -24,7 +24,22 @@ from shir.core.store import (
     StoreError,
 )
 
-__all__ = ["EventStoreContract"]
+__all__ = ["SNAPSHOT_DAMAGE", "EventStoreContract", "damaged_snapshot"]
+
+# Ways to damage a stored snapshot (the file and Blob stores share its framing).
+SNAPSHOT_DAMAGE = ["flip", "truncate", "empty", "extend"]
+
+
+def damaged_snapshot(data: bytes, damage: str) -> bytes:
+    """``data`` (a stored snapshot) damaged one of the ways in :data:`SNAPSHOT_DAMAGE`."""
+    if damage == "flip":
+        return data[:-3] + bytes([data[-3] ^ 0x01]) + data[-2:]
+    if damage == "truncate":
+        return data[:-4]
+    if damage == "empty":
+        return b""
+    assert damage == "extend", damage
+    return data + b"\x00"
 
 sample_events = st.lists(
     st.one_of(

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from sample_events import CounterAdded, NoteWritten
-from store_contract import EventStoreContract
+from store_contract import SNAPSHOT_DAMAGE, EventStoreContract, damaged_snapshot
 
 from shir.adapters.filestore import (
     CorruptSnapshot,
@@ -268,21 +268,12 @@ def test_closed_store_refuses_work(tmp_path: Path) -> None:
         s.append("rt", [CounterAdded(1)], 0)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "extend"])
+@pytest.mark.parametrize("damage", SNAPSHOT_DAMAGE)
 def test_corrupt_snapshot_is_a_typed_error(store: FileEventStore, damage: str) -> None:
     store.append("rt", EVENTS, 0)
     store.save_snapshot("rt", Snapshot(2, b"some state bytes"))
     path = Path(store.directory) / "rt.snapshot"
-    data = bytearray(path.read_bytes())
-    if damage == "flip":
-        data[-3] ^= 0x01
-    elif damage == "truncate":
-        data = data[:-4]
-    elif damage == "empty":
-        data = bytearray()
-    else:
-        data += b"\x00"
-    path.write_bytes(bytes(data))
+    path.write_bytes(damaged_snapshot(path.read_bytes(), damage))
     with pytest.raises(CorruptSnapshot, match=r"rt\.snapshot.*delete it"):
         store.load_snapshot("rt")
 

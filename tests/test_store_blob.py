@@ -30,7 +30,7 @@ pytest.importorskip("azure.storage.blob")
 from azure.core.exceptions import ResourceNotFoundError, ServiceResponseError
 from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 from sample_events import CounterAdded, NoteWritten
-from store_contract import EventStoreContract
+from store_contract import SNAPSHOT_DAMAGE, EventStoreContract, damaged_snapshot
 
 from shir.adapters.blobstore import (
     DEFAULT_SEGMENT_APPENDS,
@@ -535,7 +535,7 @@ def test_a_stream_recreated_behind_the_stores_back_is_reported_then_read_afresh(
 
 
 @services
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "extend"])
+@pytest.mark.parametrize("damage", SNAPSHOT_DAMAGE)
 def test_a_corrupt_snapshot_is_a_typed_error(
     open_store: Callable[..., BlobEventStore], service: BlobServiceClient, damage: str
 ) -> None:
@@ -543,16 +543,8 @@ def test_a_corrupt_snapshot_is_a_typed_error(
     store.append("rt", EVENTS, 0)
     store.save_snapshot("rt", Snapshot(2, b"some state bytes"))
     blob = service.get_blob_client(store.container_name, "rt/snapshot")
-    data = bytearray(blob.download_blob().readall())
-    if damage == "flip":
-        data[-3] ^= 0x01
-    elif damage == "truncate":
-        data = data[:-4]
-    elif damage == "empty":
-        data = bytearray()
-    else:
-        data += b"\x00"
-    blob.upload_blob(bytes(data), overwrite=True)
+    data = damaged_snapshot(blob.download_blob().readall(), damage)
+    blob.upload_blob(data, overwrite=True)
     with pytest.raises(CorruptSnapshot, match=r"rt/snapshot.*delete it"):
         store.load_snapshot("rt")
 
