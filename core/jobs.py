@@ -88,6 +88,7 @@ class JobSubmitted:
     carried: tuple[str, ...]
     size_mb: float
     at: float
+    spec: bytes = b""  # what to run, opaque to the core
 
 
 @event("job_leased")
@@ -167,6 +168,7 @@ class Job:
     submitted_at: float
     seq: int  # submission order: the queue is FIFO by it
     deliveries: int = 0
+    spec: bytes = b""
 
 
 @attrs.define(slots=True)
@@ -335,7 +337,8 @@ class JobBook:
 def _job_submitted(m: Any, e: JobSubmitted) -> None:
     b: JobBook = m.jobs
     req = requirement_of(e.needs, e.carried)
-    b.jobs[e.job_id] = Job(e.job_id, e.idempotency_key, req, e.carried, e.size_mb, e.at, b.next_seq)
+    b.jobs[e.job_id] = Job(e.job_id, e.idempotency_key, req, e.carried, e.size_mb, e.at, b.next_seq,
+                           spec=e.spec)
     b.next_seq += 1
     b.active_keys[e.idempotency_key] = e.job_id
     q = b.queues.get(req)

@@ -62,6 +62,7 @@ __all__ = [
     "scale_advice",
 ]
 
+MAX_SPEC_BYTES = 64 * 1024  # a job spec names its inputs; it does not carry them
 LIMIT_RANGE = (1, 256)  # bounds of a user override
 _DEFAULT_RANGE = (1, 64)
 
@@ -90,6 +91,9 @@ class SubmitJob:
     needs: tuple[CredentialVersion, ...] = ()
     carried: tuple[str, ...] = ()
     size_mb: float = 0.0
+    # What to run, opaque to the core (a host's job kind and parameters, never a secret):
+    # kept in the log so whichever node the job is delivered to can read it.
+    spec: bytes = b""
 
 
 @attrs.frozen
@@ -184,6 +188,12 @@ def _submit(m: _Model, c: SubmitJob) -> list[object]:
             raise InvalidCommand(f"{what} must be 1-256 characters, got {v!r:.60}")
     if not (isinstance(c.size_mb, (int, float)) and c.size_mb >= 0):
         raise InvalidCommand(f"size_mb must be >= 0, got {c.size_mb!r}")
+    if not isinstance(c.spec, bytes) or len(c.spec) > MAX_SPEC_BYTES:
+        raise InvalidCommand(
+            f"spec must be at most {MAX_SPEC_BYTES} bytes, got "
+            f"{len(c.spec) if isinstance(c.spec, bytes) else type(c.spec).__name__}: "
+            "keep large inputs in the source or sink and pass their names"
+        )
     for cv in c.needs:
         if cv.version < 1:
             raise InvalidCommand(f"credential {cv.credential_id!r} version must be >= 1")
@@ -201,7 +211,7 @@ def _submit(m: _Model, c: SubmitJob) -> list[object]:
         )
     s, out = _timed(m, c.at, jobs_only=True)
     _emit(s, out, JobSubmitted(c.job_id, c.idempotency_key, tuple(c.needs), tuple(c.carried),
-                               float(c.size_mb), c.at))
+                               float(c.size_mb), c.at, c.spec))
     return out
 
 

@@ -6,16 +6,18 @@ checker that cannot see a violation would pass every simulation and prove nothin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from shir.core import events as ev
 from shir.core import jobs
+from shir.core.driver import AppendOutcomeUnknown, Driver
 from shir.core.keys import AuthKey
 from shir.core.model import KeyName, NodeMetrics, RuntimeSettings
 from shir.core.snapshot import snapshot_bytes
 from shir.core.state import fold, initial
 from shir.core.store import InMemoryEventStore
-from shir.sim.driver import AppendOutcomeUnknown, Driver
 from shir.sim.invariants import Checkers, check_snapshot
 
 K1 = AuthKey.from_seed("rt", KeyName.KEY1, 1, bytes(range(48)))
@@ -173,3 +175,36 @@ def test_driver_rereads_the_stream_when_an_append_outcome_is_unknown(land: bool)
         assert d.state.node("a") is None
     assert d.version == store.version("rt") == len(seen)
     assert fold(initial(), store.read("rt")) == d.state
+
+
+def test_two_drivers_on_one_store_resolve_a_conflict_by_deciding_again() -> None:
+    """Two hosts on one log: the second writer loses the append, re-reads and decides again."""
+    from shir.core import CreateRuntime, RegisterNode
+
+    store = InMemoryEventStore()
+    a = Driver(store, "rt")
+    a.handle(CreateRuntime("rt", "f", "ir", K1, K2, 0.0))
+    b = Driver(store, "rt")  # b has read the log so far
+    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0))
+    # b's state is one event behind: its append conflicts, it re-reads and decides again
+    b.handle(RegisterNode(K2.text, "b", "m-b", 2, 2048, 2.0))
+    assert b.conflicts == 1 and b.state.node("a") is not None and b.state.node("b") is not None
+    assert fold(initial(), store.read("rt")) == b.state
+    # a command the newer state already satisfies yields nothing after the conflict
+
+    assert a.handle(RegisterNode(K2.text, "b", "m-b", 2, 2048, 2.0)) == ()
+    assert a.state == b.state
+
+
+def test_a_driver_gives_up_after_its_conflict_budget() -> None:
+    from shir.core import CreateRuntime
+    from shir.core.store import ConcurrencyConflict
+
+    class _AlwaysMoved(InMemoryEventStore):
+        def append(self, stream: str, events: Sequence[object], expected_version: int) -> int:
+            raise ConcurrencyConflict(stream, expected_version, expected_version + 1)
+
+    d = Driver(_AlwaysMoved(), "rt", max_conflict_retries=3)
+    with pytest.raises(ConcurrencyConflict):
+        d.handle(CreateRuntime("rt", "f", "ir", K1, K2, 0.0))
+    assert d.conflicts == 4

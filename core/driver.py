@@ -1,0 +1,103 @@
+"""The host loop around the core: the one loop every host shares.
+
+The simulator, the property-test machine and the node host all drive the core the same way:
+read the stream's tail, fold it, decide, append the events under the expected version, fold
+them, and carry out the effects. The store's conditional append is the linearization point:
+
+- ``ConcurrencyConflict`` (another writer appended first): re-read the tail and decide again on
+  the newer state, up to ``max_conflict_retries`` times; a command that the newer state already
+  satisfies yields no events, and one it now refuses raises the core's ``DomainError``.
+- ``AppendOutcomeUnknown`` (the store cannot say whether it took the append): re-read; if the
+  events landed, their effects follow from the log; if not, nothing was stored and the error is
+  raised so the caller may retry.
+
+Effects are always computed from events that are in the log, never from a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from shir.core.decide import decide, next_deadline
+from shir.core.effects import effects_of
+from shir.core.state import RuntimeState, fold, initial
+from shir.core.store import (
+    AppendOutcomeUnknown,
+    ConcurrencyConflict,
+    EventStore,
+    InMemoryEventStore,
+)
+
+__all__ = ["AppendOutcomeUnknown", "ConcurrencyConflict", "Driver"]
+
+
+Listener = Callable[[Sequence[object]], None]
+
+
+class Driver:
+    """Drive one runtime's core against an event store.
+
+    ``listeners`` see every batch of events this driver folds, its own and other writers'.
+    """
+
+    def __init__(self, store: EventStore | None = None, stream: str = "runtime",
+                 listeners: Sequence[Listener] = (), max_conflict_retries: int = 8) -> None:
+        self.store: EventStore = store if store is not None else InMemoryEventStore()
+        self.stream = stream
+        self.listeners = list(listeners)
+        self.max_conflict_retries = max_conflict_retries
+        self.version = 0
+        self.state: RuntimeState = initial()
+        self.recoveries = 0  # appends whose outcome had to be re-read
+        self.conflicts = 0  # appends that lost to another writer and were decided again
+        self.catch_up()
+
+    def catch_up(self) -> list[object]:
+        """Fold the events other writers appended since this driver last looked; return them."""
+        tail = self.store.read(self.stream, self.version)
+        if tail:
+            self.state = fold(self.state, tail)
+            self.version += len(tail)
+            for listener in self.listeners:
+                listener(tail)
+        return tail
+
+    def handle(self, command: object) -> tuple[object, ...]:
+        """Decide ``command``, store and fold its events; return the effects to carry out.
+
+        Raises the core's ``DomainError`` when the command is refused (also when it is refused
+        only after a conflict showed a newer state), :class:`ConcurrencyConflict` when other
+        writers kept winning ``max_conflict_retries`` times in a row, and
+        :class:`AppendOutcomeUnknown` when the store may have lost the events and a re-read
+        shows it did: nothing was stored either way, and the caller may retry.
+        """
+        for attempt in range(self.max_conflict_retries + 1):
+            events = decide(self.state, command)
+            if not events:
+                return ()
+            try:
+                self.version = self.store.append(self.stream, events, self.version)
+            except ConcurrencyConflict:
+                # Another writer went first: decide again on what it wrote.
+                self.conflicts += 1
+                self.catch_up()
+                if attempt == self.max_conflict_retries:
+                    raise
+                continue
+            except AppendOutcomeUnknown:
+                # Re-read: the events either landed (fold them from the log) or did not (decide
+                # again next time). Effects follow from what is in the log, never from a guess.
+                self.recoveries += 1
+                landed = self.catch_up()
+                if not landed:
+                    raise
+                return effects_of(landed)
+            self.state = fold(self.state, events)
+            for listener in self.listeners:
+                listener(events)
+            return effects_of(events)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def deadline(self) -> float | None:
+        """When the core next needs a ``Tick``."""
+        return next_deadline(self.state)
