@@ -570,6 +570,9 @@ def build_parser(with_credentials: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_sim(sub)
+    from shir.adapters.cert_cli import add_commands as add_cert_commands
+
+    add_cert_commands(sub)
     if with_credentials:
         from shir.adapters.credentials_cli import add_commands
 
