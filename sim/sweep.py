@@ -153,40 +153,49 @@ OnBatch = Callable[[list[Record]], None]
 
 def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float | None,
              workers: int, on_batch: OnBatch, batch_fn: BatchFn) -> int:
-    """Run on a local process pool; returns how many seeds were run again."""
-    todo = deque((b, 1) for b in batches)
+    """Run on a local process pool; returns how many seeds were run again.
+
+    A dead worker breaks the whole pool, so the batch that killed it is not known: every batch
+    then in flight becomes a suspect, and suspects run one at a time, alone in a new pool, so a
+    second death is charged to the batch that caused it and not to its neighbours.
+    """
+    todo = deque(batches)
+    suspects: deque[tuple[tuple[int, ...], int]] = deque()
     retried = 0
-    while todo:
-        broken = False
+    while todo or suspects:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             flight: dict[Future[list[Record]], tuple[tuple[int, ...], int]] = {}
+            alone = False
             try:
-                while todo or flight:
-                    while todo and len(flight) < IN_FLIGHT_PER_WORKER * workers:
-                        batch, attempt = todo.popleft()
+                while todo or suspects or flight:
+                    if suspects and not flight:
+                        batch, attempt = suspects.popleft()
                         flight[pool.submit(batch_fn, scenario, batch, until_s)] = batch, attempt
+                        alone = True
+                    while not suspects and todo and len(flight) < IN_FLIGHT_PER_WORKER * workers:
+                        batch = todo.popleft()
+                        flight[pool.submit(batch_fn, scenario, batch, until_s)] = batch, 1
+                        alone = False
                     done, _ = wait(flight, return_when=FIRST_COMPLETED)
                     for f in done:
                         records = f.result()  # BrokenProcessPool when a worker died
                         del flight[f]
                         on_batch(records)
             except BrokenProcessPool:
-                broken = True
-            except BaseException:
-                for f in flight:
-                    f.cancel()
-                raise
-            if broken:
                 # collect what finished before the break; everything else runs again
                 for f, (batch, attempt) in flight.items():
                     if f.done() and not f.cancelled() and f.exception() is None:
                         on_batch(f.result())
-                    elif attempt >= MAX_ATTEMPTS:
+                    elif alone and attempt + 1 >= MAX_ATTEMPTS:
                         on_batch(_lost(batch, f"a worker process died running this seed's batch "
-                                              f"{attempt} times"))
+                                              f"{attempt + 1} times"))
                     else:
-                        todo.appendleft((batch, attempt + 1))
+                        suspects.append((batch, attempt + 1 if alone else 2))
                         retried += len(batch)
+            except BaseException:
+                for f in flight:
+                    f.cancel()
+                raise
     return retried
 
 
@@ -501,8 +510,8 @@ def cmd_sweep(args: Any) -> int:
 def _out_target(text: str) -> Path:
     path = Path(text)
     if path.suffix != ".jsonl":
-        raise SweepError(f"--out {text}: expected a file name ending in .jsonl (one JSON object per "
-                    "seed), e.g. --out sweep.jsonl")
+        raise SweepError(f"--out {text}: expected a file name ending in .jsonl (one JSON "
+                         "object per seed), e.g. --out sweep.jsonl")
     if path.is_dir():
         raise SweepError(f"--out {text}: is a directory")
     if not path.parent.is_dir():
