@@ -178,19 +178,26 @@ def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float 
                         alone = False
                     done, _ = wait(flight, return_when=FIRST_COMPLETED)
                     for f in done:
-                        records = f.result()  # BrokenProcessPool when a worker died
-                        del flight[f]
+                        batch, tries = flight.pop(f)
+                        try:
+                            records = f.result()
+                        except BrokenProcessPool:  # a worker died: handled below
+                            flight[f] = batch, tries
+                            raise
+                        except Exception as exc:  # the batch itself failed (not one run)
+                            records = _lost(batch, f"the batch failed: {type(exc).__name__}: "
+                                                   f"{exc}")
                         on_batch(records)
             except BrokenProcessPool:
                 # collect what finished before the break; everything else runs again
                 for f, (batch, attempt) in flight.items():
                     if f.done() and not f.cancelled() and f.exception() is None:
                         on_batch(f.result())
-                    elif alone and attempt + 1 >= MAX_ATTEMPTS:
+                    elif alone and attempt >= MAX_ATTEMPTS:
                         on_batch(_lost(batch, f"a worker process died running this seed's batch "
-                                              f"{attempt + 1} times"))
+                                              f"{attempt} times"))
                     else:
-                        suspects.append((batch, attempt + 1 if alone else 2))
+                        suspects.append((batch, attempt + 1))
                         retried += len(batch)
             except BaseException:
                 for f in flight:
@@ -256,6 +263,12 @@ def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluste
     client, local = _dask_client(cluster)
     retried = 0
     try:
+        if not client.nthreads():
+            try:
+                client.wait_for_workers(1, timeout=30)
+            except TimeoutError:
+                raise SweepError(f"{cluster.describe()} has no workers after 30 s: start some "
+                                 "with `dask worker ADDRESS`") from None
         _warm(client)
         threads = sum(client.nthreads().values()) or 1
         size = started(len(client.nthreads())) or default_batch_size(len(seeds), threads)
@@ -284,6 +297,8 @@ def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluste
                 else:
                     todo.appendleft((batch, attempt + 1))
                     retried += len(batch)
+            except Exception as exc:  # the task itself failed (not one run): say why
+                on_batch(_lost(batch, f"the Dask task failed: {type(exc).__name__}: {exc}"))
             else:
                 if _suspicious(client, [f.key]):
                     retried += len(batch)

@@ -249,3 +249,20 @@ def test_progress_bar_only_on_a_terminal(
     drawn = terminal.getvalue()
     assert "4/4" in drawn and f"failed={len(result.failed)}" in drawn  # failures so far
     assert "seed/s" in drawn or "s/seed" in drawn  # the rate
+
+
+def fail_batch(scenario: Scenario, seeds: Sequence[int],
+               until_s: float | None) -> list[dict[str, Any]]:
+    """A batch function that raises for seed 105 (not a run's failure: the batch's)."""
+    if 105 in seeds:
+        raise RuntimeError("no such luck")
+    return sweep.run_batch(scenario, seeds, until_s)
+
+
+def test_a_batch_that_raises_is_reported_as_its_seeds_failures(scenario: Scenario) -> None:
+    result = sweep.sweep(scenario, SEEDS, UNTIL_S, cluster=sweep.parse_cluster(None, 2),
+                         batch_size=2, batch_fn=fail_batch)
+    errors = {r["seed"]: r["error"] for r in result.records if r["error"]}
+    assert errors == {104: "the batch failed: RuntimeError: no such luck",
+                      105: "the batch failed: RuntimeError: no such luck"}
+    assert [r["seed"] for r in result.records] == SEEDS and result.retried == 0
