@@ -4,7 +4,8 @@ mounted from :mod:`shir.adapters.credentials_cli`.
 ::
 
     shir sim run SCENARIO [--seed N] [--until DURATION] [--json] [--plot FILE.png] [--log FILE]
-    shir sim sweep SCENARIO --seeds N [--workers K] [--until DURATION] [--json]
+    shir sim sweep SCENARIO --seeds N [--workers K | --cluster local[:K] | --cluster ADDRESS]
+                   [--until DURATION] [--batch-size B] [--json] [--out FILE.jsonl]
     shir sim replay LOG [--json]
     shir sim list
 
@@ -29,9 +30,7 @@ import shlex
 import shutil
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -260,107 +259,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # -- sim sweep --------------------------------------------------------------------------------
 
 
-def _sweep_one(scenario_arg: str, seed: int, until_s: float | None) -> dict[str, Any]:
-    """One run in a worker process: a small, picklable summary."""
-    from shir.sim.world import run
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from shir.sim.sweep import SweepError, cmd_sweep
 
     try:
-        r = run(load_scenario(scenario_arg), seed=seed, until_s=until_s)
-    except Exception as exc:  # a simulator bug: report it as this seed's failure
-        return {"seed": seed, "ok": False, "error": f"{type(exc).__name__}: {exc}",
-                "invariant_violations": [], "expectations_failed": [], "wall_s": 0.0,
-                "simulated_s": 0.0, "event_log_sha256": None}
-    return {"seed": seed, "ok": r.ok, "error": None,
-            "invariant_violations": r.invariant_violations,
-            "expectations_failed": r.expectations["failed"], "wall_s": r.wall_s,
-            "simulated_s": r.simulated_s, "event_log_sha256": r.event_log_sha256}
-
-
-class _Progress:
-    """A one-line progress bar on stderr, drawn only on a terminal."""
-
-    def __init__(self, total: int, stream: TextIO) -> None:
-        self.total = total
-        self.stream = stream
-        self.on = stream.isatty()
-        self.started = time.perf_counter()
-
-    def show(self, done: int, failed: int) -> None:
-        if not self.on:
-            return
-        width = 30
-        filled = width * done // max(1, self.total)
-        bar = "#" * filled + "." * (width - filled)
-        elapsed = time.perf_counter() - self.started
-        self.stream.write(f"\r[{bar}] {done}/{self.total} runs, {failed} failed, "
-                          f"{elapsed:.1f} s ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.on:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    scenario = _load(args.scenario)
-    until_s = _until_s(args)
-    seeds = [scenario.seed + i for i in range(args.seeds)]
-    workers = min(args.workers or os.cpu_count() or 1, len(seeds))
-    started = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    progress = _Progress(len(seeds), sys.stderr)
-    progress.show(0, 0)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: set[Future[dict[str, Any]]] = {
-            pool.submit(_sweep_one, args.scenario, s, until_s) for s in seeds
-        }
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                results += [f.result() for f in done]
-                progress.show(len(results), sum(not r["ok"] for r in results))
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
-        finally:
-            progress.close()
-    wall = time.perf_counter() - started
-    results.sort(key=lambda r: r["seed"])
-    failed = [r for r in results if not r["ok"]]
-    for r in failed:
-        r["replay"] = replay_command(args.scenario, r["seed"], args.until)
-    report = {
-        "scenario": scenario.name,
-        "seeds": {"first": seeds[0], "last": seeds[-1]},
-        "runs": len(results),
-        "failures": len(failed),
-        "failing_seeds": [r["seed"] for r in failed],
-        "failed_runs": failed,
-        "workers": workers,
-        "wall_s": round(wall, 3),
-        "simulated_s": round(sum(r["simulated_s"] for r in results), 3),
-        "ok": not failed,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"sweep         {scenario.name}: seeds {seeds[0]}..{seeds[-1]} "
-              f"({len(results)} runs on {workers} worker{'s' if workers != 1 else ''})")
-        print(f"wall time     {wall:.2f} s ({_fmt_s(report['simulated_s'])} simulated)")
-        print(f"failures      {len(failed)}")
-        for r in failed:
-            print(f"  seed {r['seed']}: {r['replay']}")
-            why = ([r["error"]] if r["error"] else []) + r["invariant_violations"][:3] \
-                + r["expectations_failed"][:3]
-            for w in why:
-                print(f"      {_mark(False, sys.stdout)} {w}")
-        print("result        " + ("PASS" if not failed else "FAIL"))
-    if failed and args.json:
-        for r in failed:
-            print(f"seed {r['seed']} failed; replay it with: {r['replay']}", file=sys.stderr)
-    return 1 if failed else 0
+        return cmd_sweep(args)
+    except SweepError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # -- sim replay -------------------------------------------------------------------------------
@@ -533,16 +438,27 @@ def _add_sim(sub: Any) -> None:
 
     sweep = cmds.add_parser(
         "sweep", help="run one scenario with many seeds in parallel",
-        description="Run seeds S..S+N-1 (S: the scenario's seed) in parallel processes. Exit 1 "
-                    "if any run failed; each failing seed is printed with its replay command.",
+        description="Run seeds S..S+N-1 (S: the scenario's seed) in batches on local worker "
+                    "processes or a Dask cluster, and report each metric's distribution over the "
+                    "seeds. A batch whose worker died runs again. Exit 1 if any run failed; each "
+                    "failing seed is printed with its replay command.",
     )
     sweep.add_argument("scenario", metavar="SCENARIO", help=scenario_help)
     sweep.add_argument("--seeds", type=_positive_int("number of seeds"), required=True,
                        metavar="N", help="how many seeds to run")
     sweep.add_argument("--workers", type=_positive_int("number of workers"), metavar="K",
                        help="parallel processes (default: the number of CPUs)")
+    sweep.add_argument("--cluster", metavar="ADDRESS",
+                       help="run on Dask distributed (pip install 'shir[dask]'): local or "
+                            "local:WORKERS for a loopback LocalCluster, or a scheduler address "
+                            "such as tcp://10.0.0.5:8786")
     sweep.add_argument("--until", type=_duration_arg, metavar="DURATION", help=until_help)
-    sweep.add_argument("--json", action="store_true", help="print one JSON object")
+    sweep.add_argument("--batch-size", type=_positive_int("batch size"), metavar="B",
+                       help="seeds per task (default: about 8 batches per worker, at most 50)")
+    sweep.add_argument("--json", action="store_true",
+                       help="print one JSON object (with each seed's hash and metrics)")
+    sweep.add_argument("--out", metavar="FILE.jsonl",
+                       help="write one JSON line per seed (hash, metrics, failures) to FILE.jsonl")
     sweep.set_defaults(handler=_cmd_sweep)
 
     replay = cmds.add_parser(

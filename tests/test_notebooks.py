@@ -36,6 +36,8 @@ def this_python_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     }))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("MPLBACKEND", "Agg")  # a headless kernel; inline figures still render
+    # sweep-dispatcher-gaps sweeps 250 seeds per setting (1,000 runs) by hand; 40 here, to be quick
+    monkeypatch.setenv("SHIR_NOTEBOOK_SWEEP_SEEDS", "40")
     return "python3"
 
 

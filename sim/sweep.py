@@ -1,0 +1,552 @@
+"""``shir sim sweep``: one scenario, many seeds, on local worker processes or Dask distributed.
+
+Theory of operation: the seeds are cut into batches (one task runs a batch, so a task's fixed
+cost, 2.5-9 ms on Dask, is paid once per batch, not per seed) and at most a few batches per
+worker are in flight at a time, so memory stays bounded however many seeds there are. Runs are
+deterministic, so a batch whose worker died is simply run again: on the local pool a
+``BrokenProcessPool`` is caught, the pool rebuilt and every batch not yet collected resubmitted;
+on Dask the scheduler reruns the tasks of a lost worker itself (we count those reruns from the
+scheduler's ``suspicious`` counter) and a batch that killed ``allowed-failures`` workers
+(``KilledWorker``) is resubmitted by us. A batch that kills its worker ``MAX_ATTEMPTS`` times is
+reported as failing seeds, never retried forever. Results are sorted by seed whatever order they
+arrive in.
+
+Dask and tqdm are optional (``pip install 'shir[dask]'``) and imported only when used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+
+from shir.sim.scenario import Scenario
+
+__all__ = [
+    "METRICS",
+    "SweepResult",
+    "distribution",
+    "parse_cluster",
+    "run_batch",
+    "sweep",
+]
+
+DASK_INSTALL_HINT = "pip install 'shir[dask]'"
+# The distributions a sweep reports, by metric name (the names [[expect]] uses).
+METRICS = (
+    "max_dispatcher_gap_s",
+    "max_offline_detect_s",
+    "failovers",
+    "jobs.redelivered",
+    "jobs.unfinished",
+    "jobs.dead_lettered",
+)
+PERCENTILES = (50, 95, 99)
+MAX_ATTEMPTS = 3  # a batch whose worker died this many times is reported, not rerun
+IN_FLIGHT_PER_WORKER = 2  # enough to keep a worker busy while its last result travels
+MAX_BATCH = 50
+
+Record = dict[str, Any]
+BatchFn = Callable[[Scenario, Sequence[int], "float | None"], list[Record]]
+
+
+class SweepError(Exception):
+    """Bad input or an unreachable cluster: the message says what to do."""
+
+
+# -- one batch, in a worker ----------------------------------------------------------------
+
+
+def _run_one(scenario: Scenario, seed: int, until_s: float | None) -> Record:
+    from shir.sim.world import run
+
+    try:
+        r = run(scenario, seed=seed, until_s=until_s)
+    except Exception as exc:  # a simulator bug: this seed's failure, not the sweep's
+        return {"seed": seed, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                "invariant_violations": [], "expectations_failed": [], "wall_s": 0.0,
+                "simulated_s": 0.0, "events": 0, "event_log_sha256": None, "metrics": {},
+                "pid": os.getpid()}
+    metrics = {name: r.metric(name) for name in METRICS}
+    return {"seed": seed, "ok": r.ok, "error": None,
+            "invariant_violations": list(r.invariant_violations),
+            "expectations_failed": list(r.expectations["failed"]),
+            "wall_s": r.wall_s, "simulated_s": r.simulated_s, "events": r.events,
+            "event_log_sha256": r.event_log_sha256, "metrics": metrics, "pid": os.getpid()}
+
+
+def run_batch(scenario: Scenario, seeds: Sequence[int], until_s: float | None) -> list[Record]:
+    """Run ``scenario`` once per seed; a small, picklable record per seed (runs in a worker)."""
+    return [_run_one(scenario, seed, until_s) for seed in seeds]
+
+
+def _lost(seeds: Sequence[int], why: str) -> list[Record]:
+    return [{"seed": s, "ok": False, "error": why, "invariant_violations": [],
+             "expectations_failed": [], "wall_s": 0.0, "simulated_s": 0.0, "events": 0,
+             "event_log_sha256": None, "metrics": {}, "pid": None} for s in seeds]
+
+
+# -- where the batches run -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Cluster:
+    """Where a sweep runs: ``pool`` (local processes), ``local`` (a loopback Dask LocalCluster)
+    or ``address`` (an existing Dask scheduler)."""
+
+    kind: str
+    workers: int | None = None
+    address: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "pool":
+            return f"{self.workers} local process{'es' if self.workers != 1 else ''}"
+        if self.kind == "local":
+            return f"a Dask LocalCluster of {self.workers} worker{'s' if self.workers != 1 else ''}"
+        return f"the Dask scheduler at {self.address}"
+
+
+def parse_cluster(text: str | None, workers: int | None) -> Cluster:
+    """``None`` (the local pool), ``local``, ``local:WORKERS`` or ``tcp://HOST:PORT``."""
+    default = min(workers or os.cpu_count() or 1, 64)
+    if text is None:
+        return Cluster("pool", default)
+    if text == "local" or text.startswith("local:"):
+        n_text = text.partition(":")[2]
+        if not n_text:
+            return Cluster("local", default)
+        try:
+            n = int(n_text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise SweepError(f"--cluster {text}: expected local or local:WORKERS with WORKERS an "
+                             "integer >= 1, e.g. local:2")
+        return Cluster("local", n)
+    if "://" in text and text.split("://", 1)[1]:
+        return Cluster("address", address=text)
+    raise SweepError(f"--cluster {text}: expected local, local:WORKERS, or a Dask scheduler "
+                     "address such as tcp://10.0.0.5:8786")
+
+
+def _batches(seeds: Sequence[int], size: int) -> list[tuple[int, ...]]:
+    return [tuple(seeds[i:i + size]) for i in range(0, len(seeds), size)]
+
+
+def default_batch_size(n_seeds: int, workers: int) -> int:
+    """About eight batches per worker (a dead worker costs little), at most ``MAX_BATCH``."""
+    return max(1, min(MAX_BATCH, math.ceil(n_seeds / (8 * max(1, workers)))))
+
+
+OnBatch = Callable[[list[Record]], None]
+
+
+def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float | None,
+             workers: int, on_batch: OnBatch, batch_fn: BatchFn) -> int:
+    """Run on a local process pool; returns how many seeds were run again.
+
+    A dead worker breaks the whole pool, so the batch that killed it is not known: every batch
+    then in flight becomes a suspect, and suspects run one at a time, alone in a new pool, so a
+    second death is charged to the batch that caused it and not to its neighbours.
+    """
+    todo = deque(batches)
+    suspects: deque[tuple[tuple[int, ...], int]] = deque()
+    retried = 0
+    while todo or suspects:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            flight: dict[Future[list[Record]], tuple[tuple[int, ...], int]] = {}
+            alone = False
+            try:
+                while todo or suspects or flight:
+                    if suspects and not flight:
+                        batch, attempt = suspects.popleft()
+                        flight[pool.submit(batch_fn, scenario, batch, until_s)] = batch, attempt
+                        alone = True
+                    while not suspects and todo and len(flight) < IN_FLIGHT_PER_WORKER * workers:
+                        batch = todo.popleft()
+                        flight[pool.submit(batch_fn, scenario, batch, until_s)] = batch, 1
+                        alone = False
+                    done, _ = wait(flight, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        batch, tries = flight.pop(f)
+                        try:
+                            records = f.result()
+                        except BrokenProcessPool:  # a worker died: handled below
+                            flight[f] = batch, tries
+                            raise
+                        except Exception as exc:  # the batch itself failed (not one run)
+                            records = _lost(batch, f"the batch failed: {type(exc).__name__}: "
+                                                   f"{exc}")
+                        on_batch(records)
+            except BrokenProcessPool:
+                # collect what finished before the break; everything else runs again
+                for f, (batch, attempt) in flight.items():
+                    if f.done() and not f.cancelled() and f.exception() is None:
+                        on_batch(f.result())
+                    elif alone and attempt >= MAX_ATTEMPTS:
+                        on_batch(_lost(batch, f"a worker process died running this seed's batch "
+                                              f"{attempt} times"))
+                    else:
+                        suspects.append((batch, attempt + 1))
+                        retried += len(batch)
+            except BaseException:
+                for f in flight:
+                    f.cancel()
+                raise
+    return retried
+
+
+def _dask_client(cluster: Cluster) -> tuple[Any, Any]:
+    try:
+        import distributed
+    except ImportError:
+        raise SweepError(f"--cluster needs Dask distributed, an optional extra: "
+                         f"{DASK_INSTALL_HINT}") from None
+    if cluster.kind == "local":
+        import logging
+
+        local = distributed.LocalCluster(
+            n_workers=cluster.workers, threads_per_worker=1, processes=True,
+            host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR,
+        )
+        return distributed.Client(local), local
+    try:
+        return distributed.Client(cluster.address, timeout="5s"), None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise SweepError(f"--cluster {cluster.address}: cannot reach a Dask scheduler there "
+                         f"({type(exc).__name__}: {exc}); start one with `dask scheduler` and "
+                         "workers with `dask worker ADDRESS` (shir installed on each), or use "
+                         "--cluster local") from None
+
+
+def _warm(client: Any) -> None:
+    """Import the simulator on every worker before the clock starts (a spawned worker pays
+    ~0.3 s of imports), and say so plainly when a worker cannot import it."""
+    import importlib
+
+    try:
+        client.run(importlib.import_module, "shir.sim.world")
+    except ImportError as exc:
+        raise SweepError(f"a Dask worker cannot import the simulator ({exc}): install shir, "
+                         "the same version, on every worker") from None
+
+
+def _suspicious(client: Any, keys: list[str]) -> int:
+    """How many times the scheduler reran these tasks because their worker died."""
+
+    def count(dask_scheduler: Any, keys: list[str]) -> int:  # nested: pickled by value
+        tasks = dask_scheduler.tasks
+        return sum(tasks[k].suspicious for k in keys if k in tasks)
+
+    try:
+        return int(client.run_on_scheduler(count, keys=keys))
+    except Exception:  # an old scheduler without the counter: under-report, don't fail
+        return 0
+
+
+def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluster: Cluster,
+             on_batch: OnBatch, batch_fn: BatchFn,
+             started: Callable[[int], int | None]) -> int:
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    client, local = _dask_client(cluster)
+    retried = 0
+    try:
+        if not client.nthreads():
+            try:
+                client.wait_for_workers(1, timeout=30)
+            except TimeoutError:
+                raise SweepError(f"{cluster.describe()} has no workers after 30 s: start some "
+                                 "with `dask worker ADDRESS`") from None
+        _warm(client)
+        threads = sum(client.nthreads().values()) or 1
+        size = started(len(client.nthreads())) or default_batch_size(len(seeds), threads)
+        shared = client.scatter(scenario, broadcast=True)  # sent once, not with every task
+        todo = deque((b, 1) for b in _batches(seeds, size))
+        meta: dict[str, tuple[tuple[int, ...], int]] = {}
+        pending = as_completed()
+
+        def submit() -> None:
+            while todo and pending.count() < IN_FLIGHT_PER_WORKER * threads:
+                batch, attempt = todo.popleft()
+                f = client.submit(batch_fn, shared, batch, until_s, pure=False)
+                meta[f.key] = batch, attempt
+                pending.add(f)
+
+        submit()
+        while not pending.is_empty():
+            f = next(pending)
+            batch, attempt = meta.pop(f.key)
+            try:
+                records = f.result()
+            except KilledWorker:  # it killed allowed-failures workers in a row
+                if attempt >= MAX_ATTEMPTS:
+                    on_batch(_lost(batch, "Dask workers kept dying while running this seed's "
+                                          "batch (KilledWorker)"))
+                else:
+                    todo.appendleft((batch, attempt + 1))
+                    retried += len(batch)
+            except Exception as exc:  # the task itself failed (not one run): say why
+                on_batch(_lost(batch, f"the Dask task failed: {type(exc).__name__}: {exc}"))
+            else:
+                if _suspicious(client, [f.key]):
+                    retried += len(batch)
+                on_batch(records)
+            f.release()
+            submit()
+    finally:
+        client.close()
+        if local is not None:
+            local.close()
+    return retried
+
+
+# -- the sweep -----------------------------------------------------------------------------
+
+
+def distribution(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p95, p99 (nearest rank) and max of ``values``; all None when empty."""
+    ordered = sorted(values)
+    out: dict[str, float | None] = {}
+    for p in PERCENTILES:
+        out[f"p{p}"] = ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else None
+    out["max"] = ordered[-1] if ordered else None
+    return out
+
+
+@attrs.define
+class SweepResult:
+    """What a sweep found: one record per seed (sorted by seed) and how it ran."""
+
+    scenario: str
+    seeds: list[int]
+    records: list[Record]
+    where: str
+    workers: int
+    batch_size: int
+    retried: int
+    wall_s: float
+    startup_s: float = 0.0  # connecting to (or starting) a Dask cluster, within wall_s
+    run_s: float = 0.0  # from the workers being ready to the last result (no start or stop)
+
+    @property
+    def failed(self) -> list[Record]:
+        return [r for r in self.records if not r["ok"]]
+
+    def distributions(self) -> dict[str, dict[str, float | None]]:
+        """Per metric, its distribution over the seeds that ran to the end."""
+        return {m: distribution([r["metrics"][m] for r in self.records
+                                 if r["metrics"].get(m) is not None]) for m in METRICS}
+
+    @property
+    def seeds_per_s(self) -> float:
+        return len(self.records) / self.wall_s if self.wall_s > 0 else math.inf
+
+
+def _progress(total: int, stream: TextIO) -> Any:
+    """A tqdm bar on a terminal; None when not a terminal or tqdm is not installed."""
+    if not stream.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="seed", file=stream, dynamic_ncols=True, smoothing=0.1,
+                desc="sweep")
+
+
+def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None, *,
+          cluster: Cluster | None = None, batch_size: int | None = None,
+          progress: TextIO | None = None, on_batch: OnBatch | None = None,
+          batch_fn: BatchFn = run_batch) -> SweepResult:
+    """Run ``scenario`` once per seed on ``cluster`` (default: local processes, one per CPU).
+
+    ``progress``: a stream for a progress bar (drawn only on a terminal). ``on_batch`` sees each
+    batch's records as they arrive (tests use it to kill a worker mid-sweep); ``batch_fn`` runs
+    one batch in a worker (a picklable callable with :func:`run_batch`'s signature).
+    """
+    cluster = cluster or parse_cluster(None, None)
+    seeds = list(seeds)
+    if not seeds:
+        raise SweepError("a sweep needs at least one seed")
+    size = [batch_size or default_batch_size(len(seeds), cluster.workers or 1)]
+    records: list[Record] = []
+    bar = _progress(len(seeds), progress) if progress is not None else None
+    failures = [0]
+    workers = [cluster.workers or 0]
+    startup = [0.0]
+    last = [0.0]
+
+    def collect(batch: list[Record]) -> None:
+        last[0] = time.perf_counter()
+        records.extend(batch)
+        failures[0] += sum(not r["ok"] for r in batch)
+        if bar is not None:
+            bar.set_postfix(failed=failures[0], refresh=False)
+            bar.update(len(batch))
+        if on_batch is not None:
+            on_batch(batch)
+
+    def started(n: int) -> int | None:  # Dask: the batch size, once the workers are known
+        startup[0] = time.perf_counter() - t0
+        workers[0] = n
+        size[0] = batch_size or default_batch_size(len(seeds), n)
+        return size[0]
+
+    t0 = time.perf_counter()
+    try:
+        if cluster.kind == "pool":
+            batches = _batches(seeds, size[0])
+            n = min(cluster.workers or 1, len(batches))
+            workers[0] = n
+            retried = _on_pool(scenario, batches, until_s, n, collect, batch_fn)
+        else:
+            retried = _on_dask(scenario, seeds, until_s, cluster, collect, batch_fn, started)
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - t0
+    records.sort(key=lambda r: r["seed"])
+    return SweepResult(scenario.name, seeds, records, cluster.describe(), workers[0], size[0],
+                       retried, wall, startup[0], max(0.0, last[0] - t0 - startup[0]))
+
+
+def write_jsonl(result: SweepResult, path: Path) -> None:
+    """One JSON object per seed, in seed order (for notebooks: ``pandas.read_json(lines=True)``)."""
+    with path.open("w", encoding="utf-8") as f:
+        for r in result.records:
+            f.write(json.dumps(_public(r), separators=(",", ":")) + "\n")
+
+
+def _public(r: Record) -> Record:
+    """A seed's record without the worker's process id."""
+    return {k: v for k, v in r.items() if k != "pid"}
+
+
+def iter_reasons(r: Record, limit: int = 3) -> Iterator[str]:
+    """Why a seed failed: the simulator error, then violations and failed expectations."""
+    if r["error"]:
+        yield r["error"]
+    yield from r["invariant_violations"][:limit]
+    yield from r["expectations_failed"][:limit]
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
+
+
+def format_report(result: SweepResult, replays: dict[int, str], mark: Callable[[bool], str],
+                  simulated_s: float) -> str:
+    """The human report of a sweep."""
+    s = result.seeds
+    lines = [
+        f"sweep         {result.scenario}: seeds {s[0]}..{s[-1]} ({len(result.records)} runs on "
+        f"{result.where}, batches of {result.batch_size})",
+        f"wall time     {result.wall_s:.2f} s ({result.seeds_per_s:,.1f} seeds/s; "
+        f"{simulated_s:,.1f} s simulated"
+        + (f"; {result.startup_s:.1f} s to start the cluster)" if result.startup_s else ")"),
+        f"retried       {result.retried} seed{'s' if result.retried != 1 else ''} "
+        "(their worker died; reruns are deterministic)",
+        f"{'metric':24} {'p50':>9} {'p95':>9} {'p99':>9} {'max':>9}",
+    ]
+    for m, d in result.distributions().items():
+        lines.append(f"  {m:22} " + " ".join(f"{_fmt(d[k]):>9}" for k in ("p50", "p95", "p99",
+                                                                            "max")))
+    failed = result.failed
+    lines.append(f"failures      {len(failed)}")
+    for r in failed:
+        lines.append(f"  seed {r['seed']}: {replays[r['seed']]}")
+        lines += [f"      {mark(False)} {w}" for w in iter_reasons(r)]
+    lines.append("result        " + ("PASS" if not failed else "FAIL"))
+    return "\n".join(lines)
+
+
+def to_json(result: SweepResult, replays: dict[int, str]) -> dict[str, Any]:
+    """The ``--json`` report: totals, distributions, failures, and every seed."""
+    failed = [dict(_public(r), replay=replays[r["seed"]]) for r in result.failed]
+    return {
+        "scenario": result.scenario,
+        "seeds": {"first": result.seeds[0], "last": result.seeds[-1]},
+        "runs": len(result.records),
+        "failures": len(failed),
+        "failing_seeds": [r["seed"] for r in failed],
+        "failed_runs": failed,
+        "where": result.where,
+        "workers": result.workers,
+        "batch_size": result.batch_size,
+        "retried": result.retried,
+        "wall_s": round(result.wall_s, 3),
+        "startup_s": round(result.startup_s, 3),
+        "run_s": round(result.run_s, 3),
+        "seeds_per_s": round(result.seeds_per_s, 3),
+        "simulated_s": round(sum(r["simulated_s"] for r in result.records), 3),
+        "distributions": result.distributions(),
+        "per_seed": [{"seed": r["seed"], "ok": r["ok"],
+                      "event_log_sha256": r["event_log_sha256"], "metrics": r["metrics"]}
+                     for r in result.records],
+        "ok": not failed,
+    }
+
+
+def cmd_sweep(args: Any) -> int:
+    """``shir sim sweep``: the handler :mod:`shir.sim.cli` calls; a user's mistake raises
+    :class:`SweepError`."""
+    import importlib.util
+
+    from shir.sim.cli import _mark, _until_s, replay_command
+    from shir.sim.scenario import ScenarioError, load_scenario
+
+    out_path = _out_target(args.out) if args.out is not None else None
+    cluster = parse_cluster(args.cluster, args.workers)
+    if cluster.kind != "pool" and importlib.util.find_spec("distributed") is None:
+        raise SweepError(f"--cluster needs Dask distributed, an optional extra: "
+                         f"{DASK_INSTALL_HINT}")
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        raise SweepError(str(exc)) from None
+    seeds = [scenario.seed + i for i in range(args.seeds)]
+    result = sweep(scenario, seeds, _until_s(args), cluster=cluster,
+                   batch_size=args.batch_size, progress=sys.stderr)
+    replays = {r["seed"]: replay_command(args.scenario, r["seed"], args.until)
+               for r in result.failed}
+    if out_path is not None:
+        try:
+            write_jsonl(result, out_path)
+        except OSError as exc:
+            raise SweepError(f"--out {args.out}: {exc.strerror or exc}") from None
+    simulated = sum(r["simulated_s"] for r in result.records)
+    if args.json:
+        print(json.dumps(to_json(result, replays), indent=2))
+        for seed, again in replays.items():
+            print(f"seed {seed} failed; replay it with: {again}", file=sys.stderr)
+    else:
+        print(format_report(result, replays, lambda ok: _mark(ok, sys.stdout), simulated))
+        if out_path is not None:
+            print(f"per seed      {args.out} ({len(result.records)} lines)")
+    return 1 if result.failed else 0
+
+
+def _out_target(text: str) -> Path:
+    path = Path(text)
+    if path.suffix != ".jsonl":
+        raise SweepError(f"--out {text}: expected a file name ending in .jsonl (one JSON "
+                         "object per seed), e.g. --out sweep.jsonl")
+    if path.is_dir():
+        raise SweepError(f"--out {text}: is a directory")
+    if not path.parent.is_dir():
+        raise SweepError(f"--out {text}: no such directory {path.parent}")
+    return path
