@@ -35,7 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any, TextIO
 
-from shir.sim.scenario import Scenario, ScenarioError, builtin_names, load_scenario
+from shir.sim.scenario import LIMITS, Scenario, ScenarioError, builtin_names, load_scenario
 
 __all__ = ["main", "parse_duration"]
 
@@ -123,8 +123,17 @@ def _load(scenario_arg: str) -> Scenario:
         raise UsageError(str(exc)) from None
 
 
-def _until_s(args: argparse.Namespace) -> float | None:
-    return None if args.until is None else parse_duration(args.until)
+def _until_s(args: argparse.Namespace, scenario: Scenario | None = None) -> float | None:
+    if args.until is None:
+        return None
+    until_s = parse_duration(args.until)
+    limit = LIMITS["simulated_s"]
+    if until_s + (scenario.drain_s if scenario is not None else 0.0) > limit:
+        raise UsageError(
+            f"--until {args.until}: expected at most {limit:g} s of simulated time with the "
+            "drain (the limit: 7 days); simulate a shorter window"
+        )
+    return until_s
 
 
 def _fmt_s(seconds: float) -> str:
@@ -232,7 +241,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_plot_available()
     log_target = _log_target(args.log) if args.log is not None else None
     scenario = _load(args.scenario)
-    result = run(scenario, seed=args.seed, until_s=_until_s(args))
+    result = run(scenario, seed=args.seed, until_s=_until_s(args, scenario))
     if log_target is not None:
         try:
             _write_log(*log_target, result.log)
