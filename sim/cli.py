@@ -35,7 +35,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any, TextIO
 
-from shir.sim.scenario import LIMITS, Scenario, ScenarioError, builtin_names, load_scenario
+from shir.sim.scenario import (
+    LIMITS,
+    Scenario,
+    ScenarioError,
+    builtin_names,
+    check_simulated_s,
+    load_scenario,
+)
 
 __all__ = ["main", "parse_duration"]
 
@@ -128,11 +135,14 @@ def _until_s(args: argparse.Namespace, scenario: Scenario | None = None) -> floa
         return None
     until_s = parse_duration(args.until)
     limit = LIMITS["simulated_s"]
-    if until_s + (scenario.drain_s if scenario is not None else 0.0) > limit:
-        raise UsageError(
-            f"--until {args.until}: expected at most {limit:g} s of simulated time with the "
-            "drain (the limit: 7 days); simulate a shorter window"
-        )
+    if until_s > limit:
+        raise UsageError(f"--until {args.until}: expected at most {limit:g} s (the limit: 7 days)")
+    if scenario is not None:
+        try:
+            check_simulated_s(until_s, scenario.drain_s, f"--until {args.until} with the drain",
+                              scenario.settings.heartbeat_interval_s, len(scenario.nodes))
+        except ScenarioError as exc:
+            raise UsageError(str(exc)) from None
     return until_s
 
 

@@ -78,6 +78,7 @@ __all__ = [
     "ScenarioError",
     "Workload",
     "builtin_names",
+    "check_simulated_s",
     "load_scenario",
     "metric_names",
     "parse_scenario",
@@ -203,6 +204,7 @@ LIMITS: Mapping[str, float] = {
     "rate_per_s": 100.0,
     "jobs": 200_000.0,  # rate_per_s x the workload's window
     "per_hour": 3600.0,
+    "heartbeats": 250_000.0,  # nodes x simulated_s / heartbeat_interval_s: 4 nodes, 7 days, 10 s
 }
 
 _JOB_METRICS = ("submitted", "completed", "dead_lettered", "redelivered", "unfinished", "lost",
@@ -512,7 +514,8 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     drain_s = r.req_num(data, "", "drain_s", 300.0)
     if duration_s <= 0:
         raise r.fail("duration_s", "a number > 0 (seconds of workload and faults)", duration_s)
-    check_simulated_s(duration_s, drain_s, f"{source}: duration_s + drain_s")
+    check_simulated_s(duration_s, drain_s, f"{source}: duration_s + drain_s",
+                      settings.heartbeat_interval_s, len(nodes))
     workload = _workload(r, data.get("workload", {}))
     window = (workload.stop_at_s if workload.stop_at_s is not None else duration_s)
     jobs = workload.rate_per_s * max(0.0, min(window, duration_s) - workload.start_at_s)
@@ -539,13 +542,23 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     )
 
 
-def check_simulated_s(duration_s: float, drain_s: float, what: str) -> None:
-    """Refuse a run longer than the documented limit (``LIMITS["simulated_s"]``)."""
+def check_simulated_s(duration_s: float, drain_s: float, what: str,
+                      heartbeat_interval_s: float = 10.0, nodes: int = 1) -> None:
+    """Refuse a run longer than the documented limits (``LIMITS``), before it starts."""
     limit = LIMITS["simulated_s"]
-    if duration_s + drain_s > limit:
+    total = duration_s + drain_s
+    if total > limit:
         raise ScenarioError(
             f"{what}: expected at most {limit:g} s of simulated time in all (the limit: 7 days), "
-            f"got {duration_s + drain_s:g} s; simulate a shorter window"
+            f"got {total:g} s; simulate a shorter window"
+        )
+    beats = nodes * total / heartbeat_interval_s
+    if beats > LIMITS["heartbeats"]:
+        raise ScenarioError(
+            f"{what}: expected at most {LIMITS['heartbeats']:g} heartbeats in the run (the limit: "
+            f"nodes x simulated seconds / heartbeat_interval_s), got about {beats:.3g} "
+            f"({nodes} nodes, {total:g} s, every {heartbeat_interval_s:g} s); simulate a shorter "
+            "window or raise heartbeat_interval_s"
         )
 
 

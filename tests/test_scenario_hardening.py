@@ -137,6 +137,7 @@ def test_every_listed_metric_is_one_a_run_reports(capsys: pytest.CaptureFixture[
     (f"{TINY}[workload]\nrate_per_s = 1e9\n", "workload.rate_per_s"),
     ("duration_s = 500000\n[workload]\nrate_per_s = 50\n", "workload.rate_per_s"),
     (f"{TINY}[random_faults]\nper_hour = 1e9\nkinds = [\"crash\"]\n", "random_faults.per_hour"),
+    ("duration_s = 300000\n[settings]\nheartbeat_interval_s = 0.1\n", "heartbeats"),
 ])
 def test_absurd_magnitudes_are_refused_at_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str
@@ -152,3 +153,15 @@ def test_an_absurd_until_is_refused_at_once(
     code, out, err = shir(capsys, "sim", "run", "crash-mid-job", "--until", until)
     assert (code, out) == (2, "") and "--until" in err and "limit" in err
     assert time.perf_counter() - started < 10
+
+
+def test_the_starter_scenario_the_readme_points_to_runs_and_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    starter = root / "docs" / "examples" / "my.toml"
+    assert f"shir sim run {starter.relative_to(root)}" in (root / "README.md").read_text()
+    log = tmp_path / "run.events"
+    code, out, _ = shir(capsys, "sim", "run", str(starter), "--log", str(log))
+    assert code == 0 and "PASS" in out
+    assert shir(capsys, "sim", "replay", str(log))[0] == 0
