@@ -279,11 +279,16 @@ def write_backup(
     )
 
 
-def read_backup(path: Path, password: str) -> Backup:
+def read_backup(path: Path, password: str, *, max_kdf: KdfParams | None = None) -> Backup:
     """Read and decrypt the backup at ``path``.
 
-    Raises :class:`WrongPassword` when ``password`` does not open it, :class:`BadBackupFile`
-    when it is missing, truncated, altered or not a backup. Writes nothing.
+    The key-derivation cost named in the file's header is bounded by ``max_kdf`` (default
+    :class:`KdfParams()`, what shir writes unless told otherwise) *before* any work is spent:
+    the header is only authenticated after the costly derivation, so an altered one could
+    otherwise make a restore spend seconds and gigabytes. Raises :class:`BadBackupFile` naming
+    the parameter when the file asks for more; pass a higher ``max_kdf`` for a backup written
+    with higher settings. Raises :class:`WrongPassword` when ``password`` does not open it,
+    :class:`BadBackupFile` when it is missing, truncated, altered or not a backup. Writes nothing.
     """
     secret = _password_bytes(password)
     path = Path(path)
@@ -302,6 +307,7 @@ def read_backup(path: Path, password: str) -> Backup:
         kdf = KdfParams(memory_kib=memory_kib, iterations=iterations, lanes=lanes)
     except InvalidKdfParameters as exc:
         raise reader.fail(f"has unusable key-derivation parameters ({exc}); damaged") from None
+    _check_cost(kdf, max_kdf if max_kdf is not None else KdfParams(), path)
     salt = reader.take(reader.u8())
     if len(salt) < 8:
         raise reader.fail(f"has a {len(salt)}-byte salt; at least 8 are needed; it is damaged")
@@ -323,6 +329,21 @@ def read_backup(path: Path, password: str) -> Backup:
             "fail authentication (truncated or altered); use another copy of the backup"
         ) from None
     return _parse_document(payload, path)
+
+
+def _check_cost(kdf: KdfParams, ceiling: KdfParams, path: Path) -> None:
+    # why: the header is authenticated only after the derivation it describes, so its cost
+    # must be bounded first, by what this reader agreed to spend
+    for name, flag in (("memory_kib", "--kdf-max-memory-kib"),
+                       ("iterations", "--kdf-max-iterations"), ("lanes", "--kdf-max-lanes")):
+        asked, allowed = getattr(kdf, name), getattr(ceiling, name)
+        if asked > allowed:
+            raise BadBackupFile(
+                f"backup file {path} asks for Argon2id {name} {asked}, above the {allowed} this "
+                f"restore allows (shir writes {getattr(KdfParams(), name)} by default); it may "
+                f"have been altered. If you wrote it with higher --kdf-* settings, restore with "
+                f"{flag} {asked}"
+            )
 
 
 def _parse_document(payload: bytes, path: Path) -> Backup:

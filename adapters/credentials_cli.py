@@ -157,6 +157,8 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     )
     if out.exists() and not args.force:
         raise CredentialError(f"--out: {out} already exists; choose another name or add --force")
+    if not out.parent.is_dir():
+        raise CredentialError(f"--out: folder {out.parent} does not exist; create it first")
     protector = data.protector()
     identity = load_identity(data.identity_file, protector)
     credentials = credentials_of(data.store(protector))
@@ -172,7 +174,9 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 def _cmd_restore(args: argparse.Namespace) -> int:
     data = DataDir(args.data_dir)
     password = _read_password(confirm=False)
-    backup = read_backup(Path(args.file), password)
+    ceiling = KdfParams(memory_kib=args.kdf_max_memory_kib, iterations=args.kdf_max_iterations,
+                        lanes=args.kdf_max_lanes)
+    backup = read_backup(Path(args.file), password, max_kdf=ceiling)
     protector = data.protector()
     restored = restore_backup(backup, data.store(protector), identity_file=data.identity_file)
     data.credentials_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -192,6 +196,12 @@ def _cmd_encrypt(args: argparse.Namespace) -> int:
     # stdin is taken as-is: use printf, not echo, unless the secret ends with a newline
     source = Path(args.input).read_bytes if args.input is not None else sys.stdin.buffer.read
     plaintext = source()
+    if not plaintext:
+        # why: an empty secret is always a mistake (an empty file, a forgotten pipe)
+        raise CredentialError(
+            "the secret to encrypt is empty; pass it on stdin (printf '%s' \"$SECRET\" | ...) "
+            "or with --in FILE"
+        )
     blob = encrypt_for_runtime(runtime_public, args.runtime_id, args.credential_id, plaintext)
     sys.stdout.write(base64.b64encode(blob).decode("ascii") + "\n")
     return 0
@@ -265,6 +275,13 @@ def add_commands(subparsers: Any) -> None:
     )
     restore.add_argument("--data-dir", required=True, type=Path, help="the data directory")
     restore.add_argument("file", type=Path, help="the backup file")
+    for name, default, what in (("memory-kib", defaults.memory_kib, "memory in KiB"),
+                                ("iterations", defaults.iterations, "passes"),
+                                ("lanes", defaults.lanes, "parallelism")):
+        restore.add_argument(
+            f"--kdf-max-{name}", type=int, default=default,
+            help=f"refuse a backup asking for more Argon2id {what} than this (default {default})",
+        )  # fmt: skip
     restore.set_defaults(handler=_guarded("restore", _cmd_restore))
 
     encrypt = commands.add_parser(

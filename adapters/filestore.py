@@ -82,6 +82,7 @@ __all__ = [
     "RepairReport",
     "StoreLocked",
     "TornTail",
+    "read_stream_file",
 ]
 
 _CHUNK = 1024 * 1024
@@ -494,6 +495,29 @@ class FileEventStore:
             if self._fsync:
                 self._sync_dir()
         return beyond
+
+
+def read_stream_file(path: str | os.PathLike[str]) -> list[object]:
+    """Every event in one stream file, read without opening a store: no lock, no writes.
+
+    For inspecting a log (``shir sim replay``), even one in a folder a running store holds or
+    one the reader may not write. Raises :class:`TornTail` / :class:`CorruptStream` on damage,
+    as the store would.
+    """
+    path = os.fspath(path)
+    stream = check_stream_name(os.path.basename(path).removesuffix(".events"))
+    index, damage = FileEventStore._scan(path)
+    if damage is not None:
+        raise FileEventStore._damage_error(stream, path, damage)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out, bad = read_frames(_pread_all(fd, index.end, 0), 0, 0)
+    finally:
+        os.close(fd)
+    if bad is not None:
+        offset, number, reason = bad
+        raise CorruptStream(stream, path, offset, number, reason, None)
+    return out
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -34,7 +34,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from shir.sim.scenario import Scenario, ScenarioError, builtin_names, load_scenario
+from shir.sim.scenario import (
+    LIMITS,
+    Scenario,
+    ScenarioError,
+    builtin_names,
+    check_simulated_s,
+    load_scenario,
+)
 
 __all__ = ["main", "parse_duration"]
 
@@ -122,8 +129,20 @@ def _load(scenario_arg: str) -> Scenario:
         raise UsageError(str(exc)) from None
 
 
-def _until_s(args: argparse.Namespace) -> float | None:
-    return None if args.until is None else parse_duration(args.until)
+def _until_s(args: argparse.Namespace, scenario: Scenario | None = None) -> float | None:
+    if args.until is None:
+        return None
+    until_s = parse_duration(args.until)
+    limit = LIMITS["simulated_s"]
+    if until_s > limit:
+        raise UsageError(f"--until {args.until}: expected at most {limit:g} s (the limit: 7 days)")
+    if scenario is not None:
+        try:
+            check_simulated_s(until_s, scenario.drain_s, f"--until {args.until} with the drain",
+                              scenario.settings.heartbeat_interval_s, len(scenario.nodes))
+        except ScenarioError as exc:
+            raise UsageError(str(exc)) from None
+    return until_s
 
 
 def _fmt_s(seconds: float) -> str:
@@ -163,11 +182,26 @@ def _log_target(path_text: str) -> tuple[Path, str]:
     return parent, stream
 
 
-def _write_log(directory: Path, stream: str, events: Sequence[object]) -> None:
-    from shir.adapters.filestore import FileEventStore
+def _check_plot_target(plot: str, log: str | None) -> None:
+    if Path(plot).suffix.lower() != ".png":
+        raise UsageError(f"--plot {plot}: expected a file name ending in .png (it writes a PNG "
+                         "image), e.g. --plot run.png")
+    if log is not None and Path(plot).resolve() == Path(log).resolve():
+        raise UsageError(f"--plot {plot}: the same file as --log; choose another name")
 
-    with FileEventStore(directory) as store:
-        store.append(stream, events, 0)
+
+def _open_log_store(log: str, directory: Path) -> Any:
+    from shir.adapters.filestore import FileEventStore, StoreLocked
+
+    try:
+        return FileEventStore(directory)
+    except StoreLocked:
+        raise UsageError(
+            f"--log {log}: another process holds the event store in {directory} (its .lock); "
+            "wait for it to finish or log into another folder"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"--log {log}: {exc.strerror or exc}") from None
 
 
 def _plot(result: Any, path: str) -> None:
@@ -228,15 +262,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from shir.sim.world import run
 
     if args.plot is not None:
+        _check_plot_target(args.plot, args.log)
         _check_plot_available()
     log_target = _log_target(args.log) if args.log is not None else None
     scenario = _load(args.scenario)
-    result = run(scenario, seed=args.seed, until_s=_until_s(args))
-    if log_target is not None:
-        try:
-            _write_log(*log_target, result.log)
-        except OSError as exc:
-            raise UsageError(f"--log {args.log}: {exc.strerror or exc}") from None
+    until_s = _until_s(args, scenario)
+    # why: open the store (and take its lock) before the run, so a folder another process
+    # holds is refused at once instead of after the whole run, whose results would be lost
+    store = _open_log_store(args.log, log_target[0]) if log_target is not None else None
+    try:
+        result = run(scenario, seed=args.seed, until_s=until_s)
+        if store is not None and log_target is not None:
+            try:
+                store.append(log_target[1], result.log, 0)
+            except OSError as exc:
+                raise UsageError(f"--log {args.log}: {exc.strerror or exc}") from None
+    finally:
+        if store is not None:
+            store.close()
     if args.plot is not None:
         _plot(result, args.plot)
     if args.json:
@@ -272,7 +315,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _read_log(path_text: str) -> list[object]:
-    from shir.adapters.filestore import FileEventStore
+    from shir.adapters.filestore import TornTail, read_stream_file
     from shir.core.codec import CodecError
     from shir.core.store import InvalidStreamName, StoreError, check_stream_name
 
@@ -283,12 +326,20 @@ def _read_log(path_text: str) -> list[object]:
     if not path.is_file():
         raise UsageError(f"{path_text}: no such file")
     try:
-        stream = check_stream_name(path.stem)
+        check_stream_name(path.stem)
     except InvalidStreamName as exc:
         raise UsageError(f"{path_text}: {exc}") from None
     try:
-        with FileEventStore(path.parent, fsync=False) as store:
-            events = store.read(stream)
+        # read the file itself, not through a store: reading needs no lock and no write access
+        events = read_stream_file(path)
+    except TornTail as exc:
+        raise UsageError(
+            f"cannot read the event log: {path_text}: torn tail at byte offset {exc.offset} "
+            f"after record #{exc.good_records} (an append was cut short). To keep the "
+            f"{exc.good_records} good records, truncate the file there: "
+            f"truncate -s {exc.offset} {shlex.quote(path_text)} (copy it first to keep the "
+            "damaged tail)"
+        ) from None
     except (StoreError, CodecError) as exc:
         raise UsageError(f"cannot read the event log: {exc}") from None
     except OSError as exc:
@@ -303,8 +354,54 @@ def check_log(events: Sequence[object]) -> tuple[Any, list[str], dict[str, int]]
 
     Returns the final state, the violations, and the job counters seen in the log. Who presented
     which key generation is not in the log, so that one membership check is skipped. The replay
-    check takes a snapshot (as bytes) midway and folds the tail onto it.
+    check takes a snapshot (as bytes) midway and folds the tail onto it. A log that does not
+    fold record by record raises :class:`UsageError` naming the first record that does not
+    follow; time going backwards is reported as a violation.
     """
+    backwards = _check_folds(events)
+    try:
+        state, violations, counters = _check_log(events)
+    except Exception as exc:  # any fold error on a log is damage
+        raise UsageError(
+            f"the event log does not fold as one whole stream ({type(exc).__name__}); it is "
+            "damaged or assembled from pieces"
+        ) from None
+    return state, backwards + violations, counters
+
+
+def _check_folds(events: Sequence[object]) -> list[str]:
+    """Fold record by record, naming the first that does not follow; report time going back."""
+    from shir.core.events import RuntimeCreated
+    from shir.core.state import evolve, initial
+
+    if type(events[0]) is not RuntimeCreated:  # a whole stream begins by creating its runtime
+        raise UsageError(
+            f"the event log is damaged: record #1 is {type(events[0]).__name__}, not "
+            "RuntimeCreated; the log is not one whole stream (its start is missing): use the "
+            "complete log"
+        )
+    state = initial()
+    last_at: float | None = None
+    backwards: list[str] = []
+    for number, e in enumerate(events, 1):
+        at = getattr(e, "at", None)
+        if isinstance(at, (int, float)) and last_at is not None and at < last_at:
+            backwards.append(f"time went backwards at record #{number} ({type(e).__name__}): "
+                             f"t={at:g} s after t={last_at:g} s")
+        if isinstance(at, (int, float)):
+            last_at = at if last_at is None else max(last_at, at)
+        try:
+            state = evolve(state, e)
+        except Exception as exc:  # a refused record is damage, not a bug
+            raise UsageError(
+                f"the event log is damaged: record #{number} ({type(e).__name__}) does not follow "
+                f"from the {number - 1} before it ({type(exc).__name__}); the log is not one "
+                "whole stream (cut, reordered, or mixed with another run): use the complete log"
+            ) from None
+    return backwards
+
+
+def _check_log(events: Sequence[object]) -> tuple[Any, list[str], dict[str, int]]:
     from shir.core import jobs
     from shir.core.snapshot import snapshot_bytes
     from shir.core.state import fold, initial
@@ -520,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `shir sim list | head`: the reader left; say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        # a listing read in part did what was asked; a run's verdict cut off did not
+        return 0 if getattr(args, "sim_command", None) == "list" else 1
 
 
 if __name__ == "__main__":

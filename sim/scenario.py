@@ -61,11 +61,14 @@ from typing import Any
 
 import attrs
 
-from shir.core.errors import ShirError
+from shir.core.decide import _check_name as _core_check_name  # the core's own rule, not a copy
+from shir.core.errors import DomainError, InvalidCommand, ShirError
+from shir.core.leasing import LIMIT_RANGE
 from shir.core.model import InvalidSettings, NodeStatus, RuntimeSettings
 from shir.sim.faults import FAULT_KINDS, Fault, parse_fault
 
 __all__ = [
+    "LIMITS",
     "DurationDist",
     "Expectation",
     "NetworkSpec",
@@ -75,7 +78,9 @@ __all__ = [
     "ScenarioError",
     "Workload",
     "builtin_names",
+    "check_simulated_s",
     "load_scenario",
+    "metric_names",
     "parse_scenario",
 ]
 
@@ -191,12 +196,43 @@ class Scenario:
 
 # --- parsing with errors that name the key ---------------------------------------------------
 
-_METRICS_HELP = (
-    "jobs.submitted, jobs.completed, jobs.dead_lettered, jobs.redelivered, jobs.lost, "
-    "jobs.duplicate_effects, "
-    "failovers, max_dispatcher_gap_s, max_offline_detect_s, invariant_violations, "
-    "refusals.<ErrorName>"
-)
+# Documented limits on magnitudes (docs/simulation.md): beyond them a run would take hours of
+# wall time without a word, so the loader refuses them instead.
+LIMITS: Mapping[str, float] = {
+    "simulated_s": 7 * 24 * 3600.0,  # duration_s + drain_s, and --until + drain_s
+    "min_heartbeat_interval_s": 0.1,
+    "rate_per_s": 100.0,
+    "jobs": 200_000.0,  # rate_per_s x the workload's window
+    "per_hour": 3600.0,
+    "heartbeats": 250_000.0,  # nodes x simulated_s / heartbeat_interval_s: 4 nodes, 7 days, 10 s
+}
+
+_JOB_METRICS = ("submitted", "completed", "dead_lettered", "redelivered", "unfinished", "lost",
+                "duplicate_effects")
+_PLAIN_METRICS = ("failovers", "max_dispatcher_gap_s", "max_offline_detect_s",
+                  "invariant_violations", "store_recoveries", "events", "simulated_s")
+
+
+def _error_names() -> list[str]:
+    seen: list[str] = []
+    todo: list[type] = [DomainError]
+    while todo:
+        cls = todo.pop()
+        if cls is not DomainError and cls.__name__ not in seen:
+            seen.append(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return sorted({*seen, "AppendOutcomeUnknown"})
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every metric an expectation may name (refusals.X for every refusal the sim counts)."""
+    return (*(f"jobs.{j}" for j in _JOB_METRICS), *_PLAIN_METRICS,
+            *(f"refusals.{e}" for e in _error_names()))
+
+
+def _check_metric(r: _Reader, key: str, metric: str | None) -> None:
+    if metric not in metric_names():
+        raise r.fail(f"{key}.metric", f"one of the metrics {', '.join(metric_names())}", metric)
 
 
 class _Reader:
@@ -261,6 +297,24 @@ def _settings(r: _Reader, data: Any) -> RuntimeSettings:
     data = r.table(data, "settings")
     fields = {f.name for f in attrs.fields(RuntimeSettings)}
     r.known(data, "settings", fields)
+    for f in attrs.fields(RuntimeSettings):
+        if f.name not in data:
+            continue
+        v, want = data[f.name], str(f.type)
+        # why: the core takes any number; a bool or float where an int is wanted only fails
+        # when the log is encoded at the end of the run
+        if want.startswith("int") and (isinstance(v, bool) or not isinstance(v, int)):
+            raise r.fail(f"settings.{f.name}", "a whole number", v)
+        if want.startswith("float") and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+        ):
+            raise r.fail(f"settings.{f.name}", "a number", v)
+        if want.startswith("float") and isinstance(v, int):
+            data = {**data, f.name: float(v)}
+    lo_hb = LIMITS["min_heartbeat_interval_s"]
+    hb = data.get("heartbeat_interval_s", lo_hb)
+    if hb < lo_hb:
+        raise r.fail("settings.heartbeat_interval_s", f"a number >= {lo_hb:g} (the limit)", hb)
     try:
         return RuntimeSettings(**data)
     except InvalidSettings as exc:
@@ -302,11 +356,15 @@ def _workload(r: _Reader, data: Any) -> Workload:
         if not cid:
             raise r.fail(f"{key}.credential", "a credential id", cid)
         needs.append((cid, r.int_(item, key, "version", 1, lo=1) or 1))
+    rate = r.req_num(data, "workload", "rate_per_s", 1.0)
+    if rate > LIMITS["rate_per_s"]:
+        raise r.fail("workload.rate_per_s", f"a number <= {LIMITS['rate_per_s']:g} (the limit)",
+                     rate)
     p = r.req_num(data, "workload", "duplicate_submit_p", 0.0)
     if p > 1:
         raise r.fail("workload.duplicate_submit_p", "a probability 0..1", p)
     return Workload(
-        r.req_num(data, "workload", "rate_per_s", 1.0),
+        rate,
         _duration(r, data.get("duration", {}), "workload.duration"),
         r.req_num(data, "workload", "start_at_s", 0.0),
         r.num(data, "workload", "stop_at_s", None),
@@ -323,8 +381,16 @@ def _node(r: _Reader, data: Any, i: int) -> NodeSpec:
     data = r.table(data, key)
     r.known(data, key, _NODE_KEYS)
     name = r.str_(data, key, "name", None)
-    if not name:
+    if name is None:
         raise r.fail(f"{key}.name", "a node name", name)
+    _core_rule(r, f"{key}.name", name)
+    version = r.str_(data, key, "version", "5.40")
+    assert version is not None
+    _core_rule(r, f"{key}.version", version)
+    limit = r.int_(data, key, "concurrency_limit", None, lo=LIMIT_RANGE[0])
+    if limit is not None and limit > LIMIT_RANGE[1]:
+        raise r.fail(f"{key}.concurrency_limit",
+                     f"an integer {LIMIT_RANGE[0]}..{LIMIT_RANGE[1]} (the core's range)", limit)
     k = r.str_(data, key, "key", "key1")
     if k not in ("key1", "key2"):
         raise r.fail(f"{key}.key", "key1 or key2", k)
@@ -335,14 +401,22 @@ def _node(r: _Reader, data: Any, i: int) -> NodeSpec:
         name,
         r.int_(data, key, "cores", 4, lo=1) or 1,
         r.int_(data, key, "memory_mb", 8192, lo=1) or 1,
-        r.str_(data, key, "version", "5.40") or "5.40",
+        version,
         r.num(data, key, "version_released_at", None, lo=-1e12),
         r.req_num(data, key, "join_at_s", 0.0),
         k,
-        r.int_(data, key, "concurrency_limit", None, lo=1),
+        limit,
         speed,
         r.bool_(data, key, "remote_access", True),
     )
+
+
+def _core_rule(r: _Reader, key: str, value: str) -> None:
+    # why: a name the core refuses never joins, and the run would pass with nothing done
+    try:
+        _core_check_name(key, value)
+    except InvalidCommand as exc:
+        raise r.fail(key, f"a name the core accepts ({exc})", value) from None
 
 
 def _random_faults(r: _Reader, data: Any) -> RandomFaults:
@@ -361,7 +435,11 @@ def _random_faults(r: _Reader, data: Any) -> RandomFaults:
     p = r.req_num(data, "random_faults", "probability", 0.2)
     if p > 1:
         raise r.fail("random_faults.probability", "a probability 0..1", p)
-    return RandomFaults(r.req_num(data, "random_faults", "per_hour", 0.0), tuple(kinds), lo, hi, p)
+    per_hour = r.req_num(data, "random_faults", "per_hour", 0.0)
+    if per_hour > LIMITS["per_hour"]:
+        raise r.fail("random_faults.per_hour", f"a number <= {LIMITS['per_hour']:g} (the limit)",
+                     per_hour)
+    return RandomFaults(per_hour, tuple(kinds), lo, hi, p)
 
 
 _EXPECT_KINDS = ("dispatcher", "status", "metric")
@@ -392,8 +470,7 @@ def _expect(r: _Reader, data: Any, i: int, nodes: set[str]) -> Expectation:
             raise r.fail(f"{key}.status", f"one of {', '.join(valid)}", status)
     bounds = [r.num(data, key, b, None, lo=-1e18) for b in ("max", "min", "equals")]
     if kind == "metric":
-        if not metric:
-            raise r.fail(f"{key}.metric", f"a metric name ({_METRICS_HELP})", metric)
+        _check_metric(r, key, metric)
         if all(b is None for b in bounds):
             raise r.fail(key, "at least one of max, min, equals", None, show=False)
     return Expectation(kind, at, node, status, metric, *bounds)
@@ -433,15 +510,27 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     if not isinstance(expect_raw, list):
         raise r.fail("expect", "an array of tables [[expect]]", expect_raw)
     name = r.str_(data, "", "name", None) or Path(source).stem
+    duration_s = r.req_num(data, "", "duration_s", 600.0)
+    drain_s = r.req_num(data, "", "drain_s", 300.0)
+    if duration_s <= 0:
+        raise r.fail("duration_s", "a number > 0 (seconds of workload and faults)", duration_s)
+    check_simulated_s(duration_s, drain_s, f"{source}: duration_s + drain_s",
+                      settings.heartbeat_interval_s, len(nodes))
+    workload = _workload(r, data.get("workload", {}))
+    window = (workload.stop_at_s if workload.stop_at_s is not None else duration_s)
+    jobs = workload.rate_per_s * max(0.0, min(window, duration_s) - workload.start_at_s)
+    if jobs > LIMITS["jobs"]:
+        raise r.fail("workload.rate_per_s", f"at most {LIMITS['jobs']:g} jobs in the run (the "
+                     f"limit; this asks for about {jobs:.3g})", workload.rate_per_s)
     return Scenario(
         name=name,
         nodes=nodes,
         description=r.str_(data, "", "description", "") or "",
         seed=r.int_(data, "", "seed", 1) or 0,
-        duration_s=r.req_num(data, "", "duration_s", 600.0),
-        drain_s=r.req_num(data, "", "drain_s", 300.0),
+        duration_s=duration_s,
+        drain_s=drain_s,
         settings=settings,
-        workload=_workload(r, data.get("workload", {})),
+        workload=workload,
         network=NetworkSpec(
             r.req_num(net, "network", "latency_s", 0.005),
             r.req_num(net, "network", "jitter_s", 0.002),
@@ -451,6 +540,26 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         expect=tuple(_expect(r, e, i, set(names)) for i, e in enumerate(expect_raw)),
         source=source,
     )
+
+
+def check_simulated_s(duration_s: float, drain_s: float, what: str,
+                      heartbeat_interval_s: float = 10.0, nodes: int = 1) -> None:
+    """Refuse a run longer than the documented limits (``LIMITS``), before it starts."""
+    limit = LIMITS["simulated_s"]
+    total = duration_s + drain_s
+    if total > limit:
+        raise ScenarioError(
+            f"{what}: expected at most {limit:g} s of simulated time in all (the limit: 7 days), "
+            f"got {total:g} s; simulate a shorter window"
+        )
+    beats = nodes * total / heartbeat_interval_s
+    if beats > LIMITS["heartbeats"]:
+        raise ScenarioError(
+            f"{what}: expected at most {LIMITS['heartbeats']:g} heartbeats in the run (the limit: "
+            f"nodes x simulated seconds / heartbeat_interval_s), got about {beats:.3g} "
+            f"({nodes} nodes, {total:g} s, every {heartbeat_interval_s:g} s); simulate a shorter "
+            "window or raise heartbeat_interval_s"
+        )
 
 
 def builtin_names() -> tuple[str, ...]:
@@ -466,7 +575,12 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ScenarioError(
+                f"{source}: not a UTF-8 text file (byte {exc.start} is "
+                f"{exc.object[exc.start]:#04x}); save it as UTF-8 TOML"
+            ) from None
         except OSError as exc:
             why = exc.strerror
             raise ScenarioError(f"{source}: cannot read the scenario file ({why})") from None

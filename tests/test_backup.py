@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import time
 import unicodedata
 from pathlib import Path
 
@@ -381,3 +382,33 @@ def test_damaged_file_is_refused(tmp_path: Path) -> None:
     store.path_of("a").write_bytes(b"SHIRC")
     with pytest.raises(TamperedCiphertext, match="truncated"):
         store.get("a")
+
+
+@pytest.mark.parametrize(
+    ("offset", "field", "value"),
+    [(10, "memory_kib", MAX_MEMORY_KIB), (14, "iterations", 64), (18, "lanes", 64),
+     (10, "memory_kib", KdfParams().memory_kib + 1),
+     (14, "iterations", KdfParams().iterations + 1)],
+)
+def test_a_header_asking_for_more_than_shir_writes_is_refused_at_once(
+    backup_file: Path, offset: int, field: str, value: int
+) -> None:
+    # the whole class: any parameter above the reader's ceiling, up to the largest allowed
+    data = bytearray(backup_file.read_bytes())
+    data[offset : offset + 4] = value.to_bytes(4, "big")
+    if field == "lanes":  # keep memory >= 8 KiB per lane so only the ceiling refuses it
+        data[10:14] = (8 * value).to_bytes(4, "big")
+    backup_file.write_bytes(bytes(data))
+    started = time.perf_counter()
+    with pytest.raises(BadBackupFile, match=f"asks for Argon2id {field} {value}.*--kdf-max-"):
+        read_backup(backup_file, CANARY)
+    assert time.perf_counter() - started < 0.5  # refused before any derivation
+
+
+def test_a_higher_ceiling_opens_a_backup_written_with_higher_settings(tmp_path: Path) -> None:
+    path = tmp_path / "b.bak"
+    costly = KdfParams(memory_kib=16, iterations=KdfParams().iterations + 1, lanes=1)
+    write_backup(path, IDENTITY, {}, CANARY, kdf=costly)
+    with pytest.raises(BadBackupFile, match="iterations"):
+        read_backup(path, CANARY)
+    assert read_backup(path, CANARY, max_kdf=KdfParams(iterations=4)).identity == IDENTITY

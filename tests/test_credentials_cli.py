@@ -220,7 +220,8 @@ def test_backup_into_a_missing_folder(
     code, _, err = run(
         capsys, "backup", "--data-dir", str(node.root), "--out", str(out), *CHEAP_KDF
     )
-    assert code == 2 and "No such file or directory" in err
+    # the folder is named, not the temporary file the atomic write would have made
+    assert code == 2 and f"folder {out.parent} does not exist" in err and ".tmp" not in err
 
 
 @pytest.mark.parametrize("key_as", ["file", "base64"])
@@ -294,3 +295,29 @@ def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice" in capsys.readouterr().err
     assert main(["credentials", "backup", "--help"]) == 0
     assert PASSWORD_ENV in capsys.readouterr().out
+
+
+def test_encrypt_of_an_empty_secret_is_refused(
+    tmp_path: Path, node: DataDir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    code, out, err = run(
+        capsys, "encrypt", "--runtime-public-key", str(node.public_key_file),
+        "--runtime-id", "ir-prod", "--credential-id", "c", "--in", str(empty),
+    )  # fmt: skip
+    assert (code, out) == (2, "")
+    assert "the secret to encrypt is empty" in err
+
+
+def test_restore_refuses_a_costly_header_and_names_the_flag(
+    tmp_path: Path, backup_file: Path, password: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = bytearray(backup_file.read_bytes())
+    data[10:14] = (4 * 1024 * 1024).to_bytes(4, "big")  # the largest memory KdfParams allows
+    backup_file.write_bytes(bytes(data))
+    code, out, err = run(capsys, "restore", "--data-dir", str(tmp_path / "new"), str(backup_file))
+    assert (code, out) == (2, "")
+    assert "asks for Argon2id memory_kib 4194304" in err and "--kdf-max-memory-kib" in err
+    assert not (tmp_path / "new" / "identity.node").exists()
+
