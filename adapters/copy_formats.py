@@ -35,6 +35,7 @@ quote empty text; PostgreSQL text never holds U+0000).
 from __future__ import annotations
 
 import base64
+import codecs
 import csv
 import datetime as dt
 import decimal
@@ -99,6 +100,7 @@ class CsvOptions:
 
 _SUPPORTED = (bool, int, str, float, decimal.Decimal, dt.datetime, dt.date, dt.time, bytes,
               bytearray, uuid.UUID)
+_NULL = "\x01\x02"  # stands for NULL in a one-column CSV inside the csv writer
 _EMPTY = "\x00"  # stands for empty text inside the csv writer; replaced by "" afterwards
 
 
@@ -121,7 +123,7 @@ def _csv_b64(v: bytes) -> str:
 
 
 def _iso(v: Any) -> str:
-    return v.isoformat()
+    return str(v.isoformat())
 
 
 def _bool_text(v: bool) -> str:
@@ -149,7 +151,8 @@ def _row_transform(
     """One generated function converting the columns that need it (None: no column does)."""
     if all(c is None for c in converters):
         return None
-    parts, env = [], {}
+    parts: list[str] = []
+    env: dict[str, Any] = {}
     for i, conv in enumerate(converters):
         if conv is None:
             parts.append(f"r[{i}]")
@@ -157,7 +160,8 @@ def _row_transform(
             env[f"c{i}"] = conv
             parts.append(f"(None if r[{i}] is None else c{i}(r[{i}]))")
     src = "lambda r: (" + ", ".join(parts) + ",)"
-    return eval(src, env)
+    fn: Callable[[Any], Any] = eval(src, env)  # built from column indexes only, no data
+    return fn
 
 
 def _csv_text(v: str) -> str:
@@ -178,14 +182,18 @@ class CsvEncoder(Encoder):
         convs: list[Callable[[Any], Any] | None] = []
         for c in columns:
             kind = _kind(c.name, c.python_type, "csv")
-            convs.append({
+            table: dict[type, Callable[[Any], Any]] = {
                 bytes: _csv_b64, str: _csv_text, dt.datetime: _iso, dt.date: _iso, dt.time: _iso,
                 bool: _bool_text, uuid.UUID: str, float: repr,
-            }.get(kind))
+            }
+            convs.append(table.get(kind))
         self._transform = _row_transform(convs)
         self._null_is_empty = options.null == ""
-        if not self._null_is_empty:
-            none_to = options.null
+        # the csv module writes a lone empty field as "" (else the line would look blank): a
+        # one-column NULL goes through a marker so it stays an empty, unquoted line
+        self._lone_null = self._null_is_empty and len(self.names) == 1
+        if not self._null_is_empty or self._lone_null:
+            none_to = _NULL if self._lone_null else options.null
             inner = self._transform
 
             def with_null(r: Any) -> Any:
@@ -198,6 +206,8 @@ class CsvEncoder(Encoder):
                                   quotechar=options.quote, lineterminator="\r\n",
                                   quoting=csv.QUOTE_MINIMAL, doublequote=True)
         self._quoted_empty = options.quote * 2
+        # incremental: utf-16 and utf-8-sig write their BOM once, not once per batch
+        self._encode = codecs.getincrementalencoder(options.encoding)().encode
 
     def header(self) -> bytes:
         if not self.options.header:
@@ -220,8 +230,10 @@ class CsvEncoder(Encoder):
         text = buf.getvalue()
         if _EMPTY in text:
             text = text.replace(_EMPTY, self._quoted_empty)
+        if self._lone_null:
+            text = text.replace(_NULL, "")
         try:
-            return text.encode(self.options.encoding)
+            return self._encode(text)
         except UnicodeEncodeError as exc:
             raise FormatError(
                 f"csv: a text value has a character that {self.options.encoding} cannot "
@@ -244,10 +256,11 @@ class JsonLinesEncoder(Encoder):
         convs: list[Callable[[Any], Any] | None] = []
         for c in columns:
             kind = _kind(c.name, c.python_type, "jsonl")
-            convs.append({
+            table: dict[type, Callable[[Any], Any]] = {
                 bytes: _b64, decimal.Decimal: str, dt.datetime: _iso, dt.date: _iso,
                 dt.time: _iso, uuid.UUID: str, float: _finite,
-            }.get(kind))
+            }
+            convs.append(table.get(kind))
         self._transform = _row_transform(convs)
         self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                                        allow_nan=False).encode
@@ -356,7 +369,7 @@ def read_records(
     """
     if fmt == "csv":
         options = csv_options or CsvOptions()
-        text = io.TextIOWrapper(binary, encoding=options.encoding, newline="")  # type: ignore[arg-type]
+        text = io.TextIOWrapper(binary, encoding=options.encoding, newline="")  # type: ignore[type-var]
         records = _csv_records(text, options)
         names = None
         if options.header:
@@ -366,7 +379,7 @@ def read_records(
             names = tuple(x or "" for x in first)
         return names, records
     if fmt == "jsonl":
-        lines = io.TextIOWrapper(binary, encoding="utf-8", newline="\n")  # type: ignore[arg-type]
+        lines = io.TextIOWrapper(binary, encoding="utf-8", newline="\n")  # type: ignore[type-var]
         first_line = lines.readline()
         if not first_line.strip():
             return (), iter(())

@@ -60,7 +60,7 @@ def trial(pg_odbc: str, blob_conn: str, name: str, reference: bytes,
             except ResourceNotFoundError:
                 staged = 0
             if staged >= 1:
-                time.sleep(rng.uniform(0, 0.5))
+                time.sleep(rng.uniform(0, 0.2))
                 break
             time.sleep(0.02)
     finally:
@@ -73,8 +73,10 @@ def trial(pg_odbc: str, blob_conn: str, name: str, reference: bytes,
         client.get_blob_properties()
     except ResourceNotFoundError:
         visible = False
-    if killed:
-        assert not visible, f"{name}: a blob is visible after SIGKILL"
+    if visible:  # it committed before the kill landed: then it must be whole
+        data = client.download_blob().readall()
+        assert data == reference, f"{name}: a blob visible after SIGKILL is not the whole copy"
+    killed = killed and not visible  # killed mid-copy, before the commit
     staged_before_retry = len(client.get_block_list("uncommitted")[1]) if not visible else 0
     retry = subprocess.run(_command(pg_odbc, name), env=env, capture_output=True, text=True,
                            timeout=120)
