@@ -19,7 +19,8 @@ integer       digits                                 number
 numeric       ``str(Decimal)``: every digit and the  string ``"123.4500"`` (a JSON number
               scale kept (``1.2300``)                would be read back as a float)
 float         ``repr``                               number (NaN/infinity refused)
-timestamp     ISO 8601, ``+HH:MM`` offset if zoned   the same, as a string
+timestamp     ISO 8601 (``2024-01-02 03:04:05.5``,   ISO 8601 with ``T``, as a string
+              ``+HH:MM`` offset if zoned)
 date, time    ISO 8601                               the same, as a string
 bytes         base64 (RFC 4648)                      base64 string
 boolean       ``true``/``false``                     ``true``/``false``
@@ -183,7 +184,9 @@ class CsvEncoder(Encoder):
         for c in columns:
             kind = _kind(c.name, c.python_type, "csv")
             table: dict[type, Callable[[Any], Any]] = {
-                bytes: _csv_b64, str: _csv_text, dt.datetime: _iso, dt.date: _iso, dt.time: _iso,
+                # datetime, date, time: the csv module's str() is ISO 8601 with a space between
+                # date and time, which fromisoformat reads back; no Python call per value
+                bytes: _csv_b64, str: _csv_text,
                 bool: _bool_text, uuid.UUID: str, float: repr,
             }
             convs.append(table.get(kind))

@@ -183,3 +183,30 @@ def test_sigkill_mid_copy_leaves_nothing_and_the_retry_is_byte_identical(
     results = [trial(pg_odbc, azurite_connection_string, f"{name}-{i}", ref, rng)
                for i in range(2)]
     assert any(r["killed"] for r in results)
+
+
+def test_progress_is_reported_and_a_cancel_commits_nothing(pg_odbc: str, tmp_path: Path) -> None:
+    import threading
+
+    from shir.adapters.copy import CopyCancelled
+
+    prepare(pg_odbc, rows=30_000)
+    out = tmp_path / "c.csv"
+    seen = []
+    cancel = threading.Event()
+
+    def progress(p) -> None:
+        seen.append(p)
+        if p.rows >= 10_000:
+            cancel.set()
+
+    with OdbcSource(pg_odbc) as src:
+        with pytest.raises(CopyCancelled):
+            copy_query(src, "SELECT * FROM copy_kill ORDER BY id", FolderSink(out), "csv", "c",
+                       progress=progress, cancel=cancel, batch_rows=1_000)
+        assert seen and seen[0].rows == 1_000 and seen[0].bytes > 0
+        assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary
+        done = copy_query(src, "SELECT * FROM copy_kill ORDER BY id", FolderSink(out), "csv",
+                          "c", progress=seen.append)
+    assert done.rows == 30_000 and seen[-1].rows == 30_000 and seen[-1].rows_per_s > 0
+    assert out.read_bytes().count(b"\r\n") >= 30_001
