@@ -593,6 +593,9 @@ def build_parser(with_credentials: bool = True) -> argparse.ArgumentParser:
     else:  # listed in --help; the real commands load only when asked for
         sub.add_parser("credentials", add_help=False,
                        help="node identity, credential backup and restore, offline encryption")
+    from shir.adapters.copy_cli import add_command as add_copy  # light: imports wait for a run
+
+    add_copy(sub)
     return parser
 
 

@@ -1,0 +1,187 @@
+"""The copy activity: stream a query's rows from ODBC into a sink, or a file into an ODBC table.
+
+Theory of operation
+-------------------
+:func:`copy_query` runs three stages that overlap through bounded queues, so memory stays
+flat whatever the table size: a fetch thread drains the :class:`~shir.adapters.odbc.RowStream`
+into a queue of at most ``queue_batches`` batches; the calling thread encodes each batch and
+cuts the bytes into parts of ``part_size_bytes``; the sink uploads parts (a Blob sink with
+bounded parallelism, at most ``2 * max_parallel`` parts in flight). The encoder is built from
+the result's columns before the first row, so a type the format cannot hold fails before
+anything is written. The sink commits once, after the last row, with the content's MD5; any
+failure or a cancel aborts it and nothing becomes visible.
+
+Idempotent by job id: the sink's temporary name / block ids derive from it, a retry of a job
+resumes (Blob: parts already staged are not uploaded again) or overwrites its temporary file,
+and a job whose output is already committed is not run again. The query must return rows in a
+stable order (``ORDER BY``) for a resumed blob to be byte-identical; the block ids hold each
+part's MD5, so a part that differs is uploaded again rather than trusted.
+
+:func:`load_file` (module :mod:`shir.adapters.copy_load`) is the reverse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from shir.adapters.copy_formats import CsvOptions, make_encoder
+from shir.adapters.copy_sinks import SinkWriter
+from shir.core.errors import ShirError
+
+__all__ = ["CopyCancelled", "CopyResult", "Progress", "copy_query"]
+
+DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
+
+
+class CopyCancelled(ShirError):
+    """The copy was cancelled; nothing was committed."""
+
+
+@attrs.frozen
+class Progress:
+    """How far a copy is: rows and bytes so far, seconds since it started, rows per second."""
+
+    rows: int
+    bytes: int
+    elapsed_s: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@attrs.frozen
+class CopyResult:
+    """What a finished copy wrote (``skipped``: the job had already committed this output)."""
+
+    rows: int
+    bytes: int
+    parts: int
+    md5_hex: str
+    elapsed_s: float
+    skipped: bool = False
+
+
+_END = object()
+
+
+def copy_query(
+    source: Any,
+    query: str,
+    sink: Any,
+    fmt: str,
+    job_id: str,
+    *,
+    csv_options: CsvOptions | None = None,
+    part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
+    batch_rows: int = 10_000,
+    queue_batches: int = 4,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> CopyResult:
+    """Copy the rows of ``query`` on ``source`` (an OdbcSource) into ``sink`` as ``fmt``.
+
+    Raises the source's :class:`~shir.adapters.odbc.OdbcError`, a
+    :class:`~shir.adapters.copy_formats.FormatError`, a
+    :class:`~shir.adapters.copy_sinks.SinkError` or :class:`CopyCancelled`; in every case
+    nothing was committed.
+    """
+    started = time.monotonic()
+    user_cancel = cancel or threading.Event()
+    stop = threading.Event()  # ours: set on any failure, never the caller's event
+
+    def stopped() -> bool:
+        return stop.is_set() or user_cancel.is_set()
+
+    stream = source.read(query, batch_rows=batch_rows)
+    try:
+        encoder = make_encoder(fmt, stream.columns, csv_options)  # refuses types up front
+        writer: SinkWriter = sink.open(job_id)
+    except BaseException:
+        stream.close()
+        raise
+    if writer.already_done:
+        stream.close()
+        return CopyResult(0, 0, 0, "", time.monotonic() - started, skipped=True)
+
+    batches: queue.Queue[Any] = queue.Queue(maxsize=queue_batches)
+    failure: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            for batch in stream:
+                while True:
+                    if stopped():
+                        return
+                    try:
+                        batches.put(batch, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            stream.close()
+            while True:  # the consumer may have stopped: never block forever on the end marker
+                try:
+                    batches.put(_END, timeout=0.2)
+                    break
+                except queue.Full:
+                    if stopped():
+                        break
+
+    fetcher = threading.Thread(target=fetch, name="shir-copy-fetch", daemon=True)
+    md5 = hashlib.md5()
+    rows = parts = 0
+    pending = bytearray(encoder.header())
+    total = len(pending)
+    committed = False
+    fetcher.start()
+    try:
+        while True:
+            if user_cancel.is_set():
+                source.cancel()
+                raise CopyCancelled("the copy was cancelled; nothing was committed")
+            try:
+                batch = batches.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if batch is _END:
+                break
+            data = encoder.encode(batch)
+            rows += len(batch)
+            pending += data
+            total += len(data)
+            if len(pending) >= part_size_bytes:
+                parts = _flush(writer, pending, parts, md5)
+            if progress is not None:
+                progress(Progress(rows, total, time.monotonic() - started))
+        if failure:
+            raise failure[0]
+        if user_cancel.is_set():
+            raise CopyCancelled("the copy was cancelled; nothing was committed")
+        if pending or parts == 0:
+            parts = _flush(writer, pending, parts, md5)
+        writer.commit(md5.digest(), rows)
+        committed = True
+    finally:
+        if not committed:
+            stop.set()
+            writer.abort()
+        fetcher.join(10)
+    return CopyResult(rows, total, parts, md5.hexdigest(), time.monotonic() - started)
+
+
+def _flush(writer: SinkWriter, pending: bytearray, parts: int, md5: Any) -> int:
+    data = bytes(pending)
+    pending.clear()
+    md5.update(data)
+    writer.put(parts, data)
+    return parts + 1

@@ -1,0 +1,98 @@
+"""SIGKILL a `shir copy` mid-copy, check that nothing is visible, retry, compare bytes.
+
+Used by tests/test_copy.py (2 trials) and scripts/copy_kill_trials (20 trials).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+QUERY = "SELECT id, s, n, ts, b FROM copy_kill ORDER BY id"
+
+
+def prepare(pg_odbc: str, rows: int = 60_000) -> None:
+    """(Re)create the table the trials copy: mixed types with NULLs."""
+    import pyodbc
+
+    c = pyodbc.connect(pg_odbc, autocommit=True)
+    c.execute("DROP TABLE IF EXISTS copy_kill")
+    c.execute("CREATE TABLE copy_kill (id int PRIMARY KEY, s text, n numeric(18,4), "
+              "ts timestamp, b bytea)")
+    c.execute(
+        "INSERT INTO copy_kill SELECT g, CASE WHEN g % 7 = 0 THEN NULL ELSE md5(g::text) END, "
+        "CASE WHEN g % 5 = 0 THEN NULL ELSE (g * 1.2345)::numeric(18,4) END, "
+        "timestamp '2020-01-01' + g * interval '1 second', "
+        "CASE WHEN g % 3 = 0 THEN NULL ELSE decode(md5(g::text), 'hex') END "
+        f"FROM generate_series(1, {int(rows)}) g"
+    )
+    c.close()
+
+
+def _command(pg_odbc: str, blob: str) -> list[str]:
+    return [sys.executable, "-m", "shir.sim.cli", "copy", "--source", pg_odbc, "--query", QUERY,
+            "--sink", "blob", "--container", "copy-kill", "--blob", blob, "--format", "csv",
+            "--part-size-kib", "64", "--quiet", "--job-id", f"kill-{blob}"]
+
+
+def trial(pg_odbc: str, blob_conn: str, name: str, reference: bytes,
+          rng: random.Random) -> dict[str, Any]:
+    """One trial; returns what it saw. Raises AssertionError when a rule broke."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.storage.blob import BlobServiceClient
+
+    env = {**os.environ, "SHIR_BLOB_CONNECTION_STRING": blob_conn}
+    client = BlobServiceClient.from_connection_string(blob_conn).get_blob_client(
+        "copy-kill", name)
+    proc = subprocess.Popen(_command(pg_odbc, name), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    staged = 0
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                staged = len(client.get_block_list("uncommitted")[1])
+            except ResourceNotFoundError:
+                staged = 0
+            if staged >= 1:
+                time.sleep(rng.uniform(0, 0.2))
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    killed = proc.returncode == -signal.SIGKILL
+    visible = True
+    try:
+        client.get_blob_properties()
+    except ResourceNotFoundError:
+        visible = False
+    if visible:  # it committed before the kill landed: then it must be whole
+        data = client.download_blob().readall()
+        assert data == reference, f"{name}: a blob visible after SIGKILL is not the whole copy"
+    killed = killed and not visible  # killed mid-copy, before the commit
+    staged_before_retry = len(client.get_block_list("uncommitted")[1]) if not visible else 0
+    retry = subprocess.run(_command(pg_odbc, name), env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert retry.returncode == 0, f"{name}: the retry failed: {retry.stderr[-500:]}"
+    data = client.download_blob().readall()
+    assert data == reference, f"{name}: the retried blob differs from the reference"
+    return {"trial": name, "killed": killed, "staged_blocks_at_kill": staged_before_retry,
+            "bytes": len(data)}
+
+
+def reference_bytes(pg_odbc: str, blob_conn: str) -> bytes:
+    """The blob an uninterrupted copy writes (in-process, another job id and blob name)."""
+    from azure.storage.blob import BlobServiceClient
+
+    env = {**os.environ, "SHIR_BLOB_CONNECTION_STRING": blob_conn}
+    subprocess.run(_command(pg_odbc, "reference"), env=env, check=True, capture_output=True,
+                   timeout=120)
+    return (BlobServiceClient.from_connection_string(blob_conn)
+            .get_blob_client("copy-kill", "reference").download_blob().readall())

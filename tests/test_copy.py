@@ -1,0 +1,212 @@
+"""The copy activity against real PostgreSQL (psqlODBC), SQLite ODBC and Azurite."""
+
+from __future__ import annotations
+
+import decimal
+import random
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pyodbc")
+
+from copy_kill_helpers import prepare, reference_bytes, trial
+
+from shir.adapters.copy import copy_query
+from shir.adapters.copy_formats import CsvOptions, UnsupportedType, make_encoder
+from shir.adapters.copy_load import ChunkReader, load_file
+from shir.adapters.copy_sinks import BlobSink, FolderSink, open_blob_service
+from shir.adapters.odbc import Column, OdbcSource, sqlite_connection_string
+from shir.sim.cli import main
+
+pytestmark = pytest.mark.services
+
+TYPES = ("id int PRIMARY KEY, s text, n numeric(18,4), ts timestamp, tz timestamptz, b bytea, "
+         "d date, f double precision, ok boolean, big bigint, v varchar(20)")
+ROWS = """
+(1, 'a,"b"' || chr(10) || 'c;|', 12345678901234.5678, '2024-01-02 03:04:05.123456',
+ '2024-01-02 03:04:05+02', '\\x00ff10', '2024-02-29', 1.5, true, 9007199254740993, 'é€'),
+(2, '', 0.0001, '1970-01-01 00:00:00', '1999-12-31 23:59:59.999999+00', '', '0001-01-01',
+ -0.0, false, -1, ''),
+(3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+(4, 'NULL', -99999999999999.9999, '2038-01-19 03:14:08', '2024-06-01 12:00:00-07',
+ '\\x0a0d22', '9999-12-31', 1e300, true, 0, ' x ')
+"""
+
+
+@pytest.fixture
+def pg(pg_odbc: str):
+    import pyodbc
+
+    c = pyodbc.connect(pg_odbc, autocommit=True)
+    table = "copy_" + uuid.uuid4().hex[:8]
+    c.execute(f"CREATE TABLE {table} ({TYPES})")
+    c.execute(f"INSERT INTO {table} VALUES {ROWS}")
+    c.execute(f"CREATE TABLE {table}_back (LIKE {table})")
+    yield c, table
+    c.execute(f"DROP TABLE {table}")
+    c.execute(f"DROP TABLE {table}_back")
+    c.close()
+
+
+def _differences(c, a: str, b: str) -> int:
+    return c.execute(
+        f"SELECT count(*) FROM ((SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b}) UNION ALL "
+        f"(SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a})) x").fetchone()[0]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_round_trip_postgresql_blob_postgresql_is_value_identical(
+    pg, pg_odbc: str, azurite_connection_string: str, fmt: str
+) -> None:
+    c, table = pg
+    service = open_blob_service(azurite_connection_string)
+    sink = BlobSink(service, "copy-tests", f"{table}.{fmt}")
+    with OdbcSource(pg_odbc) as src:
+        result = copy_query(src, f"SELECT * FROM {table} ORDER BY id", sink, fmt, f"j-{table}")
+        assert result.rows == 4
+        props = sink.client().get_blob_properties()
+        assert props.metadata["shir_job_id"] == f"j-{table}"
+        assert bytes(props.content_settings.content_md5).hex() == result.md5_hex
+        again = copy_query(src, f"SELECT * FROM {table} ORDER BY id", sink, fmt, f"j-{table}")
+        assert again.skipped  # same job id: nothing rewritten
+        for _ in range(2):  # the second, a retried load, must add nothing
+            stream = ChunkReader(sink.client().download_blob().chunks())
+            load_file(src, f"{table}_back", stream, fmt, f"load-{table}")
+    assert c.execute(f"SELECT count(*) FROM {table}_back").fetchone()[0] == 4
+    assert _differences(c, table, f"{table}_back") == 0
+
+
+def test_csv_options_and_folder_round_trip(pg, pg_odbc: str, tmp_path: Path) -> None:
+    c, table = pg
+    options = CsvOptions(delimiter=";", quote="'", encoding="utf-16", null="\\N")
+    out = tmp_path / "out.csv"
+    with OdbcSource(pg_odbc) as src:
+        copy_query(src, f"SELECT * FROM {table} ORDER BY id", FolderSink(out), "csv", "f1",
+                   csv_options=options)
+        assert out.read_bytes().decode("utf-16").startswith("id;s;n;")
+        assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary left
+        with out.open("rb") as f:
+            assert load_file(src, f"{table}_back", f, "csv", "f1", csv_options=options).rows == 4
+    assert _differences(c, table, f"{table}_back") == 0
+
+
+def test_a_failing_load_commits_nothing(pg, pg_odbc: str, tmp_path: Path) -> None:
+    c, table = pg
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,n\r\n10,1.5\r\n11,not-a-number\r\n")
+    with OdbcSource(pg_odbc) as src, bad.open("rb") as f, pytest.raises(
+        Exception, match="record 2"
+    ):
+        load_file(src, f"{table}_back", f, "csv", "bad")
+    assert c.execute(f"SELECT count(*) FROM {table}_back").fetchone()[0] == 0
+
+
+def test_sqlite_odbc_to_folder_and_back(require_odbc_driver, tmp_path: Path) -> None:
+    require_odbc_driver("SQLite3", "libsqliteodbc")
+    db = sqlite_connection_string(tmp_path / "s.db")
+    with OdbcSource(db) as src:
+        src.execute("CREATE TABLE t (id INTEGER, s TEXT, f REAL, b BLOB)")
+        src.execute("INSERT INTO t VALUES (1, 'x', 1.25, x'00ff'), (2, '', NULL, NULL), "
+                    "(3, NULL, -2.5, x'')")
+        src.execute("CREATE TABLE u (id INTEGER, s TEXT, f REAL, b BLOB)")
+        for fmt in ("csv", "jsonl"):
+            out = tmp_path / f"t.{fmt}"
+            copy_query(src, "SELECT * FROM t ORDER BY id", FolderSink(out), fmt, fmt)
+            with out.open("rb") as f:
+                load_file(src, "u", f, fmt, fmt)
+            with out.open("rb") as f:
+                assert load_file(src, "u", f, fmt, fmt).skipped
+            rows = list(src.read("SELECT * FROM u ORDER BY id"))
+            expected = list(src.read("SELECT * FROM t ORDER BY id"))
+            assert rows == expected
+            src.execute("DELETE FROM u")
+
+
+def test_a_type_the_format_cannot_hold_is_refused_before_any_row() -> None:
+    col = Column(name="c", python_type=complex, size=None, scale=None, nullable=None)
+    for fmt in ("csv", "jsonl"):
+        with pytest.raises(UnsupportedType, match="column 'c'"):
+            make_encoder(fmt, [col])
+    jsonl = make_encoder("jsonl", [Column("f", float, None, None, None)])
+    with pytest.raises(Exception, match="no JSON representation"):
+        jsonl.encode([(float("nan"),)])
+    csv = make_encoder("csv", [Column("n", decimal.Decimal, 18, 4, None)])
+    assert csv.encode([(decimal.Decimal("1.2300"),), (None,)]) == b"1.2300\r\n\r\n"
+
+
+def test_cli_errors_name_the_part_and_exit_2(pg_odbc: str, tmp_path: Path, capsys) -> None:
+    wrong = pg_odbc.replace("Pwd=", "Pwd=wrong")
+    password = pg_odbc.split("Pwd=")[1].split(";")[0]
+    out = tmp_path / "o.csv"
+    assert main(["copy", "--source", wrong, "--query", "SELECT 1", "--sink", str(out),
+                 "--format", "csv"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "127.0.0.1" in err and password not in err
+    assert main(["copy", "--source", pg_odbc, "--query", "SELECT * FROM no_such_table",
+                 "--sink", str(out), "--format", "csv"]) == 2
+    assert "no_such_table" in capsys.readouterr().err
+    assert main(["copy", "--source", pg_odbc, "--query", "SELECT 1", "--sink",
+                 str(tmp_path / "missing" / "o.csv"), "--format", "csv"]) == 2
+    assert "folder sink" in capsys.readouterr().err
+    assert main(["copy", "--from", str(out), "--format", "csv", "--to", pg_odbc,
+                 "--table", "no_such_table"]) == 2
+    assert not out.exists()
+    out.write_text("a\r\n1\r\n")
+    assert main(["copy", "--from", str(out), "--format", "csv", "--to", pg_odbc,
+                 "--table", "no_such_table"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_table" in err and password not in err
+
+
+def test_cli_copy_out_and_in(pg, pg_odbc: str, tmp_path: Path, capsys) -> None:
+    c, table = pg
+    out = tmp_path / "o.jsonl"
+    assert main(["copy", "--source", pg_odbc, "--query", f"SELECT * FROM {table} ORDER BY id",
+                 "--sink", f"file://{out}", "--format", "jsonl"]) == 0
+    for _ in range(2):
+        assert main(["copy", "--from", str(out), "--format", "jsonl", "--to", pg_odbc,
+                     "--table", f"{table}_back"]) == 0
+    captured = capsys.readouterr()
+    assert "already loaded" in captured.out and "warning" in captured.err
+    assert _differences(c, table, f"{table}_back") == 0
+
+
+def test_sigkill_mid_copy_leaves_nothing_and_the_retry_is_byte_identical(
+    pg_odbc: str, azurite_connection_string: str
+) -> None:
+    prepare(pg_odbc)
+    ref = reference_bytes(pg_odbc, azurite_connection_string)
+    rng = random.Random(3)
+    name = uuid.uuid4().hex[:8]
+    results = [trial(pg_odbc, azurite_connection_string, f"{name}-{i}", ref, rng)
+               for i in range(2)]
+    assert any(r["killed"] for r in results)
+
+
+def test_progress_is_reported_and_a_cancel_commits_nothing(pg_odbc: str, tmp_path: Path) -> None:
+    import threading
+
+    from shir.adapters.copy import CopyCancelled
+
+    prepare(pg_odbc, rows=30_000)
+    out = tmp_path / "c.csv"
+    seen = []
+    cancel = threading.Event()
+
+    def progress(p) -> None:
+        seen.append(p)
+        if p.rows >= 10_000:
+            cancel.set()
+
+    with OdbcSource(pg_odbc) as src:
+        with pytest.raises(CopyCancelled):
+            copy_query(src, "SELECT * FROM copy_kill ORDER BY id", FolderSink(out), "csv", "c",
+                       progress=progress, cancel=cancel, batch_rows=1_000)
+        assert seen and seen[0].rows == 1_000 and seen[0].bytes > 0
+        assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary
+        done = copy_query(src, "SELECT * FROM copy_kill ORDER BY id", FolderSink(out), "csv",
+                          "c", progress=seen.append)
+    assert done.rows == 30_000 and seen[-1].rows == 30_000 and seen[-1].rows_per_s > 0
+    assert out.read_bytes().count(b"\r\n") >= 30_001
