@@ -157,7 +157,10 @@ class SQLiteEventStore:
         db.execute("PRAGMA foreign_keys=ON")
         with self._transaction(db, "open"):
             tables = {
-                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                row[0] for row in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table' "
+                    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"  # SQLite's own tables
+                )
             }
             if "shir_meta" not in tables and not tables <= _KNOWN_TABLES:
                 raise NotAShirStore(
