@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.synchronize
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +176,54 @@ def test_the_credential_is_not_in_the_repr(channel: EmbeddedChannel) -> None:
     [got] = channel.receive(1, 0)
     assert got.request.credential == b"CANARY-CIPHERTEXT"
     assert "CANARY" not in repr(got) and "CANARY" not in repr(channel)
+
+
+def _consumer(path: str, start: multiprocessing.synchronize.Barrier,
+              out: multiprocessing.Queue[tuple[list[str], list[str]]]) -> None:
+    """Open the (perhaps new) file, then receive and complete until the queue stays empty."""
+    problems: list[str] = []
+    done: list[str] = []
+    start.wait(30)  # all open the file at once: the schema set-up races too
+    try:
+        channel = EmbeddedChannel(path, lock_duration_s=30)
+        start.wait(30)
+        idle = 0
+        deadline = time.monotonic() + 60
+        while idle < 10 and time.monotonic() < deadline:
+            got = channel.receive(3, 0.05)
+            idle = 0 if got else idle + 1
+            for r in got:
+                time.sleep(0.002)  # the dispatcher's append to the log, between the two
+                channel.complete(r.lock_token)  # LockLost here would be a double delivery
+                done.append(r.request.message_id)
+        channel.close()
+    except Exception as exc:
+        problems.append(f"{type(exc).__name__}: {exc}")
+    out.put((done, problems))
+
+
+def test_processes_receiving_concurrently_get_each_request_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    ctx = multiprocessing.get_context("spawn")
+    workers = 3
+    start = ctx.Barrier(workers + 1)
+    out: multiprocessing.Queue[tuple[list[str], list[str]]] = ctx.Queue()
+    procs = [ctx.Process(target=_consumer, args=(path, start, out)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    start.wait(30)
+    producer = EmbeddedChannel(path, lock_duration_s=30)
+    start.wait(30)
+    sent = [f"msg-{i}" for i in range(150)]
+    for i in range(0, len(sent), 10):
+        producer.send([JobRequest(m, "test") for m in sent[i : i + 10]])
+    results = [out.get(timeout=90) for _ in procs]
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert [problems for _, problems in results] == [[]] * workers
+    done = [m for d, _ in results for m in d]
+    assert sorted(done) == sorted(sent)  # every request once: none lost, none twice
+    assert sum(1 for d, _ in results if d) >= 2, "one consumer took everything: no race shown"
+    assert producer.queue_depth() == 0
+    producer.close()
