@@ -24,7 +24,9 @@ that shir's Service Bus adapter can be tested with the real SDK on the wire:
   ``hook``: ``drop-connections`` (every other connection is closed with
   ``amqp:connection:forced``), ``lose-settlements`` (the next ``count`` settlements on
   ``entity`` are neither applied nor answered), ``expire-locks`` (every lock on ``entity`` ends
-  now).
+  now), ``configure`` (``entity``'s ``lock-duration-s``, ``max-delivery-count``,
+  ``duplicate-detection``, as a namespace's queue settings would be).
+- ``com.microsoft:peek-message`` on ``$management`` (what a reply-queue reader needs).
 
 Entities are created on first use. Run: ``python tests/sbbroker.py --port 0``; it prints
 ``PORT <n>`` once it listens on 127.0.0.1.
@@ -70,6 +72,9 @@ class Entity:
     locked: dict[uuid.UUID, tuple[Stored, Any]] = field(default_factory=dict)
     deferred: dict[uuid.UUID, Stored] = field(default_factory=dict)
     lose_settlements: int = 0
+    lock_ms: int | None = None  # None: the broker's default
+    max_deliveries: int | None = None
+    seen_ids: set[str] | None = None  # duplicate detection when not None
 
 
 def _now_ms() -> int:
@@ -185,10 +190,11 @@ class Broker(MessagingHandler):  # type: ignore[misc]
     # ---- entities ------------------------------------------------------------------------
     def requeue(self, ent: Entity, stored: Stored) -> None:
         stored.lock_token = None
-        if stored.deliveries >= self.max_deliveries and not ent.name.endswith(DLQ):
+        limit = ent.max_deliveries or self.max_deliveries
+        if stored.deliveries >= limit and not ent.name.endswith(DLQ):
             self.dead_letter(
                 ent, stored, "MaxDeliveryCountExceeded",
-                f"Message could not be consumed after {self.max_deliveries} delivery attempts.",
+                f"Message could not be consumed after {stored.deliveries} delivery attempts.",
             )
         else:
             ent.visible.appendleft(stored)
@@ -201,13 +207,21 @@ class Broker(MessagingHandler):  # type: ignore[misc]
     def enqueue(self, name: str, raw: bytes) -> None:
         ent = self.entity(name)
         for part in split_batch(raw):
+            if ent.seen_ids is not None:
+                probe = Message()
+                probe.decode(part)
+                if str(probe.id) in ent.seen_ids:
+                    continue
+                ent.seen_ids.add(str(probe.id))
             self.seq += 1
             ent.visible.append(Stored(part, self.seq, _now_ms()))
 
     def pump(self) -> None:
         for link in list(self.senders):
             name = _entity_of(link.remote_source.address)
-            if name == "$cbs" or name.endswith("/$management") or link.state & Endpoint.LOCAL_CLOSED:
+            if name == "$cbs" or name.endswith("/$management"):
+                continue
+            if link.state & Endpoint.LOCAL_CLOSED:
                 continue
             ent = self.entity(name)
             while link.credit > 0 and ent.visible:
@@ -215,17 +229,26 @@ class Broker(MessagingHandler):  # type: ignore[misc]
                 self.deliver(link, ent, stored)
 
     def deliver(self, link: Any, ent: Entity, stored: Stored) -> None:
+        token = uuid.uuid4()
+        stored.lock_token = token
+        stored.locked_until_ms = _now_ms() + (ent.lock_ms or self.lock_ms)
+        msg = self.annotated(stored, stored.locked_until_ms)
+        stored.deliveries += 1
+        dlv = link.delivery(token.bytes_le)
+        link.send(msg.encode())
+        link.advance()
+        ent.locked[token] = (stored, dlv)
+        self.tokens[dlv] = token  # the binding cannot read back a binary tag
+
+    def annotated(self, stored: Stored, locked_until_ms: int | None) -> Message:
         msg = Message()
         msg.decode(stored.raw)
         if isinstance(msg.body, memoryview):
             msg.body = bytes(msg.body)
-        token = uuid.uuid4()
-        stored.lock_token = token
-        stored.locked_until_ms = _now_ms() + self.lock_ms
         msg.delivery_count = stored.deliveries
-        stored.deliveries += 1
         ann = dict(msg.annotations or {})
-        ann[symbol("x-opt-locked-until")] = timestamp(stored.locked_until_ms)
+        if locked_until_ms is not None:
+            ann[symbol("x-opt-locked-until")] = timestamp(locked_until_ms)
         ann[symbol("x-opt-sequence-number")] = stored.sequence_number
         ann[symbol("x-opt-enqueued-time")] = timestamp(stored.enqueued_ms)
         msg.annotations = ann
@@ -233,11 +256,7 @@ class Broker(MessagingHandler):  # type: ignore[misc]
             props = dict(msg.properties or {})
             props.update(stored.extra_props)
             msg.properties = props
-        dlv = link.delivery(token.bytes_le)
-        link.send(msg.encode())
-        link.advance()
-        ent.locked[token] = (stored, dlv)
-        self.tokens[dlv] = token  # the binding cannot read back a binary tag
+        return msg
 
     # ---- incoming ------------------------------------------------------------------------
     def on_delivery(self, event: Any) -> None:
@@ -303,7 +322,7 @@ class Broker(MessagingHandler):  # type: ignore[misc]
             self.reply(link, req, lost, None)
             return
         if op == "com.microsoft:renew-lock":
-            until = _now_ms() + self.lock_ms
+            until = _now_ms() + (ent.lock_ms or self.lock_ms)
             for t in tokens:
                 ent.locked[t][0].locked_until_ms = until
             body_out = {"expirations": [timestamp(until) for _ in tokens]}
@@ -315,8 +334,19 @@ class Broker(MessagingHandler):  # type: ignore[misc]
                 self.apply(ent, stored, status, body.get("deadletter-reason", ""),
                            body.get("deadletter-description", ""))
             self.reply(link, req, {"statusCode": 200, "statusDescription": "OK"}, {})
+        elif op == "com.microsoft:peek-message":
+            start = int(body.get("from-sequence-number", 0))
+            count = int(body.get("message-count", 1))
+            pool = sorted([*ent.visible, *(s for s, _ in ent.locked.values())],
+                          key=lambda s: s.sequence_number)
+            found = [s for s in pool if s.sequence_number >= start][:count]
+            if not found:
+                self.reply(link, req, {"statusCode": 204, "statusDescription": "none"}, None)
+                return
+            out = {"messages": [{"message": self.annotated(s, None).encode()} for s in found]}
+            self.reply(link, req, {"statusCode": 200, "statusDescription": "OK"}, out)
         else:
-            err = {"statusCode": 501, "statusDescription": f"not implemented by the test broker: {op}"}
+            err = {"statusCode": 501, "statusDescription": f"not in the test broker: {op}"}
             self.reply(link, req, err, None)
 
     def apply(self, ent: Entity, stored: Stored, status: str, reason: str, desc: str) -> None:
@@ -377,6 +407,14 @@ class Broker(MessagingHandler):  # type: ignore[misc]
                     conn.close()
         elif kind == "lose-settlements":
             self.entity(name).lose_settlements += int(props.get("count", 1))
+        elif kind == "configure":
+            ent = self.entity(name)
+            if "lock-duration-s" in props:
+                ent.lock_ms = int(float(props["lock-duration-s"]) * 1000)
+            if "max-delivery-count" in props:
+                ent.max_deliveries = int(props["max-delivery-count"])
+            if props.get("duplicate-detection"):
+                ent.seen_ids = set()
         elif kind == "expire-locks":
             ent = self.entity(name)
             for stored, _ in ent.locked.values():
