@@ -596,6 +596,11 @@ def build_parser(with_credentials: bool = True) -> argparse.ArgumentParser:
     from shir.adapters.copy_cli import add_command as add_copy  # light: imports wait for a run
 
     add_copy(sub)
+    from shir.adapters.node_cli import add_commands as add_node  # node run
+    from shir.adapters.runtime_cli import add_commands as add_runtime  # runtime, job, status
+
+    add_node(sub)
+    add_runtime(sub)
     return parser
 
 

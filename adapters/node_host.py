@@ -1,0 +1,437 @@
+"""The node host: one real ``shir`` node driving the shared core on an event store.
+
+Theory of operation
+-------------------
+One host thread owns the :class:`~shir.core.driver.Driver` (the store is never touched from
+elsewhere). Each turn of its loop it reads the clock and:
+
+1. catches up with the log: every batch of events, whoever appended it, yields its effects
+   (``effects_of``), and :meth:`NodeHost._carry_out` acts on those addressed to this node;
+2. reports the jobs its worker threads finished (complete or fail under the delivery's token);
+3. heartbeats every interval with real CPU and memory figures, renews the leases of its running
+   jobs every third of the lock duration, and sends ``Tick`` when the core's next deadline has
+   passed (any node may tick: the store's expected version makes one of them win, and the
+   others decide again on the newer log, where nothing is due any more);
+4. as the dispatcher of the current term, moves job requests from the control channel into the
+   log (``SubmitJob``, idempotency key = message id) and settles each message only after the
+   append is durable, then sends ``DispatchJobs``.
+
+Everything this host does with the core goes through :meth:`NodeHost.send`, and everything the
+core tells it comes through :meth:`_carry_out` (effects) and :meth:`_refused` (refusals): those
+two are the only places that know the protocol. The host decides nothing the core decides: who
+dispatches, which node runs what, when a node is Offline, when a lease has ended.
+
+Commands are stamped with ``max(clock, the log's latest time)``: several writers share one log,
+and the core refuses time going backwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from shir.adapters.channel import ChannelError, ControlChannel, JobResult, LockLost
+from shir.adapters.node_jobs import KINDS, JobContext, JobRun, pack_spec
+from shir.core import commands as cmd
+from shir.core import effects as fx
+from shir.core import events as ev
+from shir.core import jobs
+from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
+from shir.core.errors import (
+    DomainError,
+    StaleSession,
+    StaleTerm,
+    TimeWentBackwards,
+)
+from shir.core.leasing import (
+    AbandonJob,
+    CompleteJob,
+    DispatchJobs,
+    FailJob,
+    NotDispatcher,
+    RenewLeases,
+    SetConcurrencyLimit,
+    StaleLease,
+    SubmitJob,
+    UnknownJob,
+    job_stats,
+)
+from shir.core.model import NodeMetrics
+from shir.core.store import EventStore
+
+__all__ = ["HostExit", "NodeHost", "job_id_for"]
+
+Log = Callable[..., None]
+POLL_S = 0.1  # how often the log is read for other writers' events
+_SEND_TRIES = 6
+# Events after which the dispatcher should look at the queue again.
+_DISPATCH_EVENTS = frozenset({
+    jobs.JobSubmitted, jobs.JobReleased, jobs.JobCompleted, jobs.JobDeadLettered,
+    jobs.ConcurrencyLimitSet, ev.NodeStatusChanged, ev.DispatcherChanged, ev.NodeRemoved,
+})
+
+
+class HostExit(Exception):
+    """The host must stop: ``code`` is the exit code, ``message`` says why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def job_id_for(message_id: str) -> str:
+    """The job id of a request: derived from its message id, so a redelivery is the same job."""
+    return "j-" + hashlib.sha256(message_id.encode()).hexdigest()[:20]
+
+
+class NodeHost:
+    """One node of a runtime (see the module doc). ``run`` returns the process's exit code."""
+
+    def __init__(
+        self, *, store: EventStore, channel: ControlChannel | None, key_text: str, name: str,
+        machine_id: str, metrics: Callable[[int], NodeMetrics], cores: int, memory_mb: int,
+        log: Log, heartbeat_interval_s: float | None = None,
+        concurrency_limit: int | None = None, drain_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        kinds: dict[str, Callable[[JobContext], None]] = KINDS,
+    ) -> None:
+        self.driver = Driver(store)  # folds the history; its effects are not ours to redo
+        self.driver.listeners.append(self._on_events)
+        self.channel = channel
+        self._key_text = key_text
+        self.name = name
+        self.machine_id = machine_id
+        self._metrics = metrics
+        self.cores, self.memory_mb = cores, memory_mb
+        self.log = log
+        self._hb_option = heartbeat_interval_s
+        self._limit_option = concurrency_limit
+        self.drain_timeout_s = drain_timeout_s
+        self.clock = clock
+        self.kinds = kinds
+        self.session = 0
+        self.term = 0
+        self.dispatcher: str | None = None
+        self.running: dict[str, JobRun] = {}
+        self._effects: list[object] = []
+        self._finished: queue.Queue[tuple[JobRun, str | None]] = queue.Queue()
+        self._dispatch_wanted = True
+        self._results: list[JobResult] = []
+        book = self.driver.state.jobs
+        self._specs: dict[str, bytes] = {j.job_id: j.spec for j in book.jobs.values()}
+        self.stop = threading.Event()
+        self.draining = False
+
+    # -- the one door to the core -------------------------------------------------------------
+
+    def send(self, make: Callable[[float], object]) -> bool:
+        """Decide ``make(at)``; True when the core accepted it (or found it satisfied).
+
+        A refusal goes to :meth:`_refused` and returns False. Lost races (a conflict, time that
+        moved on in the log, an append whose outcome was unknown and did not land) are retried
+        with a fresh stamp.
+        """
+        command: object = None
+        for _ in range(_SEND_TRIES):
+            at = max(self.clock(), self.driver.state.now)
+            command = make(at)
+            try:
+                self.driver.handle(command)  # effects arrive through _on_events
+                return True
+            except (ConcurrencyConflict, AppendOutcomeUnknown, TimeWentBackwards):
+                self.driver.catch_up()
+            except DomainError as exc:
+                self._refused(command, exc)
+                return False
+        self.log("warning", "command_retries_exhausted", command=type(command).__name__)
+        return False
+
+    def _on_events(self, events: Any) -> None:
+        # Called inside the Driver: only note things here; act after it returns.
+        self._effects.extend(fx.effects_of(events))
+        for e in events:
+            t = type(e)
+            if t in _DISPATCH_EVENTS:
+                self._dispatch_wanted = True
+            if t is jobs.JobSubmitted:
+                self._specs[e.job_id] = e.spec
+            elif t is jobs.JobCompleted or t is jobs.JobDeadLettered:
+                self._specs.pop(e.token.job_id, None)
+                # results go to the reply queue: the completer publishes a completion, the
+                # dispatcher a dead letter (publishing is idempotent per message and outcome)
+                if t is jobs.JobCompleted and e.token.node == self.name:
+                    self._results.append(JobResult(e.idempotency_key, e.token.job_id,
+                                                   "completed", "", e.at))
+                elif t is jobs.JobDeadLettered and self.dispatcher == self.name:
+                    self._results.append(JobResult(e.idempotency_key, e.token.job_id,
+                                                   "dead_lettered", e.detail, e.at))
+            if t is ev.NodeStatusChanged and e.node == self.name:
+                self.log("info", "status", status=e.status.value, reasons=list(e.reasons))
+
+    def _drain_effects(self) -> None:
+        self._publish_results()
+        while self._effects:
+            effects, self._effects = self._effects, []
+            for effect in effects:
+                self._carry_out(effect)
+
+    def _carry_out(self, effect: object) -> None:
+        """Act on one effect of the log if it is addressed to this node (routing by lookup)."""
+        me = self.name
+        if isinstance(effect, fx.DeliverJob):
+            if effect.token.node == me:
+                self._start_job(effect.token)
+        elif isinstance(effect, fx.StopJob):
+            run = self.running.get(effect.token.job_id)
+            if effect.token.node == me and run is not None and run.token == effect.token:
+                run.cancelled.set()
+                del self.running[effect.token.job_id]
+                self.log("warning", "lease_lost", job=effect.token.job_id, reason=effect.reason)
+        elif isinstance(effect, fx.AnnounceDispatcher):
+            if effect.term >= self.term:
+                was_me = self.dispatcher == me
+                self.term, self.dispatcher = effect.term, effect.node
+                if effect.node == me or was_me:
+                    self.log("info", "dispatcher", term=effect.term, node=effect.node)
+                self._dispatch_wanted = True
+        elif isinstance(effect, fx.StartSession):
+            if effect.node == me and effect.session > self.session:
+                self.session = effect.session
+                self.log("info", "session", session=effect.session)
+        elif isinstance(effect, fx.Disconnect) and effect.node == me:
+            raise HostExit(1, f"node {me!r} was removed from the runtime: {effect.reason}")
+
+    def _refused(self, command: object, exc: DomainError) -> None:
+        """The reply a refusal calls for (today read from the state; see notes/node.md)."""
+        state = self.driver.state
+        what = type(command).__name__
+        if isinstance(exc, StaleSession):
+            node = state.node(self.name)
+            if node is not None:
+                self.session = node.session
+        elif isinstance(exc, (StaleTerm, NotDispatcher)):
+            self.term, self.dispatcher = state.term, state.dispatcher
+        elif isinstance(exc, (StaleLease, UnknownJob)):
+            job = getattr(getattr(command, "token", None), "job_id", None)
+            self.log("warning", "late_work_refused", command=what, job=job, reason=str(exc))
+            return
+        elif isinstance(command, cmd.Heartbeat) and state.node(self.name) is None:
+            raise HostExit(1, f"node {self.name!r} is no longer registered in the runtime")
+        self.log("warning", "refused", command=what, error=type(exc).__name__, reason=str(exc))
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Join the runtime with the auth key; raises the core's refusal as it is."""
+        for _ in range(_SEND_TRIES):
+            at = max(self.clock(), self.driver.state.now)
+            command = cmd.RegisterNode(self._key_text, self.name, self.machine_id, self.cores,
+                                       self.memory_mb, at, self._metrics(0))
+            try:
+                self.driver.handle(command)
+                break
+            except (ConcurrencyConflict, AppendOutcomeUnknown, TimeWentBackwards):
+                self.driver.catch_up()
+        node = self.driver.state.node(self.name)
+        if node is None:
+            raise HostExit(1, "the registration kept losing races with other writers; retry")
+        state = self.driver.state
+        self.session, self.term, self.dispatcher = node.session, state.term, state.dispatcher
+        self._effects.clear()  # our own registration's effects: the state above has them
+        rt = state.runtime
+        self.log("info", "registered", runtime=rt.name if rt else None, session=self.session,
+                 term=self.term, dispatcher=self.dispatcher)
+        if self._limit_option is not None:
+            limit = self._limit_option
+            self.send(lambda at: SetConcurrencyLimit(self.name, limit, at))
+
+    def heartbeat_interval_s(self) -> float:
+        """The runtime's heartbeat interval, or the host's shorter one."""
+        runtime_s = self.driver.state.settings.heartbeat_interval_s
+        return min(runtime_s, self._hb_option) if self._hb_option else runtime_s
+
+    def run(self) -> int:
+        """Register, then serve until :attr:`stop` is set; drain and return the exit code."""
+        try:
+            self.register()
+            self._serve()
+            return self._drain()
+        except HostExit as exc:
+            self.log("error", "exit", reason=str(exc))
+            self._cancel_all()
+            return exc.code
+
+    def _serve(self) -> None:
+        settings = self.driver.state.settings
+        hb_s = self.heartbeat_interval_s()
+        renew_s = settings.lock_duration_s / 3
+        next_hb = 0.0
+        next_renew = self.clock() + renew_s
+        next_dispatch = 0.0
+        stuck_deadline: float | None = None
+        while not self.stop.is_set():
+            self.driver.catch_up()
+            self._drain_effects()
+            self._report_finished()
+            now = self.clock()
+            if now >= next_hb:
+                next_hb = now + hb_s
+                self._heartbeat()
+            if now >= next_renew:
+                next_renew = now + renew_s
+                self._renew()
+            deadline = self.driver.deadline()
+            if deadline is not None and deadline <= now and deadline != stuck_deadline:
+                self.send(cmd.Tick)
+                after = self.driver.deadline()
+                # a tick must clear what is due; if one does not, do not spin on it
+                stuck_deadline = after if after is not None and after <= now else None
+            if self.dispatcher == self.name and not self.draining:
+                self._pull_requests()
+                if self._dispatch_wanted or now >= next_dispatch:
+                    next_dispatch = now + 1.0
+                    self._dispatch()
+            self._drain_effects()
+            self._wait(min(POLL_S, max(0.0, next_hb - self.clock())))
+
+    def _wait(self, timeout_s: float) -> None:
+        try:
+            item = self._finished.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        self._finished.put(item)  # reported at the top of the next turn
+
+    def _heartbeat(self) -> None:
+        metrics = self._metrics(len(self.running))
+        self.send(lambda at: cmd.Heartbeat(self.name, self.session, metrics, at))
+
+    def _renew(self) -> None:
+        if self.running:
+            tokens = tuple(r.token for r in self.running.values())
+            self.send(lambda at: RenewLeases(tokens, at))
+
+    # -- jobs on this node --------------------------------------------------------------------
+
+    def _start_job(self, token: jobs.LeaseToken) -> None:
+        if token.job_id in self.running:
+            return  # the same delivery seen twice
+        if self.draining:
+            self.send(lambda at: AbandonJob(token, at, f"node {self.name} is shutting down"))
+            return
+        spec = self._specs.get(token.job_id, b"")
+        run = JobRun(token, spec, lambda r, error: self._finished.put((r, error)), self.kinds)
+        self.running[token.job_id] = run
+        self.log("info", "job_started", job=token.job_id, kind=run.kind,
+                 delivery=token.delivery, term=token.term)
+        run.start()
+
+    def _report_finished(self) -> None:
+        while True:
+            try:
+                run, error = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            token = run.token
+            if self.running.get(token.job_id) is run:
+                del self.running[token.job_id]
+            if error is None:
+                if self.send(partial(CompleteJob, token)):
+                    self.log("info", "job_completed", job=token.job_id)
+            else:
+                if self.send(partial(FailJob, token, reason=error[:500])):
+                    self.log("warning", "job_failed", job=token.job_id, reason=error[:500])
+
+    def _publish_results(self) -> None:
+        while self._results:
+            result = self._results.pop(0)
+            if self.channel is None:
+                continue
+            try:
+                self.channel.publish_result(result)
+            except ChannelError as exc:
+                self.log("warning", "result_not_published", job=result.job_id, error=str(exc))
+
+    def _cancel_all(self) -> None:
+        for run in self.running.values():
+            run.cancelled.set()
+        self.running.clear()
+
+    def _drain(self) -> int:
+        """Finish running jobs (bounded), give back the rest, and leave."""
+        self.draining = True
+        self.log("info", "draining", running=len(self.running), timeout_s=self.drain_timeout_s)
+        until = self.clock() + self.drain_timeout_s
+        hb_s = self.heartbeat_interval_s()
+        next_hb = self.clock()
+        while self.running and self.clock() < until:
+            self.driver.catch_up()
+            self._drain_effects()
+            self._report_finished()
+            if self.clock() >= next_hb:
+                next_hb = self.clock() + hb_s
+                self._heartbeat()
+                self._renew()
+            self._wait(POLL_S)
+        for run in list(self.running.values()):
+            run.cancelled.set()
+            self.send(partial(AbandonJob, run.token, reason=f"node {self.name} shut down"))
+        self.running.clear()
+        self.log("info", "stopped")
+        return 0
+
+    # -- dispatcher duties --------------------------------------------------------------------
+
+    def _pull_requests(self, max_count: int = 32) -> None:
+        if self.channel is None:
+            return
+        try:
+            received = self.channel.receive(max_count, 0.0)
+        except ChannelError as exc:
+            self.log("warning", "channel_error", doing="receive", error=str(exc))
+            return
+        for r in received:
+            req = r.request
+            try:
+                spec = pack_spec(req.kind, req.spec)
+            except ValueError as exc:
+                self._settle(r.lock_token, f"bad request: {exc}")
+                continue
+            job_id = job_id_for(req.message_id)
+            ok = self.send(partial(SubmitJob, job_id, req.message_id, spec=spec))
+            if ok:
+                self._settle(r.lock_token, None)  # the job is in the log: durable
+            elif self.dispatcher != self.name:
+                self._abandon_message(r.lock_token)
+            else:
+                self._settle(r.lock_token, "refused by the runtime (see the node's log)")
+
+    def _settle(self, lock_token: str, dead_reason: str | None) -> None:
+        assert self.channel is not None
+        try:
+            if dead_reason is None:
+                self.channel.complete(lock_token)
+            else:
+                self.channel.dead_letter(lock_token, dead_reason)
+        except LockLost:
+            pass  # redelivered elsewhere: the idempotency key absorbs the duplicate
+        except ChannelError as exc:
+            self.log("warning", "channel_error", doing="settle", error=str(exc))
+
+    def _abandon_message(self, lock_token: str) -> None:
+        assert self.channel is not None
+        with contextlib.suppress(ChannelError):  # else the lock expires and it comes back
+            self.channel.abandon(lock_token)
+
+    def _dispatch(self) -> None:
+        self._dispatch_wanted = False
+        if job_stats(self.driver.state).queued == 0:
+            return
+        term = self.term
+        self.send(lambda at: DispatchJobs(self.name, term, at))
+
