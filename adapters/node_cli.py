@@ -69,13 +69,17 @@ class JsonLog:
                 pass  # a closed stderr must not stop the node
 
 
-def open_channel(url: str) -> Any:
-    """The control channel ``url`` names (today: the embedded one, ``sqlite:///PATH``)."""
+def open_channel(url: str, lock_duration_s: float = 60.0) -> Any:
+    """The control channel ``url`` names (today: the embedded one, ``sqlite:///PATH``).
+
+    ``lock_duration_s`` bounds how long a request received by a dispatcher that then died
+    stays invisible; a node host passes its runtime's job lock duration.
+    """
     from shir.adapters.channel import ChannelError
     from shir.adapters.embedded_channel import EmbeddedChannel
 
     if url.startswith("sqlite:"):
-        return EmbeddedChannel.from_url(url)
+        return EmbeddedChannel.from_url(url, lock_duration_s=lock_duration_s)
     raise ChannelError(
         "cannot open a control channel from that URL: the embedded channel is sqlite:///PATH "
         "(the Service Bus channel is not wired into this shir yet)"
@@ -161,7 +165,6 @@ def _serve(name: str, key: str, config: Any, home: Path, machine: str) -> int:
             raise ShirError("a Blob or file store has no embedded channel: name the control "
                             "channel with --channel URL (or 'channel' in the config)")
         channel_url = config.store
-    channel = open_channel(channel_url)
     load = SystemLoad()
     total_mb, _ = load.memory_mb()
     version = shir_version()
@@ -180,11 +183,13 @@ def _serve(name: str, key: str, config: Any, home: Path, machine: str) -> int:
         )
 
     host = NodeHost(
-        store=store, channel=channel, key_text=key, name=name, machine_id=machine,
+        store=store, channel=None, key_text=key, name=name, machine_id=machine,
         metrics=metrics, cores=os.cpu_count() or 1, memory_mb=max(1, total_mb), log=log,
         heartbeat_interval_s=config.heartbeat_interval_s,
         concurrency_limit=config.concurrency_limit, drain_timeout_s=config.drain_timeout_s,
     )
+    channel = host.channel = open_channel(
+        channel_url, lock_duration_s=host.driver.state.settings.lock_duration_s)
     log("info", "starting", store=describe_store_url(config.store), home=str(home),
         pid=os.getpid(), version=version, intranet_port=config.intranet_port,
         remote_access=config.remote_access)

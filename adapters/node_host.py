@@ -45,6 +45,7 @@ from shir.core import jobs
 from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
 from shir.core.errors import (
     DomainError,
+    ShirError,
     StaleSession,
     StaleTerm,
     TimeWentBackwards,
@@ -63,7 +64,7 @@ from shir.core.leasing import (
     job_stats,
 )
 from shir.core.model import NodeMetrics
-from shir.core.store import EventStore
+from shir.core.store import EventStore, StoreError
 
 __all__ = ["HostExit", "NodeHost", "job_id_for"]
 
@@ -149,6 +150,11 @@ class NodeHost:
             except DomainError as exc:
                 self._refused(command, exc)
                 return False
+            except StoreError as exc:
+                # busy, unreachable, throttled: this turn is lost, the next one tries again
+                self.log("warning", "store_error", command=type(command).__name__,
+                         error=str(exc))
+                return False
         self.log("warning", "command_retries_exhausted", command=type(command).__name__)
         return False
 
@@ -178,7 +184,12 @@ class NodeHost:
         self._publish_results()
         while self._effects:
             effects, self._effects = self._effects, []
+            # A node back from a gap reads deliveries whose leases ended later in the same
+            # catch-up: the core has already said stop, so they are not started at all.
+            ended = {e.token for e in effects if isinstance(e, fx.StopJob)}
             for effect in effects:
+                if isinstance(effect, fx.DeliverJob) and effect.token in ended:
+                    continue
                 self._carry_out(effect)
 
     def _carry_out(self, effect: object) -> None:
@@ -219,7 +230,8 @@ class NodeHost:
             self.term, self.dispatcher = state.term, state.dispatcher
         elif isinstance(exc, (StaleLease, UnknownJob)):
             job = getattr(getattr(command, "token", None), "job_id", None)
-            self.log("warning", "late_work_refused", command=what, job=job, reason=str(exc))
+            self.log("warning", "late_work_refused", command=what, job=job, reason=str(exc),
+                     detail=getattr(command, "reason", ""))
             return
         elif isinstance(command, cmd.Heartbeat) and state.node(self.name) is None:
             raise HostExit(1, f"node {self.name!r} is no longer registered in the runtime")
@@ -229,6 +241,9 @@ class NodeHost:
 
     def register(self) -> None:
         """Join the runtime with the auth key; raises the core's refusal as it is."""
+        if self.driver.state.runtime is None:
+            raise ShirError("the store holds no runtime: create one with shir runtime create "
+                            "--store STORE --name NAME, or check --store")
         for _ in range(_SEND_TRIES):
             at = max(self.clock(), self.driver.state.now)
             command = cmd.RegisterNode(self._key_text, self.name, self.machine_id, self.cores,
@@ -268,37 +283,40 @@ class NodeHost:
             return exc.code
 
     def _serve(self) -> None:
-        settings = self.driver.state.settings
-        hb_s = self.heartbeat_interval_s()
-        renew_s = settings.lock_duration_s / 3
-        next_hb = 0.0
-        next_renew = self.clock() + renew_s
-        next_dispatch = 0.0
-        stuck_deadline: float | None = None
+        self._next_hb = self._next_dispatch = 0.0
+        self._next_renew = self.clock() + self.driver.state.settings.lock_duration_s / 3
+        self._stuck_deadline: float | None = None
         while not self.stop.is_set():
-            self.driver.catch_up()
-            self._drain_effects()
-            self._report_finished()
-            now = self.clock()
-            if now >= next_hb:
-                next_hb = now + hb_s
-                self._heartbeat()
-            if now >= next_renew:
-                next_renew = now + renew_s
-                self._renew()
-            deadline = self.driver.deadline()
-            if deadline is not None and deadline <= now and deadline != stuck_deadline:
-                self.send(cmd.Tick)
-                after = self.driver.deadline()
-                # a tick must clear what is due; if one does not, do not spin on it
-                stuck_deadline = after if after is not None and after <= now else None
-            if self.dispatcher == self.name and not self.draining:
-                self._pull_requests()
-                if self._dispatch_wanted or now >= next_dispatch:
-                    next_dispatch = now + 1.0
-                    self._dispatch()
-            self._drain_effects()
-            self._wait(min(POLL_S, max(0.0, next_hb - self.clock())))
+            try:
+                self._turn()
+            except StoreError as exc:  # busy or unreachable: say so, and try again next turn
+                self.log("warning", "store_error", error=str(exc))
+            self._wait(min(POLL_S, max(0.0, self._next_hb - self.clock())))
+
+    def _turn(self) -> None:
+        """One turn of the host loop (see the module doc)."""
+        self.driver.catch_up()
+        self._drain_effects()
+        self._report_finished()
+        now = self.clock()
+        if now >= self._next_hb:
+            self._next_hb = now + self.heartbeat_interval_s()
+            self._heartbeat()
+        if now >= self._next_renew:
+            self._next_renew = now + self.driver.state.settings.lock_duration_s / 3
+            self._renew()
+        deadline = self.driver.deadline()
+        due = deadline is not None and deadline <= now and deadline != self._stuck_deadline
+        if due and self.send(cmd.Tick):
+            after = self.driver.deadline()
+            # a tick must clear what is due; if one does not, do not spin on it
+            self._stuck_deadline = after if after is not None and after <= now else None
+        if self.dispatcher == self.name and not self.draining:
+            self._pull_requests()
+            if self._dispatch_wanted or now >= self._next_dispatch:
+                self._next_dispatch = now + 1.0
+                self._dispatch()
+        self._drain_effects()
 
     def _wait(self, timeout_s: float) -> None:
         try:
@@ -370,13 +388,16 @@ class NodeHost:
         hb_s = self.heartbeat_interval_s()
         next_hb = self.clock()
         while self.running and self.clock() < until:
-            self.driver.catch_up()
-            self._drain_effects()
-            self._report_finished()
-            if self.clock() >= next_hb:
-                next_hb = self.clock() + hb_s
-                self._heartbeat()
-                self._renew()
+            try:
+                self.driver.catch_up()
+                self._drain_effects()
+                self._report_finished()
+                if self.clock() >= next_hb:
+                    next_hb = self.clock() + hb_s
+                    self._heartbeat()
+                    self._renew()
+            except StoreError as exc:
+                self.log("warning", "store_error", error=str(exc))
             self._wait(POLL_S)
         for run in list(self.running.values()):
             run.cancelled.set()
@@ -387,7 +408,7 @@ class NodeHost:
 
     # -- dispatcher duties --------------------------------------------------------------------
 
-    def _pull_requests(self, max_count: int = 32) -> None:
+    def _pull_requests(self, max_count: int = 8) -> None:
         if self.channel is None:
             return
         try:
