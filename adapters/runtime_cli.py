@@ -6,7 +6,7 @@
     shir runtime regenerate-key --store STORE key1|key2
     shir job submit --store STORE [--channel URL] --kind KIND [--param K=V ...] [--id KEY]
     shir job show --store STORE ID
-    shir status --store STORE [--json] [--watch]
+    shir status --store STORE [--json] [--watch [S] [--count N]]
 
 ``runtime create`` prints the runtime's two auth keys once; the store keeps only salted
 verifiers, so a lost key cannot be shown again, only regenerated. ``job submit`` queues a
@@ -93,6 +93,8 @@ def add_commands(subparsers: Any) -> None:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="S",
                         help="print again every S seconds (default 2) until interrupted")
+    status.add_argument("--count", type=int, metavar="N",
+                        help="with --watch, stop after N reports")
     status.set_defaults(handler=lambda a: cli_errors("shir status", lambda: _status(a)))
 
 
@@ -265,12 +267,17 @@ def _show(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from shir.adapters.status import render, status_of
 
+    if args.count is not None and not 1 <= args.count <= 1_000_000:
+        raise ShirError(f"--count must be 1..1000000, got {args.count}")
+    if args.watch is not None and not 0.1 <= args.watch <= 3600:
+        raise ShirError(f"--watch must be 0.1..3600 seconds, got {args.watch:g}")
     if args.store.endswith(".events") and os.path.isfile(args.store):
         return _status_of_recording(args)
     driver = _driver(args.store)
     channel = None
     if args.channel or args.store.startswith("sqlite:"):
         channel = open_channel(_channel_url(args))
+    printed = 0
     try:
         while True:
             driver.catch_up()
@@ -281,9 +288,10 @@ def _status(args: argparse.Namespace) -> int:
                 print(json.dumps(report), flush=True)
             else:
                 print(render(report), flush=True)
-            if args.watch is None:
+            printed += 1
+            if args.watch is None or (args.count is not None and printed >= args.count):
                 return 0
-            time.sleep(max(0.2, args.watch))
+            time.sleep(args.watch)
             if not args.json:
                 print()
     finally:

@@ -162,9 +162,13 @@ OFFLINE_AFTER_S = 1.5
 
 
 def failover_trial(root: Path, store: str, channel: str | None = None, jobs: int = 200,
-                   job_s: float = 0.3, timeout_s: float = 120) -> dict[str, Any]:
+                   job_s: float = 0.3, timeout_s: float = 120,
+                   settings: tuple[str, ...] = SHORT, offline_after_s: float = OFFLINE_AFTER_S,
+                   lock_s: float = 3.0, sigstop: bool = True) -> dict[str, Any]:
     """Four nodes, ``jobs`` touch jobs, the dispatcher SIGKILLed, another node SIGSTOPped past
-    its leases and continued. Returns what it measured; raises AssertionError on a broken rule.
+    its leases and continued (unless not ``sigstop``). Returns what it measured; raises
+    AssertionError on a broken rule. ``settings`` are ``runtime create`` options, and
+    ``offline_after_s`` and ``lock_s`` what they make of offline detection and leases.
     """
     from shir.adapters.node_host import job_id_for
     from shir.core import events as ev
@@ -174,7 +178,7 @@ def failover_trial(root: Path, store: str, channel: str | None = None, jobs: int
     sink.mkdir()
     t_start = time.monotonic()
     with cluster(root, store, channel) as c:
-        c.create(*SHORT)
+        c.create(*settings)
         names = ["n1", "n2", "n3", "n4"]
         for i, name in enumerate(names):
             c.start(name, key=c.keys["key1" if i % 2 == 0 else "key2"])
@@ -202,7 +206,7 @@ def failover_trial(root: Path, store: str, channel: str | None = None, jobs: int
                     return e
             return None
 
-        changed = wait_for("a new dispatcher", new_dispatcher, 5 * OFFLINE_AFTER_S + 10)
+        changed = wait_for("a new dispatcher", new_dispatcher, 5 * offline_after_s + 10)
         failover_s = changed.at - t_kill
         # stop a worker that holds leases, past its leases, then continue it
         others = [n for n in names if n not in (old, changed.node)]
@@ -219,16 +223,19 @@ def failover_trial(root: Path, store: str, channel: str | None = None, jobs: int
                 held[name] = jobs_ & started
             return {n: j for n, j in held.items() if j}
 
-        held = wait_for("a worker running jobs", leases_held, 10, poll_s=0.02)
-        victim = max(held, key=lambda n: len(held[n]))
-        c.signal(victim, signal.SIGSTOP)
-        stopped_with = sorted(held[victim])
-        time.sleep(OFFLINE_AFTER_S + 3.0 + 1.0)  # offline detection + the lock, with margin
-        c.signal(victim, signal.SIGCONT)
+        victim, stopped_with = "", []
+        if sigstop:
+            held = wait_for("a worker running jobs", leases_held, 10, poll_s=0.02)
+            victim = max(held, key=lambda n: len(held[n]))
+            c.signal(victim, signal.SIGSTOP)
+            stopped_with = sorted(held[victim])
+            time.sleep(offline_after_s + lock_s + 1.0)  # offline detection + the lock + margin
+            c.signal(victim, signal.SIGCONT)
         wait_for(f"all {jobs} jobs completed", lambda: c.state().jobs.completed >= jobs,
                  timeout_s)
-        wait_for(f"{victim} back Online", lambda: (n := c.state().node(victim)) is not None
-                 and n.status.value == "Online", 30)
+        if sigstop:
+            wait_for(f"{victim} back Online", lambda: (n := c.state().node(victim)) is not None
+                     and n.status.value == "Online", 30)
         time.sleep(0.5)  # let the continued node report what it held
         events = c.events()
         codes = c.stop_all()
@@ -249,12 +256,13 @@ def failover_trial(root: Path, store: str, channel: str | None = None, jobs: int
         f"completions: {len(completions)} jobs, counts {sorted(set(completions.values()))}")
     terms = [e.term for e in events if isinstance(e, ev.DispatcherChanged)]
     assert terms == sorted(set(terms)), f"terms must only grow: {terms}"
-    assert failover_s <= 3 * OFFLINE_AFTER_S, f"failover took {failover_s:.2f} s"
-    victim_log = c.log_records(victim)
-    late = [r for r in victim_log if r.get("event") in ("late_work_refused", "lease_lost")]
-    rejoined = any(isinstance(e, ev.NodeRejoined) and e.node == victim for e in events)
-    assert rejoined, f"{victim} did not rejoin under a new session"
-    if stopped_with:
+    assert failover_s <= 3 * offline_after_s, f"failover took {failover_s:.2f} s"
+    late = []
+    if sigstop:
+        late = [r for r in c.log_records(victim)
+                if r.get("event") in ("late_work_refused", "lease_lost")]
+        rejoined = any(isinstance(e, ev.NodeRejoined) and e.node == victim for e in events)
+        assert rejoined, f"{victim} did not rejoin under a new session"
         assert late, f"{victim} held {stopped_with[:3]}... and reported no refused late work"
     for name in names:
         if name != old:
@@ -262,7 +270,7 @@ def failover_trial(root: Path, store: str, channel: str | None = None, jobs: int
         bad = [r for r in c.log_records(name) if r.get("event") == "not-json"]
         assert not bad, f"{name} wrote non-JSON lines: {bad[:3]}"
     return {
-        "failover_s": round(failover_s, 2), "offline_after_s": OFFLINE_AFTER_S,
+        "failover_s": round(failover_s, 2), "offline_after_s": offline_after_s,
         "killed": old, "new_dispatcher": changed.node, "stopped": victim,
         "stopped_with_leases": len(stopped_with), "late_work_refused": len(late),
         "jobs": jobs, "wall_s": round(time.monotonic() - t_start, 1),
