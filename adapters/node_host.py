@@ -122,6 +122,7 @@ class NodeHost:
         self.running: dict[str, JobRun] = {}
         self._effects: list[object] = []
         self._finished: queue.Queue[tuple[JobRun, str | None]] = queue.Queue()
+        self._unreported: list[tuple[JobRun, str | None]] = []
         self._dispatch_wanted = True
         self._results: list[JobResult] = []
         book = self.driver.state.jobs
@@ -131,12 +132,13 @@ class NodeHost:
 
     # -- the one door to the core -------------------------------------------------------------
 
-    def send(self, make: Callable[[float], object]) -> bool:
+    def send(self, make: Callable[[float], object]) -> bool | None:
         """Decide ``make(at)``; True when the core accepted it (or found it satisfied).
 
         A refusal goes to :meth:`_refused` and returns False. Lost races (a conflict, time that
         moved on in the log, an append whose outcome was unknown and did not land) are retried
-        with a fresh stamp.
+        with a fresh stamp; None means the store could not be written this turn (nothing was
+        decided: the caller may try again later).
         """
         command: object = None
         for _ in range(_SEND_TRIES):
@@ -154,9 +156,9 @@ class NodeHost:
                 # busy, unreachable, throttled: this turn is lost, the next one tries again
                 self.log("warning", "store_error", command=type(command).__name__,
                          error=str(exc))
-                return False
+                return None
         self.log("warning", "command_retries_exhausted", command=type(command).__name__)
-        return False
+        return None
 
     def _on_events(self, events: Any) -> None:
         # Called inside the Driver: only note things here; act after it returns.
@@ -350,20 +352,29 @@ class NodeHost:
         run.start()
 
     def _report_finished(self) -> None:
+        """Complete or fail finished runs; one the store could not take is retried next turn
+        (and its lease still renewed meanwhile)."""
         while True:
             try:
-                run, error = self._finished.get_nowait()
+                self._unreported.append(self._finished.get_nowait())
             except queue.Empty:
-                return
+                break
+        pending, self._unreported = self._unreported, []
+        for run, error in pending:
             token = run.token
+            if error is None:
+                outcome = self.send(partial(CompleteJob, token))
+            else:
+                outcome = self.send(partial(FailJob, token, reason=error[:500]))
+            if outcome is None:
+                self._unreported.append((run, error))
+                continue
             if self.running.get(token.job_id) is run:
                 del self.running[token.job_id]
-            if error is None:
-                if self.send(partial(CompleteJob, token)):
-                    self.log("info", "job_completed", job=token.job_id)
-            else:
-                if self.send(partial(FailJob, token, reason=error[:500])):
-                    self.log("warning", "job_failed", job=token.job_id, reason=error[:500])
+            if outcome and error is None:
+                self.log("info", "job_completed", job=token.job_id)
+            elif outcome and error is not None:
+                self.log("warning", "job_failed", job=token.job_id, reason=error[:500])
 
     def _publish_results(self) -> None:
         while self._results:
@@ -427,8 +438,8 @@ class NodeHost:
             ok = self.send(partial(SubmitJob, job_id, req.message_id, spec=spec))
             if ok:
                 self._settle(r.lock_token, None)  # the job is in the log: durable
-            elif self.dispatcher != self.name:
-                self._abandon_message(r.lock_token)
+            elif ok is None or self.dispatcher != self.name:
+                self._abandon_message(r.lock_token)  # it comes back; the key absorbs repeats
             else:
                 self._settle(r.lock_token, "refused by the runtime (see the node's log)")
 
