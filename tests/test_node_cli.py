@@ -184,3 +184,19 @@ def test_status_reads_a_recorded_log(tmp_path: Path) -> None:
     p = shir("status", "--store", str(log), "--json")
     report = json.loads(p.stdout)
     assert report["nodes"] and {"status", "term", "dispatcher"} <= set(report)
+
+
+def test_a_node_killed_with_sigkill_restarts_on_its_home(tmp_path: Path) -> None:
+    # the kernel drops the home lock of a killed host: no stale lock, and the same machine
+    # (the id kept in its home) registers again as the same node
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+        c.create(*FAST)
+        first = c.start("a")
+        wait_for("a Online", lambda: _registered(c, "a"), 20)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        c.start("a")
+        wait_for("a registered again", lambda: sum(
+            r.get("event") == "registered" for r in c.log_records("a")) == 2, 20)
+        state = c.state()
+        assert [n.name for n in state.nodes] == ["a"] and state.dispatcher == "a"
