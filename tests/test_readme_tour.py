@@ -38,7 +38,8 @@ def test_the_readme_tour_runs(tmp_path: Path) -> None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, err[-2000:]
     tour = tmp_path / "tour"
-    assert len(list((tour / "sink").iterdir())) == 40
+    # a delivery killed mid-write may leave a hidden .tmp- file, never a second effect
+    assert len([f for f in (tour / "sink").iterdir() if not f.name.startswith(".")]) == 40
     assert "dispatcher alpha" in out and "dispatcher beta" in out
     assert re.search(r"alpha\s+Offline", out), out[-1500:]
     assert "\n40\n" in out and "completed" in out
