@@ -43,25 +43,17 @@ from shir.core import effects as fx
 from shir.core import events as ev
 from shir.core import jobs
 from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
-from shir.core.errors import (
-    DomainError,
-    ShirError,
-    StaleSession,
-    StaleTerm,
-    TimeWentBackwards,
-)
+from shir.core.errors import DomainError, Fenced, ShirError, TimeWentBackwards
 from shir.core.leasing import (
     AbandonJob,
     CompleteJob,
     DispatchJobs,
     FailJob,
-    NotDispatcher,
     RenewLeases,
     SetConcurrencyLimit,
     StaleLease,
     SubmitJob,
     UnknownJob,
-    job_stats,
 )
 from shir.core.model import NodeMetrics
 from shir.core.store import EventStore, StoreError
@@ -71,11 +63,27 @@ __all__ = ["HostExit", "NodeHost", "job_id_for"]
 Log = Callable[..., None]
 POLL_S = 0.1  # how often the log is read for other writers' events
 _SEND_TRIES = 6
-# Events after which the dispatcher should look at the queue again.
-_DISPATCH_EVENTS = frozenset({
-    jobs.JobSubmitted, jobs.JobReleased, jobs.JobCompleted, jobs.JobDeadLettered,
-    jobs.ConcurrencyLimitSet, ev.NodeStatusChanged, ev.DispatcherChanged, ev.NodeRemoved,
-})
+DISPATCH_POLL_S = 5.0  # the dispatcher also dispatches this often without being asked
+
+
+class _LogDriver(Driver):
+    """The core's Driver, reporting every tail it reads from the store to ``on_tail``.
+
+    Those are other writers' events (and, after an append whose outcome was unknown, this
+    node's own): their effects come from the log. The effects of this node's own appends come
+    back from ``handle`` with the answer to its command.
+    """
+
+    def __init__(self, store: EventStore, on_tail: Callable[[list[object]], None]) -> None:
+        self._on_tail: Callable[[list[object]], None] | None = None
+        super().__init__(store)  # the history: folded, not acted on
+        self._on_tail = on_tail
+
+    def catch_up(self) -> list[object]:
+        tail = super().catch_up()
+        if tail and self._on_tail is not None:
+            self._on_tail(tail)
+        return tail
 
 
 class HostExit(Exception):
@@ -101,8 +109,10 @@ class NodeHost:
         concurrency_limit: int | None = None, drain_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.time,
         kinds: dict[str, Callable[[JobContext], None]] = KINDS,
+        intranet_address: str | None = None, cert_sha256: str | None = None,
     ) -> None:
-        self.driver = Driver(store)  # folds the history; its effects are not ours to redo
+        self._effects: list[tuple[object, bool]] = []  # (effect, caused by this node's command)
+        self.driver = _LogDriver(store, self._on_tail)  # the history's effects are not redone
         self.driver.listeners.append(self._on_events)
         self.channel = channel
         self._key_text = key_text
@@ -116,39 +126,42 @@ class NodeHost:
         self.drain_timeout_s = drain_timeout_s
         self.clock = clock
         self.kinds = kinds
+        self.intranet_address, self.cert_sha256 = intranet_address, cert_sha256
         self.session = 0
         self.term = 0
         self.dispatcher: str | None = None
         self.running: dict[str, JobRun] = {}
-        self._effects: list[object] = []
         self._finished: queue.Queue[tuple[JobRun, str | None]] = queue.Queue()
         self._unreported: list[tuple[JobRun, str | None]] = []
-        self._dispatch_wanted = True
-        self._results: list[JobResult] = []
+        self._dispatch_wanted = False
         book = self.driver.state.jobs
         self._specs: dict[str, bytes] = {j.job_id: j.spec for j in book.jobs.values()}
         self.stop = threading.Event()
         self.draining = False
+        self.leaving = False
 
     # -- the one door to the core -------------------------------------------------------------
 
     def send(self, make: Callable[[float], object]) -> bool | None:
         """Decide ``make(at)``; True when the core accepted it (or found it satisfied).
 
-        A refusal goes to :meth:`_refused` and returns False. Lost races (a conflict, time that
-        moved on in the log, an append whose outcome was unknown and did not land) are retried
-        with a fresh stamp; None means the store could not be written this turn (nothing was
-        decided: the caller may try again later).
+        A refusal returns False; a fenced one also queues the reply it carries. Lost races (a
+        conflict, an append whose outcome was unknown and did not land) are retried with a
+        fresh stamp; None means the store could not be written this turn (nothing was decided:
+        the caller may try again later).
         """
         command: object = None
         for _ in range(_SEND_TRIES):
-            at = max(self.clock(), self.driver.state.now)
-            command = make(at)
+            command = make(max(self.clock(), self.driver.state.now))
             try:
-                self.driver.handle(command)  # effects arrive through _on_events
-                return True
+                effects = self.driver.handle(command)
             except (ConcurrencyConflict, AppendOutcomeUnknown, TimeWentBackwards):
                 self.driver.catch_up()
+                continue
+            except Fenced as exc:  # the sender (this node) is stale: the reply catches it up
+                self._refused(command, exc)
+                self._effects.append((exc.reply, True))
+                return False
             except DomainError as exc:
                 self._refused(command, exc)
                 return False
@@ -157,116 +170,124 @@ class NodeHost:
                 self.log("warning", "store_error", command=type(command).__name__,
                          error=str(exc))
                 return None
+            self._effects.extend((e, True) for e in effects)
+            return True
         self.log("warning", "command_retries_exhausted", command=type(command).__name__)
         return None
 
+    def _on_tail(self, events: list[object]) -> None:
+        # Events read from the log (other writers'): their effects, some of them for this node.
+        self._effects.extend((e, False) for e in fx.effects_of(events, self.driver.state))
+
     def _on_events(self, events: Any) -> None:
-        # Called inside the Driver: only note things here; act after it returns.
-        self._effects.extend(fx.effects_of(events))
+        # Every folded batch, this node's and others': keep what to run for each job.
         for e in events:
             t = type(e)
-            if t in _DISPATCH_EVENTS:
-                self._dispatch_wanted = True
             if t is jobs.JobSubmitted:
                 self._specs[e.job_id] = e.spec
             elif t is jobs.JobCompleted or t is jobs.JobDeadLettered:
                 self._specs.pop(e.token.job_id, None)
-                # results go to the reply queue: the completer publishes a completion, the
-                # dispatcher a dead letter (publishing is idempotent per message and outcome)
-                if t is jobs.JobCompleted and e.token.node == self.name:
-                    self._results.append(JobResult(e.idempotency_key, e.token.job_id,
-                                                   "completed", "", e.at))
-                elif t is jobs.JobDeadLettered and self.dispatcher == self.name:
-                    self._results.append(JobResult(e.idempotency_key, e.token.job_id,
-                                                   "dead_lettered", e.detail, e.at))
-            if t is ev.NodeStatusChanged and e.node == self.name:
+            elif t is ev.NodeStatusChanged and e.node == self.name:
                 self.log("info", "status", status=e.status.value, reasons=list(e.reasons))
 
     def _drain_effects(self) -> None:
-        self._publish_results()
         while self._effects:
-            effects, self._effects = self._effects, []
+            batch, self._effects = self._effects, []
             # A node back from a gap reads deliveries whose leases ended later in the same
             # catch-up: the core has already said stop, so they are not started at all.
-            ended = {e.token for e in effects if isinstance(e, fx.StopJob)}
-            for effect in effects:
+            ended = {e.token for e, _ in batch if isinstance(e, fx.StopJob)}
+            for effect, own in batch:
                 if isinstance(effect, fx.DeliverJob) and effect.token in ended:
                     continue
-                self._carry_out(effect)
+                to: fx.Recipient = effect.to  # type: ignore[attr-defined]
+                if to.role is fx.Role.FACTORY:
+                    if own:  # the node whose command caused it tells the factory side
+                        self._carry_out(effect)
+                elif to.role is fx.Role.EVERY_NODE or to.node == self.name:
+                    self._carry_out(effect)
 
     def _carry_out(self, effect: object) -> None:
-        """Act on one effect of the log if it is addressed to this node (routing by lookup)."""
+        """Act on one effect addressed to this node (or, for results, to the factory side)."""
         me = self.name
         if isinstance(effect, fx.DeliverJob):
-            if effect.token.node == me:
-                self._start_job(effect.token)
+            self._start_job(effect.token)
         elif isinstance(effect, fx.StopJob):
             run = self.running.get(effect.token.job_id)
-            if effect.token.node == me and run is not None and run.token == effect.token:
+            if run is not None and run.token == effect.token:
                 run.cancelled.set()
                 del self.running[effect.token.job_id]
                 self.log("warning", "lease_lost", job=effect.token.job_id, reason=effect.reason)
+        elif isinstance(effect, fx.DispatchWanted):
+            if effect.term >= self.term:
+                self.term, self.dispatcher = effect.term, effect.node
+                self._dispatch_wanted = True
         elif isinstance(effect, fx.AnnounceDispatcher):
             if effect.term >= self.term:
                 was_me = self.dispatcher == me
                 self.term, self.dispatcher = effect.term, effect.node
                 if effect.node == me or was_me:
                     self.log("info", "dispatcher", term=effect.term, node=effect.node)
-                self._dispatch_wanted = True
+                self._dispatch_wanted = effect.node == me
         elif isinstance(effect, fx.StartSession):
-            if effect.node == me and effect.session > self.session:
+            if effect.session != self.session:
                 self.session = effect.session
                 self.log("info", "session", session=effect.session)
-        elif isinstance(effect, fx.Disconnect) and effect.node == me:
-            raise HostExit(1, f"node {me!r} was removed from the runtime: {effect.reason}")
+        elif isinstance(effect, fx.PublishJobResult):
+            self._publish(effect)
+        elif isinstance(effect, fx.Disconnect) and not self.leaving:
+            raise HostExit(1, f"node {me!r} is not part of the runtime: {effect.reason}")
 
     def _refused(self, command: object, exc: DomainError) -> None:
-        """The reply a refusal calls for (today read from the state; see notes/node.md)."""
-        state = self.driver.state
         what = type(command).__name__
-        if isinstance(exc, StaleSession):
-            node = state.node(self.name)
-            if node is not None:
-                self.session = node.session
-        elif isinstance(exc, (StaleTerm, NotDispatcher)):
-            self.term, self.dispatcher = state.term, state.dispatcher
-        elif isinstance(exc, (StaleLease, UnknownJob)):
+        if isinstance(exc, (StaleLease, UnknownJob)):
             job = getattr(getattr(command, "token", None), "job_id", None)
             self.log("warning", "late_work_refused", command=what, job=job, reason=str(exc),
                      detail=getattr(command, "reason", ""))
+        else:
+            self.log("warning", "refused", command=what, error=type(exc).__name__,
+                     reason=str(exc))
+
+    def _publish(self, effect: fx.PublishJobResult) -> None:
+        if self.channel is None:
             return
-        elif isinstance(command, cmd.Heartbeat) and state.node(self.name) is None:
-            raise HostExit(1, f"node {self.name!r} is no longer registered in the runtime")
-        self.log("warning", "refused", command=what, error=type(exc).__name__, reason=str(exc))
+        result = JobResult(effect.idempotency_key, effect.job_id, effect.outcome, effect.detail,
+                           self.clock())
+        try:
+            self.channel.publish_result(result)
+        except ChannelError as exc:
+            self.log("warning", "result_not_published", job=effect.job_id, error=str(exc))
 
     # -- life cycle ---------------------------------------------------------------------------
 
     def register(self) -> None:
         """Join the runtime with the auth key; raises the core's refusal as it is."""
-        if self.driver.state.runtime is None:
+        state = self.driver.state
+        if state.runtime is None:
             raise ShirError("the store holds no runtime: create one with shir runtime create "
                             "--store STORE --name NAME, or check --store")
+        # The log just read names the current term and dispatcher; effects keep them current.
+        self.term, self.dispatcher = state.term, state.dispatcher
         for _ in range(_SEND_TRIES):
             at = max(self.clock(), self.driver.state.now)
-            command = cmd.RegisterNode(self._key_text, self.name, self.machine_id, self.cores,
-                                       self.memory_mb, at, self._metrics(0))
+            command = cmd.RegisterNode(
+                self._key_text, self.name, self.machine_id, self.cores, self.memory_mb, at,
+                self._metrics(0), intranet_address=self.intranet_address,
+                cert_sha256=self.cert_sha256)
             try:
-                self.driver.handle(command)
-                break
+                effects = self.driver.handle(command)
             except (ConcurrencyConflict, AppendOutcomeUnknown, TimeWentBackwards):
                 self.driver.catch_up()
-        node = self.driver.state.node(self.name)
-        if node is None:
+                continue
+            self._effects.extend((e, True) for e in effects)
+            break
+        else:
             raise HostExit(1, "the registration kept losing races with other writers; retry")
-        state = self.driver.state
-        self.session, self.term, self.dispatcher = node.session, state.term, state.dispatcher
-        self._effects.clear()  # our own registration's effects: the state above has them
-        rt = state.runtime
+        self._drain_effects()  # the session starts here
+        rt = self.driver.state.runtime
         self.log("info", "registered", runtime=rt.name if rt else None, session=self.session,
                  term=self.term, dispatcher=self.dispatcher)
         if self._limit_option is not None:
-            limit = self._limit_option
-            self.send(lambda at: SetConcurrencyLimit(self.name, limit, at))
+            self.send(partial(SetConcurrencyLimit, self.name, self._limit_option))
 
     def heartbeat_interval_s(self) -> float:
         """The runtime's heartbeat interval, or the host's shorter one."""
@@ -316,7 +337,7 @@ class NodeHost:
         if self.dispatcher == self.name and not self.draining:
             self._pull_requests()
             if self._dispatch_wanted or now >= self._next_dispatch:
-                self._next_dispatch = now + 1.0
+                self._next_dispatch = now + DISPATCH_POLL_S
                 self._dispatch()
         self._drain_effects()
 
@@ -339,10 +360,14 @@ class NodeHost:
     # -- jobs on this node --------------------------------------------------------------------
 
     def _start_job(self, token: jobs.LeaseToken) -> None:
-        if token.job_id in self.running:
-            return  # the same delivery seen twice
+        old = self.running.get(token.job_id)
+        if old is not None:
+            if old.token == token:
+                return  # the same delivery seen twice
+            old.cancelled.set()  # a newer delivery replaces a copy whose lease has ended
+            del self.running[token.job_id]
         if self.draining:
-            self.send(lambda at: AbandonJob(token, at, f"node {self.name} is shutting down"))
+            self.send(partial(AbandonJob, token, reason=f"node {self.name} is shutting down"))
             return
         spec = self._specs.get(token.job_id, b"")
         run = JobRun(token, spec, lambda r, error: self._finished.put((r, error)), self.kinds)
@@ -376,16 +401,6 @@ class NodeHost:
             elif outcome and error is not None:
                 self.log("warning", "job_failed", job=token.job_id, reason=error[:500])
 
-    def _publish_results(self) -> None:
-        while self._results:
-            result = self._results.pop(0)
-            if self.channel is None:
-                continue
-            try:
-                self.channel.publish_result(result)
-            except ChannelError as exc:
-                self.log("warning", "result_not_published", job=result.job_id, error=str(exc))
-
     def _cancel_all(self) -> None:
         for run in self.running.values():
             run.cancelled.set()
@@ -410,11 +425,10 @@ class NodeHost:
             except StoreError as exc:
                 self.log("warning", "store_error", error=str(exc))
             self._wait(POLL_S)
-        for run in list(self.running.values()):
-            run.cancelled.set()
-            self.send(partial(AbandonJob, run.token, reason=f"node {self.name} shut down"))
-        self.running.clear()
-        self.log("info", "stopped")
+        self._cancel_all()  # past the bound: leaving gives their leases back at once
+        self.leaving = True
+        left = self.send(partial(cmd.LeaveRuntime, self.name, self.session))
+        self.log("info", "stopped", left=bool(left))
         return 0
 
     # -- dispatcher duties --------------------------------------------------------------------
@@ -462,8 +476,5 @@ class NodeHost:
 
     def _dispatch(self) -> None:
         self._dispatch_wanted = False
-        if job_stats(self.driver.state).queued == 0:
-            return
-        term = self.term
-        self.send(lambda at: DispatchJobs(self.name, term, at))
+        self.send(partial(DispatchJobs, self.name, self.term))
 
