@@ -5,8 +5,10 @@ Theory of operation
 One host thread owns the :class:`~shir.core.driver.Driver` (the store is never touched from
 elsewhere). Each turn of its loop it reads the clock and:
 
-1. catches up with the log: every batch of events, whoever appended it, yields its effects
-   (``effects_of``), and :meth:`NodeHost._carry_out` acts on those addressed to this node;
+1. catches up with the log: the events other writers appended yield their effects
+   (``effects_of``), this node's own commands return theirs with the core's answer, and
+   :meth:`NodeHost._drain_effects` routes each by its recipient (``effect.to``) to
+   :meth:`NodeHost._carry_out` when it is addressed to this node;
 2. reports the jobs its worker threads finished (complete or fail under the delivery's token);
 3. heartbeats every interval with real CPU and memory figures, renews the leases of its running
    jobs every third of the lock duration, and sends ``Tick`` when the core's next deadline has
@@ -14,11 +16,14 @@ elsewhere). Each turn of its loop it reads the clock and:
    others decide again on the newer log, where nothing is due any more);
 4. as the dispatcher of the current term, moves job requests from the control channel into the
    log (``SubmitJob``, idempotency key = message id) and settles each message only after the
-   append is durable, then sends ``DispatchJobs``.
+   append is durable, and sends ``DispatchJobs`` when the core says ``DispatchWanted``.
+
+SIGTERM drains: running jobs may finish (bounded), new deliveries are abandoned, then the node
+sends ``LeaveRuntime`` and its remaining leases go back to the queue at once.
 
 Everything this host does with the core goes through :meth:`NodeHost.send`, and everything the
-core tells it comes through :meth:`_carry_out` (effects) and :meth:`_refused` (refusals): those
-two are the only places that know the protocol. The host decides nothing the core decides: who
+core tells it comes through :meth:`_carry_out` (effects, including the reply a ``Fenced``
+refusal carries): those are the only places that know the protocol. The host decides nothing the core decides: who
 dispatches, which node runs what, when a node is Offline, when a lease has ended.
 
 Commands are stamped with ``max(clock, the log's latest time)``: several writers share one log,
