@@ -23,8 +23,9 @@ sends ``LeaveRuntime`` and its remaining leases go back to the queue at once.
 
 Everything this host does with the core goes through :meth:`NodeHost.send`, and everything the
 core tells it comes through :meth:`_carry_out` (effects, including the reply a ``Fenced``
-refusal carries): those are the only places that know the protocol. The host decides nothing the core decides: who
-dispatches, which node runs what, when a node is Offline, when a lease has ended.
+refusal carries): those are the only places that know the protocol. The host decides nothing
+the core decides: who dispatches, which node runs what, when a node is Offline, when a lease
+has ended.
 
 Commands are stamped with ``max(clock, the log's latest time)``: several writers share one log,
 and the core refuses time going backwards.
