@@ -69,6 +69,7 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stopped: set[str] = set()
         self.keys: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
         self._store: Any = None
         self._events: list[object] = []
 
@@ -80,9 +81,11 @@ class Cluster:
         return self.keys
 
     def node_args(self, name: str, key: str | None = None, *extra: str) -> list[str]:
+        if name not in self.ports:  # one port per node: a restarted node keeps its address
+            self.ports[name] = free_ports(1)[0]
         args = ["node", "run", "--store", self.store_url, "--name", name,
                 "--home", str(self.root / f"home-{name}"),
-                "--intranet-port", str(free_ports(1)[0]), *extra]
+                "--intranet-port", str(self.ports[name]), *extra]
         if self.channel:
             args += ["--channel", self.channel]
         return args
