@@ -218,6 +218,25 @@ def _plot(result: Any, path: str) -> None:
         raise UsageError(f"--plot {path}: {exc.strerror or exc}") from None
 
 
+def fault_report(result: Any, scenario: Scenario) -> dict[str, list[str]]:
+    """The faults that started in a run, and the scripted ones that did not (``--until`` ended
+    the workload first): each as its one-line description."""
+    end = result.duration_s
+    started = []
+    for f in result.timeline.get("faults_started", ()):
+        cut = f.duration_s and f.at_s + f.duration_s > end
+        started.append(f.describe() + (f" (healed at {end:g}s: the workload ended)" if cut else ""))
+    not_run = [f.describe() for f in scenario.faults if f.at_s >= end]
+    return {"started": started, "not_run": not_run}
+
+
+def _listed(items: list[str], mark: str) -> list[str]:
+    lines = [f"  {mark}{x}" for x in items[:_MAX_LISTED]]
+    if len(items) > _MAX_LISTED:
+        lines.append(f"  ... and {len(items) - _MAX_LISTED} more (--json lists them all)")
+    return lines
+
+
 def format_report(result: Any, scenario: Scenario, out: TextIO) -> str:
     """The human report of one run."""
     j = result.jobs
@@ -239,6 +258,14 @@ def format_report(result: Any, scenario: Scenario, out: TextIO) -> str:
         f"offline detection {result.max_offline_detect_s:.1f} s",
         "refusals      " + (", ".join(f"{k} {v}" for k, v in result.refusals.items()) or "none"),
     ]
+    faults = fault_report(result, scenario)
+    lines.append(f"faults        {len(faults['started'])} started" if faults["started"]
+                 else "faults        none started")
+    lines += _listed(faults["started"], "")
+    if faults["not_run"]:
+        lines.append(f"  not run: {len(faults['not_run'])} scripted at or after the workload's "
+                     f"end ({_fmt_s(result.duration_s)}):")
+        lines += _listed(faults["not_run"], "  ")
     exp = result.expectations
     if exp["passed"] or exp["failed"]:
         lines.append(f"expectations  {len(exp['passed'])} passed, {len(exp['failed'])} failed")
@@ -249,9 +276,7 @@ def format_report(result: Any, scenario: Scenario, out: TextIO) -> str:
     v = result.invariant_violations
     if v:
         lines.append(f"invariants    {len(v)} violated")
-        lines += [f"  {_mark(False, out)} {x}" for x in v[:_MAX_LISTED]]
-        if len(v) > _MAX_LISTED:
-            lines.append(f"  ... and {len(v) - _MAX_LISTED} more (--json lists them all)")
+        lines += _listed(v, f"{_mark(False, out)} ")
     else:
         lines.append("invariants    all held")
     lines.append("result        " + ("PASS" if result.ok else "FAIL"))
@@ -283,7 +308,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         _plot(result, args.plot)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), "faults": fault_report(result, scenario)}, indent=2))
     else:
         print(format_report(result, scenario, sys.stdout))
         if args.log is not None:
@@ -390,6 +415,11 @@ def _check_folds(events: Sequence[object]) -> list[str]:
                              f"t={at:g} s after t={last_at:g} s")
         if isinstance(at, (int, float)):
             last_at = at if last_at is None else max(last_at, at)
+        if number > 1 and type(e) is RuntimeCreated:
+            raise UsageError(
+                f"the event log is damaged: record #{number} creates the runtime again; the log "
+                "is not one whole stream (another run was appended to it): use one run's log"
+            )
         try:
             state = evolve(state, e)
         except Exception as exc:  # a refused record is damage, not a bug

@@ -77,6 +77,15 @@ def test_the_second_half_names_its_first_record(
     assert code == 2 and "record #1 " in err
 
 
+def test_a_second_run_appended_is_damage_naming_its_first_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], events: list[object],
+    other_run: list[object],
+) -> None:  # fmt: skip
+    log = write_log(tmp_path, "two", events + other_run)
+    code, _, err = shir(capsys, "sim", "replay", str(log))
+    assert code == 2 and f"record #{len(events) + 1} creates the runtime again" in err
+
+
 def test_time_going_backwards_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], events: list[object]
 ) -> None:
