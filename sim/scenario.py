@@ -315,7 +315,7 @@ def _workload(r: _Reader, data: Any) -> Workload:
     needs_raw = data.get("needs", [])
     if not isinstance(needs_raw, list):
         raise r.fail("workload.needs", "a list of {credential = \"id\", version = N}", needs_raw)
-    needs = []
+    needs: list[tuple[str, int]] = []
     for i, item in enumerate(needs_raw):
         key = f"workload.needs[{i}]"
         item = r.table(item, key)

@@ -185,7 +185,7 @@ def test_unreadable_inputs_are_named() -> None:
 
 
 def _shir(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shir.sim.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "shir.adapters.cli", *args], capture_output=True,
                           text=True, timeout=60, check=False)
 
 

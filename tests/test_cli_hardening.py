@@ -16,8 +16,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from shir.adapters.cli import main
 from shir.adapters.filestore import FileEventStore
-from shir.sim import cli
 from shir.sim.scenario import load_scenario
 from shir.sim.world import run
 
@@ -25,7 +25,7 @@ SHORT = "crash-mid-job"
 
 
 def shir(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
@@ -148,7 +148,7 @@ def test_plot_never_clobbers_the_log_and_writes_only_png(
 
 def test_list_into_a_reader_that_leaves_exits_0() -> None:
     script = Path(sys.executable).with_name("shir")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shir.sim.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shir.adapters.cli"]
     done = subprocess.run(
         f"{' '.join(cmd)} sim list | head -c 1; exit ${{PIPESTATUS[0]}}", shell=True,
         executable="/bin/bash", capture_output=True, text=True, timeout=60, check=False,

@@ -14,8 +14,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from shir.adapters.cli import main
 from shir.core.model import RuntimeSettings
-from shir.sim import cli
 from shir.sim.scenario import LIMITS, metric_names
 
 NODE = '[[nodes]]\nname = "n1"\n'
@@ -23,7 +23,7 @@ TINY = 'duration_s = 5\ndrain_s = 1\n'
 
 
 def shir(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
