@@ -83,8 +83,10 @@ class FileLogs:
                 f"truncate -s {exc.offset} {shlex.quote(log)} (copy it first to keep the "
                 "damaged tail)"
             ) from None
-        except (StoreError, CodecError) as exc:
+        except StoreError as exc:  # its message names the file
             raise UsageError(f"cannot read the event log: {exc}") from None
+        except CodecError as exc:
+            raise UsageError(f"cannot read the event log {log}: {exc}") from None
         except OSError as exc:
             raise UsageError(f"{log}: {exc.strerror or exc}") from None
 

@@ -466,7 +466,10 @@ def _check_log(events: Sequence[object]) -> tuple[Any, list[str], dict[str, int]
 
 def _cmd_replay(args: argparse.Namespace, logs: EventLogFiles) -> int:
     events = _read_log(args.log, logs)
-    state, violations, counters = check_log(events)
+    try:
+        state, violations, counters = check_log(events)
+    except UsageError as exc:
+        raise UsageError(f"{args.log}: {exc}") from None
     rt = state.runtime
     nodes = {n.name: {"status": n.status.value, "reasons": list(n.reasons)} for n in state.nodes}
     last_at = max((getattr(e, "at", 0.0) for e in events), default=0.0)
