@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -136,34 +137,27 @@ def sim_strays(source: str, filename: str, package: str = "shir.sim") -> list[st
     return problems
 
 
+def _check(paths: list[Path], checker: Callable[[str, str, str], list[str]]) -> list[str]:
+    """What ``checker(source, file name, package)`` finds in each of ``paths`` (not none)."""
+    assert paths, "no .py files found"
+    return [problem for path in paths for problem in checker(
+        path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)), _package(path))]
+
+
 def test_core_imports_nothing_impure() -> None:
-    modules = _modules(CORE)
-    assert modules, f"no .py files found under {CORE}"
-    problems: list[str] = []
-    for path in modules:
-        rel = str(path.relative_to(ROOT))
-        problems += forbidden_imports(path.read_text(encoding="utf-8"), rel, _package(path))
+    problems = _check(_modules(CORE), forbidden_imports)
     assert not problems, "shir.core must stay pure:\n" + "\n".join(problems)
 
 
 def test_sim_imports_only_core_and_its_own_dependencies() -> None:
-    modules = _modules(SIM)
-    assert modules, f"no .py files found under {SIM}"
-    problems: list[str] = []
-    for path in modules:
-        rel = str(path.relative_to(ROOT))
-        problems += sim_strays(path.read_text(encoding="utf-8"), rel, _package(path))
+    problems = _check(_modules(SIM), sim_strays)
     assert not problems, "\n".join(problems)
 
 
 def test_adapters_import_no_sim_but_the_composition_root() -> None:
-    modules = [p for p in _modules(ADAPTERS) if p != COMPOSITION_ROOT]
-    assert COMPOSITION_ROOT.exists() and modules
-    problems: list[str] = []
-    for path in modules:
-        rel = str(path.relative_to(ROOT))
-        problems += forbidden_imports(path.read_text(encoding="utf-8"), rel, _package(path),
-                                      ("shir.sim",))
+    adapters = [p for p in _modules(ADAPTERS) if p != COMPOSITION_ROOT]
+    problems = _check(adapters, lambda source, name, package: forbidden_imports(
+        source, name, package, ("shir.sim",)))
     assert not problems, "\n".join(problems)
     # and the composition root is where the simulator's commands are mounted
     assert "shir.sim" in COMPOSITION_ROOT.read_text(encoding="utf-8")
