@@ -252,3 +252,14 @@ def test_the_report_lists_the_faults_that_ran_and_those_until_cut_off(
     code, out, _ = shir(capsys, "sim", "run", str(path), "--until", "20", "--json")
     assert json.loads(out)["faults"] == {"started": ["crash n2 @10s for 5s"],
                                          "not_run": ["partition n1->n2 @40s for 30s"]}
+
+
+def test_an_expectation_after_a_shortened_run_fails_as_not_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "e.toml"
+    path.write_text(f'duration_s = 60\ndrain_s = 5\n{TWO}[[expect]]\nkind = "status"\n'
+                    'node = "n1"\nat_s = 50\nstatus = "Online"\n')
+    assert shir(capsys, "sim", "run", str(path))[0] == 0
+    code, out, _ = shir(capsys, "sim", "run", str(path), "--until", "20")
+    assert code == 1 and "at 50 s n1 is Online: not checked: the run ended at 25 s" in out
