@@ -209,6 +209,9 @@ def test_cert_check_cli(tmp_path: Path) -> None:
     junk.write_text("hello")
     out = _shir("cert", "check", str(junk))
     assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"certificate file {junk}: no X.509 certificate" in out.stderr  # names the file
+    out = _shir("cert", "check", str(good), "--ca", str(junk))
+    assert out.returncode == 2 and f"CA file {junk}: no X.509 certificate" in out.stderr
 
 
 def test_a_sha1_signature_is_an_error() -> None:
