@@ -76,9 +76,11 @@ def holds_contract(command: str, code: int, out: str, err: str, seconds: float,
         assert out == "", out
         assert err.startswith(f"shir sim {command}: error: ") or err.startswith("usage: "), err
         assert any(n in err for n in names), err
-    elif command == "run" and not out.lstrip().startswith("{"):
+    elif out.startswith("{"):  # --json: one object on stdout, whose verdict is the code's
+        assert json.loads(out)["ok"] == (code == 0), out
+    elif command == "run":
         assert ("result        PASS" if code == 0 else "result        FAIL") in out, out
-    elif command == "replay" and not out.lstrip().startswith("{"):
+    else:
         assert ("all held" in out) == (code == 0), out
 
 
