@@ -215,6 +215,9 @@ def _check_plot_target(plot: str, log: str | None) -> None:
                          "image), e.g. --plot run.png")
     if log is not None and Path(plot).resolve() == Path(log).resolve():
         raise UsageError(f"--plot {plot}: the same file as --log; choose another name")
+    folder = Path(plot).parent
+    if not folder.is_dir():  # why: found only after the run, its results would be lost
+        raise UsageError(f"--plot {plot}: folder {folder} does not exist; create it first")
 
 
 def _plot(result: Any, path: str) -> None:

@@ -135,7 +135,8 @@ def test_a_locked_log_folder_is_refused_before_the_run(
     assert not (tmp_path / "run.events").exists()
 
 
-@pytest.mark.parametrize("plot", ["same-as-log", "run.svg", "run", "run.events"])
+@pytest.mark.parametrize("plot", ["same-as-log", "run.svg", "run", "run.events",
+                                  "missing/run.png"])
 def test_plot_never_clobbers_the_log_and_writes_only_png(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], plot: str
 ) -> None:
