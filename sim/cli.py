@@ -246,6 +246,11 @@ def fault_report(result: Any, scenario: Scenario) -> dict[str, list[str]]:
     return {"started": started, "not_run": not_run}
 
 
+def _not_joined(result: Any, scenario: Scenario) -> list[str]:
+    """Nodes whose ``join_at_s`` is after the run's end: they never joined."""
+    return [n.name for n in scenario.nodes if n.join_at_s > result.simulated_s]
+
+
 def _listed(items: list[str], mark: str) -> list[str]:
     lines = [f"  {mark}{x}" for x in items[:_MAX_LISTED]]
     if len(items) > _MAX_LISTED:
@@ -282,6 +287,9 @@ def format_report(result: Any, scenario: Scenario, out: TextIO) -> str:
         lines.append(f"  not run: {len(faults['not_run'])} scripted at or after the workload's "
                      f"end ({_fmt_s(result.duration_s)}):")
         lines += _listed(faults["not_run"], "  ")
+    late = _not_joined(result, scenario)
+    if late:
+        lines.append(f"not joined    {', '.join(late)} (join_at_s after the run's end)")
     exp = result.expectations
     if exp["passed"] or exp["failed"]:
         lines.append(f"expectations  {len(exp['passed'])} passed, {len(exp['failed'])} failed")
@@ -323,7 +331,8 @@ def _cmd_run(args: argparse.Namespace, logs: EventLogFiles) -> int:
     if args.plot is not None:
         _plot(result, args.plot)
     if args.json:
-        print(json.dumps({**result.to_json(), "faults": fault_report(result, scenario)}, indent=2))
+        print(json.dumps({**result.to_json(), "faults": fault_report(result, scenario),
+                          "nodes_not_joined": _not_joined(result, scenario)}, indent=2))
     else:
         print(format_report(result, scenario, sys.stdout))
         if args.log is not None:

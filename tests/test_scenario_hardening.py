@@ -263,3 +263,16 @@ def test_an_expectation_after_a_shortened_run_fails_as_not_checked(
     assert shir(capsys, "sim", "run", str(path))[0] == 0
     code, out, _ = shir(capsys, "sim", "run", str(path), "--until", "20")
     assert code == 1 and "at 50 s n1 is Online: not checked: the run ended at 25 s" in out
+
+
+def test_the_report_names_a_node_that_never_joined(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "late.toml"
+    path.write_text(f'{TINY}{TWO}join_at_s = 100\n')
+    code, out, _ = shir(capsys, "sim", "run", str(path))
+    assert code == 0 and "not joined    n2 (join_at_s after the run's end)" in out
+    code, out, _ = shir(capsys, "sim", "run", str(path), "--json")
+    assert json.loads(out)["nodes_not_joined"] == ["n2"]
+    path.write_text(f'{TINY}{TWO}join_at_s = 3\n')
+    assert "not joined" not in shir(capsys, "sim", "run", str(path))[1]
