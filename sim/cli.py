@@ -30,13 +30,13 @@ import re
 import shlex
 import shutil
 import sys
-import textwrap
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 from shir.core.store import EventStore
+from shir.sim.report import fault_report, format_report, listed, mark, not_joined
 from shir.sim.scenario import (
     LIMITS,
     Scenario,
@@ -51,16 +51,14 @@ __all__ = [
     "UsageError",
     "add_commands",
     "check_log",
-    "fault_report",
-    "format_report",
     "parse_duration",
     "replay_command",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
+_mark = mark  # shir.sim.sweep imports it from here
 
 PLOT_INSTALL_HINT = "pip install 'shir[plot]'"
-_MAX_LISTED = 20  # violations shown in a human report; --json has them all
 
 
 class UsageError(Exception):
@@ -131,16 +129,6 @@ def _positive_int(what: str) -> Callable[[str], int]:
     return parse
 
 
-def _mark(ok: bool, stream: TextIO) -> str:
-    """A check mark, or plain words when the terminal's encoding has no such glyphs."""
-    glyph = "✓" if ok else "✗"
-    try:
-        glyph.encode(stream.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return "ok  " if ok else "FAIL"
-    return glyph
-
-
 def replay_command(scenario_arg: str, seed: int, until: str | None) -> str:
     """The command that runs ``scenario_arg`` with ``seed`` again, as a user types it."""
     parts = ["shir", "sim", "run", scenario_arg, "--seed", str(seed)]
@@ -170,10 +158,6 @@ def _until_s(args: argparse.Namespace, scenario: Scenario | None = None) -> floa
         except ScenarioError as exc:
             raise UsageError(str(exc)) from None
     return until_s
-
-
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 100 else f"{seconds:,.0f} s"
 
 
 # -- sim run ----------------------------------------------------------------------------------
@@ -234,79 +218,6 @@ def _plot(result: Any, path: str) -> None:
         raise UsageError(f"--plot {path}: {exc.strerror or exc}") from None
 
 
-def fault_report(result: Any, scenario: Scenario) -> dict[str, list[str]]:
-    """The faults that started in a run, and the scripted ones that did not (``--until`` ended
-    the workload first): each as its one-line description."""
-    end = result.duration_s
-    started = []
-    for f in result.timeline.get("faults_started", ()):
-        cut = f.duration_s and f.at_s + f.duration_s > end
-        started.append(f.describe() + (f" (healed at {end:g}s: the workload ended)" if cut else ""))
-    not_run = [f.describe() for f in scenario.faults if f.at_s >= end]
-    return {"started": started, "not_run": not_run}
-
-
-def _not_joined(result: Any, scenario: Scenario) -> list[str]:
-    """Nodes whose ``join_at_s`` is after the run's end: they never joined."""
-    return [n.name for n in scenario.nodes if n.join_at_s > result.simulated_s]
-
-
-def _listed(items: list[str], mark: str) -> list[str]:
-    lines = [f"  {mark}{x}" for x in items[:_MAX_LISTED]]
-    if len(items) > _MAX_LISTED:
-        lines.append(f"  ... and {len(items) - _MAX_LISTED} more (--json lists them all)")
-    return lines
-
-
-def format_report(result: Any, scenario: Scenario, out: TextIO) -> str:
-    """The human report of one run."""
-    j = result.jobs
-    speed = result.simulated_s / result.wall_s if result.wall_s > 0 else math.inf
-    lines = [f"scenario      {scenario.name}"]
-    if scenario.description:
-        lines += textwrap.wrap(scenario.description, 100, initial_indent=" " * 14,
-                               subsequent_indent=" " * 14)
-    lines += [
-        f"seed          {result.seed}",
-        f"time          {_fmt_s(result.simulated_s)} simulated in {result.wall_s:.2f} s wall "
-        f"({speed:,.0f}x real time)",
-        f"events        {result.events:,}, sha256 {result.event_log_sha256}",
-        f"jobs          {j['submitted']:,} submitted, {j['completed']:,} completed, "
-        f"{j['dead_lettered']} dead-lettered, {j.get('unfinished', 0)} unfinished, "
-        f"{j['lost']} lost, {j['duplicate_effects']} duplicate effects",
-        f"failovers     {result.failovers}",
-        f"max gaps      dispatcher {result.max_dispatcher_gap_s:.1f} s, "
-        f"offline detection {result.max_offline_detect_s:.1f} s",
-        "refusals      " + (", ".join(f"{k} {v}" for k, v in result.refusals.items()) or "none"),
-    ]
-    faults = fault_report(result, scenario)
-    lines.append(f"faults        {len(faults['started'])} started" if faults["started"]
-                 else "faults        none started")
-    lines += _listed(faults["started"], "")
-    if faults["not_run"]:
-        lines.append(f"  not run: {len(faults['not_run'])} scripted at or after the workload's "
-                     f"end ({_fmt_s(result.duration_s)}):")
-        lines += _listed(faults["not_run"], "  ")
-    late = _not_joined(result, scenario)
-    if late:
-        lines.append(f"not joined    {', '.join(late)} (join_at_s after the run's end)")
-    exp = result.expectations
-    if exp["passed"] or exp["failed"]:
-        lines.append(f"expectations  {len(exp['passed'])} passed, {len(exp['failed'])} failed")
-        lines += [f"  {_mark(True, out)} {e}" for e in exp["passed"]]
-        lines += [f"  {_mark(False, out)} {e}" for e in exp["failed"]]
-    else:
-        lines.append("expectations  none in this scenario")
-    v = result.invariant_violations
-    if v:
-        lines.append(f"invariants    {len(v)} violated")
-        lines += _listed(v, f"{_mark(False, out)} ")
-    else:
-        lines.append("invariants    all held")
-    lines.append("result        " + ("PASS" if result.ok else "FAIL"))
-    return "\n".join(lines)
-
-
 def _cmd_run(args: argparse.Namespace, logs: EventLogFiles) -> int:
     from shir.sim.world import run
 
@@ -332,7 +243,7 @@ def _cmd_run(args: argparse.Namespace, logs: EventLogFiles) -> int:
         _plot(result, args.plot)
     if args.json:
         print(json.dumps({**result.to_json(), "faults": fault_report(result, scenario),
-                          "nodes_not_joined": _not_joined(result, scenario)}, indent=2))
+                          "nodes_not_joined": not_joined(result, scenario)}, indent=2))
     else:
         print(format_report(result, scenario, sys.stdout))
         if args.log is not None:
@@ -514,10 +425,7 @@ def _cmd_replay(args: argparse.Namespace, logs: EventLogFiles) -> int:
               f"running, {c['lost']} lost, {c['duplicate_effects']} duplicate effects")
         if violations:
             print(f"invariants    {len(violations)} violated")
-            for x in violations[:_MAX_LISTED]:
-                print(f"  {_mark(False, out)} {x}")
-            if len(violations) > _MAX_LISTED:
-                print(f"  ... and {len(violations) - _MAX_LISTED} more (--json lists them all)")
+            print("\n".join(listed(violations, f"{_mark(False, out)} ")))
         else:
             print("invariants    all held (terms, leases, capacity, effects, membership, replay, "
                   "lost)")
