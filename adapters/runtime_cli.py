@@ -27,13 +27,13 @@ from typing import Any
 from shir.adapters.node_cli import cli_errors, open_channel
 from shir.core.errors import ShirError
 
-__all__ = ["add_commands"]
+__all__ = ["add_job_commands", "add_runtime_commands", "add_status_command"]
 
 STREAM = "runtime"
 
 
-def add_commands(subparsers: Any) -> None:
-    """Add ``runtime``, ``job`` and ``status`` to an ``add_subparsers()`` result."""
+def add_runtime_commands(subparsers: Any) -> None:
+    """Add ``runtime create|regenerate-key`` to an ``add_subparsers()`` result."""
     rt = subparsers.add_parser("runtime", help="create a runtime, regenerate its keys",
                                description="Create a self-hosted runtime; manage its auth keys.")
     rcmds = rt.add_subparsers(dest="runtime_command", metavar="COMMAND")
@@ -64,6 +64,9 @@ def add_commands(subparsers: Any) -> None:
     regen.set_defaults(
         handler=lambda a: cli_errors("shir runtime regenerate-key", lambda: _regenerate(a)))
 
+
+def add_job_commands(subparsers: Any) -> None:
+    """Add ``job submit|show`` to an ``add_subparsers()`` result."""
     job = subparsers.add_parser("job", help="submit a job, show a job",
                                 description="Queue job requests; show what became of one.")
     jcmds = job.add_subparsers(dest="job_command", metavar="COMMAND")
@@ -85,6 +88,9 @@ def add_commands(subparsers: Any) -> None:
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=lambda a: cli_errors("shir job show", lambda: _show(a)))
 
+
+def add_status_command(subparsers: Any) -> None:
+    """Add ``status`` to an ``add_subparsers()`` result."""
     status = subparsers.add_parser(
         "status", help="the runtime's status: nodes, dispatcher, term, queue",
         description="Print the runtime's status from its event store (live or recorded).")

@@ -21,7 +21,7 @@ from typing import Any
 from shir.adapters.stores import open_store
 from shir.core.state import RuntimeState, fold, initial
 
-SHIR = [sys.executable, "-m", "shir.sim.cli"]
+SHIR = [sys.executable, "-m", "shir.adapters.cli"]
 STREAM = "runtime"
 
 
