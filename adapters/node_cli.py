@@ -143,6 +143,9 @@ def _run(args: argparse.Namespace) -> int:
                         "(shir runtime create printed two)")
     if config.store is None:
         raise ShirError("no store: pass --store URL or set 'store' in the config file")
+    if args.key:
+        print(f"shir node run: warning: other users can see command lines; set {KEY_ENV} "
+              "instead of passing --key", file=sys.stderr)
     home = Path(args.home) if args.home else default_home()
     lock = HomeLock(home, args.name)
     try:
