@@ -143,24 +143,24 @@ def _run(args: argparse.Namespace) -> int:
                         "(shir runtime create printed two)")
     if config.store is None:
         raise ShirError("no store: pass --store URL or set 'store' in the config file")
+    log = JsonLog(args.name, config.log_level)
     if args.key:
-        print(f"shir node run: warning: other users can see command lines; set {KEY_ENV} "
-              "instead of passing --key", file=sys.stderr)
+        log("warning", "key_on_command_line",
+            advice=f"other users can see command lines: set {KEY_ENV} instead of --key")
     home = Path(args.home) if args.home else default_home()
     lock = HomeLock(home, args.name)
     try:
-        return _serve(args.name, key, config, home, machine_id(home))
+        return _serve(args.name, key, config, home, machine_id(home), log)
     finally:
         lock.release()
 
 
-def _serve(name: str, key: str, config: Any, home: Path, machine: str) -> int:
+def _serve(name: str, key: str, config: Any, home: Path, machine: str, log: JsonLog) -> int:
     from shir.adapters.node_config import SystemLoad
     from shir.adapters.node_host import NodeHost
     from shir.adapters.stores import describe_store_url, open_store
     from shir.core.model import NodeMetrics
 
-    log = JsonLog(name, config.log_level)
     store = open_store(config.store, create=False)
     channel_url = config.channel
     if channel_url is None:
