@@ -46,8 +46,8 @@ from shir.adapters.channel import ChannelError, ControlChannel, JobResult, LockL
 from shir.adapters.node_jobs import KINDS, JobContext, JobRun, pack_spec
 from shir.core import commands as cmd
 from shir.core import effects as fx
+from shir.core import effects_of, jobs
 from shir.core import events as ev
-from shir.core import jobs
 from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
 from shir.core.errors import DomainError, Fenced, ShirError, TimeWentBackwards
 from shir.core.leasing import (
@@ -183,7 +183,7 @@ class NodeHost:
 
     def _on_tail(self, events: list[object]) -> None:
         # Events read from the log (other writers'): their effects, some of them for this node.
-        self._effects.extend((e, False) for e in fx.effects_of(events, self.driver.state))
+        self._effects.extend((e, False) for e in effects_of(events, self.driver.state))
 
     def _on_events(self, events: Any) -> None:
         # Every folded batch, this node's and others': keep what to run for each job.
