@@ -50,7 +50,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import attrs
 
@@ -65,6 +66,7 @@ from shir.adapters.intranet_wire import (
     MessageType,
     OversizedMessage,
     ProtocolError,
+    limit_of,
     read_frame,
     write_frame,
 )
@@ -77,10 +79,13 @@ __all__ = [
     "Intranet",
     "IntranetClosed",
     "IntranetError",
+    "OversizedMessage",
     "Peer",
     "PeerRefused",
     "PeerUnreachable",
+    "PublishedNode",
     "UnknownPeer",
+    "directory_from_nodes",
     "parse_address",
 ]
 
@@ -134,6 +139,37 @@ class Peer:
 
     address: str = attrs.field(converter=_address)
     fingerprint: str = attrs.field(converter=_fingerprint)
+
+
+class PublishedNode(Protocol):
+    """What a registered node publishes through the log (``shir.core``'s ``Node``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def intranet_address(self) -> str | None: ...
+
+    @property
+    def cert_sha256(self) -> str | None: ...
+
+
+def directory_from_nodes(nodes: Iterable[PublishedNode]) -> dict[str, Peer]:
+    """The peer directory of the runtime's registered nodes (``RuntimeState.nodes``).
+
+    A node that published no intranet address or fingerprint (remote access off, or an older
+    shir) is left out: it can neither be dialed nor accepted. Malformed values are left out too,
+    with a logged reason.
+    """
+    out: dict[str, Peer] = {}
+    for n in nodes:
+        if n.intranet_address is None or n.cert_sha256 is None:
+            continue
+        try:
+            out[n.name] = Peer(n.intranet_address, n.cert_sha256)
+        except ValueError as exc:
+            log.warning("intranet: node %r is left out of the peer directory: %s", n.name, exc)
+    return out
 
 
 def _utc_now() -> dt.datetime:
@@ -210,10 +246,12 @@ class Intranet:
         self._stopping.set()
         self._wake_monitor.set()
         deadline = time.monotonic() + timeout_s
-        for t in [*self._threads, *list(self._handlers)]:
+        for t in self._threads:  # the accept loop first: then no new handler starts
             t.join(max(0.0, deadline - time.monotonic()))
         if self._listener is not None:
             self._listener.close()
+        for t in list(self._handlers):
+            t.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in [*self._threads, *self._handlers] if t.is_alive()]
         if alive:
             log.warning("intranet threads still running after %.1f s: %s", timeout_s, alive)
@@ -289,12 +327,14 @@ class Intranet:
 
     def _serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         who = f"{addr[0]}:{addr[1]}"
+        deadline = time.monotonic() + 2 * self.timeout_s  # handshake and request, all told
+        sock: socket.socket = conn  # what owns the descriptor: the TLS socket once wrapped
         try:
             conn.settimeout(self.timeout_s)
             with self._lock:
                 ctx = self._server_ctx
             assert ctx is not None
-            tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            sock = tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             try:
                 tls.do_handshake()
             except ssl.SSLCertVerificationError as exc:
@@ -303,24 +343,22 @@ class Intranet:
                             exc.verify_message)
                 return
             try:
-                self._answer(tls, who)
+                self._answer(tls, who, deadline)
             except _Refused as exc:
                 log.warning("intranet: refused %s: %s", who, exc)
                 with contextlib.suppress(OSError, IntranetError):
                     write_frame(tls, MessageType.REFUSED, str(exc).encode()[:1024])
-            finally:
-                tls.close()
         except (OSError, ProtocolError) as exc:  # timeouts, resets, handshake failures
             log.info("intranet: connection from %s ended: %s", who, _describe(exc))
         finally:
-            conn.close()
+            sock.close()
             self._handlers.discard(threading.current_thread())
             self._slots.release()
 
-    def _answer(self, tls: ssl.SSLSocket, who: str) -> None:
+    def _answer(self, tls: ssl.SSLSocket, who: str, deadline: float) -> None:
         der = tls.getpeercert(binary_form=True)
         try:
-            mtype, body = read_frame(tls)
+            mtype, body = read_frame(tls, deadline)
         except OversizedMessage as exc:
             raise _Refused(str(exc)) from None
         except ProtocolError as exc:
@@ -361,8 +399,9 @@ class Intranet:
         if problem is not None:
             raise _Refused(f"node {name!r}'s certificate is not usable: {problem}")
         with self._lock:
-            if self._peers.get(name, None) is None or fp in self._trusted:
-                return
+            peer = self._peers.get(name)
+            if peer is None or peer.fingerprint != fp or fp in self._trusted:
+                return  # already trusted, or the directory changed meanwhile
             self._trusted[fp] = der
             self._server_ctx = self.identity.server_context(self._trusted.values())
         log.info("intranet: node %r (%s) introduced its certificate sha256 %s", name, who,
@@ -413,6 +452,9 @@ class Intranet:
         if target is None:
             raise UnknownPeer(f"{peer!r} is not a registered node of this runtime (with an "
                               "intranet address) as far as this node's log shows")
+        if len(body) > limit_of(mtype):
+            raise OversizedMessage(f"a {mtype.name} message of {len(body)} bytes is over its "
+                                   f"{limit_of(mtype)}-byte limit and was not sent")
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
             return self._exchange(peer, target, mtype, body, expect, deadline, self._client_ctx)
@@ -441,6 +483,7 @@ class Intranet:
         except OSError as exc:
             raise PeerUnreachable(f"node {peer!r} at {target.address} is unreachable: "
                                   f"{_describe(exc)}") from None
+        tls: ssl.SSLSocket | None = None
         try:
             tls = ctx.wrap_socket(sock, do_handshake_on_connect=False)
             tls.settimeout(remaining())
@@ -448,7 +491,7 @@ class Intranet:
             self._check_server(peer, target, tls.getpeercert(binary_form=True))
             tls.settimeout(remaining())
             write_frame(tls, mtype, body)
-            got, reply = read_frame(tls)
+            got, reply = read_frame(tls, deadline)
         except TimeoutError:
             raise PeerUnreachable(f"node {peer!r} at {target.address} did not answer in "
                                   "time") from None
@@ -460,7 +503,7 @@ class Intranet:
         except OSError as exc:
             raise PeerUnreachable(f"node {peer!r} at {target.address}: {_describe(exc)}") from None
         finally:
-            sock.close()
+            (tls or sock).close()  # wrapping detached sock: close what owns the descriptor
         if got is MessageType.REFUSED:
             reason = reply.decode("utf-8", "replace")
             raise PeerRefused(f"node {peer!r} refused: {reason}")

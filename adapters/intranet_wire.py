@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
+import time
 
 import attrs
 
@@ -88,10 +89,15 @@ def write_frame(sock: socket.socket, mtype: MessageType, body: bytes = b"") -> N
     sock.sendall(HEADER.pack(_MAGIC, _FORMAT, int(mtype), len(body)) + body)
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
+def _read_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
     parts: list[bytes] = []
     remaining = n
     while remaining:  # each recv returns at least one byte or ends the loop: at most n turns
+        if deadline is not None:  # a peer trickling bytes cannot stretch the wait
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the peer did not send the whole message in time")
+            sock.settimeout(left)
         chunk = sock.recv(min(remaining, 65536))
         if not chunk:
             raise ProtocolError(f"the peer closed the connection {n - remaining} bytes into a "
@@ -101,9 +107,12 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(parts)
 
 
-def read_frame(sock: socket.socket) -> tuple[MessageType, bytes]:
-    """Read one frame: its type and body. The length is checked before the body is read."""
-    magic, fmt, raw_type, length = HEADER.unpack(_read_exact(sock, HEADER.size))
+def read_frame(sock: socket.socket, deadline: float | None = None) -> tuple[MessageType, bytes]:
+    """Read one frame: its type and body. The length is checked before the body is read.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the whole read, not each ``recv``.
+    """
+    magic, fmt, raw_type, length = HEADER.unpack(_read_exact(sock, HEADER.size, deadline))
     if magic != _MAGIC:
         raise ProtocolError("the peer does not speak the shir intranet protocol (bad magic)")
     if fmt != _FORMAT:
@@ -118,7 +127,7 @@ def read_frame(sock: socket.socket) -> tuple[MessageType, bytes]:
             f"a {mtype.name} message of {length} bytes is over its {_LIMITS[mtype]}-byte "
             "limit; refused without reading it"
         )
-    return mtype, _read_exact(sock, length)
+    return mtype, _read_exact(sock, length, deadline)
 
 
 @attrs.frozen
