@@ -330,7 +330,7 @@ class Intranet:
         deadline = time.monotonic() + 2 * self.timeout_s  # handshake and request, all told
         sock: socket.socket = conn  # what owns the descriptor: the TLS socket once wrapped
         try:
-            conn.settimeout(self.timeout_s)
+            conn.settimeout(self.timeout_s)  # ssl takes it as the whole handshake's limit
             with self._lock:
                 ctx = self._server_ctx
             assert ctx is not None

@@ -319,6 +319,29 @@ def test_connections_beyond_the_limit_are_closed_unanswered(ids: dict[str, NodeI
         assert _wait_for(lambda: nodes["a"].channel.check_peer("b"))
 
 
+def _trickle(sock: socket.socket | ssl.SSLSocket, head: bytes) -> float:
+    """Send ``head``, then a byte every 0.2 s until the peer cuts the connection: seconds taken."""
+    sock.sendall(head)
+    started = time.monotonic()
+    with pytest.raises(OSError):  # reset or broken pipe once the peer has cut it off
+        for _ in range(40):  # 8 s if nothing stopped it
+            sock.sendall(b"\x00")
+            time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def test_a_peer_trickling_bytes_is_cut_off_at_the_deadline(ids: dict[str, NodeIdentity]) -> None:
+    # each byte comes well within b's 1 s per-read timeout: only whole-exchange deadlines end it
+    with cluster(ids, "ab", timeout_s=1.0) as nodes:
+        nodes["a"].channel.check_peer("b")  # a is introduced
+        address = ("127.0.0.1", nodes["b"].channel.port)
+        with socket.create_connection(address, timeout=5) as raw:  # during the handshake
+            assert _trickle(raw, bytes([0x16, 0x03, 0x01, 0x40, 0x00])) < 3.0
+        with socket.create_connection(address, timeout=5) as raw, \
+                ids["a"].client_context().wrap_socket(raw) as tls:  # after it, mid-message
+            assert _trickle(tls, HEADER.pack(b"SI", 1, int(MessageType.ENVELOPE), 1000)) < 3.0
+
+
 def test_no_key_material_or_credential_in_logs_or_errors(
         ids: dict[str, NodeIdentity], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
