@@ -369,14 +369,7 @@ class Intranet:
             self._accept_introduction(body, who)
             write_frame(tls, MessageType.ACK)
             return
-        fp = cert_fingerprint(der)
-        name = self._member_by_fingerprint(fp)
-        if name is None:
-            raise _Refused(f"certificate sha256 {fp[:16]}... is not the certificate of a "
-                           "registered node of this runtime")
-        problem = certificate_problem(der, self._clock())
-        if problem is not None:
-            raise _Refused(f"node {name!r}'s certificate is not usable: {problem}")
+        name = self._member(der)
         if mtype is MessageType.PING:
             write_frame(tls, MessageType.PONG, body)
         elif mtype is MessageType.ENVELOPE:
@@ -389,7 +382,9 @@ class Intranet:
         else:
             raise _Refused(f"unexpected {mtype.name} message")
 
-    def _accept_introduction(self, der: bytes, who: str) -> None:
+    def _member(self, der: bytes) -> str:
+        """The registered node whose pinned certificate ``der`` is; :class:`_Refused` if none,
+        or if the certificate is no longer usable (expired)."""
         fp = cert_fingerprint(der)
         name = self._member_by_fingerprint(fp)
         if name is None:
@@ -398,6 +393,11 @@ class Intranet:
         problem = certificate_problem(der, self._clock())
         if problem is not None:
             raise _Refused(f"node {name!r}'s certificate is not usable: {problem}")
+        return name
+
+    def _accept_introduction(self, der: bytes, who: str) -> None:
+        fp = cert_fingerprint(der)
+        name = self._member(der)
         with self._lock:
             peer = self._peers.get(name)
             if peer is None or peer.fingerprint != fp or fp in self._trusted:
