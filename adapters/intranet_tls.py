@@ -274,35 +274,43 @@ def load_or_create_identity(home: Path, node_name: str, *, protector: Protector 
     """The node's generated identity in ``home/intranet``, created on first use.
 
     A generated certificate that expired (or breaks another rule) is replaced by a new one;
-    the node then publishes the new fingerprint when it registers again.
+    the node then publishes the new fingerprint when it registers again. An identity that
+    cannot be opened (damaged files, another machine's protector) raises :class:`IdentityError`
+    saying how to start afresh.
     """
     folder = Path(home) / IDENTITY_DIR
     protector = protector or default_protector(Path(home))
     now = now or dt.datetime.now(dt.UTC)
-    cert_path, key_path = folder / _CERT_FILE, folder / _KEY_FILE
-    if cert_path.exists():
+    if (folder / _CERT_FILE).exists():
         try:
-            cert = x509.load_pem_x509_certificate(_read_bounded(cert_path, "certificate file"))
-        except ValueError:
+            identity = _load_generated(folder, protector, now)
+        except (IdentityError, CredentialError) as exc:
             raise IdentityError(
-                f"the intranet certificate {cert_path} is damaged: move the {folder} folder "
-                "aside and start the node again to generate a new identity"
+                f"the node's intranet identity in {folder} cannot be used: {exc}; move the "
+                "folder aside and start the node again to generate a new one (the node then "
+                "publishes its new certificate fingerprint when it registers)"
             ) from None
-        blob = _read_bounded(folder / _PASS_FILE, "key passphrase file")
-        try:
-            passphrase = protector.unprotect(blob, _PASS_ENTROPY)
-        except CredentialError as exc:
-            raise IdentityError(
-                f"cannot open the intranet key passphrase in {folder} ({exc}); move the folder "
-                "aside and start the node again to generate a new identity"
-            ) from None
-        der = cert.public_bytes(serialization.Encoding.DER)
-        problem = certificate_problem(der, now)
-        if problem is None:
-            identity = NodeIdentity(cert_path, key_path, der, "generated", password=passphrase)
-            identity.client_context()  # the key must open and fit
+        if identity is not None:
             return identity
-        log.warning("intranet certificate %s is no longer usable (%s); generating a new one",
-                    cert_path, problem)
     return create_identity(folder, node_name, protector, not_before=now - dt.timedelta(hours=1),
                            not_after=now + dt.timedelta(days=CERT_VALIDITY_DAYS))
+
+
+def _load_generated(folder: Path, protector: Protector, now: dt.datetime) -> NodeIdentity | None:
+    """The identity kept in ``folder``, or ``None`` if its certificate is no longer usable."""
+    cert_path = folder / _CERT_FILE
+    try:
+        cert = x509.load_pem_x509_certificate(_read_bounded(cert_path, "certificate file"))
+    except ValueError:
+        raise IdentityError(f"the certificate {cert_path} is damaged") from None
+    passphrase = protector.unprotect(_read_bounded(folder / _PASS_FILE, "key passphrase file"),
+                                     _PASS_ENTROPY)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    problem = certificate_problem(der, now)
+    if problem is not None:
+        log.warning("intranet certificate %s is no longer usable (%s); generating a new one",
+                    cert_path, problem)
+        return None
+    identity = NodeIdentity(cert_path, folder / _KEY_FILE, der, "generated", password=passphrase)
+    identity.client_context()  # the key must open and fit its certificate
+    return identity

@@ -119,6 +119,20 @@ def test_three_nodes_each_reach_each_other(ids: dict[str, NodeIdentity]) -> None
         assert nodes["a"].channel.check_all() == {"b": True, "c": True}
 
 
+def test_a_restarted_peer_is_reached_again(ids: dict[str, NodeIdentity]) -> None:
+    with cluster(ids, "ab") as nodes:
+        nodes["a"].channel.send_envelope("b", msg(1))
+        old = nodes["b"].channel
+        old.stop()
+        # b comes back on the same port, with the same identity, knowing nobody yet
+        nodes["b"].channel = Intranet("b", ids["b"], port=old.port, timeout_s=2.0,
+                                      check_interval_s=None, on_envelope=old._on_envelope)
+        nodes["b"].channel.start()
+        nodes["b"].channel.set_peers(nodes["a"].channel.peers() | {"a": nodes["a"].peer()})
+        nodes["a"].channel.send_envelope("b", msg(2))  # a's first try fails; it re-introduces
+        assert [m.version for _, m in nodes["b"].received] == [1, 2]
+
+
 def test_the_channel_negotiates_tls_1_3(ids: dict[str, NodeIdentity]) -> None:
     with cluster(ids, "a") as nodes:
         ctx = ids["b"].client_context(present_certificate=False)

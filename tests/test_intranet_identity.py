@@ -55,8 +55,11 @@ def test_a_generated_certificate_passes_the_certificate_rules(
 
 def test_the_identity_does_not_open_on_another_machine(tmp_path: Path) -> None:
     load_or_create_identity(tmp_path, "node-1", protector=protector(tmp_path, "m1"))
-    with pytest.raises(IdentityError, match="move the folder aside"):
+    with pytest.raises(IdentityError, match=r"cannot be used: .*move the folder aside"):
         load_or_create_identity(tmp_path, "node-1", protector=protector(tmp_path, "m2"))
+    (tmp_path / "intranet" / "node.key.pass").unlink()
+    with pytest.raises(IdentityError, match="cannot read key passphrase file"):
+        load_or_create_identity(tmp_path, "node-1", protector=protector(tmp_path, "m1"))
 
 
 def test_an_expired_generated_certificate_is_replaced(tmp_path: Path) -> None:
@@ -70,7 +73,7 @@ def test_an_expired_generated_certificate_is_replaced(tmp_path: Path) -> None:
 def test_a_damaged_certificate_file_says_what_to_do(tmp_path: Path) -> None:
     load_or_create_identity(tmp_path, "node-1", protector=protector(tmp_path))
     (tmp_path / "intranet" / "node.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\nxx\n")
-    with pytest.raises(IdentityError, match=r"damaged: move the .* folder aside"):
+    with pytest.raises(IdentityError, match=r"node.crt is damaged; move the folder aside"):
         load_or_create_identity(tmp_path, "node-1", protector=protector(tmp_path))
 
 
