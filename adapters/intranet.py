@@ -243,7 +243,10 @@ class Intranet:
                  self.identity.fingerprint[:16])
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Close the port and join every thread, waiting at most about ``timeout_s``."""
+        """Close the port and join every thread, waiting at most about ``timeout_s``.
+
+        A stopped channel stays closed; to reopen (remote access turned back on), make a new one.
+        """
         self._stopping.set()
         self._wake_monitor.set()
         deadline = time.monotonic() + timeout_s

@@ -184,22 +184,14 @@ def _read_bounded(path: Path, what: str) -> bytes:
     return data
 
 
-def _check_usable(cert: x509.Certificate, path: Path, now: dt.datetime) -> None:
-    errors = [f for f in check_certificate(cert, now=now) if f.severity is Severity.ERROR]
-    if errors:
-        found = "; ".join(f"[{f.rule}] {f.message}" for f in errors)
-        raise IdentityError(f"the intranet certificate {path} cannot be used: {found}")
-    for f in check_certificate(cert, now=now):
-        if f.severity is Severity.WARNING and f.rule not in ("trust", "san"):
-            log.warning("intranet certificate %s: [%s] %s", path, f.rule, f.message)
-
-
 def identity_from_files(cert_path: Path, key_path: Path, *, password: bytes | None = None,
-                        now: dt.datetime | None = None) -> NodeIdentity:
+                        fqdn: str | None = None, now: dt.datetime | None = None) -> NodeIdentity:
     """The user's own certificate (PEM, leaf first) and key, checked by the certificate rules.
 
-    ``password`` opens an encrypted key file. Raises :class:`IdentityError` naming the rule a
-    certificate breaks, or what is wrong with the files.
+    ``password`` opens an encrypted key file; ``fqdn``, when given, is the machine's name, which
+    must be the certificate's last SAN entry (the product's rule). Raises
+    :class:`IdentityError` naming each rule the certificate breaks, or what is wrong with the
+    files; warnings are logged.
     """
     cert_path, key_path = Path(cert_path), Path(key_path)
     try:
@@ -208,7 +200,15 @@ def identity_from_files(cert_path: Path, key_path: Path, *, password: bytes | No
         raise IdentityError(f"certificate file {cert_path}: {exc}") from None
     if not certs:
         raise IdentityError(f"certificate file {cert_path} holds no certificate")
-    _check_usable(certs[0], cert_path, now or dt.datetime.now(dt.UTC))
+    findings = check_certificate(certs[0], now=now or dt.datetime.now(dt.UTC),
+                                 nodes=[fqdn] if fqdn else (), chain=certs[1:])
+    errors = [f"[{f.rule}] {f.message}" for f in findings if f.severity is Severity.ERROR]
+    if errors:
+        raise IdentityError(f"the intranet certificate {cert_path} cannot be used: "
+                            + "; ".join(errors))
+    for f in findings:
+        if f.severity is Severity.WARNING and f.rule != "trust":  # trust: the pin replaces it
+            log.warning("intranet certificate %s: [%s] %s", cert_path, f.rule, f.message)
     der = certs[0].public_bytes(serialization.Encoding.DER)
     identity = NodeIdentity(cert_path, key_path, der, "user", password=password)
     identity.client_context()  # fails now, with a clear message, if the key does not fit

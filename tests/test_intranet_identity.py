@@ -126,6 +126,13 @@ def test_a_user_certificate_breaking_a_rule_is_refused_naming_it(tmp_path: Path)
         identity_from_files(cert_path, key_path)
 
 
+def test_a_user_certificate_must_name_the_machine_last(tmp_path: Path) -> None:
+    cert_path, key_path = _user_cert(tmp_path, rsa.generate_private_key(65537, 2048))
+    assert identity_from_files(cert_path, key_path, fqdn="node1.contoso.com").source == "user"
+    with pytest.raises(IdentityError, match=r"\[node-name\] node 'node2.contoso.com' cannot"):
+        identity_from_files(cert_path, key_path, fqdn="node2.contoso.com")
+
+
 def test_a_user_key_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     cert_path, _ = _user_cert(tmp_path / "one", rsa.generate_private_key(65537, 2048))
     _, other_key = _user_cert(tmp_path / "two", rsa.generate_private_key(65537, 2048))
