@@ -14,17 +14,18 @@ fingerprints are accepted, both ways; anything else is refused with a logged rea
   introduced themselves. An **introduction** is a connection without a client certificate whose
   only message is the node's certificate: the server takes it only if its fingerprint is pinned
   for a registered node (a certificate is public; holding it proves nothing, presenting it in a
-  handshake later proves possession of its key). A dialer whose handshake is refused introduces
-  itself once and retries. After every handshake the server looks the client's fingerprint up
-  in the *current* directory again, so a node removed from the log is refused at once, even on a
+  handshake later proves possession of its key). A dialer introduces itself on first contact
+  with each peer, and again, retrying once, when its handshake is refused (the peer restarted
+  and forgot it). After every handshake the server looks the client's fingerprint up in the
+  *current* directory again, so a node removed from the log is refused at once, even on a
   connection accepted a moment before.
 
 One request per connection, answered, then closed (:mod:`shir.adapters.intranet_wire`):
 
 - **credential-sync envelopes** (:meth:`Intranet.send_envelope`): the receiver's ``on_envelope``
   callback gets the sender's node name (authenticated by its pin) and the envelope; it opens it
-  (:func:`shir.adapters.envelope.open_envelope`) and stores it. A :class:`~shir.core.errors.
-  ShirError` it raises is sent back as the refusal's reason (those messages hold no secrets);
+  (:func:`shir.adapters.envelope.open_envelope`) and stores it. A ``ShirError`` it raises is
+  sent back as the refusal's reason (shir's messages hold no secrets);
 - **reachability checks**: a ping with a deadline (:meth:`Intranet.check_peer`), and a monitor
   thread that checks every peer each ``check_interval_s``; :meth:`Intranet.reachable_peers` is
   what the node host reports as ``NodeMetrics.reachable_peers``, from which the core derives its
