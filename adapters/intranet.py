@@ -58,7 +58,7 @@ import attrs
 
 from shir.adapters.intranet_tls import (
     IntranetError,
-    NodeIdentity,
+    IntranetIdentity,
     cert_fingerprint,
     certificate_problem,
 )
@@ -188,7 +188,7 @@ class Intranet:
     runs on a server thread for each envelope a member sends; keep it short (queue the work).
     """
 
-    def __init__(self, node_name: str, identity: NodeIdentity, *,
+    def __init__(self, node_name: str, identity: IntranetIdentity, *,
                  peers: Mapping[str, Peer] | None = None,
                  on_envelope: EnvelopeHandler | None = None,
                  host: str = "127.0.0.1", port: int = DEFAULT_INTRANET_PORT,

@@ -17,7 +17,7 @@ so no CA secret has to be stored or handed out. Either:
   ``shir cert check`` does); a certificate with an error is refused with the findings.
 
 What a node publishes through the log is public: its intranet address and the SHA-256 of its
-certificate (:attr:`NodeIdentity.fingerprint`, 64 hex digits). Peers *pin* exactly the
+certificate (:attr:`IntranetIdentity.fingerprint`, 64 hex digits). Peers *pin* exactly the
 fingerprints of the runtime's currently registered nodes, so membership follows the log and a
 removed node is refused at once.
 
@@ -25,7 +25,7 @@ Pinning with the standard library's ``ssl``: a client does not verify a chain (`
 and instead compares the server certificate's fingerprint with the pin after the handshake
 (the handshake itself proves the server holds that certificate's key). A server must ask for a
 client certificate, and ``ssl`` then verifies it against trust anchors, so the server's context
-trusts the certificates of current members only (:meth:`NodeIdentity.server_context`); a node
+trusts the certificates of current members only (:meth:`IntranetIdentity.server_context`); a node
 hands its certificate over first in an *introduction* (see :mod:`shir.adapters.intranet`), which
 the server accepts only for a certificate whose fingerprint is pinned. TLS 1.2 is the floor;
 two shir nodes negotiate TLS 1.3.
@@ -67,7 +67,7 @@ __all__ = [
     "IDENTITY_DIR",
     "IdentityError",
     "IntranetError",
-    "NodeIdentity",
+    "IntranetIdentity",
     "cert_fingerprint",
     "certificate_problem",
     "create_identity",
@@ -114,7 +114,7 @@ def certificate_problem(der: bytes, now: dt.datetime) -> str | None:
 
 
 @attrs.frozen(repr=False)
-class NodeIdentity:
+class IntranetIdentity:
     """A node's certificate and (encrypted) key on disk, with what opens the key in memory.
 
     ``fingerprint`` is what the node publishes; the key passphrase is never printed.
@@ -132,7 +132,7 @@ class NodeIdentity:
         return cert_fingerprint(self.cert_der)
 
     def __repr__(self) -> str:
-        return f"NodeIdentity(fingerprint={self.fingerprint[:16]}..., source={self.source})"
+        return f"IntranetIdentity(fingerprint={self.fingerprint[:16]}..., source={self.source})"
 
     def _load_into(self, ctx: ssl.SSLContext) -> None:
         secret = self._password
@@ -184,8 +184,10 @@ def _read_bounded(path: Path, what: str) -> bytes:
     return data
 
 
-def identity_from_files(cert_path: Path, key_path: Path, *, password: bytes | None = None,
-                        fqdn: str | None = None, now: dt.datetime | None = None) -> NodeIdentity:
+def identity_from_files(
+    cert_path: Path, key_path: Path, *, password: bytes | None = None, fqdn: str | None = None,
+    now: dt.datetime | None = None,
+) -> IntranetIdentity:
     """The user's own certificate (PEM, leaf first) and key, checked by the certificate rules.
 
     ``password`` opens an encrypted key file; ``fqdn``, when given, is the machine's name, which
@@ -210,13 +212,13 @@ def identity_from_files(cert_path: Path, key_path: Path, *, password: bytes | No
         if f.severity is Severity.WARNING and f.rule != "trust":  # trust: the pin replaces it
             log.warning("intranet certificate %s: [%s] %s", cert_path, f.rule, f.message)
     der = certs[0].public_bytes(serialization.Encoding.DER)
-    identity = NodeIdentity(cert_path, key_path, der, "user", password=password)
+    identity = IntranetIdentity(cert_path, key_path, der, "user", password=password)
     identity.client_context()  # fails now, with a clear message, if the key does not fit
     return identity
 
 
 def create_identity(folder: Path, node_name: str, protector: Protector, *,
-                    not_before: dt.datetime, not_after: dt.datetime) -> NodeIdentity:
+                    not_before: dt.datetime, not_after: dt.datetime) -> IntranetIdentity:
     """Generate a key pair and self-signed certificate for ``node_name`` into ``folder``.
 
     The key is an encrypted PKCS#8 PEM (mode 0600) whose random passphrase is stored only
@@ -259,7 +261,7 @@ def create_identity(folder: Path, node_name: str, protector: Protector, *,
     der = cert.public_bytes(serialization.Encoding.DER)
     log.info("generated intranet certificate %s (sha256 %s)", folder / _CERT_FILE,
              cert_fingerprint(der))
-    return NodeIdentity(folder / _CERT_FILE, folder / _KEY_FILE, der, "generated",
+    return IntranetIdentity(folder / _CERT_FILE, folder / _KEY_FILE, der, "generated",
                         password=passphrase)
 
 
@@ -270,7 +272,7 @@ def _dns_label(name: str) -> str:
 
 
 def load_or_create_identity(home: Path, node_name: str, *, protector: Protector | None = None,
-                            now: dt.datetime | None = None) -> NodeIdentity:
+                            now: dt.datetime | None = None) -> IntranetIdentity:
     """The node's generated identity in ``home/intranet``, created on first use.
 
     A generated certificate that expired (or breaks another rule) is replaced by a new one;
@@ -296,7 +298,9 @@ def load_or_create_identity(home: Path, node_name: str, *, protector: Protector 
                            not_after=now + dt.timedelta(days=CERT_VALIDITY_DAYS))
 
 
-def _load_generated(folder: Path, protector: Protector, now: dt.datetime) -> NodeIdentity | None:
+def _load_generated(
+    folder: Path, protector: Protector, now: dt.datetime
+) -> IntranetIdentity | None:
     """The identity kept in ``folder``, or ``None`` if its certificate is no longer usable."""
     cert_path = folder / _CERT_FILE
     try:
@@ -311,6 +315,7 @@ def _load_generated(folder: Path, protector: Protector, now: dt.datetime) -> Nod
         log.warning("intranet certificate %s is no longer usable (%s); generating a new one",
                     cert_path, problem)
         return None
-    identity = NodeIdentity(cert_path, folder / _KEY_FILE, der, "generated", password=passphrase)
+    identity = IntranetIdentity(cert_path, folder / _KEY_FILE, der, "generated",
+                                password=passphrase)
     identity.client_context()  # the key must open and fit its certificate
     return identity

@@ -31,13 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shir.adapters.intranet import EnvelopeMessage, Intranet, Peer
-from shir.adapters.intranet_tls import NodeIdentity, create_identity
+from shir.adapters.intranet_tls import IntranetIdentity, create_identity
 from shir.adapters.protect import PortableProtector
 
 ENVELOPE = b"\x00" * (64 * 1024 - 256)
 
 
-def identity(root: Path, name: str) -> NodeIdentity:
+def identity(root: Path, name: str) -> IntranetIdentity:
     now = dt.datetime.now(dt.UTC)
     return create_identity(root / name, name, PortableProtector(root / name / "p.key"),
                            not_before=now - dt.timedelta(hours=1),
@@ -57,7 +57,7 @@ def _read(sock: socket.socket, n: int) -> bytes:
 class BareServer:
     """Mutual TLS with the stdlib alone: read ``size`` bytes, answer ``answer``."""
 
-    def __init__(self, server: NodeIdentity, client: NodeIdentity) -> None:
+    def __init__(self, server: IntranetIdentity, client: IntranetIdentity) -> None:
         self.ctx = server.server_context([client.cert_der])
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)

@@ -29,15 +29,16 @@ from shir.adapters.intranet import (
     directory_from_nodes,
     parse_address,
 )
-from shir.adapters.intranet_tls import NodeIdentity, create_identity
+from shir.adapters.intranet_tls import IntranetIdentity, create_identity
 from shir.adapters.intranet_wire import HEADER, MessageType, read_frame, write_frame
 from shir.adapters.protect import PortableProtector, ReplayedEnvelope
 
 NOW = dt.datetime.now(dt.UTC)
+Ids = dict[str, IntranetIdentity]
 LOG = "shir.adapters.intranet"
 
 
-def _identity(root: Path, name: str, *, expired: bool = False) -> NodeIdentity:
+def _identity(root: Path, name: str, *, expired: bool = False) -> IntranetIdentity:
     protector = PortableProtector(root / name / "protector.key", machine_id=f"machine-{name}")
     if expired:
         start, end = NOW - dt.timedelta(days=30), NOW - dt.timedelta(days=1)
@@ -48,7 +49,7 @@ def _identity(root: Path, name: str, *, expired: bool = False) -> NodeIdentity:
 
 
 @pytest.fixture(scope="module")
-def ids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, NodeIdentity]:
+def ids(tmp_path_factory: pytest.TempPathFactory) -> Ids:
     """Identities of members a, b, c, of an outsider x, and of e whose certificate expired."""
     root = tmp_path_factory.mktemp("intranet-ids")
     out = {n: _identity(root, n) for n in "abcx"}
@@ -59,7 +60,7 @@ def ids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, NodeIdentity]:
 class Node:
     """One started channel and the envelopes it received (sender, message)."""
 
-    def __init__(self, name: str, identity: NodeIdentity, **kw: object) -> None:
+    def __init__(self, name: str, identity: IntranetIdentity, **kw: object) -> None:
         self.received: list[tuple[str, EnvelopeMessage]] = []
         self.handler: Callable[[str, EnvelopeMessage], None] = (
             lambda sender, m: self.received.append((sender, m)))
@@ -74,7 +75,7 @@ class Node:
 
 
 @contextlib.contextmanager
-def cluster(ids: dict[str, NodeIdentity], names: str, **kw: object) -> Iterator[dict[str, Node]]:
+def cluster(ids: Ids, names: str, **kw: object) -> Iterator[dict[str, Node]]:
     """Start nodes ``names``; each one's directory lists all of them."""
     nodes = {n: Node(n, ids[n], **kw) for n in names}
     try:
@@ -91,7 +92,7 @@ def msg(version: int = 1, envelope: bytes = b"sealed-bytes") -> EnvelopeMessage:
     return EnvelopeMessage("sql-password", version, envelope)
 
 
-def test_two_nodes_exchange_sealed_envelopes(ids: dict[str, NodeIdentity]) -> None:
+def test_two_nodes_exchange_sealed_envelopes(ids: Ids) -> None:
     keys = {"a": NodeKeys.generate(), "b": NodeKeys.generate()}
     opened: list[bytes] = []
     with cluster(ids, "ab") as nodes:
@@ -107,7 +108,7 @@ def test_two_nodes_exchange_sealed_envelopes(ids: dict[str, NodeIdentity]) -> No
         assert nodes["a"].received == [("b", msg(7))]
 
 
-def test_three_nodes_each_reach_each_other(ids: dict[str, NodeIdentity]) -> None:
+def test_three_nodes_each_reach_each_other(ids: Ids) -> None:
     with cluster(ids, "abc") as nodes:
         for s in "abc":
             for r in "abc":
@@ -119,7 +120,7 @@ def test_three_nodes_each_reach_each_other(ids: dict[str, NodeIdentity]) -> None
         assert nodes["a"].channel.check_all() == {"b": True, "c": True}
 
 
-def test_a_restarted_peer_is_reached_again(ids: dict[str, NodeIdentity]) -> None:
+def test_a_restarted_peer_is_reached_again(ids: Ids) -> None:
     with cluster(ids, "ab") as nodes:
         nodes["a"].channel.send_envelope("b", msg(1))
         old = nodes["b"].channel
@@ -133,7 +134,7 @@ def test_a_restarted_peer_is_reached_again(ids: dict[str, NodeIdentity]) -> None
         assert [m.version for _, m in nodes["b"].received] == [1, 2]
 
 
-def test_the_channel_negotiates_tls_1_3(ids: dict[str, NodeIdentity]) -> None:
+def test_the_channel_negotiates_tls_1_3(ids: Ids) -> None:
     with cluster(ids, "a") as nodes:
         ctx = ids["b"].client_context(present_certificate=False)
         with socket.create_connection(("127.0.0.1", nodes["a"].channel.port), timeout=5) as raw, \
@@ -142,7 +143,7 @@ def test_the_channel_negotiates_tls_1_3(ids: dict[str, NodeIdentity]) -> None:
 
 
 def test_a_non_member_is_refused_with_a_logged_reason(
-        ids: dict[str, NodeIdentity], caplog: pytest.LogCaptureFixture) -> None:
+        ids: Ids, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, LOG)
     with cluster(ids, "b") as nodes:
         outsider = Node("x", ids["x"])
@@ -166,7 +167,7 @@ def test_a_non_member_is_refused_with_a_logged_reason(
     assert any("certificate is not accepted" in m for m in refusals)
 
 
-def test_a_removed_member_is_refused_at_once(ids: dict[str, NodeIdentity]) -> None:
+def test_a_removed_member_is_refused_at_once(ids: Ids) -> None:
     with cluster(ids, "abc") as nodes:
         nodes["a"].channel.send_envelope("b", msg(1))
         assert nodes["a"].channel.check_peer("b")
@@ -182,7 +183,7 @@ def test_a_removed_member_is_refused_at_once(ids: dict[str, NodeIdentity]) -> No
         nodes["c"].channel.send_envelope("b", msg(4))  # the others are unaffected
 
 
-def test_an_expired_certificate_is_refused_both_ways(ids: dict[str, NodeIdentity]) -> None:
+def test_an_expired_certificate_is_refused_both_ways(ids: Ids) -> None:
     with cluster(ids, "be") as nodes:
         with pytest.raises(PeerRefused, match="expired"):
             nodes["e"].channel.send_envelope("b", msg())
@@ -191,7 +192,7 @@ def test_an_expired_certificate_is_refused_both_ways(ids: dict[str, NodeIdentity
         assert nodes["b"].received == [] and nodes["e"].received == []
 
 
-def test_a_certificate_other_than_the_pinned_one_is_refused(ids: dict[str, NodeIdentity]) -> None:
+def test_a_certificate_other_than_the_pinned_one_is_refused(ids: Ids) -> None:
     with cluster(ids, "abc") as nodes:
         directory = nodes["a"].channel.peers()
         # a's log pins c's certificate for b: b is refused when a dials it
@@ -215,7 +216,7 @@ def _read_refusal(tls: ssl.SSLSocket) -> str:
 
 
 def test_an_oversized_message_is_refused_before_its_body_is_read(
-        ids: dict[str, NodeIdentity]) -> None:
+        ids: Ids) -> None:
     # the server would wait 30 s for a body it read; the client gives up after 5
     with cluster(ids, "ab", timeout_s=30.0) as nodes:
         nodes["a"].channel.send_envelope("b", msg())  # a is introduced to b
@@ -233,7 +234,7 @@ def test_an_oversized_message_is_refused_before_its_body_is_read(
         assert len(nodes["b"].received) == 1
 
 
-def test_garbage_and_wrong_messages_are_refused(ids: dict[str, NodeIdentity]) -> None:
+def test_garbage_and_wrong_messages_are_refused(ids: Ids) -> None:
     with cluster(ids, "ab") as nodes:
         nodes["a"].channel.check_peer("b")  # introduced
         port = nodes["b"].channel.port
@@ -250,7 +251,7 @@ def test_garbage_and_wrong_messages_are_refused(ids: dict[str, NodeIdentity]) ->
                 assert reason in _read_refusal(tls)
 
 
-def test_a_down_peer_is_unreachable_within_the_timeout(ids: dict[str, NodeIdentity]) -> None:
+def test_a_down_peer_is_unreachable_within_the_timeout(ids: Ids) -> None:
     with cluster(ids, "ab") as nodes:
         assert nodes["a"].channel.check_peer("b")
         nodes["b"].channel.stop()
@@ -277,7 +278,7 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
     return predicate()
 
 
-def test_the_monitor_reports_which_peers_answer(ids: dict[str, NodeIdentity]) -> None:
+def test_the_monitor_reports_which_peers_answer(ids: Ids) -> None:
     with cluster(ids, "abc", check_interval_s=0.2, timeout_s=1.0) as nodes:
         a = nodes["a"].channel
         assert _wait_for(lambda: a.reachable_peers() == ("b", "c"))
@@ -287,7 +288,7 @@ def test_the_monitor_reports_which_peers_answer(ids: dict[str, NodeIdentity]) ->
         assert a.reachable_peers() == ()
 
 
-def test_remote_access_off_closes_the_port(ids: dict[str, NodeIdentity]) -> None:
+def test_remote_access_off_closes_the_port(ids: Ids) -> None:
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]  # a free port, released before the node "uses" it
     channel = Intranet("a", ids["a"], port=port, remote_access=False)
@@ -303,7 +304,7 @@ def test_remote_access_off_closes_the_port(ids: dict[str, NodeIdentity]) -> None
         channel.stop()
 
 
-def test_the_receivers_refusal_comes_back_to_the_sender(ids: dict[str, NodeIdentity]) -> None:
+def test_the_receivers_refusal_comes_back_to_the_sender(ids: Ids) -> None:
     with cluster(ids, "ab") as nodes:
         def refuse(sender: str, m: EnvelopeMessage) -> None:
             raise ReplayedEnvelope(f"version {m.version} of {m.credential_id!r} already held")
@@ -321,7 +322,7 @@ def test_the_receivers_refusal_comes_back_to_the_sender(ids: dict[str, NodeIdent
         assert CANARY_BYTES.decode() not in str(info.value)
 
 
-def test_connections_beyond_the_limit_are_closed_unanswered(ids: dict[str, NodeIdentity]) -> None:
+def test_connections_beyond_the_limit_are_closed_unanswered(ids: Ids) -> None:
     # b would wait 30 s for a handshake on a connection it serves; the test waits 5
     with cluster(ids, "ab", max_connections=1, timeout_s=30.0) as nodes:
         port = nodes["b"].channel.port
@@ -344,7 +345,7 @@ def _trickle(sock: socket.socket | ssl.SSLSocket, head: bytes) -> float:
     return time.monotonic() - started
 
 
-def test_a_peer_trickling_bytes_is_cut_off_at_the_deadline(ids: dict[str, NodeIdentity]) -> None:
+def test_a_peer_trickling_bytes_is_cut_off_at_the_deadline(ids: Ids) -> None:
     # each byte comes well within b's 1 s per-read timeout: only whole-exchange deadlines end it
     with cluster(ids, "ab", timeout_s=1.0) as nodes:
         nodes["a"].channel.check_peer("b")  # a is introduced
@@ -357,7 +358,7 @@ def test_a_peer_trickling_bytes_is_cut_off_at_the_deadline(ids: dict[str, NodeId
 
 
 def test_no_key_material_or_credential_in_logs_or_errors(
-        ids: dict[str, NodeIdentity], caplog: pytest.LogCaptureFixture) -> None:
+        ids: Ids, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     keys = {"a": NodeKeys.generate(), "b": NodeKeys.generate()}
     errors: list[str] = []
@@ -399,14 +400,14 @@ def test_a_fingerprint_must_be_sha256_hex() -> None:
         Peer("h:1", "abc")
 
 
-def test_a_busy_port_gives_a_clear_error(ids: dict[str, NodeIdentity]) -> None:
+def test_a_busy_port_gives_a_clear_error(ids: Ids) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         channel = Intranet("a", ids["a"], port=taken.getsockname()[1])
         with pytest.raises(Exception, match="choose another with --intranet-port"):
             channel.start()
 
 
-def test_stop_joins_every_thread(ids: dict[str, NodeIdentity]) -> None:
+def test_stop_joins_every_thread(ids: Ids) -> None:
     before = set(threading.enumerate())
     with cluster(ids, "ab", check_interval_s=0.1):
         pass
