@@ -275,8 +275,8 @@ def load_or_create_identity(home: Path, node_name: str, *, protector: Protector 
                             now: dt.datetime | None = None) -> IntranetIdentity:
     """The node's generated identity in ``home/intranet``, created on first use.
 
-    A generated certificate that expired (or breaks another rule) is replaced by a new one;
-    the node then publishes the new fingerprint when it registers again. An identity that
+    A generated certificate that expired (or breaks another rule) is replaced by a new one,
+    whose fingerprint the node publishes by being removed and registered again. An identity that
     cannot be opened (damaged files, another machine's protector) raises :class:`IdentityError`
     saying how to start afresh.
     """
@@ -289,8 +289,8 @@ def load_or_create_identity(home: Path, node_name: str, *, protector: Protector 
         except (IdentityError, CredentialError) as exc:
             raise IdentityError(
                 f"the node's intranet identity in {folder} cannot be used: {exc}; move the "
-                "folder aside and start the node again to generate a new one (the node then "
-                "publishes its new certificate fingerprint when it registers)"
+                "folder aside, remove the node from the runtime and start it again to "
+                "generate and publish a new one"
             ) from None
         if identity is not None:
             return identity
