@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 from canary import CANARY_BYTES
+from lifecycle_helpers import Cluster
 
 from shir.adapters.envelope import NodeKeys, open_envelope, seal
 from shir.adapters.intranet import (
@@ -32,6 +33,7 @@ from shir.adapters.intranet import (
 from shir.adapters.intranet_tls import IntranetIdentity, create_identity
 from shir.adapters.intranet_wire import HEADER, MessageType, read_frame, write_frame
 from shir.adapters.protect import PortableProtector, ReplayedEnvelope
+from shir.core import RemoveNode
 
 NOW = dt.datetime.now(dt.UTC)
 Ids = dict[str, IntranetIdentity]
@@ -426,3 +428,27 @@ def test_the_directory_follows_what_nodes_published(caplog: pytest.LogCaptureFix
              Published("c", "10.0.0.3:8060", None), Published("d", "nohost", fp)]
     assert directory_from_nodes(nodes) == {"a": Peer("10.0.0.1:8060", fp)}
     assert "'d' is left out of the peer directory" in caplog.text
+
+
+def test_membership_follows_the_runtimes_log(ids: Ids) -> None:
+    """Nodes register with their address and fingerprint through the core; a RemoveNode in the
+    log is enough for the others to refuse the removed node."""
+    c = Cluster()
+    with cluster(ids, "abc") as nodes:
+        for n, node in nodes.items():
+            c.handle(attrs.evolve(c.register_cmd(n, at=1.0), intranet_address=node.channel.address,
+                                  cert_sha256=node.channel.identity.fingerprint))
+
+        def follow_the_log() -> None:
+            for node in nodes.values():
+                node.channel.set_peers(directory_from_nodes(c.state.nodes))
+
+        follow_the_log()
+        assert set(directory_from_nodes(c.state.nodes)) == {"a", "b", "c"}
+        nodes["a"].channel.send_envelope("b", msg(1))
+        c.handle(RemoveNode("a", at=2.0))
+        follow_the_log()
+        with pytest.raises(PeerRefused, match="not the certificate of a registered node"):
+            nodes["a"].channel.send_envelope("b", msg(2))
+        nodes["c"].channel.send_envelope("b", msg(3))
+        assert [(s, m.version) for s, m in nodes["b"].received] == [("a", 1), ("c", 3)]
