@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from shir.adapters.certs import Severity, check_certificate
+from shir.adapters.cli import main
 from shir.adapters.intranet import EnvelopeMessage, Intranet, Peer
 from shir.adapters.intranet_tls import (
     IdentityError,
@@ -22,7 +23,6 @@ from shir.adapters.intranet_tls import (
 )
 from shir.adapters.intranet_wire import ProtocolError
 from shir.adapters.protect import PortableProtector
-from shir.sim.cli import main
 
 NOW = dt.datetime.now(dt.UTC)
 
