@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -115,6 +116,8 @@ def add_commands(subparsers: Any) -> None:
     run.add_argument("--home", help="this machine's state folder (default: $SHIR_HOME or "
                                     "~/.local/state/shir/node); one node host per home")
     run.add_argument("--intranet-port", type=int, help="the intranet port (default 8060)")
+    run.add_argument("--intranet-host", help="the address peers dial to reach this node "
+                                             "(default 127.0.0.1)")
     run.add_argument("--config", help="a TOML host config (see docs/node.md)")
     run.add_argument("--channel", help="control channel URL (default: the store's SQLite file)")
     run.add_argument("--remote-access", choices=("on", "off"),
@@ -134,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         "store": args.store, "channel": args.channel,
         "heartbeat_interval_s": args.heartbeat_interval,
         "concurrency_limit": args.concurrency_limit, "intranet_port": args.intranet_port,
+        "intranet_host": args.intranet_host,
         "remote_access": None if args.remote_access is None else args.remote_access == "on",
         "log_level": args.log_level,
     })
@@ -171,44 +175,84 @@ def _serve(name: str, key: str, config: Any, home: Path, machine: str, log: Json
     load = SystemLoad()
     total_mb, _ = load.memory_mb()
     version = shir_version()
-    host: NodeHost | None = None
+    intranet: Any = None
 
     def metrics(running: int) -> NodeMetrics:
         _, available = load.memory_mb()
-        peers: tuple[str, ...] = ()
-        if host is not None:
-            # Until the intranet channel is wired in, registered peers count as reachable.
-            peers = tuple(n.name for n in host.driver.state.nodes if n.name != name)
         return NodeMetrics(
             cpu_pct=load.cpu_pct(), available_memory_mb=available, running_jobs=running,
-            version=version, reachable_peers=peers, control_channel_ok=True,
-            remote_access=config.remote_access,
+            version=version, control_channel_ok=True, remote_access=config.remote_access,
+            reachable_peers=intranet.reachable_peers() if intranet is not None else (),
         )
+
+    def on_members(nodes: Any) -> None:
+        if intranet is not None:
+            from shir.adapters.intranet import directory_from_nodes
+
+            intranet.set_peers(directory_from_nodes(nodes))
 
     host = NodeHost(
         store=store, channel=None, key_text=key, name=name, machine_id=machine,
         metrics=metrics, cores=os.cpu_count() or 1, memory_mb=max(1, total_mb), log=log,
         heartbeat_interval_s=config.heartbeat_interval_s,
         concurrency_limit=config.concurrency_limit, drain_timeout_s=config.drain_timeout_s,
+        on_members=on_members,
     )
-    channel = host.channel = open_channel(
-        channel_url, lock_duration_s=host.driver.state.settings.lock_duration_s)
-    log("info", "starting", store=describe_store_url(config.store), home=str(home),
-        pid=os.getpid(), version=version, intranet_port=config.intranet_port,
-        remote_access=config.remote_access)
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log("info", "signal", signal=signal.Signals(signum).name)
-        assert host is not None
-        host.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    channel = None
     try:
-        code = host.run()
+        channel = host.channel = open_channel(
+            channel_url, lock_duration_s=host.driver.state.settings.lock_duration_s)
+        if config.remote_access:
+            intranet = _open_intranet(name, home, config, host.heartbeat_interval_s(), log)
+            host.intranet_address = intranet.address
+            host.cert_sha256 = intranet.identity.fingerprint
+        log("info", "starting", store=describe_store_url(config.store), home=str(home),
+            pid=os.getpid(), version=version, remote_access=config.remote_access,
+            intranet_address=host.intranet_address)
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log("info", "signal", signal=signal.Signals(signum).name)
+            host.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        return host.run()
     finally:
-        channel.close()
+        if intranet is not None:
+            intranet.stop()
+        if channel is not None:
+            channel.close()
         close = getattr(store, "close", None)
         if close is not None:
             close()
-    return code
+
+
+class _IntranetLog(logging.Handler):
+    """The intranet channel's log records, as JSON lines of the node's log."""
+
+    def __init__(self, log: JsonLog) -> None:
+        super().__init__()
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "error" if record.levelno >= logging.ERROR else (
+            "warning" if record.levelno >= logging.WARNING else
+            "info" if record.levelno >= logging.INFO else "debug")
+        self._log(level, "intranet", message=record.getMessage())
+
+
+def _open_intranet(name: str, home: Path, config: Any, heartbeat_s: float, log: JsonLog) -> Any:
+    """Listen on the intranet port with this machine's certificate (made on first use)."""
+    from shir.adapters.intranet import Intranet
+    from shir.adapters.intranet_tls import load_or_create_identity
+
+    logger = logging.getLogger("shir.adapters.intranet")
+    logger.addHandler(_IntranetLog(log))
+    logger.setLevel(logging.DEBUG if config.log_level == "debug" else logging.INFO)
+    logger.propagate = False
+    identity = load_or_create_identity(home, name)
+    # Peers are checked at least as often as heartbeats report them.
+    intranet = Intranet(name, identity, host=config.intranet_host, port=config.intranet_port,
+                        check_interval_s=min(5.0, heartbeat_s))
+    intranet.start()
+    return intranet

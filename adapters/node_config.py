@@ -55,6 +55,7 @@ class HostConfig:
     heartbeat_interval_s: float | None = None  # at most the runtime's interval
     concurrency_limit: int | None = None  # override of the core's default for this node
     intranet_port: int = 8060
+    intranet_host: str = "127.0.0.1"  # where the port listens, and the address peers dial
     remote_access: bool = True
     log_level: str = "info"
     drain_timeout_s: float = 30.0
@@ -66,6 +67,8 @@ _KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "heartbeat_interval_s": ((int, float), "a number of seconds > 0"),
     "concurrency_limit": (int, "an integer 1..256"),
     "intranet_port": (int, "a TCP port 1..65535"),
+    "intranet_host": (str, "the address peers dial to reach this node (an IP or host name, "
+                           "not 0.0.0.0)"),
     "remote_access": (bool, "true or false"),
     "log_level": (str, "one of " + ", ".join(LOG_LEVELS)),
     "drain_timeout_s": ((int, float), "a number of seconds >= 0"),
@@ -88,6 +91,9 @@ def _check(key: str, value: Any, where: str) -> Any:
         ok = value in LOG_LEVELS
     elif ok and key in ("store", "channel"):
         ok = bool(value.strip())
+    elif ok and key == "intranet_host":
+        ok = bool(value.strip()) and value.strip() not in ("0.0.0.0", "::", "*") \
+            and len(value) <= 253 and not any(c.isspace() for c in value)
     if not ok:
         shown = repr(value) if not isinstance(value, str) or key not in ("store", "channel") \
             else "(the value given)"  # a store URL may hold a key: never echo it

@@ -62,6 +62,7 @@ from shir.core.leasing import (
     UnknownJob,
 )
 from shir.core.model import NodeMetrics
+from shir.core.state import Node
 from shir.core.store import EventStore, StoreError
 
 __all__ = ["HostExit", "NodeHost", "job_id_for"]
@@ -70,6 +71,7 @@ Log = Callable[..., None]
 POLL_S = 0.1  # how often the log is read for other writers' events
 _SEND_TRIES = 6
 DISPATCH_POLL_S = 5.0  # the dispatcher also dispatches this often without being asked
+_MEMBERSHIP_EVENTS = (ev.NodeRegistered, ev.NodeRemoved, ev.NodeLeft)
 
 
 class _LogDriver(Driver):
@@ -116,6 +118,7 @@ class NodeHost:
         clock: Callable[[], float] = time.time,
         kinds: dict[str, Callable[[JobContext], None]] = KINDS,
         intranet_address: str | None = None, cert_sha256: str | None = None,
+        on_members: Callable[[tuple[Node, ...]], None] | None = None,
     ) -> None:
         self._effects: list[tuple[object, bool]] = []  # (effect, caused by this node's command)
         self.driver = _LogDriver(store, self._on_tail)  # the history's effects are not redone
@@ -133,6 +136,7 @@ class NodeHost:
         self.clock = clock
         self.kinds = kinds
         self.intranet_address, self.cert_sha256 = intranet_address, cert_sha256
+        self._on_members = on_members  # told the registered nodes whenever they change
         self.session = 0
         self.term = 0
         self.dispatcher: str | None = None
@@ -195,6 +199,8 @@ class NodeHost:
                 self._specs.pop(e.token.job_id, None)
             elif t is ev.NodeStatusChanged and e.node == self.name:
                 self.log("info", "status", status=e.status.value, reasons=list(e.reasons))
+            elif t in _MEMBERSHIP_EVENTS and self._on_members is not None:
+                self._on_members(self.driver.state.nodes)
 
     def _drain_effects(self) -> None:
         while self._effects:
@@ -273,6 +279,8 @@ class NodeHost:
                             "--store STORE --name NAME, or check --store")
         # The log just read names the current term and dispatcher; effects keep them current.
         self.term, self.dispatcher = state.term, state.dispatcher
+        if self._on_members is not None:
+            self._on_members(state.nodes)
         for _ in range(_SEND_TRIES):
             at = max(self.clock(), self.driver.state.now)
             command = cmd.RegisterNode(

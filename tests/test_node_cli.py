@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -200,3 +201,38 @@ def test_a_node_killed_with_sigkill_restarts_on_its_home(tmp_path: Path) -> None
             r.get("event") == "registered" for r in c.log_records("a")) == 2, 20)
         state = c.state()
         assert [n.name for n in state.nodes] == ["a"] and state.dispatcher == "a"
+
+
+def test_a_non_member_is_refused_on_the_intranet_port(tmp_path: Path) -> None:
+    from shir.adapters.intranet import Intranet, Peer
+    from shir.adapters.intranet_tls import load_or_create_identity
+
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+        c.create(*FAST)
+        c.start("a")
+        wait_for("a Online", lambda: _registered(c, "a"), 20)
+        a = c.state().node("a")
+        assert a is not None and a.intranet_address == f"127.0.0.1:{c.ports['a']}"
+        assert a.cert_sha256 is not None
+        # a stranger that knows a's address and certificate, but is not in the runtime's log
+        stranger = Intranet("stranger", load_or_create_identity(tmp_path / "s", "stranger"),
+                            peers={"a": Peer(a.intranet_address, a.cert_sha256)},
+                            port=0, check_interval_s=None, timeout_s=3.0)
+        try:
+            assert stranger.check_peer("a") is False
+        finally:
+            stranger.stop()
+        wait_for("a's log to name the refusal", lambda: any(
+            "not the certificate of a registered node" in r.get("message", "")
+            for r in c.log_records("a")), 10)
+
+
+def test_remote_access_off_opens_no_port_and_publishes_no_address(tmp_path: Path) -> None:
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+        c.create(*FAST)
+        c.start("solo", "--remote-access", "off")
+        wait_for("solo Online", lambda: _registered(c, "solo"), 20)
+        node = c.state().node("solo")
+        assert node is not None and node.intranet_address is None and node.cert_sha256 is None
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", c.ports["solo"])) != 0
