@@ -14,6 +14,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from node_helpers import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,6 +29,10 @@ def tour_script() -> str:
 
 def test_the_readme_tour_runs(tmp_path: Path) -> None:
     script = tour_script().replace("/tmp/tour", str(tmp_path / "tour"))
+    # free ports instead of 8060/8061, which another run on this machine may hold
+    for port, free in zip(("8060", "8061"), free_ports(2), strict=True):
+        assert f"--intranet-port {port}" in script
+        script = script.replace(f"--intranet-port {port}", f"--intranet-port {free}")
     p = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
