@@ -116,7 +116,7 @@ def copy_query(
 
     def fetch() -> None:
         try:
-            for batch in stream:
+            for batch in stream.driver_rows():  # no per-row copy: encoders read by column
                 while True:
                     if stopped():
                         return
@@ -167,6 +167,9 @@ def copy_query(
             raise failure[0]
         if user_cancel.is_set():
             raise CopyCancelled("the copy was cancelled; nothing was committed")
+        tail = encoder.finish()
+        pending += tail
+        total += len(tail)
         if pending or parts == 0:
             parts = _flush(writer, pending, parts, md5)
         writer.commit(md5.digest(), rows)

@@ -1,4 +1,5 @@
-"""File formats of the copy activity: delimited text (RFC 4180) and JSON lines, both ways.
+"""File formats of the copy activity: delimited text (RFC 4180), JSON lines (and Parquet, in
+:mod:`shir.adapters.copy_parquet`), both ways.
 
 Theory of operation
 -------------------
@@ -6,6 +7,12 @@ An :class:`Encoder` is built from a result's :class:`~shir.adapters.odbc.Column`
 any row is read, so a column whose type the format cannot hold is refused
 (:class:`UnsupportedType`) before anything is written or committed. ``encode(batch)`` turns a
 batch of row tuples into bytes; the caller cuts those bytes into parts.
+
+Speed: the text encoders work a batch *column by column* (``zip(*rows)``): each column is turned
+into text by a C function mapped over it (``str``, ``repr``, base64...), a column is scanned for
+characters that need quoting once per batch (as one joined string) and only when its type's
+alphabet can hold them, and the lines are joined with ``str.join`` or a ``%`` template. No
+Python frame runs per value unless a column of the batch holds NULLs or values to quote.
 
 Values, faithfully:
 
@@ -29,15 +36,14 @@ boolean       ``true``/``false``                     ``true``/``false``
 Decoding goes the other way given the target column types (see :func:`decoder_for`): the load
 asks the target table for its columns and converts each field to what that column holds.
 
-Limit: a CSV text value holding U+0000 is refused by the CSV encoder (the marker it uses to
-quote empty text; PostgreSQL text never holds U+0000).
+In CSV a text value equal to the null representation is quoted, so it stays apart from NULL.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import codecs
-import csv
 import datetime as dt
 import decimal
 import io
@@ -63,7 +69,7 @@ __all__ = [
     "read_records",
 ]
 
-FORMATS = ("csv", "jsonl")
+FORMATS = ("csv", "jsonl", "parquet")
 
 
 class FormatError(ShirError):
@@ -101,8 +107,6 @@ class CsvOptions:
 
 _SUPPORTED = (bool, int, str, float, decimal.Decimal, dt.datetime, dt.date, dt.time, bytes,
               bytearray, uuid.UUID)
-_NULL = "\x01\x02"  # stands for NULL in a one-column CSV inside the csv writer
-_EMPTY = "\x00"  # stands for empty text inside the csv writer; replaced by "" afterwards
 
 
 def _kind(name: str, python_type: type, fmt: str) -> type:
@@ -116,19 +120,24 @@ def _kind(name: str, python_type: type, fmt: str) -> type:
 
 
 def _b64(v: bytes) -> str:
-    return base64.b64encode(v).decode("ascii")
+    return binascii.b2a_base64(v, newline=False).decode("ascii")
 
 
-def _csv_b64(v: bytes) -> str:
-    return base64.b64encode(v).decode("ascii") or _EMPTY  # empty bytes are not NULL
+_BOOL_TEXT = {True: "true", False: "false"}.__getitem__
 
-
-def _iso(v: Any) -> str:
-    return str(v.isoformat())
-
-
-def _bool_text(v: bool) -> str:
-    return "true" if v else "false"
+# Per kind, the function that turns one (non-NULL) value into text; str() for the rest. All
+# are C functions, mapped over a whole column at once (no Python frame per value).
+_CSV_TEXT: dict[type, Callable[[Any], str]] = {
+    bytes: _b64, bool: _BOOL_TEXT, float: repr,
+}
+# The characters each kind's text can hold (None: anything): a column whose alphabet misses the
+# delimiter and the quote never needs quoting, so it is never scanned.
+_ALPHABET: dict[type, str | None] = {
+    int: "-0123456789", decimal.Decimal: "-+.0123456789EInfinity",
+    float: "-+.0123456789einfa", bool: "truefals", uuid.UUID: "-0123456789abcdef",
+    dt.datetime: "-+:. 0123456789", dt.date: "-0123456789", dt.time: "-+:.0123456789",
+    bytes: "+/=0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", str: None,
+}
 
 
 class Encoder:
@@ -141,100 +150,88 @@ class Encoder:
         """Bytes that open the file (the CSV header line), or ``b""``."""
         return b""
 
-    def encode(self, rows: Sequence[tuple[Any, ...]]) -> bytes:
+    def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
         """The bytes of ``rows``; raises :class:`FormatError` for a value it cannot hold."""
         raise NotImplementedError
 
-
-def _row_transform(
-    converters: Sequence[Callable[[Any], Any] | None],
-) -> Callable[[Any], Any] | None:
-    """One generated function converting the columns that need it (None: no column does)."""
-    if all(c is None for c in converters):
-        return None
-    parts: list[str] = []
-    env: dict[str, Any] = {}
-    for i, conv in enumerate(converters):
-        if conv is None:
-            parts.append(f"r[{i}]")
-        else:
-            env[f"c{i}"] = conv
-            parts.append(f"(None if r[{i}] is None else c{i}(r[{i}]))")
-    src = "lambda r: (" + ", ".join(parts) + ",)"
-    fn: Callable[[Any], Any] = eval(src, env)  # built from column indexes only, no data
-    return fn
+    def finish(self) -> bytes:
+        """Bytes that close the file (Parquet's footer), or ``b""``."""
+        return b""
 
 
-def _csv_text(v: str) -> str:
-    if v == "":
-        return _EMPTY
-    if _EMPTY in v:
-        raise FormatError("csv: a text value holds U+0000, which CSV output cannot carry")
-    return v
+def _texts(column: Sequence[Any], to_text: Callable[[Any], str] | None,
+           null: str | None) -> Sequence[Any]:
+    """``column`` as text with NULL as ``null``: one C-level pass when it holds no NULL."""
+    if None not in column:
+        return column if to_text is None else list(map(to_text, column))
+    if to_text is None:
+        return [null if v is None else v for v in column]
+    return [null if v is None else to_text(v) for v in column]
 
 
 class CsvEncoder(Encoder):
+    """RFC 4180, built column by column: each column of a batch is turned into text at once
+    (C functions mapped over it), scanned once for characters that need quoting, and the lines
+    are joined by ``str.join``; only a column that holds such a value is quoted value by value.
+    """
+
     content_type = "text/csv"
     extension = ".csv"
 
     def __init__(self, columns: Sequence[Any], options: CsvOptions) -> None:
         self.options = options
         self.names = [c.name for c in columns]
-        convs: list[Callable[[Any], Any] | None] = []
+        self._to_text: list[Callable[[Any], str] | None] = []
+        self._scan: list[bool] = []  # may this column's text need quoting?
+        specials = {options.delimiter, options.quote, "\r", "\n"}
         for c in columns:
             kind = _kind(c.name, c.python_type, "csv")
-            table: dict[type, Callable[[Any], Any]] = {
-                # datetime, date, time: the csv module's str() is ISO 8601 with a space between
-                # date and time, which fromisoformat reads back; no Python call per value
-                bytes: _csv_b64, str: _csv_text,
-                bool: _bool_text, uuid.UUID: str, float: repr,
-            }
-            convs.append(table.get(kind))
-        self._transform = _row_transform(convs)
-        self._null_is_empty = options.null == ""
-        # the csv module writes a lone empty field as "" (else the line would look blank): a
-        # one-column NULL goes through a marker so it stays an empty, unquoted line
-        self._lone_null = self._null_is_empty and len(self.names) == 1
-        if not self._null_is_empty or self._lone_null:
-            none_to = _NULL if self._lone_null else options.null
-            inner = self._transform
-
-            def with_null(r: Any) -> Any:
-                r = inner(r) if inner else r
-                return tuple(none_to if v is None else v for v in r)
-
-            self._transform = with_null
-        self._buffer = io.StringIO()
-        self._writer = csv.writer(self._buffer, delimiter=options.delimiter,
-                                  quotechar=options.quote, lineterminator="\r\n",
-                                  quoting=csv.QUOTE_MINIMAL, doublequote=True)
-        self._quoted_empty = options.quote * 2
+            self._to_text.append(None if kind is str else _CSV_TEXT.get(kind, str))
+            alphabet = _ALPHABET[kind]
+            # empty bytes are text "" and need quotes to differ from an empty NULL
+            self._scan.append(alphabet is None or kind is bytes
+                              or any(ch in alphabet for ch in specials))
+        self._specials = tuple(specials)
+        q = options.quote
+        self._quote_all = lambda v: q + v.replace(q, q + q) + q
         # incremental: utf-16 and utf-8-sig write their BOM once, not once per batch
         self._encode = codecs.getincrementalencoder(options.encoding)().encode
 
     def header(self) -> bytes:
         if not self.options.header:
             return b""
-        return self._chunk([tuple(self.names)], transform=False)
+        names = self._quoted(self.names, self.options.null)
+        return self._text([self.options.delimiter.join(names)])
 
-    def encode(self, rows: Sequence[tuple[Any, ...]]) -> bytes:
-        return self._chunk(rows, transform=True)
+    def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
+        null = self.options.null
+        columns = []
+        by_column = zip(*rows, strict=True)
+        for column, to_text, scan in zip(by_column, self._to_text, self._scan, strict=True):
+            if not scan:
+                column = _texts(column, to_text, null)
+            else:  # quote first: a value equal to the null text is quoted, NULL is not
+                if to_text is not None:
+                    column = _texts(column, to_text, None)
+                column = self._quoted(column, null)
+                if None in column:
+                    column = [null if v is None else v for v in column]
+            columns.append(column)
+        return self._text(map(self.options.delimiter.join, zip(*columns, strict=True)))
 
-    def _chunk(self, rows: Iterable[tuple[Any, ...]], *, transform: bool) -> bytes:
-        buf = self._buffer
-        buf.seek(0)
-        buf.truncate()
-        if transform and self._transform is not None:
-            rows = map(self._transform, rows)
-        try:
-            self._writer.writerows(rows)
-        except csv.Error as exc:
-            raise FormatError(f"csv: a value could not be written: {exc}") from None
-        text = buf.getvalue()
-        if _EMPTY in text:
-            text = text.replace(_EMPTY, self._quoted_empty)
-        if self._lone_null:
-            text = text.replace(_NULL, "")
+    def _quoted(self, column: Sequence[Any], null: str) -> Sequence[Any]:
+        """``column`` with every value that needs it quoted (None stays None)."""
+        probe = "\x1f".join(filter(None, column))  # non-empty values only, in C
+        if not (any(ch in probe for ch in self._specials) or "" in column
+                or (null and null in column)):
+            return column
+        specials, quote_all = self._specials, self._quote_all
+        return [v if v is None else quote_all(v)
+                if v == "" or v == null or any(ch in v for ch in specials) else v
+                for v in column]
+
+    def _text(self, lines: Iterable[str]) -> bytes:
+        text = "\r\n".join(lines) + "\r\n"
         try:
             return self._encode(text)
         except UnicodeEncodeError as exc:
@@ -244,49 +241,62 @@ class CsvEncoder(Encoder):
             ) from None
 
 
-def _finite(v: float) -> float:
-    if not math.isfinite(v):
-        raise FormatError(f"jsonl: the float {v!r} has no JSON representation")
-    return v
+def _json_quoted(to_text: Callable[[Any], str]) -> Callable[[Any], str]:
+    quoted = '"%s"'.__mod__
+    return lambda v: quoted(to_text(v))
+
+
+# JSON text of one non-NULL value per kind; the datetime types as ISO 8601 with "T".
+_JSON_TEXT: dict[type, Callable[[Any], str]] = {
+    str: json.encoder.encode_basestring,  # type: ignore[attr-defined]
+    int: repr, float: repr, bool: _BOOL_TEXT,
+    decimal.Decimal: '"%s"'.__mod__, uuid.UUID: '"%s"'.__mod__,
+    dt.datetime: _json_quoted(dt.datetime.isoformat), dt.date: _json_quoted(dt.date.isoformat),
+    dt.time: _json_quoted(dt.time.isoformat), bytes: _json_quoted(_b64),
+}
 
 
 class JsonLinesEncoder(Encoder):
+    """One JSON object per line, built column by column like :class:`CsvEncoder`: each
+    column becomes JSON text at once and a ``%`` template joins a row's fields."""
+
     content_type = "application/x-ndjson"
     extension = ".jsonl"
 
     def __init__(self, columns: Sequence[Any]) -> None:
         self.names = tuple(c.name for c in columns)
-        convs: list[Callable[[Any], Any] | None] = []
-        for c in columns:
-            kind = _kind(c.name, c.python_type, "jsonl")
-            table: dict[type, Callable[[Any], Any]] = {
-                bytes: _b64, decimal.Decimal: str, dt.datetime: _iso, dt.date: _iso,
-                dt.time: _iso, uuid.UUID: str, float: _finite,
-            }
-            convs.append(table.get(kind))
-        self._transform = _row_transform(convs)
-        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
-                                       allow_nan=False).encode
+        self._kinds = [_kind(c.name, c.python_type, "jsonl") for c in columns]
+        self._to_text = [_JSON_TEXT[k] for k in self._kinds]
+        fields = ",".join(json.dumps(n, ensure_ascii=False).replace("%", "%%") + ":%s"
+                          for n in self.names)
+        self._template = "{" + fields + "}"
 
-    def encode(self, rows: Sequence[tuple[Any, ...]]) -> bytes:
-        names, dumps, transform = self.names, self._dumps, self._transform
-        if transform is not None:
-            rows = list(map(transform, rows))
-        lines = [dumps(dict(zip(names, r, strict=True))) for r in rows]
-        lines.append("")
-        return "\n".join(lines).encode("utf-8")
+    def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
+        columns = []
+        by_column = zip(*rows, strict=True)
+        for column, to_text, kind in zip(by_column, self._to_text, self._kinds, strict=True):
+            text = _texts(column, to_text, "null")
+            if kind is float and "n" in "".join(text).replace("null", ""):  # nan, inf
+                bad = next(v for v in column if v is not None and not math.isfinite(v))
+                raise FormatError(f"jsonl: the float {bad!r} has no JSON representation")
+            columns.append(text)
+        lines = map(self._template.__mod__, zip(*columns, strict=True))
+        return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def make_encoder(
     fmt: str, columns: Sequence[Any], csv_options: CsvOptions | None = None
 ) -> Encoder:
-    """The encoder of ``fmt`` (``csv`` or ``jsonl``) for ``columns``; refuses unknown types."""
+    """The encoder of ``fmt`` for ``columns``; refuses a type the format cannot hold."""
     if fmt == "csv":
         return CsvEncoder(columns, csv_options or CsvOptions())
     if fmt == "jsonl":
         return JsonLinesEncoder(columns)
-    raise FormatError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        from shir.adapters.copy_parquet import ParquetEncoder
 
+        return ParquetEncoder(columns)
+    raise FormatError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 # --- reading ---------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def _differences(c, a: str, b: str) -> int:
         f"(SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a})) x").fetchone()[0]
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_round_trip_postgresql_blob_postgresql_is_value_identical(
     pg, pg_odbc: str, azurite_connection_string: str, fmt: str
 ) -> None:
