@@ -46,6 +46,7 @@ import binascii
 import codecs
 import datetime as dt
 import decimal
+import functools
 import io
 import json
 import math
@@ -119,19 +120,77 @@ def _kind(name: str, python_type: type, fmt: str) -> type:
     )
 
 
-def _b64(v: bytes) -> str:
-    return binascii.b2a_base64(v, newline=False).decode("ascii")
+@attrs.frozen
+class _Form:
+    """How one kind of value becomes text, as C functions applied in turn over a whole column.
+
+    NULL is replaced by ``stand_in`` first (None itself when every step takes None: ``str(None)``
+    is ``'None'``, which no int, numeric, float or date/time has as text), and the text of the
+    stand-in (``marker``) is then mapped to the format's NULL, all without a Python frame per
+    value. ``unique``: no real value has the marker as text; when not, a column that holds the
+    stand-in itself takes the slow, exact path.
+    """
+
+    steps: tuple[Callable[[Any], Any], ...]
+    stand_in: Any = None
+    unique: bool = True
+
+    @property
+    def marker(self) -> str:
+        value = self.stand_in
+        for step in self.steps:
+            value = step(value)
+        return str(value)
+
+    def texts(self, column: Sequence[Any], null: str,
+              fixes: dict[str, str] | None = None) -> Sequence[Any]:
+        """``column`` as text, NULL as ``null``, then any text in ``fixes`` replaced."""
+        has_null = None in column
+        if has_null and not self.unique and self.stand_in in column:
+            fix = (fixes or {}).get
+            return [null if v is None else fix(t := self._one(v), t) for v in column]
+        values: Iterable[Any] = column
+        if has_null and self.stand_in is not None:
+            values = map({None: self.stand_in}.get, column, column)
+        for step in self.steps:
+            values = map(step, values)
+        texts = list(values)
+        if has_null:
+            fixes = {**(fixes or {}), self.marker: null}
+        return texts if not fixes else list(map(fixes.get, texts, texts))
+
+    def _one(self, value: Any) -> str:
+        for step in self.steps:
+            value = step(value)
+        return str(value)
 
 
-_BOOL_TEXT = {True: "true", False: "false"}.__getitem__
+_B64 = (functools.partial(binascii.b2a_base64, newline=False), bytes.decode)
+_NULL_BYTES = b"\x00shir:null\x00"  # stands for NULL in a bytes column while it is encoded
+_NULL_TEXT = "\x00shir:null\x00"  # the same in a text column (JSON)
+_BOOL_TEXT = {True: "true", False: "false", None: "None"}.__getitem__
+_JSON_QUOTE = '"%s"'.__mod__
 
-# Per kind, the function that turns one (non-NULL) value into text; str() for the rest. All
-# are C functions, mapped over a whole column at once (no Python frame per value).
-_CSV_TEXT: dict[type, Callable[[Any], str]] = {
-    bytes: _b64, bool: _BOOL_TEXT, float: repr,
+_CSV_FORMS: dict[type, _Form] = {
+    int: _Form((str,)), decimal.Decimal: _Form((str,)), float: _Form((repr,)),
+    bool: _Form((_BOOL_TEXT,)), uuid.UUID: _Form((str,)), dt.datetime: _Form((str,)),
+    dt.date: _Form((str,)), dt.time: _Form((str,)),
+    bytes: _Form(_B64, _NULL_BYTES, unique=False),
 }
-# The characters each kind's text can hold (None: anything): a column whose alphabet misses the
-# delimiter and the quote never needs quoting, so it is never scanned.
+# JSON: numbers bare, numeric as a string (a JSON number would come back as a float), the
+# date/time types as ISO 8601 strings with "T".
+_JSON_FORMS: dict[type, _Form] = {
+    int: _Form((repr,)), float: _Form((repr,)), bool: _Form((_BOOL_TEXT,)),
+    decimal.Decimal: _Form((_JSON_QUOTE,)), uuid.UUID: _Form((_JSON_QUOTE,)),
+    dt.datetime: _Form((dt.datetime.isoformat, _JSON_QUOTE), dt.datetime.min, unique=False),
+    dt.date: _Form((dt.date.isoformat, _JSON_QUOTE), dt.date.min, unique=False),
+    dt.time: _Form((dt.time.isoformat, _JSON_QUOTE), dt.time.min, unique=False),
+    bytes: _Form((*_B64, _JSON_QUOTE), _NULL_BYTES, unique=False),
+    str: _Form((json.encoder.encode_basestring,), _NULL_TEXT,  # type: ignore[attr-defined]
+               unique=False),
+}
+# The characters each kind's CSV text can hold (None: anything): a column whose alphabet misses
+# the delimiter and the quote never needs quoting, so it is never scanned.
 _ALPHABET: dict[type, str | None] = {
     int: "-0123456789", decimal.Decimal: "-+.0123456789EInfinity",
     float: "-+.0123456789einfa", bool: "truefals", uuid.UUID: "-0123456789abcdef",
@@ -159,16 +218,6 @@ class Encoder:
         return b""
 
 
-def _texts(column: Sequence[Any], to_text: Callable[[Any], str] | None,
-           null: str | None) -> Sequence[Any]:
-    """``column`` as text with NULL as ``null``: one C-level pass when it holds no NULL."""
-    if None not in column:
-        return column if to_text is None else list(map(to_text, column))
-    if to_text is None:
-        return [null if v is None else v for v in column]
-    return [null if v is None else to_text(v) for v in column]
-
-
 class CsvEncoder(Encoder):
     """RFC 4180, built column by column: each column of a batch is turned into text at once
     (C functions mapped over it), scanned once for characters that need quoting, and the lines
@@ -181,19 +230,18 @@ class CsvEncoder(Encoder):
     def __init__(self, columns: Sequence[Any], options: CsvOptions) -> None:
         self.options = options
         self.names = [c.name for c in columns]
-        self._to_text: list[Callable[[Any], str] | None] = []
+        self._forms: list[_Form | None] = []  # None: text, passed through
         self._scan: list[bool] = []  # may this column's text need quoting?
         specials = {options.delimiter, options.quote, "\r", "\n"}
         for c in columns:
             kind = _kind(c.name, c.python_type, "csv")
-            self._to_text.append(None if kind is str else _CSV_TEXT.get(kind, str))
+            self._forms.append(_CSV_FORMS.get(kind))
             alphabet = _ALPHABET[kind]
-            # empty bytes are text "" and need quotes to differ from an empty NULL
-            self._scan.append(alphabet is None or kind is bytes
-                              or any(ch in alphabet for ch in specials))
+            self._scan.append(alphabet is None or any(ch in alphabet for ch in specials))
         self._specials = tuple(specials)
         q = options.quote
         self._quote_all = lambda v: q + v.replace(q, q + q) + q
+        self._empty = {"": q + q}  # empty bytes are text "" and need quotes to differ from NULL
         # incremental: utf-16 and utf-8-sig write their BOM once, not once per batch
         self._encode = codecs.getincrementalencoder(options.encoding)().encode
 
@@ -207,15 +255,16 @@ class CsvEncoder(Encoder):
         null = self.options.null
         columns = []
         by_column = zip(*rows, strict=True)
-        for column, to_text, scan in zip(by_column, self._to_text, self._scan, strict=True):
-            if not scan:
-                column = _texts(column, to_text, null)
+        for column, form, scan in zip(by_column, self._forms, self._scan, strict=True):
+            if form is not None and not scan:
+                column = form.texts(column, null, self._empty)
             else:  # quote first: a value equal to the null text is quoted, NULL is not
-                if to_text is not None:
-                    column = _texts(column, to_text, None)
+                if form is not None:
+                    column = form.texts(column, "\x00")
+                    column = list(map({"\x00": None}.get, column, column))
                 column = self._quoted(column, null)
                 if None in column:
-                    column = [null if v is None else v for v in column]
+                    column = list(map({None: null}.get, column, column))
             columns.append(column)
         return self._text(map(self.options.delimiter.join, zip(*columns, strict=True)))
 
@@ -241,21 +290,6 @@ class CsvEncoder(Encoder):
             ) from None
 
 
-def _json_quoted(to_text: Callable[[Any], str]) -> Callable[[Any], str]:
-    quoted = '"%s"'.__mod__
-    return lambda v: quoted(to_text(v))
-
-
-# JSON text of one non-NULL value per kind; the datetime types as ISO 8601 with "T".
-_JSON_TEXT: dict[type, Callable[[Any], str]] = {
-    str: json.encoder.encode_basestring,  # type: ignore[attr-defined]
-    int: repr, float: repr, bool: _BOOL_TEXT,
-    decimal.Decimal: '"%s"'.__mod__, uuid.UUID: '"%s"'.__mod__,
-    dt.datetime: _json_quoted(dt.datetime.isoformat), dt.date: _json_quoted(dt.date.isoformat),
-    dt.time: _json_quoted(dt.time.isoformat), bytes: _json_quoted(_b64),
-}
-
-
 class JsonLinesEncoder(Encoder):
     """One JSON object per line, built column by column like :class:`CsvEncoder`: each
     column becomes JSON text at once and a ``%`` template joins a row's fields."""
@@ -266,7 +300,7 @@ class JsonLinesEncoder(Encoder):
     def __init__(self, columns: Sequence[Any]) -> None:
         self.names = tuple(c.name for c in columns)
         self._kinds = [_kind(c.name, c.python_type, "jsonl") for c in columns]
-        self._to_text = [_JSON_TEXT[k] for k in self._kinds]
+        self._forms = [_JSON_FORMS[k] for k in self._kinds]
         fields = ",".join(json.dumps(n, ensure_ascii=False).replace("%", "%%") + ":%s"
                           for n in self.names)
         self._template = "{" + fields + "}"
@@ -274,8 +308,8 @@ class JsonLinesEncoder(Encoder):
     def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
         columns = []
         by_column = zip(*rows, strict=True)
-        for column, to_text, kind in zip(by_column, self._to_text, self._kinds, strict=True):
-            text = _texts(column, to_text, "null")
+        for column, form, kind in zip(by_column, self._forms, self._kinds, strict=True):
+            text = form.texts(column, "null")
             if kind is float and "n" in "".join(text).replace("null", ""):  # nan, inf
                 bad = next(v for v in column if v is not None and not math.isfinite(v))
                 raise FormatError(f"jsonl: the float {bad!r} has no JSON representation")

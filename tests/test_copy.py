@@ -83,12 +83,13 @@ def test_csv_options_and_folder_round_trip(pg, pg_odbc: str, tmp_path: Path) -> 
     options = CsvOptions(delimiter=";", quote="'", encoding="utf-16", null="\\N")
     out = tmp_path / "out.csv"
     with OdbcSource(pg_odbc) as src:
-        copy_query(src, f"SELECT * FROM {table} ORDER BY id", FolderSink(out), "csv", "f1",
-                   csv_options=options)
+        copy_query(src, f"SELECT * FROM {table} ORDER BY id", FolderSink(out), "csv",
+                   f"f1-{table}", csv_options=options)
         assert out.read_bytes().decode("utf-16").startswith("id;s;n;")
         assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary left
         with out.open("rb") as f:
-            assert load_file(src, f"{table}_back", f, "csv", "f1", csv_options=options).rows == 4
+            loaded = load_file(src, f"{table}_back", f, "csv", f"f1-{table}", csv_options=options)
+            assert loaded.rows == 4
     assert _differences(c, table, f"{table}_back") == 0
 
 
