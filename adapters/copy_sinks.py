@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -130,13 +131,16 @@ def open_blob_service(connection_string: str) -> Any:
 
 
 class BlobSink:
-    """A block blob ``container/blob``; ``max_parallel`` parts upload at a time."""
+    """A block blob ``container/blob``; ``max_parallel`` parts upload at a time. ``metadata``
+    is recorded on the blob at the commit, beside the job id and the row count."""
 
     def __init__(self, service: Any, container: str, blob: str, *, max_parallel: int = 4,
-                 create_container: bool = True) -> None:
+                 create_container: bool = True, metadata: Mapping[str, str] | None = None
+                 ) -> None:
         self.service, self.container, self.blob = service, container, blob
         self.max_parallel = max_parallel
         self.create_container = create_container
+        self.metadata = dict(metadata or {})
 
     def describe(self) -> str:
         return f"Blob sink {self.service.account_name}/{self.container}/{self.blob}"
@@ -240,7 +244,8 @@ class _BlobWriter(SinkWriter):
             self.client.commit_block_list(
                 [BlobBlock(block_id=i) for i in self.ids],
                 content_settings=ContentSettings(content_md5=bytearray(md5)),
-                metadata={"shir_job_id": self.job_id, "shir_rows": str(rows)},
+                metadata={**self.sink.metadata, "shir_job_id": self.job_id,
+                          "shir_rows": str(rows)},
             )
         except AzureError as exc:
             raise SinkError(f"{self.sink.describe()}: committing the blob failed: "
