@@ -5,10 +5,11 @@ Theory of operation
 :class:`ParquetEncoder` maps each result column to an Arrow type once, before any row
 (:func:`arrow_type`), so a column Parquet cannot hold faithfully is refused up front. Each
 fetched batch becomes one Arrow array per column (``pa.array`` over the column, converted in
-C++); batches are buffered until ``row_group_rows`` rows and then written as one row group by a
-``pyarrow.parquet.ParquetWriter`` into an in-memory collector, whose bytes ``encode`` hands on
-(the copy cuts them into parts). ``finish`` writes the last row group and the footer. Memory:
-one row group of Arrow arrays (compact: no Python object per value) plus its encoded bytes.
+C++); batches are buffered until ``row_group_rows`` rows (50,000) and then written as one row
+group by a ``pyarrow.parquet.ParquetWriter`` into an in-memory collector, whose bytes
+``encode`` hands on (the copy cuts them into parts). ``finish`` writes the last row group and
+the footer. Memory: one row group of Arrow arrays (compact: no Python object per value) plus
+the writer's buffers for it. (``pa.array`` imports pandas when it is installed: about 50 MB.)
 
 Types, faithfully: integer -> int64; numeric -> decimal128(precision, scale) (decimal256 above
 38 digits; the driver's precision and scale, so a value with more digits than its column
@@ -34,7 +35,7 @@ from shir.adapters.copy_formats import Encoder, FormatError, UnsupportedType, _k
 
 __all__ = ["ParquetEncoder", "arrow_type", "read_parquet_records"]
 
-DEFAULT_ROW_GROUP_ROWS = 100_000
+DEFAULT_ROW_GROUP_ROWS = 50_000  # a row group is buffered whole by the writer: bounds memory
 
 
 def _pyarrow() -> tuple[Any, Any]:

@@ -7,9 +7,11 @@ A sink opens a :class:`SinkWriter` for one job id. The pipeline hands it numbere
 MD5 of the whole content, or ``abort()``.
 
 * :class:`FolderSink` writes the parts in order to a hidden temporary file next to the target
-  (``.<name>.<job>.partial``), fsyncs it, renames it over the target and fsyncs the folder.
-  Until the rename nothing at the target name changes; a killed copy leaves only the hidden
-  temporary file, which the next run of the same job replaces.
+  (``.<name>.<job>.<attempt>.partial``), fsyncs it, renames it over the target and fsyncs the
+  folder. Until the rename nothing at the target name changes; a killed copy leaves only the
+  hidden temporary file, which the next run of the same job deletes. Each attempt has its own
+  file, so two deliveries of one job running at once cannot mix their bytes (the last rename
+  wins, with a whole file).
 * :class:`BlobSink` stages every part as a block of the block blob (bounded parallel uploads)
   and commits the block list once at the end, with ``Content-MD5`` and the job id in the
   metadata. Uncommitted blocks are invisible to readers. A block id is derived from the job id,
@@ -24,9 +26,11 @@ Errors are :class:`SinkError`, naming the sink (never its key).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import threading
+import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -75,7 +79,12 @@ class FolderSink:
             raise SinkError(f"{self.describe()}: the folder {folder} does not exist")
         if self.path.is_dir():
             raise SinkError(f"{self.describe()}: the target is a folder; name a file")
-        return _FolderWriter(self.path, folder / f".{self.path.name}.{_job_tag(job_id)}.partial")
+        prefix = f".{self.path.name}.{_job_tag(job_id)}."
+        for stale in folder.glob(f"{glob.escape(prefix)}*.partial"):  # of killed attempts
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        # each attempt writes its own file: two deliveries of one job at once never mix bytes
+        return _FolderWriter(self.path, folder / f"{prefix}{uuid.uuid4().hex[:12]}.partial")
 
 
 class _FolderWriter(SinkWriter):

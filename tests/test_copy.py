@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import decimal
 import random
+import re
+import socket
 import uuid
 from pathlib import Path
 
@@ -145,6 +147,15 @@ def test_cli_errors_name_the_part_and_exit_2(pg_odbc: str, tmp_path: Path, capsy
                  "--format", "csv"]) == 2
     err = capsys.readouterr().err
     assert "cannot connect" in err and "127.0.0.1" in err and password not in err
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    unreachable = re.sub(r"Port=\d+", f"Port={port}", pg_odbc)
+    assert main(["copy", "--source", unreachable, "--query", "SELECT 1", "--sink", str(out),
+                 "--format", "csv"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and f"port {port}" in err and password not in err
     assert main(["copy", "--source", pg_odbc, "--query", "SELECT * FROM no_such_table",
                  "--sink", str(out), "--format", "csv"]) == 2
     assert "no_such_table" in capsys.readouterr().err
@@ -171,6 +182,8 @@ def test_cli_copy_out_and_in(pg, pg_odbc: str, tmp_path: Path, capsys) -> None:
                      "--table", f"{table}_back"]) == 0
     captured = capsys.readouterr()
     assert "already loaded" in captured.out and "warning" in captured.err
+    password = pg_odbc.split("Pwd=")[1].split(";")[0]
+    assert password not in captured.out + captured.err  # accepted with a warning, not shown
     assert _differences(c, table, f"{table}_back") == 0
 
 
