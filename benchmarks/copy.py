@@ -115,7 +115,8 @@ def step(name: str, env: dict[str, str]) -> dict[str, float]:
              "-c", f"\\copy ({QUERY}) TO STDOUT CSV"], env=penv, capture_output=True, check=True)
         rows = out.stdout.count(b"\n")  # close enough: a few values hold line breaks? none here
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "rows": rows, "rss_mb": _rss_mb(), "cpu_s": _cpu_s() - cpu0}
+    return {"seconds": seconds, "rows": rows, "rss_mb": _rss_mb(), "cpu_s": _cpu_s() - cpu0,
+            "pandas_loaded": float("pandas" in sys.modules)}
 
 
 def main() -> None:
@@ -191,8 +192,8 @@ def main() -> None:
         return n / seconds if seconds else None
 
     def emit(name: str, value: float | None, unit: str, baseline: float | None = None) -> None:
-        if value is None:
-            return
+        if value is None or (" vs " in name and baseline is None):
+            return  # a step that did not run (--steps) or failed (its error was printed)
         ratio = value / baseline if baseline else None
         print(json.dumps({"name": name, "value": round(value, 1), "unit": unit,
                           "baseline": None if baseline is None else round(baseline, 1),
@@ -220,6 +221,9 @@ def main() -> None:
             emit(f"shir copy {f} vs shir copy csv", r, "rows/s", rate("copy-csv"))
         emit(f"shir copy {f} peak RSS", median(f"copy-{f}", "rss_mb"), "MB",
              median("drain", "rss_mb"))
+        if median(f"copy-{f}", "pandas_loaded"):  # pyarrow's pa.array imports it if installed
+            print(json.dumps({"name": f"shir copy {f} peak RSS",
+                              "note": "includes pandas, which pyarrow imported (about 50 MB)"}))
     emit("pandas script peak RSS", median("pandas", "rss_mb"), "MB")
 
 
