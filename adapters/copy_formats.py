@@ -186,8 +186,7 @@ _JSON_FORMS: dict[type, _Form] = {
     dt.date: _Form((dt.date.isoformat, _JSON_QUOTE), dt.date.min, unique=False),
     dt.time: _Form((dt.time.isoformat, _JSON_QUOTE), dt.time.min, unique=False),
     bytes: _Form((*_B64, _JSON_QUOTE), _NULL_BYTES, unique=False),
-    str: _Form((json.encoder.encode_basestring,), _NULL_TEXT,  # type: ignore[attr-defined]
-               unique=False),
+    str: _Form((json.encoder.encode_basestring,), _NULL_TEXT, unique=False),
 }
 # The characters each kind's CSV text can hold (None: anything): a column whose alphabet misses
 # the delimiter and the quote never needs quoting, so it is never scanned.
@@ -239,9 +238,8 @@ class CsvEncoder(Encoder):
             alphabet = _ALPHABET[kind]
             self._scan.append(alphabet is None or any(ch in alphabet for ch in specials))
         self._specials = tuple(specials)
-        q = options.quote
-        self._quote_all = lambda v: q + v.replace(q, q + q) + q
-        self._empty = {"": q + q}  # empty bytes are text "" and need quotes to differ from NULL
+        # empty bytes are text "" and need quotes to differ from NULL
+        self._empty = {"": options.quote * 2}
         # incremental: utf-16 and utf-8-sig write their BOM once, not once per batch
         self._encode = codecs.getincrementalencoder(options.encoding)().encode
 
@@ -255,7 +253,8 @@ class CsvEncoder(Encoder):
         null = self.options.null
         columns = []
         by_column = zip(*rows, strict=True)
-        for column, form, scan in zip(by_column, self._forms, self._scan, strict=True):
+        for values, form, scan in zip(by_column, self._forms, self._scan, strict=True):
+            column: Sequence[Any] = values
             if form is not None and not scan:
                 column = form.texts(column, null, self._empty)
             else:  # quote first: a value equal to the null text is quoted, NULL is not
@@ -274,8 +273,8 @@ class CsvEncoder(Encoder):
         if not (any(ch in probe for ch in self._specials) or "" in column
                 or (null and null in column)):
             return column
-        specials, quote_all = self._specials, self._quote_all
-        return [v if v is None else quote_all(v)
+        specials, q = self._specials, self.options.quote
+        return [v if v is None else q + v.replace(q, q + q) + q
                 if v == "" or v == null or any(ch in v for ch in specials) else v
                 for v in column]
 

@@ -108,6 +108,7 @@ def load_file(
         if cursor.fetchone() is not None:
             return LoadResult(0, skipped=True)
         typed = fmt == "parquet"  # Parquet values come typed; text formats are parsed
+        names: tuple[str, ...] | None
         if typed:
             from shir.adapters.copy_parquet import read_parquet_records
 

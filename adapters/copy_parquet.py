@@ -119,10 +119,11 @@ class ParquetEncoder(Encoder):
     def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
         pa = self._pa
         arrays = []
-        for name, column, arrow, is_uuid in zip(self.names, zip(*rows, strict=True),
+        for name, values, arrow, is_uuid in zip(self.names, zip(*rows, strict=True),
                                                 self._types, self._uuid, strict=True):
+            column: Sequence[Any] = values
             if is_uuid:
-                column = [None if v is None else str(v) for v in column]
+                column = [None if v is None else str(v) for v in values]
             try:
                 arrays.append(pa.array(column, type=arrow))
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
