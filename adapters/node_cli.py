@@ -162,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(name: str, key: str, config: Any, home: Path, machine: str, log: JsonLog) -> int:
     from shir.adapters.node_config import SystemLoad
     from shir.adapters.node_host import NodeHost
+    from shir.adapters.node_jobs import kinds_for
     from shir.adapters.stores import describe_store_url, open_store
     from shir.core.model import NodeMetrics
 
@@ -196,7 +197,7 @@ def _serve(name: str, key: str, config: Any, home: Path, machine: str, log: Json
         metrics=metrics, cores=os.cpu_count() or 1, memory_mb=max(1, total_mb), log=log,
         heartbeat_interval_s=config.heartbeat_interval_s,
         concurrency_limit=config.concurrency_limit, drain_timeout_s=config.drain_timeout_s,
-        on_members=on_members,
+        on_members=on_members, kinds=kinds_for(home),
     )
     channel = None
     try:

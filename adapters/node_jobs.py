@@ -7,6 +7,8 @@ raises :class:`JobFailed` (or any exception) when it failed, and returns early w
 
 Built-in kinds:
 
+``copy``
+    The copy activity (see :func:`kinds_for`).
 ``touch``
     The test job: ``{"sink": DIR, "seconds": S}``. Sleeps ``S`` seconds (waking early when
     cancelled), then writes a file named by the job id into ``DIR`` atomically (temp file, fsync,
@@ -31,7 +33,7 @@ import attrs
 from shir.core.errors import ShirError
 from shir.core.jobs import LeaseToken
 
-__all__ = ["KINDS", "JobContext", "JobFailed", "JobRun", "pack_spec", "unpack_spec"]
+__all__ = ["KINDS", "JobContext", "JobFailed", "JobRun", "kinds_for", "pack_spec", "unpack_spec"]
 
 MAX_KIND = 64
 
@@ -116,6 +118,29 @@ def _touch(ctx: JobContext) -> None:
 KINDS: dict[str, Callable[[JobContext], None]] = {"touch": _touch}
 
 
+def kinds_for(home: Path) -> dict[str, Callable[[JobContext], None]]:
+    """The kinds a node host with this home runs: ``touch`` and ``copy``.
+
+    ``copy`` is the copy activity (:mod:`shir.adapters.copy_job`); the credentials its spec
+    names are read from this machine's credential store (``HOME/credentials``, the data dir of
+    ``shir credentials``), opened when a copy runs.
+    """
+
+    def copy(ctx: JobContext) -> None:
+        from shir.adapters.copy_job import CopyJobError, run_copy_job, store_resolver
+        from shir.adapters.credentials_cli import DataDir
+
+        data = DataDir(home)
+        try:
+            run_copy_job(ctx.params, job_id=ctx.token.job_id, delivery=ctx.token.delivery,
+                         resolve_credential=store_resolver(data.store(data.protector())),
+                         cancel=ctx.cancelled)
+        except CopyJobError as exc:
+            raise JobFailed(str(exc)) from None  # its message holds no password or key
+
+    return {**KINDS, "copy": copy}
+
+
 class JobRun:
     """One delivery running in its own thread; ``done`` receives (run, error or None) at the end.
 
@@ -129,6 +154,7 @@ class JobRun:
         self.cancelled = threading.Event()
         kind, params = unpack_spec(spec)
         self.kind = kind
+        self._kinds = kinds
         self._run = kinds.get(kind)
         self._ctx = JobContext(token, params, self.cancelled)
         self._done = done
@@ -140,7 +166,7 @@ class JobRun:
 
     def _main(self) -> None:
         if self._run is None:
-            known = ", ".join(sorted(KINDS))
+            known = ", ".join(sorted(self._kinds))
             self._done(self, f"this node cannot run job kind {self.kind!r} (it runs: {known})")
             return
         try:

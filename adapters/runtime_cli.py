@@ -77,6 +77,9 @@ def add_job_commands(subparsers: Any) -> None:
     submit.add_argument("--kind", required=True, help="job kind: touch (test), copy, ...")
     submit.add_argument("--param", action="append", default=[], metavar="K=V",
                         help="a parameter; V is read as JSON when it parses, else as text")
+    submit.add_argument("--spec", metavar="JSON|@FILE",
+                        help="all parameters as one JSON object (a copy job's spec), instead "
+                             "of --param")
     submit.add_argument("--id", help="idempotency key (default: a new one, printed)")
     submit.add_argument("--count", type=int, default=1,
                         help="queue N requests (ids ID-0..ID-N-1)")
@@ -203,6 +206,24 @@ def _params(pairs: list[str]) -> bytes:
     return json.dumps(params, sort_keys=True).encode()
 
 
+def _spec(text: str) -> bytes:
+    if text.startswith("@"):
+        try:
+            with open(text[1:], "rb") as f:
+                raw = f.read(64 * 1024 + 1)
+        except OSError as exc:
+            raise ShirError(f"--spec {text[:80]}: {exc.strerror}") from None
+    else:
+        raw = text.encode()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ShirError("--spec must be a JSON object (or @FILE holding one)") from None
+    if not isinstance(data, dict):
+        raise ShirError("--spec must be a JSON object (or @FILE holding one)")
+    return json.dumps(data, sort_keys=True).encode()
+
+
 def _submit(args: argparse.Namespace) -> int:
     from shir.adapters.channel import JobRequest
 
@@ -211,7 +232,13 @@ def _submit(args: argparse.Namespace) -> int:
     base = args.id or f"req-{uuid.uuid4().hex[:16]}"
     if not 1 <= len(base) <= 200:
         raise ShirError("--id must be 1-200 characters")
-    params = _params(args.param)
+    params = _spec(args.spec) if args.spec is not None else _params(args.param)
+    if args.spec is not None and args.param:
+        raise ShirError("give the parameters with --spec or with --param, not both")
+    if args.kind == "copy":  # refuse a bad copy spec here, before it is queued
+        from shir.adapters.copy_job import parse_copy_spec
+
+        parse_copy_spec(params)
     ids = [base] if args.count == 1 else [f"{base}-{i}" for i in range(args.count)]
     channel = open_channel(_channel_url(args))
     try:
