@@ -213,7 +213,10 @@ class NodeHost:
                     continue
                 to: fx.Recipient = effect.to  # type: ignore[attr-defined]
                 if to.role is fx.Role.FACTORY:
-                    if own:  # the node whose command caused it tells the factory side
+                    # The node whose command caused it tells the factory side, and so does
+                    # the dispatcher (publishing is idempotent): a result survives its
+                    # completer being killed before it published.
+                    if own or self.dispatcher == self.name:
                         self._carry_out(effect)
                 elif to.role is fx.Role.EVERY_NODE or to.node == self.name:
                     self._carry_out(effect)
@@ -240,6 +243,8 @@ class NodeHost:
                 if effect.node == me or was_me:
                     self.log("info", "dispatcher", term=effect.term, node=effect.node)
                 self._dispatch_wanted = effect.node == me
+                if effect.node == me and not was_me:
+                    self._republish_recent()
         elif isinstance(effect, fx.StartSession):
             if effect.session != self.session:
                 self.session = effect.session
@@ -258,6 +263,12 @@ class NodeHost:
         else:
             self.log("warning", "refused", command=what, error=type(exc).__name__,
                      reason=str(exc))
+
+    def _republish_recent(self) -> None:
+        """A new dispatcher publishes again the completions the log still remembers (the
+        duplicate window): the previous one, or a completer, may have died before publishing."""
+        for key, (token, _at) in self.driver.state.jobs.recent.items():
+            self._publish(fx.PublishJobResult(token.job_id, key, "completed", ""))
 
     def _publish(self, effect: fx.PublishJobResult) -> None:
         if self.channel is None:

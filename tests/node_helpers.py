@@ -239,6 +239,15 @@ def failover_trial(root: Path, store: str, channel: str | None = None, jobs: int
         if sigstop:
             wait_for(f"{victim} back Online", lambda: (n := c.state().node(victim)) is not None
                      and n.status.value == "Online", 30)
+        from shir.adapters.embedded_channel import EmbeddedChannel
+
+        reply = EmbeddedChannel.from_url(channel or store)
+        try:
+            wanted = {f"e2e-{i}" for i in range(jobs)}
+            wait_for("every result on the reply queue", lambda: wanted <= {
+                r.message_id for r in reply.results() if r.outcome == "completed"}, 20)
+        finally:
+            reply.close()
         time.sleep(0.5)  # let the continued node report what it held
         events = c.events()
         codes = c.stop_all()
