@@ -4,9 +4,10 @@
 event store's ``Snapshot(version, data)`` a host loads the snapshot and folds only the events
 after ``version``. The simulator checks "snapshot + tail == full replay" on every run.
 
-The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state;
-a format 1 snapshot still restores, with none); a newer format is refused with
-:class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with ``CorruptRecord``.
+The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state,
+3 the sharing state and proxy settings; older formats still restore, with none); a newer
+format is refused with :class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with
+``CorruptRecord``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from shir.core.codec import value as register_value
 from shir.core.credentials import CredentialSync, LatestCredential
 from shir.core.jobs import Job, JobBook, Lease, LeaseToken
 from shir.core.model import CredentialVersion, KeyVerifier
+from shir.core.proxy import ProxySettings
+from shir.core.sharing import Grant, Link, SharingState
 from shir.core.state import Node, RuntimeInfo, RuntimeState, _Model
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
-FORMAT = 2
-_READABLE = (1, 2)
+FORMAT = 3
+_READABLE = (1, 2, 3)
 
 for _cls in (RuntimeInfo, Node, Job, Lease):
     register_value(_cls)
@@ -51,6 +54,11 @@ def snapshot_bytes(state: RuntimeState) -> bytes:
          b.pruned_at],
         [encode_value(latest) for _cid, latest in sorted(m.credentials.items())],
         [encode_value(sync) for _key, sync in sorted(m.syncs.items())],
+        None if m.sharing is None else [
+            [encode_value(g) for g in m.sharing.grants.values()],
+            [encode_value(link) for link in m.sharing.links.values()],
+        ],
+        [[node, seq, encode_value(p)] for (node, seq), p in sorted(m.proxies.items())],
     ]
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -78,12 +86,17 @@ def restore(data: bytes) -> RuntimeState:
 def _restore(body: list[Any]) -> RuntimeState:
     credentials: list[Any] = []
     syncs: list[Any] = []
+    sharing: list[Any] | None = None
+    proxies: list[Any] = []
     if body[0] == 1:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters) = body
-    else:
+    elif body[0] == 2:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters, credentials, syncs) = body
+    else:
+        (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
+         recent, limits, counters, credentials, syncs, sharing, proxies) = body
     m = _Model()
     m.runtime = decode_value(RuntimeInfo, runtime) if runtime is not None else None
     for raw in keys:
@@ -117,4 +130,12 @@ def _restore(body: list[Any]) -> RuntimeState:
     for raw in syncs:
         sync = decode_value(CredentialSync, raw)
         m.syncs[sync.credential_id, sync.to_node] = sync
+    if sharing is not None:
+        grants = [decode_value(Grant, raw) for raw in sharing[0]]
+        links = [decode_value(Link, raw) for raw in sharing[1]]
+        m.sharing = SharingState(
+            {g.factory.factory_id: g for g in grants}, {k.linked_runtime_id: k for k in links}
+        )
+    for node, seq, raw in proxies:
+        m.proxies[node, seq] = decode_value(ProxySettings, raw)
     return RuntimeState(m)

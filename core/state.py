@@ -37,6 +37,8 @@ from shir.core.model import (
 
 if TYPE_CHECKING:
     from shir.core.credentials import CredentialSync, LatestCredential
+    from shir.core.proxy import ProxySettings
+    from shir.core.sharing import SharingState
 
 __all__ = [
     "FIRST_HEARTBEAT_PENDING",
@@ -97,7 +99,7 @@ class _Model:
 
     __slots__ = (
         "credentials", "dispatcher", "due", "gen", "jobs", "keys", "next_seq", "node_due",
-        "nodes", "now", "pending", "runtime", "syncs", "term",
+        "nodes", "now", "pending", "proxies", "runtime", "sharing", "syncs", "term",
     )
 
     def __init__(self) -> None:
@@ -125,6 +127,10 @@ class _Model:
         # place, so scratch models can share them.
         self.credentials: dict[str, LatestCredential] = {}
         self.syncs: dict[tuple[str, str], CredentialSync] = {}
+        # Sharing (shir.core.sharing; None: nothing shared yet) and proxy settings by (node, seq)
+        # (shir.core.proxy): copy-on-write like the credentials.
+        self.sharing: SharingState | None = None
+        self.proxies: dict[tuple[str, int], ProxySettings] = {}
 
     def scratch(self) -> _Model:
         """A copy whose node records may be changed freely (for ``decide``'s what-if).
@@ -233,6 +239,9 @@ class RuntimeState:
             m.jobs.fingerprint(),
             tuple(sorted(m.credentials.items())),
             tuple(sorted(m.syncs.items())),
+            None if m.sharing is None else (
+                tuple(m.sharing.grants.items()), tuple(m.sharing.links.items())),
+            tuple(sorted(m.proxies.items())),
         )
 
     def __eq__(self, other: object) -> bool:
