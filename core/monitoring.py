@@ -12,6 +12,9 @@ The shared side lists its links; :func:`linked_view` is the linked side, which s
 
 from __future__ import annotations
 
+import enum
+from typing import Any
+
 import attrs
 
 from shir.core.leasing import concurrency_limit
@@ -31,6 +34,7 @@ __all__ = [
     "monitoring_view",
     "render",
     "render_linked",
+    "view_to_json",
 ]
 
 UNAVAILABLE = "unavailable"
@@ -216,7 +220,20 @@ def linked_view(state: RuntimeState, linked_runtime_id: str) -> LinkedRuntimeVie
     )
 
 
+def view_to_json(view: RuntimeView | LinkedRuntimeView) -> dict[str, Any]:
+    """The view as JSON-ready values (statuses by their names, as the product shows them)."""
+
+    def plain(_inst: object, _field: object, v: object) -> object:
+        return v.value if isinstance(v, enum.Enum) else v
+
+    return attrs.asdict(view, value_serializer=plain)
+
+
 # --- text --------------------------------------------------------------------------------------
+
+def _t(seconds: float) -> str:
+    return f"{round(seconds, 1):g} s"
+
 
 def _opt(v: object, unit: str = "") -> str:
     if v is None:
@@ -230,7 +247,7 @@ def render(view: RuntimeView) -> str:
     """The monitoring page as text (no secrets: proxies show mode and address only)."""
     lines = [
         f"runtime {view.name} ({view.runtime_id}) in factory {view.factory_id}: "
-        f"{view.status.value} at {view.at:g} s",
+        f"{view.status.value} at {_t(view.at)}",
         f"  resource id: {view.resource_id}",
         f"  version: {view.version or UNAVAILABLE}; auto-update: "
         f"{view.auto_update or UNAVAILABLE + ' (not modelled)'}",
@@ -246,11 +263,11 @@ def render(view: RuntimeView) -> str:
         for why in n.reasons:
             lines.append(f"      why: {why}")
         if n.offline_since is not None:
-            lines.append(f"      offline since {n.offline_since:g} s")
+            lines.append(f"      offline since {_t(n.offline_since)}")
         lines += [
             f"      version {n.version or UNAVAILABLE} ({n.version_status})",
-            f"      registered at {n.registered_at:g} s; last connected "
-            + ("never" if n.last_connect_at is None else f"at {n.last_connect_at:g} s"),
+            f"      registered at {_t(n.registered_at)}; last connected "
+            + ("never" if n.last_connect_at is None else f"at {_t(n.last_connect_at)}"),
             f"      CPU {_opt(n.cpu_pct, '%')}; available memory "
             f"{_opt(n.available_memory_mb, ' MB')}; jobs {n.running_jobs} of {n.job_limit}",
             f"      sent/received: {_opt(n.sent_bytes)}/{_opt(n.received_bytes)} (nodes do not "
@@ -262,7 +279,7 @@ def render(view: RuntimeView) -> str:
     if view.links:
         lines.append("  linked runtimes (sharing):")
     for lk in view.links:
-        state = lk.status if lk.revoked_at is None else f"{lk.status} at {lk.revoked_at:g} s"
+        state = lk.status if lk.revoked_at is None else f"{lk.status} at {_t(lk.revoked_at)}"
         lines.append(
             f"    {lk.linked_runtime_id} in factory {lk.factory_id}: {state}; jobs submitted "
             f"{lk.jobs_submitted}, running {lk.jobs_running}, queued {lk.jobs_queued}"
@@ -272,7 +289,7 @@ def render(view: RuntimeView) -> str:
 
 def render_linked(view: LinkedRuntimeView) -> str:
     """A linked runtime's page as text."""
-    state = view.status if view.revoked_at is None else f"{view.status} at {view.revoked_at:g} s"
+    state = view.status if view.revoked_at is None else f"{view.status} at {_t(view.revoked_at)}"
     return "\n".join([
         f"linked runtime {view.linked_runtime_id} in factory {view.factory_id}: {state}",
         f"  target: {view.target_name} ({view.target_resource_id}), "

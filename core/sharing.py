@@ -47,6 +47,7 @@ from shir.core.effects import EFFECTS
 from shir.core.errors import DomainError, InvalidCommand
 from shir.core.jobs import JobSubmitted
 from shir.core.leasing import SubmitJob
+from shir.core.model import CredentialVersion
 from shir.core.state import EVOLVE, RuntimeInfo, _Model
 
 __all__ = [
@@ -211,15 +212,24 @@ class LinkRuntime:
 
 @attrs.frozen
 class SubmitLinkedJob:
-    """The factory of ``linked_runtime_id`` submits ``job`` to run on this runtime's nodes."""
+    """The factory of ``linked_runtime_id`` submits a job to run on this runtime's nodes.
+
+    The job's fields mean what they mean in :class:`~shir.core.leasing.SubmitJob`.
+    """
 
     linked_runtime_id: str
-    job: SubmitJob
+    job_id: str
+    idempotency_key: str
+    at: float
+    needs: tuple[CredentialVersion, ...] = ()
+    carried: tuple[str, ...] = ()
+    size_mb: float = 0.0
+    spec: bytes = b""
 
-    @property
-    def at(self) -> float:
-        """When it was submitted (the job's ``at``)."""
-        return self.job.at
+    def job(self) -> SubmitJob:
+        """The job as the leasing rules see it."""
+        return SubmitJob(self.job_id, self.idempotency_key, self.at, self.needs, self.carried,
+                         self.size_mb, self.spec)
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -475,8 +485,6 @@ def _link(m: _Model, c: LinkRuntime) -> list[object]:
 
 def _submit_linked(m: _Model, c: SubmitLinkedJob) -> list[object]:
     rt = _runtime(m)
-    if not isinstance(c.job, SubmitJob):
-        raise InvalidCommand("SubmitLinkedJob.job must be a SubmitJob")
     link = sharing_state(m).links.get(c.linked_runtime_id)
     if link is None:
         raise UnknownLink(
@@ -489,9 +497,9 @@ def _submit_linked(m: _Model, c: SubmitLinkedJob) -> list[object]:
             f"{link.revoked_at:g} s; linked runtime {link.linked_runtime_id!r} takes no new "
             "work until an owner grants access again"
         )
-    out = list(DECIDE[SubmitJob](m, c.job))  # the leasing rules decide the job itself
+    out = list(DECIDE[SubmitJob](m, c.job()))  # the leasing rules decide the job itself
     if any(type(e) is JobSubmitted for e in out):  # not a duplicate
-        out.append(LinkedJobAccepted(c.linked_runtime_id, c.job.job_id, c.job.at))
+        out.append(LinkedJobAccepted(c.linked_runtime_id, c.job_id, c.at))
     return out
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from shir.core.monitoring import monitoring_view, render, view_to_json
 from shir.sim.scenario import (
     LIMITS,
     Scenario,
@@ -254,6 +255,8 @@ def format_report(result: Any, scenario: Scenario, out: TextIO) -> str:
             lines.append(f"  ... and {len(v) - _MAX_LISTED} more (--json lists them all)")
     else:
         lines.append("invariants    all held")
+    if result.monitoring:  # the monitoring view at the end of the run (shir.core.monitoring)
+        lines += ["monitoring", textwrap.indent(result.monitoring, "  ")]
     lines.append("result        " + ("PASS" if result.ok else "FAIL"))
     return "\n".join(lines)
 
@@ -456,6 +459,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             "dispatcher": state.dispatcher,
             "jobs": counters,
             "invariant_violations": violations,
+            "monitoring": None if rt is None else view_to_json(monitoring_view(state)),
             "ok": not violations,
         }, indent=2))
     else:
@@ -467,6 +471,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             why = f" ({'; '.join(n['reasons'])})" if n["reasons"] else ""
             print(f"  {name:12}  {n['status']}{why}")
         print(f"term          {state.term}, dispatcher {state.dispatcher or 'none'}")
+        if rt is not None:  # the monitoring view of the recorded runtime (shir.core.monitoring)
+            print("monitoring\n" + textwrap.indent(render(monitoring_view(state)), "  "))
         c = counters
         print(f"jobs          {c['submitted']:,} submitted, {c['completed']:,} completed, "
               f"{c['dead_lettered']} dead-lettered, {c['queued']} queued, {c['running']} "

@@ -66,6 +66,7 @@ from shir.core.errors import DomainError, InvalidCommand, ShirError
 from shir.core.leasing import LIMIT_RANGE
 from shir.core.model import InvalidSettings, NodeStatus, RuntimeSettings
 from shir.sim.faults import FAULT_KINDS, Fault, parse_fault
+from shir.sim.surface import LinkSpec, ProxyChange, parse_link, parse_proxy_change
 
 __all__ = [
     "LIMITS",
@@ -192,6 +193,8 @@ class Scenario:
     random_faults: RandomFaults = RandomFaults()
     expect: tuple[Expectation, ...] = ()
     source: str = "<memory>"
+    links: tuple[LinkSpec, ...] = ()  # shir.sim.surface
+    proxy_changes: tuple[ProxyChange, ...] = ()
 
 
 # --- parsing with errors that name the key ---------------------------------------------------
@@ -478,7 +481,7 @@ def _expect(r: _Reader, data: Any, i: int, nodes: set[str]) -> Expectation:
 
 _TOP_KEYS = {
     "name", "description", "seed", "duration_s", "drain_s", "settings", "nodes", "workload",
-    "network", "faults", "random_faults", "expect",
+    "network", "faults", "random_faults", "expect", "links", "proxy_changes",
 }
 
 
@@ -539,7 +542,25 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         random_faults=_random_faults(r, data.get("random_faults", {})),
         expect=tuple(_expect(r, e, i, set(names)) for i, e in enumerate(expect_raw)),
         source=source,
+        links=_surface(r, data, "links", parse_link),
+        proxy_changes=_surface(r, data, "proxy_changes",
+                               lambda t: parse_proxy_change(t, set(names))),
     )
+
+
+def _surface(r: _Reader, data: Mapping[str, Any], key: str, parse: Any) -> tuple[Any, ...]:
+    """``[[links]]`` or ``[[proxy_changes]]``, parsed by shir.sim.surface."""
+    raw = data.get(key, [])
+    if not isinstance(raw, list):
+        raise r.fail(key, f"an array of tables [[{key}]]", raw)
+    out = []
+    for i, item in enumerate(raw):
+        table = r.table(item, f"{key}[{i}]")
+        try:
+            out.append(parse(table))
+        except ValueError as exc:
+            raise ScenarioError(f"{r.source}: {key}[{i}]{exc}") from None
+    return tuple(out)
 
 
 def check_simulated_s(duration_s: float, drain_s: float, what: str,

@@ -61,12 +61,15 @@ from shir.core.leasing import (
     default_limit,
 )
 from shir.core.model import CredentialVersion, KeyName, NodeMetrics, NodeStatus
+from shir.core.monitoring import monitoring_view, render
+from shir.core.sharing import SubmitLinkedJob
 from shir.core.snapshot import snapshot_bytes
 from shir.core.store import InMemoryEventStore
 from shir.sim.driver import AppendOutcomeUnknown, Driver
 from shir.sim.faults import Fault, draw_faults
 from shir.sim.invariants import Checkers, check_snapshot
 from shir.sim.scenario import NodeSpec, Scenario
+from shir.sim.surface import Surface
 
 __all__ = ["RunResult", "World", "run"]
 
@@ -103,6 +106,7 @@ class RunResult:
     timeline: dict[str, Any]
     log: list[object] = attrs.field(repr=False, factory=list)
     expectations: dict[str, list[str]] = attrs.field(factory=lambda: {"passed": [], "failed": []})
+    monitoring: str = ""  # the monitoring view at the end of the run (shir.core.monitoring)
 
     @property
     def ok(self) -> bool:
@@ -493,6 +497,7 @@ class World:
         self.healing = False
         self.append_lost_at: float | None = None
         self.next_nudge_at = 0.0
+        self.surface = Surface(self)  # links and proxy changes (shir.sim.surface)
 
     # -- randomness: one generator per named stream, derived from the seed
     def _rng(self, stream: str) -> random.Random:
@@ -549,6 +554,8 @@ class World:
 
     def _carry_out(self, effect: object, only: str | None = None) -> None:
         t = type(effect)
+        if only is None and self.surface.carry_out(effect):
+            return
         if only is not None:
             target = [only]
         elif t is SealCredentialFor:
@@ -719,8 +726,9 @@ class World:
                 return
             self.submit_job()
 
-    def submit_job(self) -> None:
-        """The service submits one job of the scenario's workload, now."""
+    def submit_job(self, link: str | None = None) -> None:
+        """The service submits one job of the scenario's workload (or of linked runtime
+        ``link``'s), now."""
         wl = self.scenario.workload
         rng = self.workload_rng
         env = self.env
@@ -737,8 +745,14 @@ class World:
             work = dist.mean_s
         self.job_work[job_id] = work
         self.submitted_keys[key] = job_id
-        submit = SubmitJob(job_id, key, env.now, self.job_needs)
+        submit: Any = (SubmitJob(job_id, key, env.now, self.job_needs) if link is None
+                       else SubmitLinkedJob(link, job_id, key, env.now, self.job_needs))
         self.handle(submit)
+        if link is not None and self.append_lost_at != env.now and (
+            key not in self.driver.state.model().jobs.active_keys
+        ):
+            del self.submitted_keys[key]  # refused (a revoked link): never accepted, not lost
+            return
         if wl.duplicate_submit_p and rng.random() < wl.duplicate_submit_p:
             self.later(rng.random() * 5.0, lambda: self.handle(
                 attrs.evolve(submit, at=self.env.now)))
@@ -937,6 +951,7 @@ class World:
         self.env.process(self.workload())
         self.env.process(self.sampler())
         self.schedule_faults()
+        self.surface.schedule()
         # The snapshot is taken as the faults end: the drain phase is the tail it must replay.
         self.at(self.duration_s, self._take_snapshot)
         self.at(self.duration_s, self.heal_all)
@@ -1044,6 +1059,7 @@ class World:
             store_recoveries=self.driver.recoveries,
             timeline=self.timeline,
             log=self.events_log,
+            monitoring=render(monitoring_view(self.driver.state)),
         )
 
 

@@ -49,9 +49,9 @@ def c() -> Cluster:
         c.handle(GrantAccess(SHARED, FactoryRef(f"factory-{f}", "t", f"msi-{f}"), OWNER, 3.0))
         c.handle(LinkRuntime(f"lk-{f}", f"factory-{f}", resource_id(rt), 3.0))
     for i in range(3):
-        c.handle(SubmitLinkedJob("lk-b", SubmitJob(f"b{i}", f"kb{i}", 4.0)))
+        c.handle(SubmitLinkedJob("lk-b", f"b{i}", f"kb{i}", 4.0))
     c.handle(SubmitJob("own", "k-own", 4.0))
-    c.handle(SubmitLinkedJob("lk-c", SubmitJob("c0", "kc0", 4.0)))
+    c.handle(SubmitLinkedJob("lk-c", "c0", "kc0", 4.0))
     c.handle(DispatchJobs("n1", c.state.term, 5.0, max_jobs=3))
     c.handle(RevokeAccess("factory-c", OWNER, 6.0))
     return c

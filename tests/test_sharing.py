@@ -17,7 +17,6 @@ from shir.core import (
     RevokeAccess,
     Role,
     SharingRefused,
-    SubmitJob,
     SubmitLinkedJob,
     SuspendLinkedWork,
     handle,
@@ -57,10 +56,6 @@ def rid(c: Cluster) -> str:
 def linked(c: Cluster, link: str = "lk-b", factory: str = "factory-b") -> Cluster:
     c.handle(LinkRuntime(link, factory, rid(c), c.now))
     return c
-
-
-def job(n: int, at: float) -> SubmitJob:
-    return SubmitJob(f"job-{n}", f"key-{n}", at)
 
 
 @pytest.fixture
@@ -118,9 +113,9 @@ def test_link_needs_the_exact_resource_id_and_a_grant(c: Cluster) -> None:
 def test_linked_jobs_run_on_the_shared_runtimes_nodes(c: Cluster) -> None:
     grant(c, at=2)
     linked(c)
-    events = c.handle(SubmitLinkedJob("lk-b", job(1, 3.0)))
+    events = c.handle(SubmitLinkedJob("lk-b", "job-1", "key-1", 3.0))
     assert names(events) == ["JobSubmitted", "LinkedJobAccepted"]
-    assert c.handle(SubmitLinkedJob("lk-b", job(1, 3.5))) == ()  # a duplicate key: nothing
+    assert c.handle(SubmitLinkedJob("lk-b", "job-1", "key-1", 3.5)) == ()  # a duplicate key
     leased = [e for e in c.handle(DispatchJobs("n1", c.state.term, 4.0))
               if isinstance(e, JobLeased)]
     assert [e.token.node for e in leased] == ["n1"]
@@ -131,7 +126,7 @@ def test_linked_jobs_run_on_the_shared_runtimes_nodes(c: Cluster) -> None:
 def test_revoking_stops_new_work_while_running_jobs_finish(c: Cluster) -> None:
     grant(c, at=2)
     linked(c)
-    c.handle(SubmitLinkedJob("lk-b", job(1, 3.0)))
+    c.handle(SubmitLinkedJob("lk-b", "job-1", "key-1", 3.0))
     (lease,) = [e for e in c.handle(DispatchJobs("n1", c.state.term, 4.0))
                 if isinstance(e, JobLeased)]
     c.refused(RevokeAccess("factory-b", Principal("bob", Role.CONTRIBUTOR), 5.0), NotOwner)
@@ -140,26 +135,26 @@ def test_revoking_stops_new_work_while_running_jobs_finish(c: Cluster) -> None:
     assert [type(e) for e in d.events] == [AccessRevoked]
     assert d.effects == (SuspendLinkedWork("factory-b", ("lk-b",), "access revoked by "
                                            "ada@contoso.com"),)
-    err = c.refused(SubmitLinkedJob("lk-b", job(2, 6.0)), GrantRevoked)
+    err = c.refused(SubmitLinkedJob("lk-b", "job-2", "key-2", 6.0), GrantRevoked)
     assert err.rule == "revoked grant stops new work" and "grants access again" in str(err)
     # the job it had running finishes
     assert names(c.handle(CompleteJob(lease.token, 7.0))) == ["JobCompleted"]
     assert c.handle(RevokeAccess("factory-b", OWNER, 8.0)) == ()  # satisfied
     # granting again resumes the link
     grant(c, at=9)
-    assert names(c.handle(SubmitLinkedJob("lk-b", job(3, 10.0)))) == [
+    assert names(c.handle(SubmitLinkedJob("lk-b", "job-3", "key-3", 10.0))) == [
         "JobSubmitted", "LinkedJobAccepted"]
 
 
 def test_unknown_link_is_refused(c: Cluster) -> None:
-    err = c.refused(SubmitLinkedJob("nope", job(1, 2.0)), UnknownLink)
+    err = c.refused(SubmitLinkedJob("nope", "job-1", "key-1", 2.0), UnknownLink)
     assert "LinkRuntime" in str(err)
 
 
 def test_sharing_events_round_trip_and_survive_a_snapshot(c: Cluster) -> None:
     grant(c, at=2)
     linked(c)
-    c.handle(SubmitLinkedJob("lk-b", job(1, 3.0)))
+    c.handle(SubmitLinkedJob("lk-b", "job-1", "key-1", 3.0))
     c.handle(RevokeAccess("factory-b", OWNER, 4.0))
     for e in c.log:
         assert decode(encode(e)) == e
