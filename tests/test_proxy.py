@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from lifecycle_helpers import Cluster, names
 
@@ -109,3 +111,22 @@ def test_a_new_node_of_the_same_name_starts_without_proxy(c: Cluster) -> None:
     c.remove("n1", at=3)
     c.register("n1", at=4)
     assert proxy_of(c.state.model(), "n1") == ProxySettings()
+
+
+def test_a_host_seals_the_secrets_and_only_it_can_open_them(tmp_path: Path) -> None:
+    from shir.adapters.protect import PortableProtector, TamperedCiphertext
+    from shir.adapters.proxy import open_proxy_secrets, seal_proxy_settings
+
+    here = PortableProtector(tmp_path / "machine.key", machine_id="m1", user="svc")
+    s = seal_proxy_settings(here, ProxyMode.CUSTOM, "proxy.contoso.com", 8888, "svc-proxy",
+                            "pa55-w0rd")
+    assert b"pa55-w0rd" not in s.password and b"svc-proxy" not in s.user
+    assert "pa55" not in repr(s)
+    check_proxy(s)
+    assert open_proxy_secrets(here, s) == ("svc-proxy", "pa55-w0rd")
+    swapped = ProxySettings(s.mode, s.address, s.port, s.password, s.user)
+    with pytest.raises(TamperedCiphertext):  # bound to its purpose: no swapping the fields
+        open_proxy_secrets(here, swapped)
+    with pytest.raises(InvalidProxySettings, match="needs a user name"):
+        seal_proxy_settings(here, ProxyMode.CUSTOM, "p", 80, password="x")
+    assert seal_proxy_settings(here, ProxyMode.NONE) == ProxySettings()
