@@ -347,8 +347,12 @@ def _register_node(m: _Model, c: cmd.RegisterNode) -> Events:
     closed = [n.name for n in m.nodes.values() if not n.metrics.remote_access]
     if closed:
         raise RemoteAccessDisabled(
-            f"enable 'remote access from intranet' (TCP {rt.settings.intranet_port}) on "
-            f"{', '.join(closed)} before adding another node"
+            f"node {c.node!r} cannot join: remote access from intranet (TCP "
+            f"{rt.settings.intranet_port}) is off on {', '.join(closed)}, as a new install leaves "
+            "it. Turn it on there (in the product: Configuration Manager > Settings > Remote "
+            "access to intranet; in shir the node reports remote_access=True in its heartbeats, "
+            "and a scenario sets remote_access = true under its [[nodes]]), then register "
+            f"{c.node!r} again"
         )
     s, out = _timed(m, c.at)
     _emit(s, out, ev.NodeRegistered(

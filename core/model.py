@@ -140,6 +140,6 @@ class NodeMetrics:
     version_released_at: float | None = None  # same clock as `at`; None: never expires
     reachable_peers: tuple[str, ...] = ()  # peers whose intranet port answered
     control_channel_ok: bool = True
-    remote_access: bool = True  # "remote access from intranet" enabled
+    remote_access: bool = False  # "remote access from intranet": off, as a fresh install has it
     config_hash: str = ""  # digest of the node's settings; differing from the majority -> Inactive
     credentials: tuple[CredentialVersion, ...] = ()  # the versions this node holds

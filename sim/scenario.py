@@ -125,7 +125,7 @@ class NodeSpec:
     key: str = "key1"
     concurrency_limit: int | None = None
     speed: float = 1.0  # job speed factor (a slow node < 1)
-    remote_access: bool = True
+    remote_access: bool = False  # off, as on a fresh install: turn it on for a second node
 
 
 @attrs.frozen
@@ -410,7 +410,7 @@ def _node(r: _Reader, data: Any, i: int) -> NodeSpec:
         k,
         limit,
         speed,
-        r.bool_(data, key, "remote_access", True),
+        r.bool_(data, key, "remote_access", False),
     )
 
 

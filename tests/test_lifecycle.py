@@ -289,14 +289,15 @@ def test_remote_access_disabled_names_the_nodes() -> None:
     c = Cluster()
     c.register("n1", remote_access=False)
     err = c.refused(c.register_cmd("n2"), RemoteAccessDisabled)
-    assert "enable 'remote access from intranet' (TCP 8060) on n1 before adding" in str(err)
+    assert "node 'n2' cannot join: remote access from intranet (TCP 8060) is off on n1" in str(err)
+    assert "Remote access to intranet" in str(err) and "remote_access = true" in str(err)
     c.heartbeat("n1", at=5, remote_access=True)  # turned on: the heartbeat says so
     assert names(c.register("n2", remote_access=False, at=6)) == ["NodeRegistered"]
     err = c.refused(c.register_cmd("n3", at=7), RemoteAccessDisabled)
-    assert "on n2 before" in str(err)
+    assert "is off on n2," in str(err)
     c2 = Cluster(RuntimeSettings(intranet_port=9000))
     c2.register("a", remote_access=False)
-    assert "TCP 9000) on a" in str(c2.refused(c2.register_cmd("b"), RemoteAccessDisabled))
+    assert "TCP 9000) is off on a," in str(c2.refused(c2.register_cmd("b"), RemoteAccessDisabled))
 
 
 @pytest.mark.parametrize(

@@ -164,3 +164,12 @@ def test_sharing_events_round_trip_and_survive_a_snapshot(c: Cluster) -> None:
 def test_a_refused_sharing_command_names_no_secret(c: Cluster) -> None:
     err = c.refused(GrantAccess(SHARED, FactoryRef("f", "tenant-z", "m"), OWNER, 2.0))
     assert c.key_text() not in str(err)
+
+
+def test_a_format_2_snapshot_restores_with_nothing_shared(c: Cluster) -> None:
+    import msgpack
+
+    body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
+    assert body[0] == 3 and body[-2:] == [None, []]
+    restored = restore(msgpack.packb([2, *body[1:-2]], use_bin_type=True))
+    assert restored == c.state and sharing_state(restored.model()).links == {}
