@@ -67,6 +67,7 @@ from shir.core.decide import (
 from shir.core.effects import EFFECTS
 from shir.core.errors import DomainError, InvalidCommand, NodeOffline
 from shir.core.model import CredentialVersion, NodeStatus, RuntimeSettings
+from shir.core.rules import DOWN
 from shir.core.state import EVOLVE, Node, RuntimeState, _Model
 
 __all__ = [
@@ -432,10 +433,11 @@ def _save(m: _Model, c: SaveCredential) -> list[object]:
                 f"not v{c.version}"
             )
     s, out = _timed(m, c.at)
-    if _node(s, c.node).status is NodeStatus.OFFLINE:  # settling may have made it Offline
+    status = _node(s, c.node).status
+    if status in DOWN:  # settling may have made it Offline
         raise NodeOffline(
-            f"node {c.node!r} is Offline; save credential {c.credential_id!r} on a node that is "
-            "up, and it will reach the others by sync"
+            f"node {c.node!r} is {status.value}; save credential {c.credential_id!r} on a node "
+            "that is up, and it will reach the others by sync"
         )
     _emit(s, out, CredentialSaved(c.credential_id, c.version, c.node, c.at))
     _settle(s, c.at, out)

@@ -56,6 +56,7 @@ from shir.core.keys import (
 from shir.core.model import KeyName, NodeStatus
 from shir.core.rules import (
     DAY_S,
+    DOWN,
     choose_dispatcher,
     context,
     derive_status,
@@ -94,6 +95,12 @@ def _node(m: _Model, name: str) -> Node:
     n = m.nodes.get(name)
     if n is None:
         rt = m.runtime.name if m.runtime else "?"
+        gone = m.removed.get(name)
+        if gone is not None:
+            raise UnknownNode(
+                f"node {name!r:.60} was removed from runtime {rt!r} at {gone[1]:g} s "
+                f"({gone[0]}): it needs registration; register it again with an auth key"
+            )
         known = ", ".join(m.nodes) or "none"
         raise UnknownNode(
             f"node {name!r:.60} is not registered in runtime {rt!r} (nodes: {known}); "
@@ -415,8 +422,9 @@ def _start_upgrade(m: _Model, c: cmd.StartUpgrade) -> Events:
             "finish that one first"
         )
     s, out = _timed(m, c.at)
-    if _node(s, c.node).status is NodeStatus.OFFLINE:  # settling may have expired it: refuse
-        raise NodeOffline(f"node {c.node!r} is Offline; bring it back before updating it")
+    status = _node(s, c.node).status
+    if status in DOWN:  # settling may have expired it: refuse
+        raise NodeOffline(f"node {c.node!r} is {status.value}; bring it back before updating it")
     _emit(s, out, ev.UpgradeStarted(c.node, n.metrics.version, c.to_version, c.at))
     _settle(s, c.at, out)
     return out
@@ -519,7 +527,7 @@ def _node_deadline(m: _Model) -> float:
         if n.upgrading_to is None:
             seen = n.registered_at if n.last_seen_at is None else n.last_seen_at
             silent_at = _first_at(seen, offline_after)
-            if n.status is not NodeStatus.OFFLINE or silent_at > m.now:
+            if n.status not in DOWN or silent_at > m.now:
                 deadlines.append(silent_at)
         released = n.metrics.version_released_at
         if released is not None:

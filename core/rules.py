@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
+from shir.core.errors import DomainError, UnknownNode
+from shir.core.keys import InvalidAuthKey
 from shir.core.model import NodeStatus, RuntimeStatus
 from shir.core.state import FIRST_HEARTBEAT_PENDING, Node, _Model
 
@@ -38,6 +40,7 @@ __all__ = [
     "StatusRule",
     "derive_status",
     "is_silent",
+    "local_status",
     "mermaid",
     "runtime_status",
 ]
@@ -81,12 +84,19 @@ def _upgrading(n: Node, c: Context) -> str | None:
     return f"installing version {n.upgrading_to}" if n.upgrading_to is not None else None
 
 
-def _silent(n: Node, c: Context) -> str | None:
-    if not is_silent(n, c.now, c.offline_after_s):
+def _initialize_failed(n: Node, c: Context) -> str | None:
+    if n.last_seen_at is not None or not is_silent(n, c.now, c.offline_after_s):
         return None
+    return (
+        f"no heartbeat within {c.offline_after_s:g} s of registering: check that the node's "
+        "host service is running and can reach the service"
+    )
+
+
+def _silent(n: Node, c: Context) -> str | None:
     # Reasons must not change with every tick (each change is an event): no elapsed times here.
-    if n.last_seen_at is None:
-        return f"no heartbeat within {c.offline_after_s:g} s of registering"
+    if n.last_seen_at is None or not is_silent(n, c.now, c.offline_after_s):
+        return None
     return f"missed heartbeats for {c.offline_after_s:g} s"
 
 
@@ -139,6 +149,7 @@ def _credential_behind(n: Node, c: Context) -> str | None:
 
 STATUS_RULES: tuple[StatusRule, ...] = (
     StatusRule(NodeStatus.UPGRADING, "update in progress", _upgrading),
+    StatusRule(NodeStatus.INITIALIZE_FAILED, "first heartbeat never came", _initialize_failed),
     StatusRule(NodeStatus.OFFLINE, "missed heartbeats", _silent),
     StatusRule(NodeStatus.OFFLINE, "version expired", _version_expired),
     StatusRule(NodeStatus.INITIALIZING, "first heartbeat pending", _first_heartbeat_pending),
@@ -161,7 +172,8 @@ class Transition:
 
 def _transitions() -> tuple[Transition, ...]:
     # Any derived status can follow any other except that a node never returns to
-    # Initializing (the first heartbeat is seen once per registration).
+    # Initializing, and fails to initialize only from there (the first heartbeat is seen once
+    # per registration, and an update's end counts as the node speaking).
     out = []
     causes: dict[NodeStatus, list[str]] = {}
     for rule in STATUS_RULES:
@@ -169,7 +181,11 @@ def _transitions() -> tuple[Transition, ...]:
     causes[NodeStatus.ONLINE] = ["all checks pass"]
     for target, why in causes.items():
         for source in NodeStatus:
+            if source is NodeStatus.NEED_REGISTRATION:
+                continue  # not a status of a registered node: see local_status
             if source is target or target is NodeStatus.INITIALIZING:
+                continue
+            if target is NodeStatus.INITIALIZE_FAILED and source is not NodeStatus.INITIALIZING:
                 continue
             out.append(Transition(source, target, " or ".join(why)))
     return tuple(out)
@@ -235,6 +251,9 @@ def derive_status(n: Node, c: Context) -> tuple[NodeStatus, tuple[str, ...]]:
     return (found or NodeStatus.ONLINE), tuple(reasons)
 
 
+DOWN = frozenset((NodeStatus.OFFLINE, NodeStatus.INITIALIZE_FAILED))  # silent: cannot act
+
+
 def is_eligible_dispatcher(n: Node) -> bool:
     """Can this node dispatch work? Online or Limited, with a working control channel."""
     return (
@@ -248,6 +267,19 @@ def choose_dispatcher(nodes: Iterable[Node], current: str | None) -> str | None:
     if current is not None and any(n.name == current for n in eligible):
         return current
     return min(eligible, key=lambda n: n.seq).name if eligible else None
+
+
+def local_status(refusal: DomainError) -> tuple[NodeStatus, str] | None:
+    """The status a node shows itself after the runtime refused it, with the reason to show.
+
+    NeedRegistration when its registration is lost or never happened: it is unknown to the
+    runtime (removed, for example by offline expiry, and speaking again) or its auth key is
+    refused (regenerated before it registered, another runtime's, mistyped). The reason is the
+    refusal's own message, which says what to do. None: the refusal does not touch registration.
+    """
+    if isinstance(refusal, (UnknownNode, InvalidAuthKey)):
+        return NodeStatus.NEED_REGISTRATION, str(refusal)
+    return None
 
 
 def runtime_status(m: _Model) -> RuntimeStatus:
@@ -285,11 +317,16 @@ def mermaid() -> str:
         "## Transitions",
         "",
         "Each edge into a status is labelled with the rules that lead there. A node enters",
-        "Initializing only when it registers.",
+        "Initializing only when it registers, and InitializeFailed only from Initializing.",
+        "NeedRegistration is what a node shows itself while the runtime does not know it: before",
+        "it registers, and after it was removed (by a user, or by offline expiry) or its key was",
+        "refused (`rules.local_status`); no registered node has it.",
         "",
         "```mermaid",
         "stateDiagram-v2",
-        "    [*] --> Initializing: NodeRegistered",
+        "    [*] --> NeedRegistration: installed",
+        "    NeedRegistration --> Initializing: NodeRegistered",
+        "    NeedRegistration --> NeedRegistration: key refused (regenerated, another runtime's)",
     ]
     into: dict[NodeStatus, str] = {}
     for t in TRANSITIONS:
@@ -298,7 +335,13 @@ def mermaid() -> str:
         sources = sorted(t.source.value for t in TRANSITIONS if t.target is target)
         for s in sources:
             lines.append(f"    {s} --> {target.value}: {cause}")
-    lines += ["    Offline --> [*]: NodeRemoved (or offline expiry)", "```", ""]
+    lines += [
+        "    Offline --> NeedRegistration: NodeRemoved by offline expiry, then it speaks again",
+        "    InitializeFailed --> NeedRegistration: NodeRemoved",
+        "    NeedRegistration --> [*]: uninstalled",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

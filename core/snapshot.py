@@ -5,9 +5,9 @@ event store's ``Snapshot(version, data)`` a host loads the snapshot and folds on
 after ``version``. The simulator checks "snapshot + tail == full replay" on every run.
 
 The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state,
-3 the sharing state and proxy settings; older formats still restore, with none); a newer
-format is refused with :class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with
-``CorruptRecord``.
+3 the sharing state, proxy settings and the latest removals; older formats still restore, with
+none); a newer format is refused with :class:`~shir.core.codec.UnsupportedEventVersion`, damaged
+bytes with ``CorruptRecord``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def snapshot_bytes(state: RuntimeState) -> bytes:
             [encode_value(link) for link in m.sharing.links.values()],
         ],
         [[node, seq, encode_value(p)] for (node, seq), p in sorted(m.proxies.items())],
+        [[node, reason, at] for node, (reason, at) in m.removed.items()],
     ]
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -88,6 +89,7 @@ def _restore(body: list[Any]) -> RuntimeState:
     syncs: list[Any] = []
     sharing: list[Any] | None = None
     proxies: list[Any] = []
+    removed: list[Any] = []
     if body[0] == 1:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters) = body
@@ -96,7 +98,7 @@ def _restore(body: list[Any]) -> RuntimeState:
          recent, limits, counters, credentials, syncs) = body
     else:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
-         recent, limits, counters, credentials, syncs, sharing, proxies) = body
+         recent, limits, counters, credentials, syncs, sharing, proxies, removed) = body
     m = _Model()
     m.runtime = decode_value(RuntimeInfo, runtime) if runtime is not None else None
     for raw in keys:
@@ -138,4 +140,5 @@ def _restore(body: list[Any]) -> RuntimeState:
         )
     for node, seq, raw in proxies:
         m.proxies[node, seq] = decode_value(ProxySettings, raw)
+    m.removed = {node: (reason, float(at)) for node, reason, at in removed}
     return RuntimeState(m)

@@ -46,6 +46,7 @@ __all__ = [
 
 
 FIRST_HEARTBEAT_PENDING = "waiting for the first heartbeat"
+MAX_REMEMBERED_REMOVALS = 16
 
 
 class SpentState(ShirError):
@@ -99,7 +100,7 @@ class _Model:
 
     __slots__ = (
         "credentials", "dispatcher", "due", "gen", "jobs", "keys", "next_seq", "node_due",
-        "nodes", "now", "pending", "proxies", "runtime", "sharing", "syncs", "term",
+        "nodes", "now", "pending", "proxies", "removed", "runtime", "sharing", "syncs", "term",
     )
 
     def __init__(self) -> None:
@@ -131,6 +132,9 @@ class _Model:
         # (shir.core.proxy): copy-on-write like the credentials.
         self.sharing: SharingState | None = None
         self.proxies: dict[tuple[str, int], ProxySettings] = {}
+        # The latest removals (name -> (reason, at)), so a removed node that speaks again is told
+        # why it needs registration. Copy-on-write, at most MAX_REMEMBERED_REMOVALS.
+        self.removed: dict[str, tuple[str, float]] = {}
 
     def scratch(self) -> _Model:
         """A copy whose node records may be changed freely (for ``decide``'s what-if).
@@ -242,6 +246,7 @@ class RuntimeState:
             None if m.sharing is None else (
                 tuple(m.sharing.grants.items()), tuple(m.sharing.links.items())),
             tuple(sorted(m.proxies.items())),
+            tuple(m.removed.items()),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -282,10 +287,14 @@ def _auth_key_regenerated(m: _Model, e: ev.AuthKeyRegenerated) -> None:
 def _node_registered(m: _Model, e: ev.NodeRegistered) -> None:
     m.nodes[e.node] = Node(e.node, m.next_seq, e.machine_id, e.cores, e.memory_mb, e.at, e.metrics)
     m.next_seq += 1
+    if e.node in m.removed:
+        m.removed = {k: v for k, v in m.removed.items() if k != e.node}
 
 
 def _node_removed(m: _Model, e: ev.NodeRemoved) -> None:
     del m.nodes[e.node]
+    kept = [(k, v) for k, v in m.removed.items() if k != e.node][1 - MAX_REMEMBERED_REMOVALS:]
+    m.removed = {**dict(kept), e.node: (e.reason, e.at)}
     if m.syncs:  # no sync to a node that is gone (copy-on-write, see _Model)
         m.syncs = {k: v for k, v in m.syncs.items() if k[1] != e.node}
 

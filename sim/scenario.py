@@ -468,7 +468,7 @@ def _expect(r: _Reader, data: Any, i: int, nodes: set[str]) -> Expectation:
         if node is None:
             raise r.fail(f"{key}.node", "the node whose status to check", None)
         # a node that has not registered yet reads as NeedRegistration (see report.py)
-        valid = ["NeedRegistration", *(s.value for s in NodeStatus), "Removed"]
+        valid = [*(s.value for s in NodeStatus), "Removed"]  # NeedRegistration comes first
         if status not in valid:
             raise r.fail(f"{key}.status", f"one of {', '.join(valid)}", status)
     bounds = [r.num(data, key, b, None, lo=-1e18) for b in ("max", "min", "equals")]

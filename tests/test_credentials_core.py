@@ -559,8 +559,8 @@ def test_snapshot_round_trips_the_credential_state_and_the_tail_replays() -> Non
 def test_a_format_1_snapshot_restores_with_no_credential_state() -> None:
     c = online(2)
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == 3 and body[-4:] == [[], [], None, []]  # no sharing, no proxy either
-    old = msgpack.packb([1, *body[1:-4]], use_bin_type=True)
+    assert body[0] == 3 and body[-5:] == [[], [], None, [], []]  # no sharing, proxy, removal
+    old = msgpack.packb([1, *body[1:-5]], use_bin_type=True)
     assert restore(old) == c.state
 
 

@@ -394,13 +394,22 @@ def test_first_heartbeat_brings_a_node_online_and_a_dispatcher() -> None:
     assert AnnounceDispatcher(1, "n1") in c.effects
 
 
-def test_a_node_that_never_heartbeats_goes_offline() -> None:
+def test_a_node_whose_first_heartbeat_never_comes_failed_to_initialize() -> None:
     c = Cluster()
     c.register("n1", at=0)
     assert next_deadline(c.state) == 30
     events = c.tick(30)
-    assert statuses(events, "n1") == [OFF]
-    assert c.reasons("n1") == ("no heartbeat within 30 s of registering",)
+    assert statuses(events, "n1") == [NodeStatus.INITIALIZE_FAILED]
+    assert c.reasons("n1") == (
+        "no heartbeat within 30 s of registering: check that the node's host service is "
+        "running and can reach the service",)
+    assert next_deadline(c.state) is None  # nothing more is due: a tick there finds nothing
+    assert c.state.status is RuntimeStatus.OFFLINE
+    c.refused(StartUpgrade("n1", "5.1", 31), NodeOffline)
+    # its first heartbeat, late: it rejoins under a new session and comes Online
+    events = c.heartbeat("n1", at=40)
+    assert names(events)[:2] == ["NodeRejoined", "HeartbeatReceived"]
+    assert c.status("n1") is ON
 
 
 # --- statuses --------------------------------------------------------------------------------
@@ -790,4 +799,4 @@ def test_updating_a_node_that_expires_at_that_moment_is_refused_as_unknown() -> 
     c.run(130, skip=["n2"])  # n2 Offline since 40; due for removal at 140
     c.now = 140
     err = c.refused(StartUpgrade("n2", "5.1", 140), UnknownNode)
-    assert "node 'n2' is not registered" in str(err)
+    assert "node 'n2' was removed from runtime 'shir-test' at 140 s (offline for 100 s" in str(err)

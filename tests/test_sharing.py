@@ -170,6 +170,6 @@ def test_a_format_2_snapshot_restores_with_nothing_shared(c: Cluster) -> None:
     import msgpack
 
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == 3 and body[-2:] == [None, []]
-    restored = restore(msgpack.packb([2, *body[1:-2]], use_bin_type=True))
+    assert body[0] == 3 and body[-3:] == [None, [], []]
+    restored = restore(msgpack.packb([2, *body[1:-3]], use_bin_type=True))
     assert restored == c.state and sharing_state(restored.model()).links == {}
