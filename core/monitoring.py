@@ -63,7 +63,7 @@ class NodeView:
     proxy: str
     sent_bytes: int | None = None  # nodes do not report traffic: unavailable
     received_bytes: int | None = None
-    last_update: str | None = None  # the runtime keeps no update history: unavailable
+    last_update: str | None = None  # None: never updated since it registered
 
 
 @attrs.frozen
@@ -184,6 +184,7 @@ def monitoring_view(state: RuntimeState) -> RuntimeView:
             job_limit=limit,
             remote_access=n.metrics.remote_access,
             proxy=proxy_of(m, n.name).describe(),
+            last_update=n.last_update or None,
         ))
     return RuntimeView(
         name=rt.name,
@@ -272,7 +273,7 @@ def render(view: RuntimeView) -> str:
             f"{_opt(n.available_memory_mb, ' MB')}; jobs {n.running_jobs} of {n.job_limit}",
             f"      sent/received: {_opt(n.sent_bytes)}/{_opt(n.received_bytes)} (nodes do not "
             "report traffic)",
-            f"      last update: {n.last_update or UNAVAILABLE}",
+            f"      last update: {n.last_update or 'none since it registered'}",
             f"      remote access from intranet: {'on' if n.remote_access else 'off'}; "
             f"{n.proxy}",
         ]

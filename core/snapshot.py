@@ -5,9 +5,9 @@ event store's ``Snapshot(version, data)`` a host loads the snapshot and folds on
 after ``version``. The simulator checks "snapshot + tail == full replay" on every run.
 
 The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state,
-3 the sharing state, proxy settings and the latest removals; older formats still restore, with
-none); a newer format is refused with :class:`~shir.core.codec.UnsupportedEventVersion`, damaged
-bytes with ``CorruptRecord``.
+3 the sharing state, proxy settings, the latest removals and each node's last update; older
+formats still restore, with none); a newer format is refused with
+:class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with ``CorruptRecord``.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def _restore(body: list[Any]) -> RuntimeState:
         verifier = decode_value(KeyVerifier, raw)
         m.keys[verifier.name] = verifier
     for raw in nodes:
+        if body[0] < 3:  # format 3 added Node.last_update, at the end
+            raw = msgpack.packb([*msgpack.unpackb(raw), ""], use_bin_type=True)
         node = decode_value(Node, raw)
         m.nodes[node.name] = node
     m.next_seq, m.term, m.dispatcher, m.now = next_seq, term, dispatcher, float(now)

@@ -84,6 +84,7 @@ class Node:
     offline_since: float | None = None
     upgrading_to: str | None = None
     warned_version: str = ""  # version whose expiry warning was already given
+    last_update: str = ""  # the outcome of its latest update, in words ("" if none)
 
     def clone(self) -> Node:
         """An independent copy (the fields themselves are immutable values)."""
@@ -91,7 +92,7 @@ class Node:
         return Node(
             self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
             self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
-            self.offline_since, self.upgrading_to, self.warned_version,
+            self.offline_since, self.upgrading_to, self.warned_version, self.last_update,
         )
 
 
@@ -340,6 +341,10 @@ def _upgrade_finished(m: _Model, e: ev.UpgradeFinished) -> None:
     n.last_seen_at = e.at  # the node reported the outcome itself
     n.metrics = attrs.evolve(
         n.metrics, version=e.version, version_released_at=e.version_released_at
+    )
+    n.last_update = (
+        f"updated to {e.version} at {e.at:g} s" if e.ok
+        else f"failed at {e.at:g} s and rolled back to {e.version}: {e.reason}"
     )
 
 

@@ -78,7 +78,7 @@ def test_node_fields(c: Cluster) -> None:
     assert (n1.registered_at, n1.last_connect_at, n1.offline_since) == (0.0, 1.0, None)
     assert (n1.cpu_pct, n1.available_memory_mb) == (0.0, 8192)
     assert (n1.running_jobs + n2.running_jobs, n1.job_limit, n2.job_limit) == (3, 8, 3)
-    assert (n1.sent_bytes, n1.received_bytes, n1.last_update) == (None, None, None)
+    assert (n1.sent_bytes, n1.received_bytes, n1.last_update) == (None, None, None)  # never
     assert n1.remote_access and n1.proxy == "no proxy"
 
 
@@ -150,3 +150,19 @@ def test_render_of_an_empty_runtime_says_what_to_do() -> None:
     v = monitoring_view(c.state)
     assert v.status is RuntimeStatus.NEED_REGISTRATION
     assert "register a node with an auth key" in render(v)
+
+
+def test_last_update_result_success_and_rollback() -> None:
+    c = Cluster()
+    c.register_n(2, at=0)
+    c.heartbeat_all(at=1)
+    assert monitoring_view(c.state).nodes[0].last_update is None
+    c.start_upgrade("n1", "5.1", at=2)
+    c.finish_upgrade("n1", True, at=3)
+    c.start_upgrade("n2", "5.1", at=4)
+    c.finish_upgrade("n2", False, at=5)
+    n1, n2 = monitoring_view(c.state).nodes
+    assert n1.last_update == "updated to 5.1 at 3 s"
+    assert n2.last_update == (
+        "failed at 5 s and rolled back to 5.0: update to 5.1 failed; rolled back")
+    assert "last update: updated to 5.1 at 3 s" in render(monitoring_view(c.state))
