@@ -34,7 +34,7 @@ import attrs
 
 from shir.core.codec import event, value
 from shir.core.decide import DECIDE, _emit, _node, _runtime, _timed
-from shir.core.effects import EFFECTS
+from shir.core.effects import EFFECTS, Recipient, to_node
 from shir.core.errors import InvalidCommand
 from shir.core.state import EVOLVE, _Model
 
@@ -184,6 +184,11 @@ class RestartHostService:
 
     node: str
     reason: str
+
+    @property
+    def to(self) -> Recipient:
+        """The node."""
+        return to_node(self.node)
 
 
 # --- state -------------------------------------------------------------------------------------

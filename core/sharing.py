@@ -43,7 +43,7 @@ import attrs
 
 from shir.core.codec import event, value
 from shir.core.decide import DECIDE, _check_name, _emit, _runtime, _timed
-from shir.core.effects import EFFECTS
+from shir.core.effects import EFFECTS, FACTORY, Recipient
 from shir.core.errors import DomainError, InvalidCommand
 from shir.core.jobs import JobSubmitted
 from shir.core.leasing import SubmitJob
@@ -56,6 +56,7 @@ __all__ = [
     "AccessGranted",
     "AccessNotGranted",
     "AccessRevoked",
+    "AccessRole",
     "FactoryRef",
     "Grant",
     "GrantAccess",
@@ -70,7 +71,6 @@ __all__ = [
     "Principal",
     "ResourceIdMismatch",
     "RevokeAccess",
-    "Role",
     "RuntimeLinked",
     "SharingRefused",
     "SharingState",
@@ -92,7 +92,7 @@ def resource_id(runtime: RuntimeInfo) -> str:
 
 # --- values ------------------------------------------------------------------------------------
 
-class Role(enum.Enum):
+class AccessRole(enum.Enum):
     """A principal's role on the shared runtime's data factory."""
 
     OWNER = "Owner"
@@ -117,7 +117,7 @@ class Principal:
     """Who asks: a user (or service principal) and its role on the shared factory."""
 
     name: str
-    role: Role
+    role: AccessRole
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -285,6 +285,11 @@ class SuspendLinkedWork:
     links: tuple[str, ...]
     reason: str
 
+    @property
+    def to(self) -> Recipient:
+        """The factory side."""
+        return FACTORY
+
 
 # --- state -------------------------------------------------------------------------------------
 
@@ -380,12 +385,13 @@ EFFECTS_SHARING: dict[type, Callable[[Any], tuple[object, ...]]] = {
 
 # --- decisions ---------------------------------------------------------------------------------
 
-_OWNERS = (Role.OWNER, Role.INHERITED_OWNER)
+_OWNERS = (AccessRole.OWNER, AccessRole.INHERITED_OWNER)
 
 
 def _check_owner(who: Principal, verb: str) -> None:
-    if not isinstance(who, Principal) or not isinstance(who.role, Role):
-        raise InvalidCommand(f"the principal who asks to {verb} must be a Principal with a Role")
+    if not isinstance(who, Principal) or not isinstance(who.role, AccessRole):
+        raise InvalidCommand(
+            f"the principal who asks to {verb} must be a Principal with an AccessRole")
     _check_name("principal name", who.name)
     if who.role not in _OWNERS:
         raise NotOwner(

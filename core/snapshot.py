@@ -5,8 +5,9 @@ event store's ``Snapshot(version, data)`` a host loads the snapshot and folds on
 after ``version``. The simulator checks "snapshot + tail == full replay" on every run.
 
 The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state,
-3 the sharing state, proxy settings, the latest removals and each node's last update; older
-formats still restore, with none); a newer format is refused with
+3 the nodes' intranet address and certificate fingerprint, 4 the sharing state, proxy
+settings, the latest removals and each node's last update; older snapshots still restore, with
+none); a newer format is refused with
 :class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with ``CorruptRecord``.
 """
 
@@ -28,8 +29,8 @@ from shir.core.state import Node, RuntimeInfo, RuntimeState, _Model
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
-FORMAT = 3
-_READABLE = (1, 2, 3)
+FORMAT = 4
+_READABLE = (1, 2, 3, 4)  # 3 added the nodes' intranet_address and cert_sha256, 4 see above
 
 for _cls in (RuntimeInfo, Node, Job, Lease):
     register_value(_cls)
@@ -93,7 +94,7 @@ def _restore(body: list[Any]) -> RuntimeState:
     if body[0] == 1:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters) = body
-    elif body[0] == 2:
+    elif body[0] in (2, 3):
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters, credentials, syncs) = body
     else:
@@ -105,7 +106,9 @@ def _restore(body: list[Any]) -> RuntimeState:
         verifier = decode_value(KeyVerifier, raw)
         m.keys[verifier.name] = verifier
     for raw in nodes:
-        if body[0] < 3:  # format 3 added Node.last_update, at the end
+        if body[0] < 3:  # a node record without intranet_address and cert_sha256
+            raw = msgpack.packb([*msgpack.unpackb(raw), None, None], use_bin_type=True)
+        if body[0] < 4:  # nor last_update
             raw = msgpack.packb([*msgpack.unpackb(raw), ""], use_bin_type=True)
         node = decode_value(Node, raw)
         m.nodes[node.name] = node

@@ -84,6 +84,8 @@ class Node:
     offline_since: float | None = None
     upgrading_to: str | None = None
     warned_version: str = ""  # version whose expiry warning was already given
+    intranet_address: str | None = None  # "host:port" where peers reach it, if it said
+    cert_sha256: str | None = None  # fingerprint of its intranet TLS certificate, if it said
     last_update: str = ""  # the outcome of its latest update, in words ("" if none)
 
     def clone(self) -> Node:
@@ -92,7 +94,8 @@ class Node:
         return Node(
             self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
             self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
-            self.offline_since, self.upgrading_to, self.warned_version, self.last_update,
+            self.offline_since, self.upgrading_to, self.warned_version, self.intranet_address,
+            self.cert_sha256, self.last_update,
         )
 
 
@@ -286,16 +289,18 @@ def _auth_key_regenerated(m: _Model, e: ev.AuthKeyRegenerated) -> None:
 
 
 def _node_registered(m: _Model, e: ev.NodeRegistered) -> None:
-    m.nodes[e.node] = Node(e.node, m.next_seq, e.machine_id, e.cores, e.memory_mb, e.at, e.metrics)
+    m.nodes[e.node] = Node(e.node, m.next_seq, e.machine_id, e.cores, e.memory_mb, e.at, e.metrics,
+                           intranet_address=e.intranet_address, cert_sha256=e.cert_sha256)
     m.next_seq += 1
     if e.node in m.removed:
         m.removed = {k: v for k, v in m.removed.items() if k != e.node}
 
 
-def _node_removed(m: _Model, e: ev.NodeRemoved) -> None:
+def _node_removed(m: _Model, e: ev.NodeRemoved | ev.NodeLeft) -> None:
     del m.nodes[e.node]
     kept = [(k, v) for k, v in m.removed.items() if k != e.node][1 - MAX_REMEMBERED_REMOVALS:]
-    m.removed = {**dict(kept), e.node: (e.reason, e.at)}
+    why = e.reason if type(e) is ev.NodeRemoved else "it left the runtime"
+    m.removed = {**dict(kept), e.node: (why, e.at)}
     if m.syncs:  # no sync to a node that is gone (copy-on-write, see _Model)
         m.syncs = {k: v for k, v in m.syncs.items() if k[1] != e.node}
 
@@ -353,6 +358,7 @@ EVOLVE: dict[type, Callable[[_Model, Any], None]] = {
     ev.AuthKeyRegenerated: _auth_key_regenerated,
     ev.NodeRegistered: _node_registered,
     ev.NodeRemoved: _node_removed,
+    ev.NodeLeft: _node_removed,
     ev.HeartbeatReceived: _heartbeat_received,
     ev.NodeStatusChanged: _node_status_changed,
     ev.NodeRejoined: _node_rejoined,

@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from shir.core.proxy import ProxyMode, ProxySettings, RestartHostService, SaveProxySettings
+from shir.core.proxy import ProxyMode, ProxySettings, SaveProxySettings
 from shir.core.sharing import (
+    AccessRole,
     FactoryRef,
     GrantAccess,
     LinkRuntime,
     Principal,
     RevokeAccess,
-    Role,
     SuspendLinkedWork,
     resource_id,
     sharing_state,
@@ -76,7 +76,7 @@ class LinkSpec:
     factory: str
     tenant: str = SHARED_FACTORY.tenant_id
     managed_identity: bool = True
-    granted_by_role: str = Role.OWNER.value
+    granted_by_role: str = AccessRole.OWNER.value
     link_at_s: float = 0.0
     rate_per_s: float = 0.5
     revoke_at_s: float | None = None
@@ -122,8 +122,8 @@ def _text(data: Mapping[str, Any], key: str, default: str) -> str:
 def parse_link(data: Mapping[str, Any]) -> LinkSpec:
     """A ``[[links]]`` table; ``ValueError('.key: expected ...')`` on bad input."""
     _check_keys(data, LinkSpec, ("name", "factory"))
-    roles = [r.value for r in Role]
-    role = _text(data, "granted_by_role", Role.OWNER.value)
+    roles = [r.value for r in AccessRole]
+    role = _text(data, "granted_by_role", AccessRole.OWNER.value)
     if role not in roles:
         raise ValueError(f".granted_by_role: expected one of {', '.join(roles)}, got {role!r:.40}")
     mi = data.get("managed_identity", True)
@@ -199,8 +199,8 @@ class Surface:
         now = w.env.now
         grantee = FactoryRef(link.factory, link.tenant,
                              f"msi-{link.factory}" if link.managed_identity else None)
-        w.handle(GrantAccess(SHARED_FACTORY, grantee, Principal(OWNER_NAME,
-                                                                Role(link.granted_by_role)), now))
+        granter = Principal(OWNER_NAME, AccessRole(link.granted_by_role))
+        w.handle(GrantAccess(SHARED_FACTORY, grantee, granter, now))
         rt = w.driver.state.runtime
         assert rt is not None
         w.handle(LinkRuntime(link.name, link.factory, resource_id(rt), now))
@@ -209,7 +209,7 @@ class Surface:
 
     def _revoke(self, link: LinkSpec) -> None:
         w = self.w
-        w.handle(RevokeAccess(link.factory, Principal(OWNER_NAME, Role.OWNER), w.env.now))
+        w.handle(RevokeAccess(link.factory, Principal(OWNER_NAME, AccessRole.OWNER), w.env.now))
 
     def _workload(self, link: LinkSpec) -> Any:
         w = self.w
@@ -226,21 +226,15 @@ class Surface:
         if w.nodes[change.node].alive():  # the user saves it on the machine itself
             w.handle(SaveProxySettings(change.node, _settings(change), w.env.now))
 
-    def carry_out(self, effect: object) -> bool:
-        """Carry out an effect of sharing or proxy settings; False: not one of them."""
-        w = self.w
-        if type(effect) is RestartHostService:
-            node = w.nodes.get(effect.node)
-            if node is not None:
-                w.net.send("service", node.name, "control", partial(self._restart, node.name))
-            return True
+    def to_factory(self, effect: object) -> None:
+        """An effect for the factory side: a linked factory told its work is suspended stops
+        submitting (after the message's latency). The others are the workload's business."""
         if type(effect) is SuspendLinkedWork:
             links = effect.links
-            w.net.send("service", FACTORY_SIDE, "control", lambda: self.suspended.update(links))
-            return True
-        return False
+            self.w.net.send("service", FACTORY_SIDE, "control",
+                            lambda: self.suspended.update(links))
 
-    def _restart(self, name: str) -> None:
+    def restart(self, name: str) -> None:
         """The host service stops (running work and memory lost) and starts again; as it
         starts it reads the runtime's term and dispatcher from the log, as a real host does."""
         w = self.w

@@ -6,6 +6,7 @@ import pytest
 from lifecycle_helpers import DAY_S, Cluster
 
 from shir.core import (
+    AccessRole,
     DispatchJobs,
     FactoryRef,
     GrantAccess,
@@ -15,7 +16,6 @@ from shir.core import (
     ProxyMode,
     ProxySettings,
     RevokeAccess,
-    Role,
     RuntimeSettings,
     RuntimeStatus,
     SaveProxySettings,
@@ -32,7 +32,7 @@ from shir.core.monitoring import (
 )
 from shir.core.sharing import resource_id
 
-OWNER = Principal("ada", Role.OWNER)
+OWNER = Principal("ada", AccessRole.OWNER)
 SHARED = FactoryRef("factory-1", "t", "msi-1")
 
 

@@ -7,6 +7,7 @@ from lifecycle_helpers import Cluster, names
 
 from shir.core import (
     AccessRevoked,
+    AccessRole,
     CompleteJob,
     DispatchJobs,
     FactoryRef,
@@ -15,7 +16,6 @@ from shir.core import (
     LinkRuntime,
     Principal,
     RevokeAccess,
-    Role,
     SharingRefused,
     SubmitLinkedJob,
     SuspendLinkedWork,
@@ -38,7 +38,7 @@ from shir.core.snapshot import restore, snapshot_bytes
 
 TENANT = "tenant-a"
 SHARED = FactoryRef("factory-1", TENANT, "msi-1")
-OWNER = Principal("ada@contoso.com", Role.OWNER)
+OWNER = Principal("ada@contoso.com", AccessRole.OWNER)
 B = FactoryRef("factory-b", TENANT, "msi-b")
 
 
@@ -71,8 +71,9 @@ def c() -> Cluster:
     [
         (FactoryRef("factory-b", "tenant-z", "msi-b"), OWNER, OtherTenant, "same tenant only",
          "tenant-z"),
-        (B, Principal("bob", Role.CONTRIBUTOR), NotOwner, "owner role required", "Contributor"),
-        (B, Principal("bob", Role.READER), NotOwner, "owner role required", "Owner"),
+        (B, Principal("bob", AccessRole.CONTRIBUTOR), NotOwner, "owner role required",
+         "Contributor"),
+        (B, Principal("bob", AccessRole.READER), NotOwner, "owner role required", "Owner"),
         (FactoryRef("factory-b", TENANT, None), OWNER, NoManagedIdentity,
          "managed identity required", "Identity property"),
         (SHARED, OWNER, OwnFactory, "another factory", "another data factory"),
@@ -88,7 +89,7 @@ def test_each_grant_rule_refuses_and_names_itself(
 
 
 def test_inherited_owner_may_grant_and_a_repeat_is_satisfied(c: Cluster) -> None:
-    events = c.handle(GrantAccess(SHARED, B, Principal("ops", Role.INHERITED_OWNER), 2.0))
+    events = c.handle(GrantAccess(SHARED, B, Principal("ops", AccessRole.INHERITED_OWNER), 2.0))
     assert names(events) == ["AccessGranted"]
     assert c.handle(GrantAccess(SHARED, B, OWNER, 3.0)) == ()
     assert list(sharing_state(c.state.model()).grants) == ["factory-b"]
@@ -129,7 +130,7 @@ def test_revoking_stops_new_work_while_running_jobs_finish(c: Cluster) -> None:
     c.handle(SubmitLinkedJob("lk-b", "job-1", "key-1", 3.0))
     (lease,) = [e for e in c.handle(DispatchJobs("n1", c.state.term, 4.0))
                 if isinstance(e, JobLeased)]
-    c.refused(RevokeAccess("factory-b", Principal("bob", Role.CONTRIBUTOR), 5.0), NotOwner)
+    c.refused(RevokeAccess("factory-b", Principal("bob", AccessRole.CONTRIBUTOR), 5.0), NotOwner)
     d = handle(c.state, RevokeAccess("factory-b", OWNER, 5.0))
     c.state = d.state
     assert [type(e) for e in d.events] == [AccessRevoked]
@@ -166,11 +167,11 @@ def test_a_refused_sharing_command_names_no_secret(c: Cluster) -> None:
     assert c.key_text() not in str(err)
 
 
-def test_a_format_2_snapshot_restores_with_nothing_shared(c: Cluster) -> None:
+def test_a_format_3_snapshot_restores_with_nothing_shared(c: Cluster) -> None:
     import msgpack
 
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == 3 and body[-3:] == [None, [], []]
+    assert body[0] == 4 and body[-3:] == [None, [], []]
     body[3] = [msgpack.packb(msgpack.unpackb(n)[:-1], use_bin_type=True) for n in body[3]]
-    restored = restore(msgpack.packb([2, *body[1:-3]], use_bin_type=True))
+    restored = restore(msgpack.packb([3, *body[1:-3]], use_bin_type=True))
     assert restored == c.state and sharing_state(restored.model()).links == {}

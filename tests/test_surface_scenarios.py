@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from shir.adapters.cli import main
 from shir.core import (
     AccessRevoked,
     JobCompleted,
@@ -21,7 +22,6 @@ from shir.core import (
 )
 from shir.core.codec import encode
 from shir.core.monitoring import monitoring_view
-from shir.sim import cli
 from shir.sim.scenario import ScenarioError, load_scenario, parse_scenario
 from shir.sim.world import RunResult, run
 
@@ -151,14 +151,14 @@ def test_run_report_and_replay_show_the_monitoring_view(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     log = tmp_path / "run.events"
-    assert cli.main(["sim", "run", "shared-runtime", "--log", str(log)]) == 0
+    assert main(["sim", "run", "shared-runtime", "--log", str(log)]) == 0
     out = capsys.readouterr().out
     assert "monitoring\n  runtime shared-runtime" in out
     assert "lk-c in factory factory-c: Revoked at 150 s" in out
-    assert cli.main(["sim", "replay", str(log)]) == 0
+    assert main(["sim", "replay", str(log)]) == 0
     out = capsys.readouterr().out
     assert "node-2: Online, worker" in out and "lk-b in factory factory-b: Active" in out
-    assert cli.main(["sim", "replay", str(log), "--json"]) == 0
+    assert main(["sim", "replay", str(log), "--json"]) == 0
     view = json.loads(capsys.readouterr().out)["monitoring"]
     assert view["status"] == "Online" and view["nodes"][0]["role"] == "dispatcher/worker"
     assert [lk["status"] for lk in view["links"]] == ["Active", "Revoked"]
