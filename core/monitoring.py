@@ -17,12 +17,12 @@ from typing import Any
 
 import attrs
 
+from shir.core.kernel import DAY_S, Model, Node, RuntimeState
 from shir.core.leasing import concurrency_limit
 from shir.core.model import NodeStatus, RuntimeStatus
 from shir.core.proxy import proxy_of
-from shir.core.rules import DAY_S, context
+from shir.core.rules import context
 from shir.core.sharing import Link, resource_id, sharing_state
-from shir.core.state import Node, RuntimeState, _Model
 
 __all__ = [
     "UNAVAILABLE",
@@ -137,7 +137,7 @@ def _version_status(n: Node, now: float, majority: str | None, lifetime_s: float
     return "matches the runtime"
 
 
-def _link_view(m: _Model, link: Link) -> LinkView:
+def _link_view(m: Model, link: Link) -> LinkView:
     b = m.jobs
     live = [j for j in link.jobs if j in b.jobs]
     running = sum(1 for j in live if j in b.leases)

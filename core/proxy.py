@@ -33,13 +33,16 @@ from typing import Any
 import attrs
 
 from shir.core.codec import event, value
-from shir.core.decide import DECIDE, _emit, _node, _runtime, _timed
-from shir.core.effects import EFFECTS, Recipient, to_node
+from shir.core.effects import Recipient, to_node
 from shir.core.errors import InvalidCommand
-from shir.core.state import EVOLVE, _Model
+from shir.core.kernel import Decider, Events, Handler, Model, TimedRule, emit, node_of, runtime_of
 
 __all__ = [
+    "DECIDE",
+    "EFFECTS",
+    "EVOLVE",
     "MAX_SECRET_BYTES",
+    "RULES",
     "InvalidProxySettings",
     "ProxyMode",
     "ProxySettings",
@@ -193,7 +196,7 @@ class RestartHostService:
 
 # --- state -------------------------------------------------------------------------------------
 
-def _saved(m: _Model, e: ProxySettingsSaved) -> None:
+def _saved(m: Model, e: ProxySettingsSaved) -> None:
     # Copy-on-write (scratch models share the dict); drop the settings of nodes that are gone.
     live = {(n.name, n.seq) for n in m.nodes.values()}
     kept = {k: v for k, v in m.proxies.items() if k in live and k[0] != e.node}
@@ -201,39 +204,36 @@ def _saved(m: _Model, e: ProxySettingsSaved) -> None:
     m.proxies = kept
 
 
-EVOLVE_PROXY: dict[type, Callable[[_Model, Any], None]] = {ProxySettingsSaved: _saved}
+EVOLVE: dict[type, Callable[[Model, Any], None]] = {ProxySettingsSaved: _saved}
 
-EFFECTS_PROXY: dict[type, Callable[[Any], tuple[object, ...]]] = {
+EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
     ProxySettingsSaved: lambda e: (
         RestartHostService(e.node, f"proxy settings changed to {e.settings.describe()}"),
     ),
 }
 
 
-def proxy_of(m: _Model, node: str) -> ProxySettings:
+def proxy_of(m: Model, node: str) -> ProxySettings:
     """The proxy setting in force on ``node`` (no proxy until one is saved)."""
     n = m.nodes.get(node)
     if n is None:
         return ProxySettings()
-    return m.proxies.get((node, n.seq), ProxySettings())
+    saved: ProxySettings = m.proxies.get((node, n.seq), ProxySettings())
+    return saved
 
 
-def _save(m: _Model, c: SaveProxySettings) -> list[object]:
-    _runtime(m)
-    n = _node(m, c.node)
+def _save(m: Model, c: SaveProxySettings, k: Decider) -> Events:
+    runtime_of(m)
+    n = node_of(m, c.node)
     check_proxy(c.settings)
     if proxy_of(m, c.node) == c.settings:
         return []  # unchanged: nothing to save, nothing to restart
-    s, out = _timed(m, c.at)
-    n = _node(s, c.node)  # settling may have expired it
-    _emit(s, out, ProxySettingsSaved(c.node, n.seq, c.settings, c.at))
+    s, out = k.timed(m, c.at)
+    n = node_of(s, c.node)  # settling may have expired it
+    emit(s, out, ProxySettingsSaved(c.node, n.seq, c.settings, c.at))
     return out
 
 
-DECIDE_PROXY: dict[type, Callable[[_Model, Any], list[object]]] = {SaveProxySettings: _save}
+DECIDE: dict[type, Handler] = {SaveProxySettings: _save}
 
-
-# Registration with today's merged tables (the concern-per-module decider merges these instead).
-EVOLVE.update(EVOLVE_PROXY)
-EFFECTS.update(EFFECTS_PROXY)
-DECIDE.update(DECIDE_PROXY)
+RULES: tuple[TimedRule, ...] = ()  # nothing here waits on time

@@ -41,18 +41,32 @@ from typing import Any
 
 import attrs
 
+from shir.core import leasing
 from shir.core.codec import event, value
-from shir.core.decide import DECIDE, _check_name, _emit, _runtime, _timed
-from shir.core.effects import EFFECTS, FACTORY, Recipient
+from shir.core.effects import FACTORY, Recipient
 from shir.core.errors import DomainError, InvalidCommand
 from shir.core.jobs import JobSubmitted
+from shir.core.kernel import (
+    Decider,
+    Events,
+    Handler,
+    Model,
+    RuntimeInfo,
+    TimedRule,
+    check_name,
+    emit,
+    runtime_of,
+)
 from shir.core.leasing import SubmitJob
 from shir.core.model import CredentialVersion
-from shir.core.state import EVOLVE, RuntimeInfo, _Model
 
 __all__ = [
+    "DECIDE",
+    "EFFECTS",
+    "EVOLVE",
     "MAX_GRANTS",
     "MAX_LINKS",
+    "RULES",
     "AccessGranted",
     "AccessNotGranted",
     "AccessRevoked",
@@ -332,7 +346,7 @@ class SharingState:
 # The model's ``sharing`` is copy-on-write: handlers build a new SharingState, never change one
 # in place, so a scratch model (which shares it) never writes through to the real one.
 
-def _granted(m: _Model, e: AccessGranted) -> None:
+def _granted(m: Model, e: AccessGranted) -> None:
     sh = sharing_state(m)
     fid = e.factory.factory_id
     links = {
@@ -342,7 +356,7 @@ def _granted(m: _Model, e: AccessGranted) -> None:
     m.sharing = SharingState({**sh.grants, fid: Grant(e.factory, e.granted_by, e.at)}, links)
 
 
-def _revoked(m: _Model, e: AccessRevoked) -> None:
+def _revoked(m: Model, e: AccessRevoked) -> None:
     sh = sharing_state(m)
     links = {
         k: attrs.evolve(v, revoked_at=e.at) if k in e.links else v for k, v in sh.links.items()
@@ -352,13 +366,13 @@ def _revoked(m: _Model, e: AccessRevoked) -> None:
     )
 
 
-def _linked(m: _Model, e: RuntimeLinked) -> None:
+def _linked(m: Model, e: RuntimeLinked) -> None:
     sh = sharing_state(m)
     link = Link(e.linked_runtime_id, e.factory_id, e.at)
     m.sharing = SharingState(sh.grants, {**sh.links, e.linked_runtime_id: link})
 
 
-def _job_accepted(m: _Model, e: LinkedJobAccepted) -> None:
+def _job_accepted(m: Model, e: LinkedJobAccepted) -> None:
     sh = sharing_state(m)
     link = sh.links[e.linked_runtime_id]
     held = m.jobs.jobs  # prune the ids of jobs that ended: bounded by live work
@@ -369,14 +383,14 @@ def _job_accepted(m: _Model, e: LinkedJobAccepted) -> None:
     m.sharing = SharingState(sh.grants, {**sh.links, e.linked_runtime_id: link})
 
 
-EVOLVE_SHARING: dict[type, Callable[[_Model, Any], None]] = {
+EVOLVE: dict[type, Callable[[Model, Any], None]] = {
     AccessGranted: _granted,
     AccessRevoked: _revoked,
     RuntimeLinked: _linked,
     LinkedJobAccepted: _job_accepted,
 }
 
-EFFECTS_SHARING: dict[type, Callable[[Any], tuple[object, ...]]] = {
+EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
     AccessRevoked: lambda e: (
         SuspendLinkedWork(e.factory_id, e.links, f"access revoked by {e.revoked_by}"),
     ),
@@ -392,7 +406,7 @@ def _check_owner(who: Principal, verb: str) -> None:
     if not isinstance(who, Principal) or not isinstance(who.role, AccessRole):
         raise InvalidCommand(
             f"the principal who asks to {verb} must be a Principal with an AccessRole")
-    _check_name("principal name", who.name)
+    check_name("principal name", who.name)
     if who.role not in _OWNERS:
         raise NotOwner(
             f"{who.name!r} is {who.role.value} on the shared runtime's factory; only an Owner "
@@ -403,14 +417,14 @@ def _check_owner(who: Principal, verb: str) -> None:
 def _check_factory(ref: FactoryRef, what: str) -> None:
     if not isinstance(ref, FactoryRef):
         raise InvalidCommand(f"{what} must be a FactoryRef")
-    _check_name(f"{what} factory_id", ref.factory_id)
-    _check_name(f"{what} tenant_id", ref.tenant_id)
+    check_name(f"{what} factory_id", ref.factory_id)
+    check_name(f"{what} tenant_id", ref.tenant_id)
     if ref.managed_identity is not None:
-        _check_name(f"{what} managed_identity", ref.managed_identity)
+        check_name(f"{what} managed_identity", ref.managed_identity)
 
 
-def _grant(m: _Model, c: GrantAccess) -> list[object]:
-    rt = _runtime(m)
+def _grant(m: Model, c: GrantAccess, k: Decider) -> Events:
+    rt = runtime_of(m)
     _check_factory(c.shared_factory, "shared_factory")
     _check_factory(c.grantee, "grantee")
     if c.shared_factory.factory_id != rt.factory_id:
@@ -442,27 +456,27 @@ def _grant(m: _Model, c: GrantAccess) -> list[object]:
         raise InvalidCommand(
             f"runtime {rt.name!r} already has {MAX_GRANTS} grants (shir's bound); revoke one first"
         )
-    s, out = _timed(m, c.at)
-    _emit(s, out, AccessGranted(g, c.granted_by.name, c.at))
+    s, out = k.timed(m, c.at)
+    emit(s, out, AccessGranted(g, c.granted_by.name, c.at))
     return out
 
 
-def _revoke(m: _Model, c: RevokeAccess) -> list[object]:
-    _runtime(m)
-    _check_name("factory_id", c.factory_id)
+def _revoke(m: Model, c: RevokeAccess, k: Decider) -> Events:
+    runtime_of(m)
+    check_name("factory_id", c.factory_id)
     _check_owner(c.revoked_by, "revoke access")
     if c.factory_id not in sharing_state(m).grants:
         return []  # nothing granted: satisfied
     links = tuple(k for k, v in sharing_state(m).links.items() if v.factory_id == c.factory_id)
-    s, out = _timed(m, c.at)
-    _emit(s, out, AccessRevoked(c.factory_id, c.revoked_by.name, links, c.at))
+    s, out = k.timed(m, c.at)
+    emit(s, out, AccessRevoked(c.factory_id, c.revoked_by.name, links, c.at))
     return out
 
 
-def _link(m: _Model, c: LinkRuntime) -> list[object]:
-    rt = _runtime(m)
-    _check_name("linked_runtime_id", c.linked_runtime_id)
-    _check_name("factory_id", c.factory_id)
+def _link(m: Model, c: LinkRuntime, k: Decider) -> Events:
+    rt = runtime_of(m)
+    check_name("linked_runtime_id", c.linked_runtime_id)
+    check_name("factory_id", c.factory_id)
     expected = resource_id(rt)
     if c.shared_resource_id != expected:
         raise ResourceIdMismatch(
@@ -484,13 +498,13 @@ def _link(m: _Model, c: LinkRuntime) -> list[object]:
         )
     if len(sharing_state(m).links) >= MAX_LINKS:
         raise InvalidCommand(f"runtime {rt.name!r} already has {MAX_LINKS} links (shir's bound)")
-    s, out = _timed(m, c.at)
-    _emit(s, out, RuntimeLinked(c.linked_runtime_id, c.factory_id, c.at))
+    s, out = k.timed(m, c.at)
+    emit(s, out, RuntimeLinked(c.linked_runtime_id, c.factory_id, c.at))
     return out
 
 
-def _submit_linked(m: _Model, c: SubmitLinkedJob) -> list[object]:
-    rt = _runtime(m)
+def _submit_linked(m: Model, c: SubmitLinkedJob, k: Decider) -> Events:
+    rt = runtime_of(m)
     link = sharing_state(m).links.get(c.linked_runtime_id)
     if link is None:
         raise UnknownLink(
@@ -503,13 +517,13 @@ def _submit_linked(m: _Model, c: SubmitLinkedJob) -> list[object]:
             f"{link.revoked_at:g} s; linked runtime {link.linked_runtime_id!r} takes no new "
             "work until an owner grants access again"
         )
-    out = list(DECIDE[SubmitJob](m, c.job()))  # the leasing rules decide the job itself
+    out = list(leasing.DECIDE[SubmitJob](m, c.job(), k))  # the leasing rules decide the job
     if any(type(e) is JobSubmitted for e in out):  # not a duplicate
         out.append(LinkedJobAccepted(c.linked_runtime_id, c.job_id, c.at))
     return out
 
 
-DECIDE_SHARING: dict[type, Callable[[_Model, Any], list[object]]] = {
+DECIDE: dict[type, Handler] = {
     GrantAccess: _grant,
     RevokeAccess: _revoke,
     LinkRuntime: _link,
@@ -522,12 +536,9 @@ DECIDE_SHARING: dict[type, Callable[[_Model, Any], list[object]]] = {
 _NOTHING_SHARED = SharingState()
 
 
-def sharing_state(m: _Model) -> SharingState:
+def sharing_state(m: Model) -> SharingState:
     """The grants and links of a runtime's model (read-only)."""
     return m.sharing or _NOTHING_SHARED
 
 
-# Registration with today's merged tables (the concern-per-module decider merges these instead).
-EVOLVE.update(EVOLVE_SHARING)
-EFFECTS.update(EFFECTS_SHARING)
-DECIDE.update(DECIDE_SHARING)
+RULES: tuple[TimedRule, ...] = ()  # nothing here waits on time

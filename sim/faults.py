@@ -15,8 +15,8 @@ from typing import Any
 import attrs
 
 from shir.core.credentials import _check_credential as _core_check_credential
-from shir.core.decide import _check_name as _core_check_name
 from shir.core.errors import InvalidCommand
+from shir.core.kernel import check_name as _core_check_name
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultKind", "draw_faults", "parse_fault"]
 

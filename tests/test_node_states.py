@@ -16,10 +16,10 @@ from shir.core import (
     StartUpgrade,
 )
 from shir.core.errors import NodeOffline, UnknownNode
+from shir.core.kernel import MAX_REMEMBERED_REMOVALS
 from shir.core.keys import RegeneratedKey, WrongRuntimeKey
 from shir.core.rules import local_status
 from shir.core.snapshot import restore, snapshot_bytes
-from shir.core.state import MAX_REMEMBERED_REMOVALS
 
 
 def test_initialize_failed_refuses_work_that_needs_the_node_up() -> None:
