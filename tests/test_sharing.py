@@ -22,7 +22,10 @@ from shir.core import (
     handle,
 )
 from shir.core.codec import decode, encode
+from shir.core.errors import InvalidCommand
 from shir.core.sharing import (
+    MAX_GRANTS,
+    MAX_LINKS,
     AccessNotGranted,
     GrantRevoked,
     NoManagedIdentity,
@@ -175,3 +178,34 @@ def test_a_format_3_snapshot_restores_with_nothing_shared(c: Cluster) -> None:
     body[3] = [msgpack.packb(msgpack.unpackb(n)[:-1], use_bin_type=True) for n in body[3]]
     restored = restore(msgpack.packb([3, *body[1:-3]], use_bin_type=True))
     assert restored == c.state and sharing_state(restored.model()).links == {}
+
+
+def test_grants_and_links_are_bounded(c: Cluster) -> None:
+    for i in range(MAX_GRANTS):
+        grant(c, FactoryRef(f"f{i}", TENANT, f"m{i}"), at=2)
+    err = c.refused(GrantAccess(SHARED, FactoryRef("one-more", TENANT, "m"), OWNER, 3.0))
+    assert f"already has {MAX_GRANTS} grants" in str(err)
+    for i in range(MAX_LINKS):
+        c.handle(LinkRuntime(f"lk-{i}", "f0", rid(c), 4.0))
+    err = c.refused(LinkRuntime("lk-more", "f1", rid(c), 5.0))
+    assert f"already has {MAX_LINKS} links" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (GrantAccess(SHARED, FactoryRef("", TENANT, "m"), OWNER, 2.0),
+         "grantee factory_id must be 1-128 characters"),
+        (GrantAccess(SHARED, FactoryRef("f", TENANT, "m\n"), OWNER, 2.0),
+         "grantee managed_identity must not contain control characters"),
+        (GrantAccess(SHARED, B, Principal("", AccessRole.OWNER), 2.0),
+         "principal name must be 1-128 characters"),
+        (RevokeAccess("factory-b", Principal("x", "Owner"), 2.0),  # type: ignore[arg-type]
+         "must be a Principal with an AccessRole"),
+        (LinkRuntime("", "factory-b", "/factories/x", 2.0), "linked_runtime_id must be"),
+    ],
+)
+def test_malformed_sharing_commands_say_which_field(c: Cluster, command: object,
+                                                    says: str) -> None:
+    err = c.refused(command, InvalidCommand)
+    assert says in str(err)
