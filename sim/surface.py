@@ -50,6 +50,7 @@ from shir.core.sharing import (
     resource_id,
     sharing_state,
 )
+from shir.sim.network import CONTROL, SERVICE
 
 if TYPE_CHECKING:
     from shir.sim.world import World
@@ -231,8 +232,7 @@ class Surface:
         submitting (after the message's latency). The others are the workload's business."""
         if type(effect) is SuspendLinkedWork:
             links = effect.links
-            self.w.net.send("service", FACTORY_SIDE, "control",
-                            lambda: self.suspended.update(links))
+            self.w.net.send(SERVICE, FACTORY_SIDE, CONTROL, lambda: self.suspended.update(links))
 
     def restart(self, name: str) -> None:
         """The host service stops (running work and memory lost) and starts again; as it

@@ -130,7 +130,7 @@ def test_the_machine_catches_and_shrinks_a_broken_core(
     failure = hunt(variant, monkeypatch, tmp_path)
     assert found_as in failure.error, failure.error
     assert failure.schedule_length <= MAX_SCHEDULE, failure.toml
-    assert failure.steps <= MAX_RULES, failure.trace
+    assert len(failure.trace) <= MAX_RULES, failure.trace
     assert f"--seed {failure.seed}" in failure.replay_command
     # the saved schedule replays to the same failure against the broken core...
     broken = replay(failure.path, failure.seed)
