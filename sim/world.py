@@ -97,6 +97,8 @@ class RunResult:
     log: list[object] = attrs.field(repr=False, factory=list)
     expectations: dict[str, list[str]] = attrs.field(factory=lambda: {"passed": [], "failed": []})
     monitoring: str = ""  # the monitoring view at the end of the run (shir.core.monitoring)
+    # nodes never registered by the end, with why their latest registration was refused
+    join_refused: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -199,6 +201,7 @@ class World:
         self.healing = False
         self.append_lost_at: float | None = None
         self.surface = Surface(self)  # links and proxy changes (shir.sim.surface)
+        self.join_refused: dict[str, str] = {}  # node -> why its latest registration was refused
 
     # -- randomness: one generator per named stream, derived from the seed
     def _rng(self, stream: str) -> random.Random:
@@ -243,6 +246,8 @@ class World:
             return ()
         except DomainError as exc:
             self.refusals[type(exc).__name__] += 1
+            if type(command) is cmd.RegisterNode:  # the report says why a node never joined
+                self.join_refused[command.node] = str(exc)
             if sender is not None:
                 self.nodes[sender].refused(command)
                 if isinstance(exc, Fenced):  # the sender is stale: tell it what it missed
@@ -663,6 +668,8 @@ class World:
             timeline=self.timeline,
             log=self.events_log,
             monitoring=render(monitoring_view(self.driver.state)),
+            join_refused={n: why for n, why in self.join_refused.items()
+                          if self.driver.state.node(n) is None},
         )
 
 

@@ -163,3 +163,23 @@ def test_run_report_and_replay_show_the_monitoring_view(
     assert view["status"] == "Online" and view["nodes"][0]["role"] == "dispatcher/worker"
     assert [lk["status"] for lk in view["links"]] == ["Active", "Revoked"]
     assert view["nodes"][0]["sent_bytes"] is None  # not reported: unavailable, not invented
+
+
+def test_a_second_node_without_remote_access_is_refused_and_the_report_says_how(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    path = tmp_path / "two.toml"
+    path.write_text('duration_s = 60\ndrain_s = 10\n[[nodes]]\nname = "node-1"\n'
+                    '[[nodes]]\nname = "node-2"\njoin_at_s = 5\n', encoding="utf-8")
+    assert main(["sim", "run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "refusals      RemoteAccessDisabled" in out
+    assert ("not joined    node-2: node 'node-2' cannot join: remote access from intranet "
+            "(TCP 8060) is off on node-1") in out
+    assert "remote_access = true under its [[nodes]]" in out
+    on = path.read_text(encoding="utf-8").replace('name = "node-1"\n',
+                                                  'name = "node-1"\nremote_access = true\n')
+    path.write_text(on, encoding="utf-8")
+    assert main(["sim", "run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "not joined" not in out and "node-2: Online" in out
