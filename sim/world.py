@@ -59,6 +59,8 @@ from shir.core.leasing import (
     default_limit,
 )
 from shir.core.model import CredentialVersion, KeyName, NodeStatus
+from shir.core.monitoring import monitoring_view, render
+from shir.core.sharing import SubmitLinkedJob
 from shir.core.snapshot import snapshot_bytes
 from shir.core.store import InMemoryEventStore
 from shir.sim.faults import FAULT_KINDS, Fault, draw_faults
@@ -66,6 +68,7 @@ from shir.sim.invariants import Checkers, check_snapshot
 from shir.sim.network import CONTROL, HB, INTRANET, SERVICE, Network
 from shir.sim.node import SimNode
 from shir.sim.scenario import NodeSpec, Scenario
+from shir.sim.surface import Surface
 
 __all__ = ["RunResult", "World", "run"]
 
@@ -93,6 +96,9 @@ class RunResult:
     timeline: dict[str, Any]
     log: list[object] = attrs.field(repr=False, factory=list)
     expectations: dict[str, list[str]] = attrs.field(factory=lambda: {"passed": [], "failed": []})
+    monitoring: str = ""  # the monitoring view at the end of the run (shir.core.monitoring)
+    # nodes never registered by the end, with why their latest registration was refused
+    join_refused: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -194,6 +200,8 @@ class World:
         }
         self.healing = False
         self.append_lost_at: float | None = None
+        self.surface = Surface(self)  # links and proxy changes (shir.sim.surface)
+        self.join_refused: dict[str, str] = {}  # node -> why its latest registration was refused
 
     # -- randomness: one generator per named stream, derived from the seed
     def _rng(self, stream: str) -> random.Random:
@@ -238,6 +246,8 @@ class World:
             return ()
         except DomainError as exc:
             self.refusals[type(exc).__name__] += 1
+            if type(command) is cmd.RegisterNode:  # the report says why a node never joined
+                self.join_refused[command.node] = str(exc)
             if sender is not None:
                 self.nodes[sender].refused(command)
                 if isinstance(exc, Fenced):  # the sender is stale: tell it what it missed
@@ -260,6 +270,7 @@ class World:
         elif to.role is fx.Role.EVERY_NODE:
             names = self.node_names
         else:
+            self.surface.to_factory(effect)  # linked factories hear theirs (shir.sim.surface)
             return
         for name in names:
             node = self.nodes.get(name)
@@ -389,8 +400,9 @@ class World:
                 return
             self.submit_job()
 
-    def submit_job(self) -> None:
-        """The service submits one job of the scenario's workload, now."""
+    def submit_job(self, link: str | None = None) -> None:
+        """The service submits one job of the scenario's workload (or of linked runtime
+        ``link``'s), now."""
         wl = self.scenario.workload
         rng = self.workload_rng
         env = self.env
@@ -407,8 +419,14 @@ class World:
             work = dist.mean_s
         self.job_work[job_id] = work
         self.submitted_keys[key] = job_id
-        submit = SubmitJob(job_id, key, env.now, self.job_needs)
+        submit: Any = (SubmitJob(job_id, key, env.now, self.job_needs) if link is None
+                       else SubmitLinkedJob(link, job_id, key, env.now, self.job_needs))
         self.handle(submit)
+        if link is not None and self.append_lost_at != env.now and (
+            key not in self.driver.state.model().jobs.active_keys
+        ):
+            del self.submitted_keys[key]  # refused (a revoked link): never accepted, not lost
+            return
         if wl.duplicate_submit_p and rng.random() < wl.duplicate_submit_p:
             self.later(rng.random() * 5.0, lambda: self.handle(
                 attrs.evolve(submit, at=self.env.now)))
@@ -541,6 +559,7 @@ class World:
         self.env.process(self.workload())
         self.env.process(self.sampler())
         self.schedule_faults()
+        self.surface.schedule()
         # The snapshot is taken as the faults end: the drain phase is the tail it must replay.
         self.at(self.duration_s, self._take_snapshot)
         self.at(self.duration_s, self.heal_all)
@@ -648,6 +667,9 @@ class World:
             store_recoveries=self.driver.recoveries,
             timeline=self.timeline,
             log=self.events_log,
+            monitoring=render(monitoring_view(self.driver.state)),
+            join_refused={n: why for n, why in self.join_refused.items()
+                          if self.driver.state.node(n) is None},
         )
 
 

@@ -186,7 +186,8 @@ def test_two_drivers_on_one_store_resolve_a_conflict_by_deciding_again() -> None
     a = Driver(store, "rt")
     a.handle(CreateRuntime("rt", "f", "ir", K1, K2, 0.0))
     b = Driver(store, "rt")  # b has read the log so far
-    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0))
+    # remote access on for "a", so a second node may join
+    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0, NodeMetrics(remote_access=True)))
     # b's state is one event behind: its append conflicts, it re-reads and decides again
     b.handle(RegisterNode(K2.text, "b", "m-b", 2, 2048, 2.0))
     assert b.conflicts == 1 and b.state.node("a") is not None and b.state.node("b") is not None
@@ -208,7 +209,7 @@ def test_a_command_that_lost_the_race_to_a_later_stamped_writer_is_decided_at_th
     store = InMemoryEventStore()
     a = Driver(store, "rt")
     a.handle(CreateRuntime("rt", "f", "ir", K1, K2, 0.0))
-    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0))
+    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0, NodeMetrics(remote_access=True)))
     b = Driver(store, "rt")
     b.handle(RegisterNode(K1.text, "b", "m-b", 2, 2048, 9.0))  # b's clock: 9 s
     a.handle(Heartbeat("a", 1, NodeMetrics(), 5.0))  # a's clock: 5 s, behind the log

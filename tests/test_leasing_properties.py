@@ -185,12 +185,12 @@ class World:
 
     def register(self, node: str) -> None:
         self.handle(RegisterNode(self.keys[KeyName.KEY1].text, node, f"m-{node}", 2, 4096,
-                                 self.now))
+                                 self.now, NodeMetrics(remote_access=True)))
         self.sessions[node] = 1
 
     def metrics(self, node: str) -> NodeMetrics:
         return NodeMetrics(
-            available_memory_mb=4096, version="5.0", config_hash="cfg",
+            available_memory_mb=4096, version="5.0", config_hash="cfg", remote_access=True,
             reachable_peers=tuple(p for p in NODES if p != node),
             credentials=(CredentialVersion(DB, self.creds[node]),),
         )
