@@ -74,7 +74,18 @@ from shir.core.leasing import lease_end
 from shir.core.model import KeyName, NodeStatus
 from shir.core.rules import choose_dispatcher, context, derive_status, is_allowed, is_silent
 
-__all__ = ["ANSWERS", "DECIDE", "DISPATCH_TRIGGERS", "EFFECTS", "EVOLVE", "RULES"]
+__all__ = [
+    "ANSWERS",
+    "DECIDE",
+    "DISPATCH_TRIGGERS",
+    "EFFECTS",
+    "EVOLVE",
+    "RULES",
+    "choose_the_dispatcher",
+    "derive_statuses",
+    "expire_offline_nodes",
+    "warn_expiring_versions",
+]
 
 # --- evolve: one handler per event type ------------------------------------------------------
 
