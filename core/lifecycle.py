@@ -82,7 +82,18 @@ from shir.core.rules import (
     is_silent,
 )
 
-__all__ = ["ANSWERS", "DECIDE", "DISPATCH_TRIGGERS", "EFFECTS", "EVOLVE", "RULES"]
+__all__ = [
+    "ANSWERS",
+    "DECIDE",
+    "DISPATCH_TRIGGERS",
+    "EFFECTS",
+    "EVOLVE",
+    "RULES",
+    "choose_the_dispatcher",
+    "derive_statuses",
+    "expire_offline_nodes",
+    "warn_expiring_versions",
+]
 
 # --- evolve: one handler per event type ------------------------------------------------------
 
@@ -356,14 +367,8 @@ def _leave_runtime(m: Model, c: cmd.LeaveRuntime, k: Decider) -> Events:
     s, out = k.timed(m, c.at)
     if c.node not in s.nodes:  # settling may have expired it already
         return out
-    b = s.jobs
-    for job_id in sorted(b.node_leases.get(c.node, ())):
-        if job_id not in s.pending:  # redelivered at once, as for a node that went Offline
-            emit(s, out, lease_end(s, b.leases[job_id], ReleaseReason.NODE_LOST,
-                                   f"node {c.node} left the runtime", c.at))
-    if c.node in b.limits:  # an override must not outlive its node
-        emit(s, out, ConcurrencyLimitSet(c.node, None, c.at))
-    emit(s, out, ev.NodeLeft(c.node, c.at))
+    for e in _removal(s, c.node, "", c.at, left=True):
+        emit(s, out, e)
     k.settle(s, c.at, out)
     return out
 
@@ -489,11 +494,18 @@ ANSWERS: dict[type, Callable[[Any, tuple[object, ...], RuntimeState], tuple[obje
 
 # --- timed rules: the events due at ``at``, and the next due time ---------------------------
 
-def _removal(s: Model, node: str, reason: str, at: float) -> Events:
-    out: Events = []
-    if node in s.jobs.limits:  # an override must not outlive its node (a new one may take the name)
+def _removal(s: Model, node: str, reason: str, at: float, *, left: bool = False) -> Events:
+    """A node's removal (``left``: its own leaving): its leases end first, redelivered at once,
+    then its limit override, then the node itself."""
+    b = s.jobs
+    why = f"node {node} left the runtime" if left else f"node {node} was removed"
+    out: Events = [
+        lease_end(s, b.leases[job_id], ReleaseReason.NODE_LOST, why, at)
+        for job_id in sorted(b.node_leases.get(node, ())) if job_id not in s.pending
+    ]
+    if node in b.limits:  # an override must not outlive its node (a new one may take the name)
         out.append(ConcurrencyLimitSet(node, None, at))
-    out.append(ev.NodeRemoved(node, reason, at))
+    out.append(ev.NodeLeft(node, at) if left else ev.NodeRemoved(node, reason, at))
     return out
 
 

@@ -12,7 +12,8 @@ term it believes in when the core says a dispatch is wanted (and on a slow poll)
 
 The service is a host like any other (docs/architecture.md, "The host protocol"): it sends each
 effect to the recipient the effect names (``effect.to``), and answers a refused sender with the
-reply its ``Fenced`` refusal carries. It decides nothing the core decides.
+reply its ``Fenced`` refusal carries. It decides nothing the core decides; it only batches the
+transport (the same message to the same node within ``NUDGE_COALESCE_S`` goes once).
 
 *The network* (``shir.sim.network``) carries every message with a latency, through partitions
 and message faults.
@@ -66,7 +67,7 @@ from shir.core.store import InMemoryEventStore
 from shir.sim.faults import FAULT_KINDS, Fault, draw_faults
 from shir.sim.invariants import Checkers, check_snapshot
 from shir.sim.network import CONTROL, HB, INTRANET, SERVICE, Network
-from shir.sim.node import SimNode
+from shir.sim.node import NUDGE_COALESCE_S, SimNode
 from shir.sim.scenario import NodeSpec, Scenario
 from shir.sim.surface import Surface
 
@@ -177,6 +178,7 @@ class World:
         self.slow: dict[str, float] = {}
         self.job_work: dict[str, float] = {}
         self.refusals: Counter[str] = Counter()
+        self._last_sent: dict[tuple[str, type], tuple[object, float]] = {}  # see _carry_out
         self.keys: dict[str, AuthKey] = {}
         # what every new job needs: the latest saved version of each workload credential
         self.job_needs = tuple(CredentialVersion(cid, v) for cid, v in scenario.workload.needs)
@@ -272,10 +274,20 @@ class World:
         else:
             self.surface.to_factory(effect)  # linked factories hear theirs (shir.sim.surface)
             return
+        now = self.env.now
+        sent = self._last_sent
         for name in names:
             node = self.nodes.get(name)
-            if node is not None:
-                self.net.send(SERVICE, name, CONTROL, partial(node.receive, effect))
+            if node is None:
+                continue
+            # Transport batching, not a decision: the same message to the same node again within
+            # the coalescing window is sent once (a burst of DispatchWanted, mostly).
+            key = (name, type(effect))
+            last = sent.get(key)
+            if last is not None and last[0] == effect and now - last[1] < NUDGE_COALESCE_S:
+                continue
+            sent[key] = (effect, now)
+            self.net.send(SERVICE, name, CONTROL, partial(node.receive, effect))
 
     def send(self, src: str, dst: str, channel: str, make: Callable[..., Any]) -> None:
         """Send a message; towards the service ``make(at)`` builds the command on arrival."""

@@ -88,7 +88,10 @@ def test_deliveries_must_grow() -> None:
     v = _check([_registered("a", 4, 4096), _dispatcher(1), jobs.JobLeased(first, 60.0, 0.0),
                 jobs.JobReleased(first, jobs.ReleaseReason.ABANDONED, "x", 1.0),
                 jobs.JobLeased(_token("j1", delivery=2), 61.0, 1.0)])
-    assert any("delivery went back to 2" in x for x in v)
+    assert any("j1 delivery 2 after 2 (deliveries go up by one)" in x for x in v)
+    skipped = _check([_registered("a", 4, 4096), _dispatcher(1),
+                      jobs.JobLeased(_token("j2", delivery=3), 60.0, 0.0)])
+    assert any("j2 delivery 3 after 0" in x for x in skipped)
 
 
 def test_capacity_above_the_limit_is_caught() -> None:
