@@ -19,6 +19,7 @@ from shir.adapters.node_host import job_id_for
 from shir.adapters.stores import open_store
 from shir.core.commands import RegisterNode
 from shir.core.driver import Driver
+from shir.core.model import NodeMetrics
 
 FAST = ("--heartbeat-interval", "0.5", "--missed-heartbeats", "3", "--lock-duration", "3")
 
@@ -74,7 +75,7 @@ def test_a_fifth_node_is_refused(tmp_path: Path) -> None:
         driver = Driver(open_store(c.store_url, create=False))
         for i in range(4):  # four machines registered earlier (through the core itself)
             driver.handle(RegisterNode(keys["key2"], f"m{i}", f"machine-{i}", 2, 4096,
-                                       time.time()))
+                                       time.time(), NodeMetrics(remote_access=True)))
         code, log = _run_to_end(c, "fifth")
         assert code == 2 and "already has 4 nodes (max 4)" in log and "remove one" in log
 
@@ -86,7 +87,7 @@ def test_a_second_node_is_refused_while_remote_access_is_off(tmp_path: Path) -> 
         wait_for("the first node Online", lambda: _registered(c, "first"), 20)
         code, log = _run_to_end(c, "second")
         assert code == 2
-        assert "enable 'remote access from intranet' (TCP 8060) on first" in log
+        assert "remote access from intranet (TCP 8060) is off on first" in log
 
 
 def test_one_node_host_per_home(tmp_path: Path) -> None:
