@@ -144,6 +144,20 @@ def test_dask_worker_sigkilled_mid_sweep_loses_no_seed(
     assert result.retried >= 2  # the scheduler reran the batch holding seed 104
 
 
+def test_dask_sole_worker_sigkilled_loses_no_seed(
+    scenario: Scenario, reference: dict[int, str], tmp_path: Path,
+) -> None:
+    """With one worker, nothing else holds what it held: every batch must still run."""
+    _dask()
+    batch_fn = functools.partial(kill_once, str(tmp_path / "killed"), 104)
+    result = sweep.sweep(scenario, SEEDS, UNTIL_S, cluster=sweep.parse_cluster("local:1", None),
+                         batch_size=2, batch_fn=batch_fn)
+    assert (tmp_path / "killed").exists()
+    assert hashes(result) == reference
+    assert no_seed_lost(result)
+    assert result.retried >= 2
+
+
 # -- the report ------------------------------------------------------------------------------
 
 
