@@ -7,33 +7,50 @@ Prints JSON lines (name, value, unit, baseline, ratio), medians of the rounds:
   ratio = 2 vs 1 (goal >= 1.8 on a machine with 2 idle cores).
 - ``sweep_dask_2_workers``: the same on a LocalCluster of 2 worker processes.
 - ``sweep_dask_overhead_per_seed``: wall ms per seed on Dask against the local pool, both with
-  2 workers, from the workers being ready to the last result (the cluster's start, about 2.5 s,
-  is reported apart as ``sweep_dask_startup``); ratio = dask / pool, goal <= 1.10.
-- ``sweep_dask_startup``: seconds to start a LocalCluster of 2 workers; baseline the pool's
-  first-result latency is not comparable, so baseline = the 2-worker pool's whole sweep.
+  2 workers, from the workers being ready to the last result: what is left out on both sides
+  is starting the workers and importing the simulator in them (the pool forks workers from a
+  process that imported it; Dask workers import it before the clock starts). Everything else
+  is in: scheduling, sending the scenario with each batch, results coming back, the
+  scheduler and nannies sharing the machine's cores; ratio = dask / pool, goal <= 1.10.
+  ``paired_ratio`` is the median of each round's dask / pool (run back to back, so a change
+  in the machine's load between rounds cancels out).
+- ``sweep_dask_startup``: seconds to start a LocalCluster of 2 workers (about 2.5 s idle),
+  paid once per sweep; baseline = the 2-worker pool's whole run.
 
-    .venv/bin/python benchmarks/sweep.py [--rounds 2] [--seeds 200] [--scenario crash-mid-job]
+Each line also carries ``rounds`` and ``load_1m`` (the machine's load average when it
+finished): on a shared machine, run several rounds and read the figures with the load.
+
+    .venv/bin/python benchmarks/sweep.py [--rounds 5] [--seeds 200] [--scenario crash-mid-job]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
+import sys
+from pathlib import Path
 
-from shir.sim.scenario import load_scenario
-from shir.sim.sweep import parse_cluster, sweep
+# Run as a script, this folder comes first on sys.path, and its copy.py would shadow the
+# standard library's `copy` (which Dask imports): take the folder off first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402 - after the sys.path fix above
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+
+from shir.sim.scenario import load_scenario  # noqa: E402
+from shir.sim.sweep import parse_cluster, sweep  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=200)
     ap.add_argument("--scenario", default="crash-mid-job")
     args = ap.parse_args()
     sc = load_scenario(args.scenario)
     seeds = list(range(sc.seed, sc.seed + args.seeds))
-    setups = {"pool1": (None, 1), "pool2": (None, 2), "dask1": ("local:1", None),
+    # a pool and its Dask twin back to back, so that each pair sees about the same load
+    setups = {"pool1": (None, 1), "dask1": ("local:1", None), "pool2": (None, 2),
               "dask2": ("local:2", None)}
     run_s: dict[str, list[float]] = {k: [] for k in setups}
     startup_s: list[float] = []
@@ -50,15 +67,21 @@ def main() -> None:
     rate = {k: len(seeds) / statistics.median(v) for k, v in run_s.items()}
     ms = {k: 1000 / v for k, v in rate.items()}
 
-    def line(name: str, value: float, unit: str, baseline: float) -> None:
+    paired = statistics.median(d / p for d, p in zip(run_s["dask2"], run_s["pool2"], strict=True))
+    rounds = max(1, args.rounds)
+    load_1m = round(os.getloadavg()[0], 2)
+
+    def line(name: str, value: float, unit: str, baseline: float, **more: float) -> None:
         print(json.dumps({"name": name, "value": round(value, 3), "unit": unit,
                           "baseline": round(baseline, 3),
-                          "ratio": round(value / baseline, 3) if baseline else None}))
+                          "ratio": round(value / baseline, 3) if baseline else None,
+                          **more, "rounds": rounds, "load_1m": load_1m}))
 
     line("sweep_pool_2_workers", rate["pool2"], "seeds/s", rate["pool1"])
     line("sweep_dask_2_workers", rate["dask2"], "seeds/s", rate["dask1"])
     line("sweep_dask_1_worker", rate["dask1"], "seeds/s", rate["pool1"])
-    line("sweep_dask_overhead_per_seed", ms["dask2"], "ms/seed", ms["pool2"])
+    line("sweep_dask_overhead_per_seed", ms["dask2"], "ms/seed", ms["pool2"],
+         paired_ratio=round(paired, 3))
     line("sweep_dask_startup", statistics.median(startup_s), "s",
          statistics.median(run_s["pool2"]))
 

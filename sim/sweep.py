@@ -146,17 +146,21 @@ def default_batch_size(n_seeds: int, workers: int) -> int:
 
 def plan_batches(seeds: Sequence[int], workers: int,
                  batch_size: int | None = None) -> list[tuple[int, ...]]:
-    """Cut ``seeds`` into batches, in order: of ``batch_size`` each when given; else of
-    :func:`default_batch_size`, shrinking towards the end (each at most a quarter of what is
-    left per worker) so that the workers finish together instead of one idling while another
-    runs a last whole batch."""
+    """Cut ``seeds`` into batches, in order: of ``batch_size`` each when given. Else up to
+    :func:`default_batch_size`, ramping up from one seed per worker (so that the first result,
+    and with it the progress bar's rate and ETA, comes after one run, not one whole batch) and
+    shrinking towards the end, each then at most a quarter of what is left per worker (so the
+    workers finish together instead of one idling while another runs a last whole batch)."""
     n = len(seeds)
     if batch_size:
         return [tuple(seeds[i:i + batch_size]) for i in range(0, n, batch_size)]
+    workers = max(1, workers)
     cap = default_batch_size(n, workers)
-    out, i = [], 0
+    out: list[tuple[int, ...]] = []
+    i = 0
     while i < n:
-        size = max(1, min(cap, math.ceil((n - i) / (4 * max(1, workers)))))
+        ramp = 2 ** min(len(out) // workers, 16)
+        size = max(1, min(cap, ramp, math.ceil((n - i) / (4 * workers))))
         out.append(tuple(seeds[i:i + size]))
         i += size
     return out
@@ -246,7 +250,8 @@ def _dask_client(cluster: Cluster) -> tuple[Any, Any]:
         with dask.config.set(QUIET_DASK):  # the nannies hand this config to their workers
             local = distributed.LocalCluster(
                 n_workers=cluster.workers, threads_per_worker=1, processes=True,
-                host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR,
+                # a dying worker and the cluster's own shutdown log errors we report better
+                host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL,
                 # no dashboard, and its HTTP routes on a free loopback port (not 8787, which
                 # another cluster may hold: Dask would warn and move)
                 scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
