@@ -14,6 +14,11 @@ Prints JSON lines (name, value, unit, baseline, ratio), medians of the rounds:
   scheduler and nannies sharing the machine's cores; ratio = dask / pool, goal <= 1.10.
   ``paired_ratio`` is the median of each round's dask / pool (run back to back, so a change
   in the machine's load between rounds cancels out).
+- ``sweep_dask_cpu_per_seed``: CPU ms per seed, 2 workers, Dask against the pool: the worker
+  processes (all their threads, from their first batch to their last) and the sweep's own
+  process (which hosts the LocalCluster's scheduler and nannies) from the first result to the
+  last. Unlike wall time it hardly moves with other work on the machine, so on a shared
+  machine it says more about Dask's own cost.
 - ``sweep_dask_startup``: seconds to start a LocalCluster of 2 workers (about 2.5 s idle),
   paid once per sweep; baseline = the 2-worker pool's whole run.
 
@@ -36,9 +41,34 @@ import argparse  # noqa: E402 - after the sys.path fix above
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
 
-from shir.sim.scenario import load_scenario  # noqa: E402
-from shir.sim.sweep import parse_cluster, sweep  # noqa: E402
+from shir.sim.scenario import Scenario, load_scenario  # noqa: E402
+from shir.sim.sweep import SweepResult, parse_cluster, run_batch, sweep  # noqa: E402
+
+
+def timed_batch(scenario: Scenario, seeds: Sequence[int],
+                until_s: float | None) -> list[dict[str, Any]]:
+    """:func:`run_batch`, with its worker process's CPU time (every thread of it: a Dask
+    worker's event loop too) before and after, on the batch's first record."""
+    cpu0 = time.process_time()
+    records = run_batch(scenario, seeds, until_s)
+    records[0]["cpu"] = (cpu0, time.process_time())
+    return records
+
+
+def worker_cpu_s(r: SweepResult) -> float:
+    """CPU seconds each worker process spent from its first batch's start to its last one's
+    end (all its threads), summed over the workers."""
+    spans: dict[int, tuple[float, float]] = {}
+    for x in r.records:
+        if "cpu" in x:
+            a, b = x["cpu"]
+            lo, hi = spans.get(x["pid"], (a, b))
+            spans[x["pid"]] = (min(lo, a), max(hi, b))
+    return sum(b - a for a, b in spans.values())
 
 
 def main() -> None:
@@ -53,13 +83,23 @@ def main() -> None:
     setups = {"pool1": (None, 1), "dask1": ("local:1", None), "pool2": (None, 2),
               "dask2": ("local:2", None)}
     run_s: dict[str, list[float]] = {k: [] for k in setups}
+    cpu_s: dict[str, list[float]] = {k: [] for k in setups}
     startup_s: list[float] = []
     hashes: dict[str, list[str | None]] = {}
     for _ in range(max(1, args.rounds)):
         for name, (where, workers) in setups.items():
-            r = sweep(sc, seeds, cluster=parse_cluster(where, workers))
+            mine = [0.0, 0.0]  # this process's CPU at the first and the last result
+
+            def on_batch(_: object, mine: list[float] = mine) -> None:
+                mine[0] = mine[0] or time.process_time()
+                mine[1] = time.process_time()
+
+            r = sweep(sc, seeds, cluster=parse_cluster(where, workers), batch_fn=timed_batch,
+                      on_batch=on_batch)
             assert len(r.records) == len(seeds)
             run_s[name].append(r.run_s)
+            # the sweep's own process hosts the LocalCluster's scheduler and nannies
+            cpu_s[name].append(worker_cpu_s(r) + mine[1] - mine[0])
             if name == "dask2":
                 startup_s.append(r.startup_s)
             hashes[name] = [x["event_log_sha256"] for x in r.records]
@@ -82,6 +122,8 @@ def main() -> None:
     line("sweep_dask_1_worker", rate["dask1"], "seeds/s", rate["pool1"])
     line("sweep_dask_overhead_per_seed", ms["dask2"], "ms/seed", ms["pool2"],
          paired_ratio=round(paired, 3))
+    cpu_ms = {k: 1000 * statistics.median(v) / len(seeds) for k, v in cpu_s.items()}
+    line("sweep_dask_cpu_per_seed", cpu_ms["dask2"], "cpu ms/seed", cpu_ms["pool2"])
     line("sweep_dask_startup", statistics.median(startup_s), "s",
          statistics.median(run_s["pool2"]))
 

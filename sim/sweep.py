@@ -54,7 +54,11 @@ METRICS = (
 PERCENTILES = (50, 95, 99)
 MAX_ATTEMPTS = 3  # a batch whose worker died this many times is reported, not rerun
 IN_FLIGHT_PER_WORKER = 2  # enough to keep a worker busy while its last result travels
-MAX_BATCH = 50
+# A batch's length in run time: long enough that a Dask task's own cost (~5 ms of CPU,
+# scheduler, worker and client together) is under 1% of it, short enough that a dead worker
+# costs little; at the end, batches shrink to no less than TAIL_BATCH_S (that cost < 5%).
+BATCH_S = 1.0
+TAIL_BATCH_S = 0.1
 
 Record = dict[str, Any]
 BatchFn = Callable[[Scenario, Sequence[int], "float | None"], list[Record]]
@@ -139,37 +143,61 @@ def parse_cluster(text: str | None, workers: int | None) -> Cluster:
                      "address such as tcp://10.0.0.5:8786")
 
 
-def default_batch_size(n_seeds: int, workers: int) -> int:
-    """About eight batches per worker (a dead worker costs little), at most ``MAX_BATCH``."""
-    return max(1, min(MAX_BATCH, math.ceil(n_seeds / (8 * max(1, workers)))))
+class Batches:
+    """Hands out the seeds in order, in batches sized by measured run time.
 
+    ``batch_size`` given: batches of that many seeds. Else the first round is one seed per
+    worker, and each round doubles (so the first result, and with it the progress bar's rate
+    and ETA, comes after one run); once runs have come back, a batch is ``BATCH_S`` of run
+    time, and towards the end at most half of what is left per worker, down to
+    ``TAIL_BATCH_S`` (so the workers finish together instead of one idling while another runs
+    a last long batch).
+    """
 
-def plan_batches(seeds: Sequence[int], workers: int,
-                 batch_size: int | None = None) -> list[tuple[int, ...]]:
-    """Cut ``seeds`` into batches, in order: of ``batch_size`` each when given. Else up to
-    :func:`default_batch_size`, ramping up from one seed per worker (so that the first result,
-    and with it the progress bar's rate and ETA, comes after one run, not one whole batch) and
-    shrinking towards the end, each then at most a quarter of what is left per worker (so the
-    workers finish together instead of one idling while another runs a last whole batch)."""
-    n = len(seeds)
-    if batch_size:
-        return [tuple(seeds[i:i + batch_size]) for i in range(0, n, batch_size)]
-    workers = max(1, workers)
-    cap = default_batch_size(n, workers)
-    out: list[tuple[int, ...]] = []
-    i = 0
-    while i < n:
-        ramp = 2 ** min(len(out) // workers, 16)
-        size = max(1, min(cap, ramp, math.ceil((n - i) / (4 * workers))))
-        out.append(tuple(seeds[i:i + size]))
-        i += size
-    return out
+    def __init__(self, seeds: Sequence[int], workers: int, batch_size: int | None = None):
+        self.seeds = seeds
+        self.workers = max(1, workers)
+        self.fixed = batch_size
+        self.next = 0  # index of the next seed to hand out
+        self.handed = 0  # batches handed out
+        self.largest = 0
+        self.runs = 0  # runs that came back, and their wall time
+        self.run_s = 0.0
+
+    def __bool__(self) -> bool:
+        return self.next < len(self.seeds)
+
+    def observe(self, records: Sequence[Record]) -> None:
+        """Learn how long a run takes from a batch's records."""
+        for r in records:
+            if r["wall_s"] > 0:
+                self.runs += 1
+                self.run_s += r["wall_s"]
+
+    def take(self) -> tuple[int, ...]:
+        """The next batch (only while ``bool(self)``)."""
+        left = len(self.seeds) - self.next
+        if self.fixed:
+            size = self.fixed
+        elif not self.runs:
+            size = 2 ** min(self.handed // self.workers, 16)
+        else:
+            run_s = self.run_s / self.runs
+            size = min(math.ceil(BATCH_S / run_s), 2 ** min(self.handed // self.workers, 16),
+                       max(math.ceil(TAIL_BATCH_S / run_s),
+                           math.ceil(left / (2 * self.workers))))
+        size = max(1, min(size, left))
+        batch = tuple(self.seeds[self.next:self.next + size])
+        self.next += size
+        self.handed += 1
+        self.largest = max(self.largest, size)
+        return batch
 
 
 OnBatch = Callable[[list[Record]], None]
 
 
-def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float | None,
+def _on_pool(scenario: Scenario, todo: Batches, until_s: float | None,
              workers: int, on_batch: OnBatch, batch_fn: BatchFn) -> int:
     """Run on a local process pool; returns how many seeds were run again.
 
@@ -177,7 +205,6 @@ def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float 
     then in flight becomes a suspect, and suspects run one at a time, alone in a new pool, so a
     second death is charged to the batch that caused it and not to its neighbours.
     """
-    todo = deque(batches)
     suspects: deque[tuple[tuple[int, ...], int]] = deque()
     retried = 0
     while todo or suspects:
@@ -191,7 +218,7 @@ def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float 
                         flight[pool.submit(batch_fn, scenario, batch, until_s)] = batch, attempt
                         alone = True
                     while not suspects and todo and len(flight) < IN_FLIGHT_PER_WORKER * workers:
-                        batch = todo.popleft()
+                        batch = todo.take()
                         flight[pool.submit(batch_fn, scenario, batch, until_s)] = batch, 1
                         alone = False
                     done, _ = wait(flight, return_when=FIRST_COMPLETED)
@@ -299,7 +326,7 @@ class _Reruns:
 
 def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluster: Cluster,
              on_batch: OnBatch, batch_fn: BatchFn,
-             started: Callable[[int], list[tuple[int, ...]]]) -> int:
+             started: Callable[[int], Batches]) -> int:
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
@@ -314,7 +341,8 @@ def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluste
                                  "with `dask worker ADDRESS`") from None
         _warm(client)
         threads = sum(client.nthreads().values()) or 1
-        todo = deque((b, 1) for b in started(threads))
+        todo = started(threads)
+        again: deque[tuple[tuple[int, ...], int]] = deque()  # batches Dask gave up on
         meta: dict[str, tuple[tuple[int, ...], int]] = {}
         sizes: dict[str, int] = {}
         reruns = _Reruns(sizes, meta)
@@ -322,8 +350,8 @@ def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluste
         pending = as_completed()
 
         def submit() -> None:
-            while todo and pending.count() < IN_FLIGHT_PER_WORKER * threads:
-                batch, attempt = todo.popleft()
+            while (again or todo) and pending.count() < IN_FLIGHT_PER_WORKER * threads:
+                batch, attempt = again.popleft() if again else (todo.take(), 1)
                 # the scenario travels with each batch (2-3 kB): scattered once instead, it
                 # would be lost with the last worker holding it, and every batch with it
                 f = client.submit(batch_fn, scenario, batch, until_s, pure=False)
@@ -343,7 +371,7 @@ def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluste
                     on_batch(_lost(batch, "Dask workers kept dying while running this seed's "
                                           "batch (KilledWorker)"))
                 else:
-                    todo.appendleft((batch, attempt + 1))
+                    again.append((batch, attempt + 1))
             except Exception as exc:  # the task itself failed (not one run): say why
                 on_batch(_lost(batch, f"the Dask task failed: {type(exc).__name__}: {exc}"))
             else:
@@ -426,7 +454,7 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
     seeds = list(seeds)
     if not seeds:
         raise SweepError("a sweep needs at least one seed")
-    size = [0]  # the largest batch
+    plan: list[Batches] = [Batches(seeds, 1)]  # replaced once the workers are known
     records: list[Record] = []
     bar = _progress(len(seeds), progress) if progress is not None else None
     failures = [0]
@@ -436,6 +464,7 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
 
     def collect(batch: list[Record]) -> None:
         last[0] = time.perf_counter()
+        plan[0].observe(batch)
         records.extend(batch)
         failures[0] += sum(not r["ok"] for r in batch)
         if bar is not None:
@@ -444,12 +473,11 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
         if on_batch is not None:
             on_batch(batch)
 
-    def started(n: int) -> list[tuple[int, ...]]:  # the batches, once the workers are known
+    def started(n: int) -> Batches:  # the batches, once the workers are known
         startup[0] = time.perf_counter() - t0
         workers[0] = n
-        batches = plan_batches(seeds, n, batch_size)
-        size[0] = max(map(len, batches))
-        return batches
+        plan[0] = Batches(seeds, n, batch_size)
+        return plan[0]
 
     t0 = time.perf_counter()
     try:
@@ -458,8 +486,8 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
             # Dask workers import it before the clock starts
             import shir.sim.world  # noqa: F401
 
-            batches = started(min(cluster.workers or 1, len(seeds)))
-            retried = _on_pool(scenario, batches, until_s, workers[0], collect, batch_fn)
+            todo = started(min(cluster.workers or 1, len(seeds)))
+            retried = _on_pool(scenario, todo, until_s, workers[0], collect, batch_fn)
         else:
             retried = _on_dask(scenario, seeds, until_s, cluster, collect, batch_fn, started)
     finally:
@@ -467,7 +495,8 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
             bar.close()
     wall = time.perf_counter() - t0
     records.sort(key=lambda r: r["seed"])
-    return SweepResult(scenario.name, seeds, records, cluster.describe(), workers[0], size[0],
+    return SweepResult(scenario.name, seeds, records, cluster.describe(), workers[0],
+                       plan[0].largest,
                        retried, wall, startup[0], max(0.0, last[0] - t0 - startup[0]))
 
 
