@@ -1,8 +1,9 @@
 """``shir sim sweep``: one scenario, many seeds, on local worker processes or Dask distributed.
 
-Theory of operation: the seeds are cut into batches (one task runs a batch, so a task's fixed
-cost, 2.5-9 ms on Dask, is paid once per batch, not per seed) and at most a few batches per
-worker are in flight at a time, so memory stays bounded however many seeds there are. Runs are
+Theory of operation: the seeds are cut into batches of about a second of runs (one task runs a
+batch, so a task's fixed cost, ~5 ms of CPU on Dask, is paid once per batch, not per seed; see
+:class:`Batches`) and at most two batches per worker are in flight at a time, so memory stays
+bounded however many seeds there are. Each batch carries the scenario (2-3 kB). Runs are
 deterministic, so a batch whose worker died is simply run again: on the local pool a
 ``BrokenProcessPool`` is caught, the pool rebuilt and every batch not yet collected resubmitted;
 on Dask the scheduler reruns the tasks of a lost worker itself (we count those reruns from the

@@ -161,6 +161,26 @@ def test_dask_sole_worker_sigkilled_loses_no_seed(
 # -- the report ------------------------------------------------------------------------------
 
 
+def test_batches_hand_out_every_seed_in_order_sized_by_run_time() -> None:
+    seeds = list(range(1000))
+    plan = sweep.Batches(seeds, workers=2)
+    sizes, handed = [], []
+    while plan:
+        batch = plan.take()
+        handed += batch
+        sizes.append(len(batch))
+        if len(sizes) == 4:  # results come back: a run takes 10 ms
+            plan.observe([{"wall_s": 0.01}] * 6)
+    assert handed == seeds
+    assert sizes[:4] == [1, 1, 2, 2]  # the first result comes after one run
+    assert max(sizes) == round(sweep.BATCH_S / 0.01)  # then about a second of runs per batch
+    tail = sizes[sizes.index(max(sizes)):]
+    assert tail == sorted(tail, reverse=True)  # shrinking towards the end...
+    assert min(tail[:-1]) == round(sweep.TAIL_BATCH_S / 0.01)  # ...but not to single runs
+    fixed = sweep.Batches(seeds[:7], workers=2, batch_size=3)
+    assert [fixed.take() for _ in range(3)] == [(0, 1, 2), (3, 4, 5), (6,)] and not fixed
+
+
 def test_distribution_is_nearest_rank() -> None:
     d = sweep.distribution([float(x) for x in range(100, 0, -1)])
     assert d == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
