@@ -131,31 +131,19 @@ def test_dask_local_cluster_gives_the_same_hashes_as_the_local_pool(
     assert len({r["pid"] for r in result.records}) == 2  # both worker processes ran batches
 
 
+# local:1 too: with one worker, nothing else holds what it held, and every batch must still run
+@pytest.mark.parametrize("where", ["local:2", "local:1"])
 def test_dask_worker_sigkilled_mid_sweep_loses_no_seed(
-    scenario: Scenario, reference: dict[int, str], tmp_path: Path,
+    scenario: Scenario, reference: dict[int, str], tmp_path: Path, where: str,
 ) -> None:
     _dask()
     batch_fn = functools.partial(kill_once, str(tmp_path / "killed"), 104)
-    result = sweep.sweep(scenario, SEEDS, UNTIL_S, cluster=sweep.parse_cluster("local:2", None),
+    result = sweep.sweep(scenario, SEEDS, UNTIL_S, cluster=sweep.parse_cluster(where, None),
                          batch_size=2, batch_fn=batch_fn)
     assert (tmp_path / "killed").exists()
     assert hashes(result) == reference
     assert no_seed_lost(result)
     assert result.retried >= 2  # the scheduler reran the batch holding seed 104
-
-
-def test_dask_sole_worker_sigkilled_loses_no_seed(
-    scenario: Scenario, reference: dict[int, str], tmp_path: Path,
-) -> None:
-    """With one worker, nothing else holds what it held: every batch must still run."""
-    _dask()
-    batch_fn = functools.partial(kill_once, str(tmp_path / "killed"), 104)
-    result = sweep.sweep(scenario, SEEDS, UNTIL_S, cluster=sweep.parse_cluster("local:1", None),
-                         batch_size=2, batch_fn=batch_fn)
-    assert (tmp_path / "killed").exists()
-    assert hashes(result) == reference
-    assert no_seed_lost(result)
-    assert result.retried >= 2
 
 
 # -- the report ------------------------------------------------------------------------------
