@@ -56,6 +56,7 @@ from shir.core.kernel import (
     runtime_of,
 )
 from shir.core.model import CredentialVersion, NodeStatus
+from shir.core.rules import reports_unreachable
 
 __all__ = [
     "ANSWERS",
@@ -279,7 +280,8 @@ def _dispatch(m: Model, c: DispatchJobs, k: Decider) -> Events:
     b = s.jobs
     if not b.queues:
         return out
-    reachable = s.nodes[c.node].metrics.reachable_peers
+    me = s.nodes[c.node]
+    reachable, reported_at = me.metrics.reachable_peers, me.last_seen_at
     # free slots of the workers, counting leases this decision already ended
     free: dict[str, _Slots] = {}
     pending = s.pending
@@ -287,7 +289,8 @@ def _dispatch(m: Model, c: DispatchJobs, k: Decider) -> Events:
         if not (
             n.status in _WORKING
             and n.metrics.control_channel_ok  # its results could not reach the service otherwise
-            and (n.name == c.node or n.name in reachable)
+            and (n.name == c.node
+                 or not reports_unreachable(reported_at, reachable, n.name, n.live_since))
         ):
             continue
         running = b.running(n.name)

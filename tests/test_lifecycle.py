@@ -436,6 +436,24 @@ def test_limited_when_a_peer_port_is_unreachable() -> None:
     assert c.status("n3") is ON
 
 
+def test_a_peer_back_from_silence_is_unknown_not_unreachable_until_the_next_report() -> None:
+    # n3 sleeps past offline detection while n1 and n2 report it unreachable; when it wakes, their
+    # reports predate its return and say nothing about it: nobody flaps to Limited, and the
+    # dispatcher may hand n3 work at once. A report taken after its return counts again.
+    c = online(3)
+    c.run(60, skip=["n3"])
+    assert c.status("n3") is OFF
+    c.heartbeat("n1", at=65, reachable_peers=("n2",))
+    c.heartbeat("n2", at=65, reachable_peers=("n1",))
+    assert (c.status("n1"), c.status("n2")) == (ON, ON)  # n3 is not live: no verdict needed
+    c.heartbeat("n3", at=66)
+    assert c.status("n3") is ON
+    assert (c.status("n1"), c.status("n2")) == (ON, ON)
+    c.heartbeat("n1", at=70, reachable_peers=("n2",))
+    assert c.status("n1") is LIM
+    assert c.reasons("n1") == ("cannot reach n3 on the intranet port",)
+
+
 def test_limited_when_the_control_channel_is_down_and_the_dispatcher_moves() -> None:
     c = online(2)
     events = c.heartbeat("n1", at=20, control_channel_ok=False)
