@@ -8,6 +8,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 from lifecycle_helpers import Cluster, of_type
+from snapshot_helpers import as_format_4_sees, strip_nodes
 
 from shir.core import (
     EVERY_NODE,
@@ -235,12 +236,10 @@ def test_a_format_2_snapshot_restores_nodes_without_an_intranet_identity() -> No
     body[0] = 2
     # format 4 added the sharing state, proxies and removals (three items) and Node.last_update
     body = body[:-3]
-    # ... and format 5 Node.live_since: four trailing node fields in all
-    body[3] = [msgpack.packb(msgpack.unpackb(n)[:-4], use_bin_type=True) for n in body[3]]
+    # ... and format 5 Node.live_since
+    strip_nodes(body, 2)
     restored = restore(msgpack.packb(body, use_bin_type=True))
     # what an old snapshot cannot know comes back unknown; everything else is as it was
-    now = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    now[3] = [msgpack.packb([*msgpack.unpackb(n)[:-1], None], use_bin_type=True) for n in now[3]]
-    assert restored == restore(msgpack.packb(now, use_bin_type=True))
+    assert restored == as_format_4_sees(c.state)
     assert all(n.live_since is None for n in restored.nodes)
     assert all(n.live_since is not None for n in c.state.nodes)
