@@ -73,6 +73,8 @@ class ServiceHost:
         self._tick_gen = 0
 
     def handle(self, command: object, sender: str | None = None) -> tuple[object, ...]:
+        """Decide ``command`` (from node ``sender``, or the service's own if None) and carry out
+        its effects; a refusal is counted and answered, never raised."""
         try:
             effects = self.w.driver.handle(command)
         except AppendOutcomeUnknown:
@@ -136,10 +138,12 @@ class ServiceHost:
             self.w.net.send(src, dst, channel, make)
 
     def send_heartbeat(self, node: SimNode) -> None:
+        """``node`` sends a heartbeat with its session and current metrics."""
         name, session, metrics = node.name, node.session, node.metrics()
         self.send(name, SERVICE, HB, lambda at: cmd.Heartbeat(name, session, metrics, at))
 
     def register(self, node: SimNode) -> None:
+        """``node`` registers with the key its operator pasted (the slot its spec names)."""
         spec = node.spec
         key = self.w.keys[spec.key]
         node.key_generation = key.generation
@@ -148,10 +152,12 @@ class ServiceHost:
             key.text, spec.name, f"machine-{spec.name}", spec.cores, spec.memory_mb, at, metrics))
 
     def presented_generation(self, node: str) -> int | None:
+        """The generation of the key ``node`` presented when it registered (for the checks)."""
         n = self.w.nodes.get(node)
         return n.key_generation if n else None
 
     def on_events(self, events: Sequence[object]) -> None:
+        """The Driver's listener: log the stored events, observe them, reschedule the tick."""
         now = self.w.env.now
         self.w.events_log.extend(events)
         lifecycle = False
@@ -227,6 +233,7 @@ class ServiceHost:
         return node is not None and node.alive() and self.w.net.link_ok(d, SERVICE, CONTROL)  # type: ignore[arg-type]
 
     def update_gap(self) -> None:
+        """Start or end the current dispatcher gap (the ``max_dispatcher_gap_s`` metric)."""
         now = self.w.env.now
         working = self._working_dispatcher()
         if working and self.w.gap_started is not None:
@@ -287,4 +294,5 @@ class ServiceHost:
         )
 
     def set_limit(self, spec: NodeSpec) -> None:
+        """A user sets the concurrency limit the scenario gives ``spec``'s node."""
         self.handle(SetConcurrencyLimit(spec.name, spec.concurrency_limit, self.w.env.now))

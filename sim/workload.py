@@ -32,6 +32,7 @@ class Workload:
         self.w = world
 
     def arrivals(self) -> Any:
+        """The SimPy process of the scenario's Poisson job arrivals."""
         wl = self.w.scenario.workload
         rng = self.w.workload_rng
         end = self.w.duration_s
@@ -79,6 +80,7 @@ class Workload:
                 attrs.evolve(submit, at=self.w.env.now)))
 
     def sampler(self) -> Any:
+        """The SimPy process that samples the queue and the running jobs for the timeline."""
         env = self.w.env
         while True:
             b = self.w.driver.state.model().jobs
