@@ -12,7 +12,7 @@ import msgpack
 import pytest
 from canary import CANARY_BYTES
 from credential_helpers import CredCluster, with_credentials
-from lifecycle_helpers import names, of_type, statuses
+from rig import names, of_type, statuses
 from snapshot_helpers import as_format_4_sees, strip_nodes
 
 from shir.adapters.envelope import NodeKeys, open_envelope, seal
@@ -60,11 +60,7 @@ TIMEOUT = sync_timeout_s(RuntimeSettings())
 
 def online(n: int = 2, at: float = 10.0, **kw: object) -> CredCluster:
     """Nodes n1..n<n>, all Online after one heartbeat at ``at``; n1 dispatches."""
-    c = CredCluster(**kw)  # type: ignore[arg-type]
-    c.register_n(n, at=0.0)
-    c.heartbeat_all(at)
-    assert [c.status(x) for x in c.sessions] == [ON] * n
-    return c
+    return CredCluster.online(n, at=at, **kw)
 
 
 def requests(events: object) -> list[tuple[str, int, str, str]]:
