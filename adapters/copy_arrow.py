@@ -24,10 +24,15 @@ and the ``auto`` engine then runs the query on the pyodbc engine instead):
 * floating point: psqlODBC describes ``double precision`` as ``SQL_FLOAT(17)``, which arrow-odbc
   maps to float32 (lossy): every float is fetched as float64 instead (exact for ``real`` too).
 
-Memory: arrow-odbc allocates each batch's buffers from the columns' declared widths (psqlODBC:
-``text`` 8,190 characters, ``varchar(n)`` n); ``max_bytes_per_batch`` (16 MiB) caps them, so a
-wide row gets fewer rows per batch. A text or binary value longer than its bound (the declared
-width, or ``max_text_size``/``max_binary_size``) is an error, never truncated.
+Memory: arrow-odbc allocates its transit buffer from the columns' declared widths (psqlODBC:
+``text`` 8,190 characters, ``varchar(n)`` n); ``max_bytes_per_batch`` (8 MiB) caps it, so a
+wide row gets fewer rows per fetch (about 200 on the benchmark's rows); the stream joins those
+into compact batches of ``batch_rows`` (actual lengths) for the encoders. The engine sets
+pyarrow's default memory pool to the system allocator (process-wide): pyarrow's own mimalloc
+keeps freed pages, 30-40 MB more peak RSS on the benchmark's copy.
+
+A text or binary value longer than its bound (the declared width, or ``max_text_size`` /
+``max_binary_size``) is an error, never truncated.
 
 Secrets: the connection string lives only in closures (not attributes); arrow-odbc's errors are
 scrubbed with the ODBC adapter's scrubber and name the target, as OdbcSource's do.
@@ -35,11 +40,13 @@ scrubbed with the ODBC adapter's scrubber and name the target, as OdbcSource's d
 
 from __future__ import annotations
 
+import array
 import binascii
 import codecs
 import functools
+import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from shir.adapters.copy_formats import (
@@ -61,7 +68,7 @@ from shir.adapters.odbc import (
 __all__ = ["ENGINES", "ArrowOdbcSource", "NotArrowFaithful", "arrow_available"]
 
 ARROW_FORMATS = ("csv", "parquet")  # JSON lines stays on the pyodbc engine's encoder
-DEFAULT_MAX_BYTES_PER_BATCH = 32 * 1024 * 1024
+DEFAULT_MAX_BYTES_PER_BATCH = 8 * 1024 * 1024
 #: Bound of a binary column whose driver declares none (psqlODBC's ``bytea``): a longer value is
 #: an error (the pyodbc engine has no such bound). Text has the driver's declared width.
 DEFAULT_MAX_BINARY_SIZE = 8190
@@ -132,6 +139,9 @@ class ArrowOdbcSource:
                  max_binary_size: int | None = DEFAULT_MAX_BINARY_SIZE,
                  max_bytes_per_batch: int = DEFAULT_MAX_BYTES_PER_BATCH) -> None:
         arrow_odbc, pa, _ = _modules()
+        if pa.default_memory_pool().backend_name != "system":
+            # mimalloc/jemalloc keep freed pages: 30-40 MB more peak RSS on the benchmark's copy
+            pa.set_memory_pool(pa.system_memory_pool())
         pairs = parse_connection_string(connection_string)
         scrub = _scrubber(pairs)
         self.target = _describe_target(pairs)
@@ -170,7 +180,7 @@ class ArrowOdbcSource:
         _, pa, _ = _modules()
         reader, described = self._reader(query, batch_rows)
         _check_faithful(described, pa)
-        return ArrowStream(reader, described, self._scrub, self.target)
+        return ArrowStream(reader, described, self._scrub, self.target, batch_rows)
 
     def cancel(self) -> None:
         """Nothing to interrupt in flight: the copy stops between batches."""
@@ -207,17 +217,30 @@ class ArrowStream:
     """The batches of one query (pyarrow RecordBatch) and the encoders that take them."""
 
     def __init__(self, reader: Any, described: Any, scrub: Callable[[str], str],
-                 target: str) -> None:
+                 target: str, batch_rows: int) -> None:
         self._reader = reader
+        self._batch_rows = batch_rows
         self.columns = described  # the driver's types (numeric with precision and scale)
         self._scrub, self._target = scrub, target
 
     def driver_rows(self) -> Iterator[Any]:
-        arrow_odbc, _, _ = _modules()
+        """Record batches of about ``batch_rows`` rows: the transit buffer is sized by declared
+        widths (a few hundred rows of ``text``), so its small batches are joined into compact
+        ones (actual lengths) before the encoders' per-batch work."""
+        arrow_odbc, pa, _ = _modules()
+        pending: list[Any] = []
+        rows = 0
         try:
-            yield from self._reader
+            for batch in self._reader:
+                pending.append(batch)
+                rows += batch.num_rows
+                if rows >= self._batch_rows:
+                    yield _joined(pa, pending)
+                    pending, rows = [], 0
         except arrow_odbc.Error as exc:
             raise _translate(exc, self._scrub, self._target) from None
+        if pending:
+            yield _joined(pa, pending)
 
     def encoder(self, fmt: str, options: CsvOptions | None) -> Encoder:
         if fmt == "csv":
@@ -230,7 +253,21 @@ class ArrowStream:
         self._reader = iter(())
 
 
+def _joined(pa: Any, batches: list[Any]) -> Any:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+
+
 _B64 = functools.partial(binascii.b2a_base64, newline=False)
+
+
+def _strings(pa: Any, texts: Sequence[bytes]) -> Any:
+    """A string array of UTF-8 ``texts``, built from buffers: converting Python values with
+    ``pa.array`` or ``pa.scalar`` imports pandas when it is installed (about 50 MB)."""
+    offsets = array.array("i", itertools.accumulate(map(len, texts), initial=0))
+    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets.tobytes()),
+                                       pa.py_buffer(b"".join(texts)))
 
 
 class ArrowCsvEncoder(CsvEncoder):
@@ -251,13 +288,18 @@ class ArrowCsvEncoder(CsvEncoder):
         self._specials = (options.delimiter, options.quote, "\r", "\n")
         self._encode = codecs.getincrementalencoder(options.encoding)().encode
         self._utf8 = codecs.lookup(options.encoding).name == "utf-8"
+        texts = (options.quote, "", options.null, options.delimiter, "\r\n")
+        self._quote, self._empty_text, self._null, self._delimiter, self._crlf = _strings(
+            self._pa, [t.encode() for t in texts])  # scalars, see _strings
 
     def _column_text(self, column: Any) -> Any:
         pa, pc = self._pa, self._pc
         t = column.type
         if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            return pa.array([None if v is None else _B64(v).decode("ascii")
-                             for v in column.to_pylist()], pa.string())
+            text = _strings(pa, [b"" if v is None else _B64(v) for v in column.to_pylist()])
+            if column.null_count:
+                text = pc.if_else(pc.is_valid(column), text, pa.nulls(len(text), pa.string()))
+            return text
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             return column
         text = pc.cast(column, pa.string())
@@ -274,15 +316,16 @@ class ArrowCsvEncoder(CsvEncoder):
         for column in rows.columns:
             text = self._column_text(column)
             mask = pc.or_(pc.or_(pc.match_substring_regex(text, needs_quote),
-                                 pc.equal(text, "")), pc.equal(text, o.null))
+                                 pc.equal(text, self._empty_text)), pc.equal(text, self._null))
             if pc.any(mask).as_py():
                 quoted = pc.binary_join_element_wise(
-                    o.quote, pc.replace_substring(text, o.quote, o.quote * 2), o.quote, "")
+                    self._quote, pc.replace_substring(text, o.quote, o.quote * 2), self._quote,
+                    self._empty_text)
                 text = pc.if_else(mask, quoted, text)
             texts.append(text)
-        lines = pc.binary_join_element_wise(*texts, o.delimiter, null_handling="replace",
+        lines = pc.binary_join_element_wise(*texts, self._delimiter, null_handling="replace",
                                             null_replacement=o.null)
-        lines = pc.binary_join_element_wise(lines, "", "\r\n")  # each line + CRLF
+        lines = pc.binary_join_element_wise(lines, self._empty_text, self._crlf)  # line + CRLF
         _, offsets, values = lines.buffers()
         bounds = memoryview(offsets).cast("i")  # int32 offsets: one past each line's end
         data = memoryview(values)[bounds[lines.offset]:bounds[lines.offset + len(lines)]]
