@@ -160,3 +160,14 @@ def test_sqlite_odbc_arrow_to_folder_and_back(require_odbc_driver, tmp_path: Pat
                 src.read("SELECT * FROM t ORDER BY id"))
             src.execute("DELETE FROM u")
             src.execute("DELETE FROM shir_load_marker")
+
+
+def test_the_job_spec_takes_an_engine() -> None:
+    from shir.adapters.copy_job import CopyJobError, parse_copy_spec
+
+    base = {"source": "Driver={PostgreSQL Unicode};Server=db;Uid=etl", "query": "SELECT 1",
+            "sink": {"folder": "/tmp/x.csv"}, "format": "csv"}
+    assert parse_copy_spec(base).engine == "auto"
+    assert parse_copy_spec({**base, "engine": "pyodbc"}).engine == "pyodbc"
+    with pytest.raises(CopyJobError, match="'engine' must be one of auto, arrow, pyodbc"):
+        parse_copy_spec({**base, "engine": "fast"})
