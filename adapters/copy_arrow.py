@@ -57,6 +57,7 @@ from shir.adapters.copy_formats import (
     FormatError,
     UnsupportedType,
 )
+from shir.adapters.copy_parquet import ParquetEncoder
 from shir.adapters.odbc import (
     ConnectFailed,
     QueryFailed,
@@ -339,28 +340,15 @@ class ArrowCsvEncoder(CsvEncoder):
                 f"({exc.reason}); choose another encoding (e.g. utf-8)") from None
 
 
-class ArrowParquetEncoder(Encoder):
-    """Record batches -> Parquet row groups (the layout of
+class ArrowParquetEncoder(ParquetEncoder):
+    """Record batches -> Parquet row groups (the writer of
     :class:`~shir.adapters.copy_parquet.ParquetEncoder`): numeric text cast to its declared
     ``decimal128(p, s)``, a value with more digits an error; row groups of 20,000 rows."""
 
-    content_type = "application/vnd.apache.parquet"
-    extension = ".parquet"
-
     def __init__(self, described: Any, *, row_group_rows: int = 20_000) -> None:
-        import pyarrow.parquet as pq
-
-        from shir.adapters.copy_parquet import _Collector
-
-        _, self._pa, self._pc = _modules()
-        pa = self._pa
-        self._schema = pa.schema([pa.field(f.name, f.type) for f in described])
-        self._sink = _Collector()
-        self._writer = pq.ParquetWriter(self._sink, self._schema, compression="snappy",
-                                        use_dictionary=False)
-        self._row_group_rows = row_group_rows
-        self._pending: list[Any] = []
-        self._pending_rows = 0
+        _, pa, self._pc = _modules()
+        self.names = list(described.names)
+        self._start(pa.schema([pa.field(f.name, f.type) for f in described]), row_group_rows)
 
     def encode(self, rows: Any) -> bytes:
         pa, pc = self._pa, self._pc
@@ -374,23 +362,7 @@ class ArrowParquetEncoder(Encoder):
                         f"parquet: column {field.name!r}: a value does not fit {field.type} "
                         f"({str(exc).splitlines()[0][:200]})") from None
             arrays.append(column)
-        self._pending.append(pa.record_batch(arrays, schema=self._schema))
-        self._pending_rows += rows.num_rows
-        if self._pending_rows >= self._row_group_rows:
-            self._write_row_group()
-        return self._sink.take()
-
-    def _write_row_group(self) -> None:
-        if self._pending:
-            table = self._pa.Table.from_batches(self._pending, schema=self._schema)
-            self._writer.write_table(table, row_group_size=max(1, table.num_rows))
-            self._pending.clear()
-            self._pending_rows = 0
-
-    def finish(self) -> bytes:
-        self._write_row_group()
-        self._writer.close()
-        return self._sink.take()
+        return self._add(pa.record_batch(arrays, schema=self._schema))
 
 
 def open_source(connection_string: str, fmt: str, engine: str = "auto") -> Any:
