@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shir.core.leasing import concurrency_limit, job_stats, scale_advice
+from shir.core.capacity import job_stats, scale_advice
+from shir.core.leasing import concurrency_limit
 from shir.core.state import RuntimeState
 
 __all__ = ["render", "status_of"]
