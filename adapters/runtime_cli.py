@@ -6,7 +6,7 @@
     shir runtime regenerate-key --store STORE key1|key2
     shir job submit --store STORE [--channel URL] --kind KIND [--param K=V ...] [--id KEY]
     shir job show --store STORE ID
-    shir status --store STORE [--json] [--watch [S] [--count N]]
+    shir status --store STORE [--json] [--detail] [--watch [S] [--count N]]
 
 ``runtime create`` prints the runtime's two auth keys once; the store keeps only salted
 verifiers, so a lost key cannot be shown again, only regenerated. ``job submit`` queues a
@@ -100,6 +100,9 @@ def add_status_command(subparsers: Any) -> None:
     status.add_argument("--store", required=True)
     status.add_argument("--channel", help="control channel URL (default: the store's file)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--detail", action="store_true",
+                        help="also print the monitoring view (version status, proxy, remote "
+                             "access, sharing links, last update); --json always has it")
     status.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="S",
                         help="print again every S seconds (default 2) until interrupted")
     status.add_argument("--count", type=int, metavar="N",
@@ -298,8 +301,6 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from shir.adapters.status import render, status_of
-
     if args.count is not None and not 1 <= args.count <= 1_000_000:
         raise ShirError(f"--count must be 1..1000000, got {args.count}")
     if args.watch is not None and not 0.1 <= args.watch <= 3600:
@@ -316,11 +317,7 @@ def _status(args: argparse.Namespace) -> int:
             driver.catch_up()
             if driver.state.runtime is None:
                 raise _no_runtime(args.store)
-            report = status_of(driver.state, time.time(), channel)
-            if args.json:
-                print(json.dumps(report), flush=True)
-            else:
-                print(render(report), flush=True)
+            print(_shown(driver.state, time.time(), channel, args), flush=True)
             printed += 1
             if args.watch is None or (args.count is not None and printed >= args.count):
                 return 0
@@ -336,13 +333,24 @@ def _status(args: argparse.Namespace) -> int:
 def _status_of_recording(args: argparse.Namespace) -> int:
     """Status as of the end of a recorded log (``shir sim run --log FILE.events``)."""
     from shir.adapters.filestore import read_stream_file
-    from shir.adapters.status import render, status_of
     from shir.core.state import fold, initial
 
     events = read_stream_file(args.store)
     state = fold(initial(), events)
     if state.runtime is None:
         raise _no_runtime(args.store)
-    report = status_of(state, state.now, None)
-    print(json.dumps(report) if args.json else render(report))
+    print(_shown(state, state.now, None, args))
     return 0
+
+
+def _shown(state: Any, now: float, channel: Any, args: argparse.Namespace) -> str:
+    """What ``shir status`` prints for one look at ``state``."""
+    from shir.adapters.status import render, status_of
+    from shir.core.monitoring import monitoring_view, view_to_json
+    from shir.core.monitoring import render as render_view
+
+    report = status_of(state, now, channel)
+    view = monitoring_view(state)
+    if args.json:
+        return json.dumps({**report, "monitoring": view_to_json(view)})
+    return render(report) + ("\n\n" + render_view(view) if args.detail else "")

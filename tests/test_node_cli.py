@@ -186,6 +186,14 @@ def test_status_reads_a_recorded_log(tmp_path: Path) -> None:
     p = shir("status", "--store", str(log), "--json")
     report = json.loads(p.stdout)
     assert report["nodes"] and {"status", "term", "dispatcher"} <= set(report)
+    # the monitoring view of the same state rides along: the same nodes, statuses and term
+    view = report["monitoring"]
+    assert [n["name"] for n in view["nodes"]] == [n["name"] for n in report["nodes"]]
+    assert [n["status"] for n in view["nodes"]] == [n["status"] for n in report["nodes"]]
+    text = shir("status", "--store", str(log)).stdout
+    detail = shir("status", "--store", str(log), "--detail").stdout
+    assert detail.startswith(text.rstrip("\n")) and "remote access from intranet" in detail
+    assert "remote access from intranet" not in text
 
 
 def test_a_node_killed_with_sigkill_restarts_on_its_home(tmp_path: Path) -> None:
