@@ -46,6 +46,7 @@ from shir.adapters.channel import (
     LockLost,
     ReceivedRequest,
 )
+from shir.adapters.sqlitestore import enable_wal
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "DeadLetter", "EmbeddedChannel"]
 
@@ -116,7 +117,7 @@ class EmbeddedChannel:
                 self._path, timeout=busy_timeout_s, isolation_level=None,
                 check_same_thread=False,
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(self._db, busy_timeout_s)
             self._db.execute("PRAGMA synchronous=FULL")
             with self._transaction("open"):
                 for statement in _SCHEMA:

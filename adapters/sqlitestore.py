@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -62,7 +63,26 @@ __all__ = [
     "SQLiteEventStore",
     "StoreBusy",
     "UnsupportedStoreFormat",
+    "enable_wal",
 ]
+
+
+def enable_wal(db: sqlite3.Connection, timeout_s: float) -> str:
+    """Switch ``db`` to WAL mode and return the journal mode SQLite reports.
+
+    Several processes opening a new file at once can get "database is locked" from this pragma
+    at once, without SQLite's busy handler waiting (seen here about once in seven races of six
+    openers), so it is retried, bounded by ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    for attempt in range(10_000):
+        try:
+            return str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(min(0.005 * (attempt + 1), 0.05))
+    raise sqlite3.OperationalError("database is locked")  # pragma: no cover (bounded above)
 
 FORMAT_NAME = "shir-sqlite-store"
 #: The version of the file layout this code writes; a file with a higher one is refused.
@@ -145,7 +165,7 @@ class SQLiteEventStore:
     def _setup(self, fsync: bool) -> None:
         db = self._connection()
         try:
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = enable_wal(db, self._busy_timeout_s)
         except sqlite3.DatabaseError as exc:
             raise self._error(exc, "open") from None
         if str(mode).lower() != "wal":
