@@ -37,10 +37,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 
-import attrs
-
 from shir.adapters.channel import (
     ChannelError,
+    DeadLetter,
     JobRequest,
     JobResult,
     LockLost,
@@ -70,16 +69,6 @@ _SCHEMA = (
         message_id TEXT NOT NULL, job_id TEXT NOT NULL, outcome TEXT NOT NULL,
         detail TEXT NOT NULL, at REAL NOT NULL, UNIQUE (message_id, outcome))""",
 )
-
-
-@attrs.frozen
-class DeadLetter:
-    """A request on the dead-letter queue, and why it is there."""
-
-    request: JobRequest
-    reason: str
-    delivery_count: int
-    at: float
 
 
 class EmbeddedChannel:
