@@ -13,6 +13,10 @@ of :mod:`shir.adapters.channel`; this module maps them onto the SDK:
   arrives between calls, so no lock ticks away in a buffer (the lock clock starts at prefetch).
   A message that is not a shir request (not a msgpack map of the right fields, or too large) is
   dead-lettered with reason ``MalformedJobRequest`` and not returned.
+- The lock clock starts when the service transfers a message, and a receive call that returns
+  early leaves link credit open, so a message may wait in the socket until the next call: one
+  that arrives with less than half the queue's lock duration left (learnt from the first
+  renewal) is renewed before it is handed over, and one whose lock lapsed is not handed over.
 - Locks are the SDK's: ``renew``, ``complete``, ``abandon`` and ``dead_letter`` take the lock
   token of a message this channel object received. ``MessageLockLostError``,
   ``MessageAlreadySettled`` and an unknown token raise :class:`~shir.adapters.channel.LockLost`.
@@ -257,6 +261,7 @@ class ServiceBusChannel:
         self._sleep = sleep
         self._mutex = threading.RLock()
         self._held: dict[str, Any] = {}  # lock token -> the SDK's received message
+        self._lock_s: float | None = None  # the queue's lock duration, once a renewal shows it
         self._senders: dict[str, Any] = {}
         self._receivers: dict[str, Any] = {}
         sdk_entity = connection_string.strip()
@@ -457,11 +462,29 @@ class ServiceBusChannel:
                     continue
                 token = str(message.lock_token)
                 self._held[token] = message
+                try:
+                    locked_until = self._fresh_lock(token, message)
+                except LockLost:
+                    continue  # it lapsed in the link: it comes back with its count raised
                 out.append(ReceivedRequest(
-                    request, token, int(message.delivery_count or 0) + 1,
-                    _epoch(message.locked_until_utc),
+                    request, token, int(message.delivery_count or 0) + 1, locked_until,
                 ))
             return out
+
+    def _fresh_lock(self, token: str, message: Any) -> float:
+        """``locked_until``, renewed first when the message spent over half its lock in the link.
+
+        The lock clock starts when the service transfers the message, and a receive call that
+        returned early leaves link credit open: a message sent then waits in the socket until
+        the next call. The lock duration (the queue's) is learnt from the first renewal.
+        """
+        locked_until = _epoch(message.locked_until_utc)
+        if self._lock_s is not None and locked_until - time.time() >= self._lock_s / 2:
+            return locked_until
+        renewed = self.renew(token)
+        if self._lock_s is None:
+            self._lock_s = max(0.0, renewed - time.time())
+        return renewed
 
     def _dead_letter_malformed(self, message: Any, why: str) -> None:
         receiver = self._receiver(self.queue)
