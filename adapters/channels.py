@@ -71,7 +71,13 @@ def servicebus_url_to_settings(url: str) -> tuple[str, str | None, str]:
             f"the servicebus:// URL has unknown option(s) {sorted(unknown)}: only reply= and "
             "emulator= are known"
         )
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ChannelError(
+            f"the servicebus:// URL's port is not a number: write {_FORMS}"
+        ) from None
+    host = parts.hostname + (f":{port}" if port else "")
     connection_string = (
         f"Endpoint=sb://{host}/;SharedAccessKeyName={unquote(parts.username)};"
         f"SharedAccessKey={unquote(parts.password)}"
@@ -89,8 +95,8 @@ def describe_channel_url(url: str) -> str:
         return url
     if url.startswith("servicebus:"):
         parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-        return f"servicebus://{parts.hostname or '?'}{port}{parts.path}"
+        where = parts.netloc.rpartition("@")[2]  # the key name and key stay out
+        return f"servicebus://{where or '?'}{parts.path}"
     if _is_connection_string(url):
         settings = {}
         for part in url.split(";"):

@@ -237,7 +237,8 @@ class ServiceBusChannel:
         settings = _parse(connection_string)
         self._secret = _Secret(connection_string.strip())
         self._keys = tuple(
-            v for k, v in settings.items() if k in ("sharedaccesskey", "sharedaccesssignature")
+            _Secret(v) for k, v in settings.items()
+            if k in ("sharedaccesskey", "sharedaccesssignature")
         )
         self.namespace = settings["endpoint"][len("sb://"):].strip("/")
         self.queue = queue or settings.get("entitypath") or DEFAULT_QUEUE
@@ -297,7 +298,7 @@ class ServiceBusChannel:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        return scrub(text, self._secret.reveal(), *self._keys)
+        return scrub(text, self._secret.reveal(), *(k.reveal() for k in self._keys))
 
     def _live(self) -> Any:
         if self._client is None:

@@ -15,7 +15,7 @@ import pytest
 from channel_contract import ControlChannelContract, request
 from sbhooks import BrokerHooks
 
-from shir.adapters.channel import ChannelError, ControlChannel, JobRequest, LockLost
+from shir.adapters.channel import ChannelError, ControlChannel, JobRequest, JobResult, LockLost
 from shir.adapters.servicebus import MALFORMED_REASON, ServiceBusChannel
 
 pytestmark = pytest.mark.services
@@ -287,3 +287,75 @@ def test_refuses_bad_options_and_connection_strings() -> None:
     with pytest.raises(ChannelError, match="network trace"):
         ServiceBusChannel("Endpoint=sb://x/;SharedAccessKeyName=a;SharedAccessKey=b",
                           sdk_options={"logging_enable": True})
+
+
+# -- secrets: the canary ---------------------------------------------------------------------
+
+
+def test_no_key_or_signature_in_logs_errors_or_reprs(
+    hooks: BrokerHooks, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Every path a key could leak through, with the SDK logging at DEBUG: nothing shows it."""
+    import logging
+    import socket
+    from urllib.parse import quote
+
+    from canary import CANARY
+
+    from shir.adapters.channels import describe_channel_url, open_channel
+
+    caplog.set_level(logging.DEBUG)
+    key = f"{CANARY}+/=="  # a key with the characters a real one has
+    endpoint = hooks.connection_string.split(";")[0]  # Endpoint=sb://127.0.0.1:PORT/
+    host = endpoint.split("//", 1)[1].strip("/")
+    conn = f"{endpoint};SharedAccessKeyName=Root;SharedAccessKey={key};UseDevelopmentEmulator=true"
+    queue, replies = hooks.new_queue(30, 3), hooks.new_queue(60, 10)
+    shown: list[str] = []
+    url = f"servicebus://Root:{quote(key, safe='')}@{host}/{queue}?reply={replies}&emulator=true"
+    with open_channel(url, settle_timeout_s=2.0, sdk_options=FAST_SDK) as channel, \
+            open_channel(f"{conn};EntityPath={queue};ReplyQueue={replies}") as other:
+        assert isinstance(channel, ServiceBusChannel) and isinstance(other, ServiceBusChannel)
+        assert (other.queue, other.reply_queue) == (queue, replies)
+        channel.send([request(1, credential=b"sealed"), request(2)])
+        got = channel.receive(2, 3.0)
+        assert len(got) == 2
+        channel.renew(got[0].lock_token)
+        channel.complete(got[0].lock_token)
+        channel.dead_letter(got[1].lock_token, "invalid job")
+        channel.publish_result(JobResult("msg-1", "job-1", "completed"))
+        assert other.results("msg-1") and other.dead_letters()
+        shown += [repr(channel), str(channel), repr(other), repr(got), repr(vars(channel)),
+                  describe_channel_url(url), describe_channel_url(conn)]
+        for settle in (channel.complete, channel.renew):  # LockLost names the token only
+            with pytest.raises(LockLost) as lost:
+                settle(got[0].lock_token)
+            shown.append(str(lost.value))
+        hooks.hook("throttle", queue, count=100)
+        with pytest.raises(ChannelError) as throttled:
+            ServiceBusChannel(conn, queue=queue, attempts=2, backoff_s=0.01,
+                              sdk_options=FAST_SDK).send([request(3)])
+        shown.append(str(throttled.value))
+        hooks.hook("throttle", queue, count=-100)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    unreachable = conn.replace(host, f"127.0.0.1:{dead_port}")
+    with pytest.raises(ChannelError) as refused:
+        ServiceBusChannel(unreachable, attempts=2, backoff_s=0.01,
+                          sdk_options={**FAST_SDK, "retry_total": 1}).send([request(4)])
+    shown.append(str(refused.value))
+    sas = (f"Endpoint=sb://{host}/;SharedAccessSignature=SharedAccessSignature sr=x&sig={key}"
+           "&se=1&skn=Root;UseDevelopmentEmulator=true")
+    shown.append(repr(ServiceBusChannel(sas)))
+    for bad in (f"Endpoint=sb://{host}/;SharedAccessKey={key}",  # a key without its name
+                f"servicebus://{quote(key, safe='')}@{host}/q",  # a URL without the key name
+                f"servicebus://Root:{quote(key, safe='')}@{host}/q?bogus=1"):
+        with pytest.raises(ChannelError) as refusal:
+            open_channel(bad)
+        shown.append(str(refusal.value))
+    out, err = capfd.readouterr()
+    everything = "\n".join([*shown, caplog.text, out, err])
+    assert caplog.records, "the SDK logged nothing at DEBUG: the check would prove nothing"
+    for secret in (CANARY, quote(key, safe=""), "sig="):
+        at = everything.find(secret)
+        assert at < 0, f"{secret!r} leaked: ...{everything[max(0, at - 300):at + 60]}..."
