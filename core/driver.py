@@ -72,10 +72,32 @@ class Driver:
         :class:`AppendOutcomeUnknown` when the store may have lost the events and a re-read
         shows it did: nothing was stored either way, and the caller may retry.
         """
-        [outcome] = self.handle_all((command,))
-        if isinstance(outcome, DomainError):
-            raise outcome
-        return outcome
+        for attempt in range(self.max_conflict_retries + 1):
+            events = decide(self.state, command)
+            if not events:
+                return ()
+            try:
+                self.version = self.store.append(self.stream, events, self.version)
+            except ConcurrencyConflict:
+                # Another writer went first: decide again on what it wrote.
+                self.conflicts += 1
+                self.catch_up()
+                if attempt == self.max_conflict_retries:
+                    raise
+                continue
+            except AppendOutcomeUnknown:
+                # Re-read: the events either landed (fold them from the log) or did not (decide
+                # again next time). Effects follow from what is in the log, never from a guess.
+                self.recoveries += 1
+                landed = self.catch_up()
+                if not landed:
+                    raise
+                return effects_of(landed)
+            self.state = fold(self.state, events)
+            for listener in self.listeners:
+                listener(events)
+            return effects_of(events)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def handle_all(
         self, commands: Sequence[object]

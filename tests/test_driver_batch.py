@@ -76,3 +76,32 @@ def test_handle_still_raises_the_refusal() -> None:
 
         Driver(Moved(), "rt", max_conflict_retries=1).handle_all(
             [CreateRuntime("rt", "f", "ir", K1, K2, 0.0)])
+
+
+@pytest.mark.parametrize("land", [True, False])
+def test_an_unknown_append_outcome_is_read_back(land: bool) -> None:
+    from shir.core.store import AppendOutcomeUnknown
+
+    class Losing(InMemoryEventStore):
+        failing = False
+
+        def append(self, stream: str, events: Sequence[object], expected: int) -> int:
+            if not self.failing:
+                return super().append(stream, events, expected)
+            if land:
+                super().append(stream, events, expected)
+            raise AppendOutcomeUnknown("timed out")
+
+    store = Losing()
+    d = created(store)
+    store.failing = True
+    batch = [SubmitJob("j1", "k1", 1.0), SubmitJob("j2", "k2", 1.0)]
+    if land:
+        d.handle_all(batch)  # landed: the re-read shows both, no error
+        assert d.recoveries == 1
+    else:
+        with pytest.raises(AppendOutcomeUnknown):
+            d.handle_all(batch)
+    store.failing = False
+    assert d.state == fold(initial(), store.read("rt"))
+    assert len([e for e in store.read("rt") if isinstance(e, JobSubmitted)]) == (2 if land else 0)
