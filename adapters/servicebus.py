@@ -4,15 +4,13 @@ Two queues of one namespace: job requests (``shir-jobs`` by default) received in
 and results (``shir-results``) that ``shir job show`` reads back by peeking. Semantics are those
 of :mod:`shir.adapters.channel`; this module maps them onto the SDK:
 
-- A request is one message: ``message_id`` = the job's idempotency key, ``subject`` = its kind,
-  the body a msgpack map of kind, spec and the credential ciphertext (when the job carries one).
-  Enable duplicate detection on the queue to have a resent id dropped; without it the runtime's
-  idempotency key absorbs the duplicate.
+- A request is one message, ``message_id`` = the job's idempotency key (the format is in
+  :mod:`shir.adapters.servicebus_messages`). Enable duplicate detection on the queue to have a
+  resent id dropped; without it the runtime's idempotency key absorbs the duplicate.
 - ``receive`` uses a receiver with ``prefetch_count=0``: the SDK grants link credit for exactly
-  the ``max_count`` asked (the dispatcher's free capacity) and releases, uncounted, whatever
-  arrives between calls, so no lock ticks away in a buffer (the lock clock starts at prefetch).
-  A message that is not a shir request (not a msgpack map of the right fields, or too large) is
-  dead-lettered with reason ``MalformedJobRequest`` and not returned.
+  the ``max_count`` asked (the dispatcher's free capacity), and releases, uncounted, what it
+  reads between calls. A message that is not a shir request (not a msgpack map of the right
+  fields, or too large) is dead-lettered with reason ``MalformedJobRequest``, not returned.
 - The lock clock starts when the service transfers a message, and a receive call that returns
   early leaves link credit open, so a message may wait in the socket until the next call: one
   that arrives with less than half the queue's lock duration left (learnt from the first
@@ -43,12 +41,11 @@ STRING`` is set (see docs/channel.md).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
+from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -62,149 +59,31 @@ from shir.adapters.channel import (
     LockLost,
     ReceivedRequest,
 )
+from shir.adapters.servicebus_messages import (
+    CONTENT_TYPE,
+    MALFORMED_REASON,
+    MAX_DESCRIPTION,
+    MAX_REASON,
+    RESULT_CONTENT_TYPE,
+    Secret,
+    decode_fields,
+    decode_request,
+    encode_request,
+    epoch,
+    parse_connection_string,
+    result_id,
+    scrub,
+)
 
-__all__ = [
-    "DEFAULT_QUEUE",
-    "DEFAULT_REPLY_QUEUE",
-    "MALFORMED_REASON",
-    "ServiceBusChannel",
-    "scrub",
-]
+__all__ = ["DEFAULT_QUEUE", "DEFAULT_REPLY_QUEUE", "MALFORMED_REASON", "ServiceBusChannel"]
 
 DEFAULT_QUEUE = "shir-jobs"
 DEFAULT_REPLY_QUEUE = "shir-results"
-MALFORMED_REASON = "MalformedJobRequest"
-CONTENT_TYPE = "application/vnd.shir.job-request+msgpack"
-RESULT_CONTENT_TYPE = "application/vnd.shir.job-result+msgpack"
-MAX_FIELD_BYTES = 64 * 1024  # spec and credential each, as the embedded channel
-MAX_BODY_BYTES = 2 * MAX_FIELD_BYTES + 4096
 MIN_WAIT_S = 0.1  # a receive is a round trip: a zero wait still grants credit and listens
 PEEK_PAGE = 250
 MAX_PEEKED = 100_000  # results and dead letters read back at most (a bound on untrusted input)
-_MAX_REASON = 1024  # DeadLetterReason; the full text goes in the description (4096)
-_MAX_DESCRIPTION = 4096
 
 T = TypeVar("T")
-
-
-class _Secret:
-    """A string that no repr, str or format shows."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    __str__ = __repr__
-
-
-_SECRET_PATTERNS = (
-    re.compile(r"(?i)(SharedAccessKey\s*=\s*)[^;\s'\"]+"),
-    re.compile(r"(?i)(SharedAccessSignature\s*=\s*)[^;'\"]+"),
-    re.compile(r"(?i)(sig=)[^&;\s'\"]+"),
-)
-
-
-def scrub(text: str, *secrets: str) -> str:
-    """``text`` with each of ``secrets`` and every key, SAS and ``sig=`` value replaced."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(r"\1***", text)
-    return text
-
-
-def _parse(connection_string: str) -> dict[str, str]:
-    """The connection string's settings by lower-cased name; raises ChannelError when malformed."""
-    settings: dict[str, str] = {}
-    for part in connection_string.strip().rstrip(";").split(";"):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise ChannelError(
-                "the Service Bus connection string is malformed: write Endpoint=sb://NAMESPACE/;"
-                "SharedAccessKeyName=NAME;SharedAccessKey=KEY (as the portal shows it)"
-            )
-        settings[key.strip().lower()] = value.strip()
-    if not settings.get("endpoint", "").lower().startswith("sb://"):
-        raise ChannelError(
-            "the Service Bus connection string has no Endpoint=sb://NAMESPACE/: copy it from the "
-            "namespace's Shared access policies"
-        )
-    if not (settings.get("sharedaccesskey") or settings.get("sharedaccesssignature")):
-        raise ChannelError(
-            "the Service Bus connection string has neither SharedAccessKey nor "
-            "SharedAccessSignature: copy the whole string from the namespace's Shared access "
-            "policies"
-        )
-    return settings
-
-
-def _encode_request(r: JobRequest) -> bytes:
-    if not isinstance(r, JobRequest):
-        raise ChannelError(f"send takes JobRequest objects, got {type(r).__name__}")
-    if not r.message_id or len(r.message_id) > 128:
-        raise ChannelError(
-            f"a job request's message_id must be 1-128 characters, got {len(r.message_id)}"
-        )
-    if len(r.spec) > MAX_FIELD_BYTES or len(r.credential) > MAX_FIELD_BYTES:
-        raise ChannelError(
-            f"job request {r.message_id!r} is too large (spec {len(r.spec)} bytes, credential "
-            f"{len(r.credential)} bytes; at most {MAX_FIELD_BYTES} each)"
-        )
-    return msgpack.packb(
-        {"v": 1, "kind": r.kind, "spec": bytes(r.spec), "credential": bytes(r.credential)}
-    )
-
-
-def _body(message: Any) -> bytes:
-    body = message.body
-    if isinstance(body, bytes | bytearray):
-        return bytes(body)
-    if isinstance(body, Iterator | list | tuple):
-        return b"".join(bytes(part) for part in body)
-    raise ValueError(f"the body is a {type(body).__name__}, not data")
-
-
-def _decode_fields(message: Any, need: Mapping[str, type]) -> dict[str, Any]:
-    """The msgpack map of ``message``'s body with ``need``'s fields of the right types."""
-    raw = _body(message)
-    if len(raw) > MAX_BODY_BYTES:
-        raise ValueError(f"the body is {len(raw)} bytes, more than {MAX_BODY_BYTES}")
-    try:
-        fields = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_FIELD_BYTES,
-                                 max_str_len=_MAX_DESCRIPTION, max_map_len=16)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise ValueError(f"the body is not msgpack ({type(exc).__name__})") from None
-    if not isinstance(fields, dict):
-        raise ValueError("the body is not a map")
-    for name, kind in need.items():
-        if not isinstance(fields.get(name), kind):
-            raise ValueError(f"field {name!r} is missing or not {kind.__name__}")
-    return fields
-
-
-def _decode_request(message: Any) -> JobRequest:
-    message_id = message.message_id
-    if not isinstance(message_id, str) or not 1 <= len(message_id) <= 128:
-        raise ValueError("the message id is missing or longer than 128 characters")
-    f = _decode_fields(message, {"kind": str, "spec": bytes, "credential": bytes})
-    return JobRequest(message_id, f["kind"], f["spec"], f["credential"])
-
-
-def _result_id(message_id: str, outcome: str) -> str:
-    """The reply message's id: one per (request, outcome), so a resend is a duplicate."""
-    return "result-" + hashlib.sha256(f"{message_id}\0{outcome}".encode()).hexdigest()[:48]
-
-
-def _epoch(when: Any) -> float:
-    return float(when.timestamp()) if when is not None else 0.0
 
 
 class ServiceBusChannel:
@@ -234,10 +113,10 @@ class ServiceBusChannel:
             ) from None
         if not isinstance(connection_string, str):
             raise ChannelError("the Service Bus connection string must be text")
-        settings = _parse(connection_string)
-        self._secret = _Secret(connection_string.strip())
+        settings = parse_connection_string(connection_string)
+        self._secret = Secret(connection_string.strip())
         self._keys = tuple(
-            _Secret(v) for k, v in settings.items()
+            Secret(v) for k, v in settings.items()
             if k in ("sharedaccesskey", "sharedaccesssignature")
         )
         self.namespace = settings["endpoint"][len("sb://"):].strip("/")
@@ -372,8 +251,14 @@ class ServiceBusChannel:
                 # with an unknown outcome: the SDK retried already; back off and try again.
                 last = f"{type(exc).__name__}: {self._scrub(str(exc))}"
             except ValueError as exc:  # the SDK's "handler has already been shutdown"
+                if token is not None:  # its receiver is gone: nobody here can settle it now
+                    self._held.pop(token, None)
+                    raise LockLost(
+                        f"cannot {doing}: the link that received {token!r} was shut down; the "
+                        "request comes back when its lock ends: do not act on this delivery"
+                    ) from None
                 last = f"{type(exc).__name__}: {self._scrub(str(exc))}"
-                self._reset_handlers(keep_held=token is None)
+                self._reset_handlers()
             if attempt == self._attempts:
                 break
             pause = min(self._backoff_max_s, self._backoff_s * 2 ** (attempt - 1))
@@ -385,15 +270,14 @@ class ServiceBusChannel:
             "namespace is reachable from this machine (outbound 5671 or 443), then retry"
         )
 
-    def _reset_handlers(self, keep_held: bool) -> None:
+    def _reset_handlers(self) -> None:
         """Drop the SDK's senders and receivers (after one shut down); locks held are lost."""
         for handler in [*self._senders.values(), *self._receivers.values()]:
             with contextlib.suppress(Exception):
                 handler.close()
         self._senders.clear()
         self._receivers.clear()
-        if not keep_held:
-            self._held.clear()
+        self._held.clear()
 
     def _held_message(self, token: str, doing: str) -> Any:
         message = self._held.get(str(token))
@@ -412,7 +296,7 @@ class ServiceBusChannel:
         from azure.servicebus import ServiceBusMessage
 
         messages = [
-            ServiceBusMessage(_encode_request(r), message_id=r.message_id, subject=r.kind,
+            ServiceBusMessage(encode_request(r), message_id=r.message_id, subject=r.kind,
                               content_type=CONTENT_TYPE)
             for r in requests
         ]
@@ -457,7 +341,7 @@ class ServiceBusChannel:
             out = []
             for message in got:
                 try:
-                    request = _decode_request(message)
+                    request = decode_request(message)
                 except ValueError as exc:
                     self._dead_letter_malformed(message, str(exc))
                     continue
@@ -467,6 +351,8 @@ class ServiceBusChannel:
                     locked_until = self._fresh_lock(token, message)
                 except LockLost:
                     continue  # it lapsed in the link: it comes back with its count raised
+                except ChannelError:  # could not renew now: hand it over with the lock it has
+                    locked_until = epoch(message.locked_until_utc)
                 out.append(ReceivedRequest(
                     request, token, int(message.delivery_count or 0) + 1, locked_until,
                 ))
@@ -479,7 +365,7 @@ class ServiceBusChannel:
         returned early leaves link credit open: a message sent then waits in the socket until
         the next call. The lock duration (the queue's) is learnt from the first renewal.
         """
-        locked_until = _epoch(message.locked_until_utc)
+        locked_until = epoch(message.locked_until_utc)
         if self._lock_s is not None and locked_until - time.time() >= self._lock_s / 2:
             return locked_until
         renewed = self.renew(token)
@@ -492,26 +378,28 @@ class ServiceBusChannel:
         with contextlib.suppress(ChannelError):  # else its lock expires and it comes back
             self._call("dead-letter a malformed message", lambda: receiver.dead_letter_message(
                 message, reason=MALFORMED_REASON,
-                error_description=f"not a shir job request: {why}"[:_MAX_DESCRIPTION]))
+                error_description=f"not a shir job request: {why}"[:MAX_DESCRIPTION]))
 
     def _forget_expired(self) -> None:
         """Drop messages whose lock ended a minute ago: no call can settle them any more."""
         now = time.time()
         for token, message in list(self._held.items()):
-            if _epoch(message.locked_until_utc) < now - 60:
+            if epoch(message.locked_until_utc) < now - 60:
                 del self._held[token]
 
     def renew(self, lock_token: str) -> float:
         """Extend the lock; return the new ``locked_until``."""
         with self._mutex:
+            self._live()
             message = self._held_message(lock_token, "renew the lock")
             receiver = self._receiver(self.queue)
             until = self._call("renew a lock", lambda: receiver.renew_message_lock(message),
                                token=lock_token)
-            return _epoch(until)
+            return epoch(until)
 
     def _settle(self, lock_token: str, doing: str, how: Callable[[Any, Any], None]) -> None:
         with self._mutex:
+            self._live()
             message = self._held_message(lock_token, doing)
             receiver = self._receiver(self.queue)
             self._call(doing, lambda: how(receiver, message), token=lock_token)
@@ -529,7 +417,7 @@ class ServiceBusChannel:
         """Move the request to the dead-letter queue; ``reason`` becomes its DeadLetterReason."""
         text = str(reason)
         self._settle(lock_token, "dead-letter the request", lambda r, m: r.dead_letter_message(
-            m, reason=text[:_MAX_REASON], error_description=text[:_MAX_DESCRIPTION]))
+            m, reason=text[:MAX_REASON], error_description=text[:MAX_DESCRIPTION]))
 
     def publish_result(self, result: JobResult) -> None:
         """Publish ``result`` on the reply queue (its id is one per request and outcome)."""
@@ -537,11 +425,11 @@ class ServiceBusChannel:
 
         body = msgpack.packb({
             "v": 1, "message_id": result.message_id, "job_id": result.job_id,
-            "outcome": result.outcome, "detail": result.detail[:_MAX_DESCRIPTION],
+            "outcome": result.outcome, "detail": result.detail[:MAX_DESCRIPTION],
             "at": float(result.at),
         })
         message = ServiceBusMessage(
-            body, message_id=_result_id(result.message_id, result.outcome),
+            body, message_id=result_id(result.message_id, result.outcome),
             subject=result.outcome, content_type=RESULT_CONTENT_TYPE,
             time_to_live=self._result_ttl,
         )
@@ -553,9 +441,13 @@ class ServiceBusChannel:
         """Every message of a queue, by peeking page after page (at most MAX_PEEKED)."""
         out: list[Any] = []
         sequence = 1
+
+        def peek(start: int) -> list[Any]:
+            return list(receiver.peek_messages(max_message_count=PEEK_PAGE,
+                                               sequence_number=start))
+
         while True:
-            page = self._call(doing, lambda start=sequence: receiver.peek_messages(
-                max_message_count=PEEK_PAGE, sequence_number=start))
+            page = self._call(doing, partial(peek, sequence))
             if not page:
                 return out
             out.extend(page)
@@ -575,7 +467,7 @@ class ServiceBusChannel:
         out = []
         for message in peeked:
             try:
-                f = _decode_fields(message, {"message_id": str, "job_id": str, "outcome": str,
+                f = decode_fields(message, {"message_id": str, "job_id": str, "outcome": str,
                                              "detail": str, "at": float})
             except ValueError:
                 continue  # not a shir result: someone else's message on the reply queue
@@ -595,12 +487,12 @@ class ServiceBusChannel:
         out = []
         for message in peeked:
             try:
-                request = _decode_request(message)
+                request = decode_request(message)
             except ValueError:
                 request = JobRequest(str(message.message_id or "?"), "?")
             out.append(DeadLetter(request, str(message.dead_letter_reason or ""),
                                   int(message.delivery_count or 0) + 1,
-                                  _epoch(message.enqueued_time_utc)))
+                                  epoch(message.enqueued_time_utc)))
         return out
 
     def queue_depth(self) -> int:
@@ -613,7 +505,7 @@ class ServiceBusChannel:
         with self._mutex:
             if self._client is None:
                 return
-            self._reset_handlers(keep_held=False)
+            self._reset_handlers()
             with contextlib.suppress(Exception):
                 self._client.close()
             self._client = None

@@ -41,7 +41,8 @@ from collections.abc import Iterator  # noqa: E402 - after the sys.path fix
 from azure.servicebus import ServiceBusClient, ServiceBusMessage  # noqa: E402 - after the sys.path fix
 
 from shir.adapters.channel import JobRequest  # noqa: E402 - after the sys.path fix
-from shir.adapters.servicebus import CONTENT_TYPE, ServiceBusChannel, _encode_request  # noqa: E402 - after the sys.path fix
+from shir.adapters.servicebus import ServiceBusChannel  # noqa: E402 - after the sys.path fix
+from shir.adapters.servicebus_messages import CONTENT_TYPE, encode_request  # noqa: E402 - after the sys.path fix
 from shir.adapters.sqlitestore import SQLiteEventStore  # noqa: E402 - after the sys.path fix
 from shir.core import AuthKey, CreateRuntime, KeyName, SubmitJob  # noqa: E402 - after the sys.path fix
 from shir.core.driver import Driver  # noqa: E402 - after the sys.path fix
@@ -121,7 +122,7 @@ def through_shir(conn: str, batch: list[JobRequest], folder: str) -> float:
 def bare_sdk(conn: str, batch: list[JobRequest]) -> float:
     """The SDK alone: send the same messages, receive and complete them; no log."""
     queue = "bench-" + uuid.uuid4().hex[:10]
-    messages = [ServiceBusMessage(_encode_request(r), message_id=r.message_id, subject=r.kind,
+    messages = [ServiceBusMessage(encode_request(r), message_id=r.message_id, subject=r.kind,
                                   content_type=CONTENT_TYPE) for r in batch]
     with ServiceBusClient.from_connection_string(conn) as client, \
             client.get_queue_sender(queue) as sender, \
