@@ -110,7 +110,7 @@ def bare_model(sc: Scenario, until_s: float) -> float:
 
 def core_seconds(sc: Scenario, until_s: float | None) -> float:
     """Run once with the driver's core calls timed; return the seconds spent in them."""
-    import shir.sim.driver as driver_module
+    import shir.core.driver as driver_module
     from shir.sim.world import World
 
     spent = [0.0]
@@ -125,7 +125,8 @@ def core_seconds(sc: Scenario, until_s: float | None) -> float:
                 spent[0] += clock() - start
         return call
 
-    saved = {name: getattr(driver_module, name) for name in ("decide", "fold", "effects_of")}
+    names = ("decide", "fold", "effects_of", "answer")
+    saved = {name: getattr(driver_module, name) for name in names}
     for name, fn in saved.items():
         setattr(driver_module, name, timed(fn))
     try:

@@ -6,12 +6,16 @@ decision comes back as values (events and effects) for a driver to carry out.
     state = initial()
     d = handle(state, CreateRuntime(...))   # -> Decision(state, events, effects)
     deadline = next_deadline(d.state)       # send Tick(at=deadline) then
+
+Hosts drive it through :class:`shir.core.driver.Driver` and carry out the effects addressed to
+them (``effect.to``); docs/architecture.md describes the host protocol.
 """
 
 from shir.core.commands import (
     CreateRuntime,
     FinishUpgrade,
     Heartbeat,
+    LeaveRuntime,
     RegenerateAuthKey,
     RegisterNode,
     RemoveNode,
@@ -37,18 +41,34 @@ from shir.core.credentials import (  # also registers the credential commands wi
 )
 from shir.core.decide import decide, next_deadline
 from shir.core.effects import (
+    EVERY_NODE,
+    FACTORY,
     AnnounceDispatcher,
     DeliverJob,
     Disconnect,
+    DispatchWanted,
+    PublishJobResult,
+    Recipient,
+    Role,
     StartSession,
     StopJob,
+    answer,
     effects_of,
+    to_node,
 )
-from shir.core.errors import DomainError, ShirError
+from shir.core.errors import (
+    DomainError,
+    Fenced,
+    ShirError,
+    StaleSession,
+    StaleTerm,
+    UnknownNode,
+)
 from shir.core.events import (
     AuthKeyRegenerated,
     DispatcherChanged,
     HeartbeatReceived,
+    NodeLeft,
     NodeRegistered,
     NodeRejoined,
     NodeRemoved,
@@ -76,6 +96,7 @@ from shir.core.leasing import (  # also registers the job commands with decide
     DispatchJobs,
     FailJob,
     JobStats,
+    NotDispatcher,
     RenewLease,
     RenewLeases,
     ScaleAdvice,
@@ -101,6 +122,8 @@ from shir.core.service import Decision, handle
 from shir.core.state import Node, RuntimeInfo, RuntimeState, SpentState, evolve, fold, initial
 
 __all__ = [
+    "EVERY_NODE",
+    "FACTORY",
     "AbandonJob",
     "AnnounceDispatcher",
     "AuthKey",
@@ -121,9 +144,11 @@ __all__ = [
     "DeliverJob",
     "Disconnect",
     "DispatchJobs",
+    "DispatchWanted",
     "DispatcherChanged",
     "DomainError",
     "FailJob",
+    "Fenced",
     "FinishUpgrade",
     "Heartbeat",
     "HeartbeatReceived",
@@ -136,20 +161,26 @@ __all__ = [
     "KeyName",
     "LeaseRenewed",
     "LeaseToken",
+    "LeaveRuntime",
     "Node",
     "NodeCredentials",
+    "NodeLeft",
     "NodeMetrics",
     "NodeRegistered",
     "NodeRejoined",
     "NodeRemoved",
     "NodeStatus",
     "NodeStatusChanged",
+    "NotDispatcher",
+    "PublishJobResult",
+    "Recipient",
     "RegenerateAuthKey",
     "RegisterNode",
     "ReleaseReason",
     "RemoveNode",
     "RenewLease",
     "RenewLeases",
+    "Role",
     "RuntimeCreated",
     "RuntimeInfo",
     "RuntimeSettings",
@@ -165,6 +196,8 @@ __all__ = [
     "SpentState",
     "StaleCredentialVersion",
     "StaleLease",
+    "StaleSession",
+    "StaleTerm",
     "StartSession",
     "StartUpgrade",
     "StopJob",
@@ -172,9 +205,11 @@ __all__ = [
     "Tick",
     "UnknownCredential",
     "UnknownJob",
+    "UnknownNode",
     "UpgradeFinished",
     "UpgradeStarted",
     "VersionExpiryWarned",
+    "answer",
     "concurrency_limit",
     "credential_status",
     "decide",
@@ -187,4 +222,5 @@ __all__ = [
     "job_stats",
     "next_deadline",
     "scale_advice",
+    "to_node",
 ]

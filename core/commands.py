@@ -14,6 +14,7 @@ __all__ = [
     "CreateRuntime",
     "FinishUpgrade",
     "Heartbeat",
+    "LeaveRuntime",
     "RegenerateAuthKey",
     "RegisterNode",
     "RemoveNode",
@@ -55,6 +56,10 @@ class RegisterNode:
     memory_mb: int
     at: float
     metrics: NodeMetrics = NodeMetrics()
+    # Where peers reach the node on the intranet ("host:port") and the SHA-256 fingerprint (hex)
+    # of its intranet TLS certificate: kept in the log, so peers pin each other through it.
+    intranet_address: str | None = None
+    cert_sha256: str | None = None
 
 
 @attrs.frozen
@@ -62,6 +67,16 @@ class RemoveNode:
     """Remove a node from the runtime."""
 
     node: str
+    at: float
+
+
+@attrs.frozen
+class LeaveRuntime:
+    """A node leaves the runtime for good (a graceful shutdown): its leases go back to the
+    queue at once instead of when it would have been seen Offline. ``session`` is its own."""
+
+    node: str
+    session: int
     at: float
 
 

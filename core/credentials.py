@@ -64,7 +64,7 @@ from shir.core.decide import (
     _settle,
     _timed,
 )
-from shir.core.effects import EFFECTS
+from shir.core.effects import EFFECTS, Recipient, Role
 from shir.core.errors import DomainError, InvalidCommand, NodeOffline
 from shir.core.model import CredentialVersion, NodeStatus, RuntimeSettings
 from shir.core.state import EVOLVE, Node, RuntimeState, _Model
@@ -206,6 +206,11 @@ class SealCredentialFor:
     from_node: str
     to_node: str
 
+    @property
+    def to(self) -> Recipient:
+        """The holder that seals."""
+        return Recipient(Role.NODE, self.from_node)
+
 
 @attrs.frozen
 class DeliverCredential:
@@ -216,6 +221,11 @@ class DeliverCredential:
     credential_id: str
     version: int
     envelope: bytes = attrs.field(repr=_envelope_repr)
+
+    @property
+    def to(self) -> Recipient:
+        """The node that receives the envelope."""
+        return Recipient(Role.NODE, self.to_node)
 
 
 # --- state -------------------------------------------------------------------------------------

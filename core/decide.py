@@ -18,11 +18,13 @@ node records. A command that is already satisfied yields no events.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 from shir.core import commands as cmd
 from shir.core import events as ev
+from shir.core.effects import Disconnect, StartSession
 from shir.core.errors import (
     InvalidCommand,
     MachineAlreadyRegistered,
@@ -97,7 +99,8 @@ def _node(m: _Model, name: str) -> Node:
         known = ", ".join(m.nodes) or "none"
         raise UnknownNode(
             f"node {name!r:.60} is not registered in runtime {rt!r} (nodes: {known}); "
-            "register it with an auth key first"
+            "register it with an auth key first",
+            Disconnect(name, "not registered"),
         )
     return n
 
@@ -315,10 +318,41 @@ def _check_auth_key(m: _Model, text: str) -> KeyName:
     return key.name
 
 
+_MAX_ADDRESS = 261  # a 253-character DNS name or a bracketed IPv6 address, ':', a port
+_HOST_PORT = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})"
+)
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _check_intranet(c: cmd.RegisterNode) -> tuple[str | None, str | None]:
+    """Validate the node's intranet address and certificate fingerprint (lower-cased)."""
+    address, cert = c.intranet_address, c.cert_sha256
+    if address is not None:
+        port = None
+        if isinstance(address, str) and len(address) <= _MAX_ADDRESS:
+            match = _HOST_PORT.fullmatch(address)
+            port = int(match.group(1)) if match else None
+        if port is None or not 1 <= port <= 65535:
+            raise InvalidCommand(
+                f"intranet_address must be 'host:port' (a DNS name, an IPv4 address or a "
+                f"[bracketed] IPv6 address, and a port 1-65535), got {address!r:.80}"
+            )
+    if cert is not None:
+        if not isinstance(cert, str) or not _SHA256_HEX.fullmatch(cert):
+            raise InvalidCommand(
+                "cert_sha256 must be the certificate's SHA-256 fingerprint as 64 hex digits, "
+                f"got {cert!r:.80}"
+            )
+        cert = cert.lower()
+    return address, cert
+
+
 def _register_node(m: _Model, c: cmd.RegisterNode) -> Events:
     rt = _runtime(m)
     _check_name("node name", c.node)
     _check_name("machine_id", c.machine_id)
+    address, cert = _check_intranet(c)
     if not (isinstance(c.cores, int) and c.cores >= 1):
         raise InvalidCommand(f"cores must be a positive integer, got {c.cores!r}")
     if not (isinstance(c.memory_mb, int) and c.memory_mb >= 1):
@@ -327,6 +361,13 @@ def _register_node(m: _Model, c: cmd.RegisterNode) -> Events:
     existing = m.nodes.get(c.node)
     if existing is not None:
         if existing.machine_id == c.machine_id:
+            if (existing.intranet_address, existing.cert_sha256) != (address, cert):
+                raise InvalidCommand(
+                    f"node {c.node!r} is registered with intranet address "
+                    f"{existing.intranet_address!r} and certificate {existing.cert_sha256!r:.20}; "
+                    f"this registration gives {address!r:.80} and {cert!r:.20}: remove the "
+                    "node, then register it again"
+                )
             return []  # already registered: satisfied
         raise NodeNameTaken(
             f"node name {c.node!r} is taken by machine {existing.machine_id!r}; "
@@ -352,7 +393,7 @@ def _register_node(m: _Model, c: cmd.RegisterNode) -> Events:
         )
     s, out = _timed(m, c.at)
     _emit(s, out, ev.NodeRegistered(
-        c.node, c.machine_id, c.cores, c.memory_mb, key_name, c.metrics, c.at
+        c.node, c.machine_id, c.cores, c.memory_mb, key_name, c.metrics, c.at, address, cert
     ))
     _settle(s, c.at, out)
     return out
@@ -369,6 +410,39 @@ def _remove_node(m: _Model, c: cmd.RemoveNode) -> Events:
     return out
 
 
+def _leave_runtime(m: _Model, c: cmd.LeaveRuntime) -> Events:
+    _runtime(m)
+    n = m.nodes.get(c.node)
+    if n is None:
+        return []  # already left (or removed): satisfied
+    _check_session(n, c.node, c.session)
+    s, out = _timed(m, c.at)
+    if c.node not in s.nodes:  # settling may have expired it already
+        return out
+    b = s.jobs
+    for job_id in sorted(b.node_leases.get(c.node, ())):
+        if job_id not in s.pending:  # redelivered at once, as for a node that went Offline
+            end_lease(s, out, b.leases[job_id], ReleaseReason.NODE_LOST,
+                      f"node {c.node} left the runtime", c.at)
+    if c.node in b.limits:  # an override must not outlive its node
+        _emit(s, out, ConcurrencyLimitSet(c.node, None, c.at))
+    _emit(s, out, ev.NodeLeft(c.node, c.at))
+    _settle(s, c.at, out)
+    return out
+
+
+def _check_session(n: Node, node: str, session: int) -> None:
+    if session == n.session:
+        return
+    # A higher session is stale too: one of an earlier registration under this name.
+    why = "which ended" if session < n.session else "not given since it last registered"
+    raise StaleSession(
+        f"node {node!r} spoke in session {session}, {why}; its session is {n.session}: "
+        "adopt it and act only under the current dispatcher term",
+        StartSession(node, n.session),
+    )
+
+
 def _heartbeat(m: _Model, c: cmd.Heartbeat) -> Events:
     rt = _runtime(m)
     n = _node(m, c.node)
@@ -376,15 +450,7 @@ def _heartbeat(m: _Model, c: cmd.Heartbeat) -> Events:
         # The same heartbeat again: satisfied, even when it is the one that made the node
         # rejoin (it was sent under the session that the rejoin ended).
         return []
-    if c.session != n.session:
-        if c.session < n.session:
-            raise StaleSession(
-                f"node {c.node!r} spoke in session {c.session}, which ended; its session is "
-                f"{n.session}: rejoin and act only under the current dispatcher term"
-            )
-        raise InvalidCommand(
-            f"node {c.node!r} claims session {c.session}, never given (current {n.session})"
-        )
+    _check_session(n, c.node, c.session)
     s, out = _timed(m, c.at)
     n = _node(s, c.node)
     offline_after = rt.settings.offline_after_s
@@ -448,6 +514,7 @@ DECIDE: dict[type, Callable[[_Model, Any], Events]] = {
     cmd.RegenerateAuthKey: _regenerate_auth_key,
     cmd.RegisterNode: _register_node,
     cmd.RemoveNode: _remove_node,
+    cmd.LeaveRuntime: _leave_runtime,
     cmd.Heartbeat: _heartbeat,
     cmd.StartUpgrade: _start_upgrade,
     cmd.FinishUpgrade: _finish_upgrade,

@@ -6,20 +6,28 @@ them, and carry out the effects. The store's conditional append is the lineariza
 
 - ``ConcurrencyConflict`` (another writer appended first): re-read the tail and decide again on
   the newer state, up to ``max_conflict_retries`` times; a command that the newer state already
-  satisfies yields no events, and one it now refuses raises the core's ``DomainError``.
+  satisfies yields no events, and one it now refuses raises the core's ``DomainError``. The
+  other writer's events may be stamped later than the command (its clock runs ahead): the
+  command is then decided again at the log's time, ``max(command.at, state.now)``, since the
+  core refuses time going backwards and the command lost the race, it did not come earlier.
 - ``AppendOutcomeUnknown`` (the store cannot say whether it took the append): re-read; if the
   events landed, their effects follow from the log; if not, nothing was stored and the error is
   raised so the caller may retry.
 
-Effects are always computed from events that are in the log, never from a guess.
+Effects are always computed from events that are in the log, never from a guess: ``handle``
+returns the events' effects (``effects_of``) and the answer to the command's sender
+(``answer``). A command refused because its sender is fenced or stale raises a
+:class:`~shir.core.errors.Fenced` error whose ``reply`` the host sends back to the sender.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import attrs
+
 from shir.core.decide import decide, next_deadline
-from shir.core.effects import effects_of
+from shir.core.effects import answer, effects_of
 from shir.core.errors import DomainError
 from shir.core.state import RuntimeState, fold, initial
 from shir.core.store import (
@@ -66,64 +74,50 @@ class Driver:
     def handle(self, command: object) -> tuple[object, ...]:
         """Decide ``command``, store and fold its events; return the effects to carry out.
 
-        Raises the core's ``DomainError`` when the command is refused (also when it is refused
-        only after a conflict showed a newer state), :class:`ConcurrencyConflict` when other
-        writers kept winning ``max_conflict_retries`` times in a row, and
-        :class:`AppendOutcomeUnknown` when the store may have lost the events and a re-read
-        shows it did: nothing was stored either way, and the caller may retry.
-        """
-        for attempt in range(self.max_conflict_retries + 1):
-            events = decide(self.state, command)
-            if not events:
-                return ()
-            try:
-                self.version = self.store.append(self.stream, events, self.version)
-            except ConcurrencyConflict:
-                # Another writer went first: decide again on what it wrote.
-                self.conflicts += 1
-                self.catch_up()
-                if attempt == self.max_conflict_retries:
-                    raise
-                continue
-            except AppendOutcomeUnknown:
-                # Re-read: the events either landed (fold them from the log) or did not (decide
-                # again next time). Effects follow from what is in the log, never from a guess.
-                self.recoveries += 1
-                landed = self.catch_up()
-                if not landed:
-                    raise
-                return effects_of(landed)
-            self.state = fold(self.state, events)
-            for listener in self.listeners:
-                listener(events)
-            return effects_of(events)
-        raise AssertionError("unreachable")  # pragma: no cover
+        The effects are those of the stored events and the answer to the command's sender;
+        each names its recipient (``effect.to``).
 
-    def handle_all(
-        self, commands: Sequence[object]
-    ) -> list[tuple[object, ...] | DomainError]:
+        Raises the core's ``DomainError`` when the command is refused (also when it is refused
+        only after a conflict showed a newer state; a :class:`~shir.core.errors.Fenced` one
+        carries the ``reply`` to send), :class:`ConcurrencyConflict` when other writers kept
+        winning ``max_conflict_retries`` times in a row, and :class:`AppendOutcomeUnknown` when
+        the store may have lost the events and a re-read shows it did: nothing was stored either
+        way, and the caller may retry.
+        """
+        [outcome] = self._handle((command,))
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
+    def handle_all(self, commands: Sequence[object]) -> list[tuple[object, ...] | DomainError]:
         """Decide ``commands`` in order and store all their events in one append.
 
         Group commit: a host with several commands at hand (a dispatcher with a batch of job
         requests) pays for one durable append instead of one each. Each command is decided on
         the state its predecessors leave; one the core refuses adds no events and gets its
         ``DomainError`` in its place of the result, so it holds none of the others back. A
-        conflict decides them all again on the newer state. Returns, per command, its effects
-        or its error; the store's errors are raised as by :meth:`handle`.
+        conflict decides them all again on the newer state. Returns, per command, what
+        :meth:`handle` would return for it (its effects and answer) or its error; the store's
+        errors are raised as by :meth:`handle`.
         """
+        return self._handle(tuple(commands))
+
+    def _handle(self, commands: tuple[object, ...]) -> list[tuple[object, ...] | DomainError]:
         for attempt in range(self.max_conflict_retries + 1):
+            if attempt:
+                commands = tuple(_restamped(c, self.state.now) for c in commands)
             state = self.state  # folding spends a state: a copy once a later command needs it
             copied = False
             events: list[object] = []
-            pending: Sequence[object] = ()  # events not yet folded into ``state``
-            decided: list[Sequence[object] | DomainError] = []
+            pending: tuple[object, ...] = ()  # events not yet folded into ``state``
+            decided: list[tuple[object, ...] | DomainError] = []
             for command in commands:
                 if pending:
                     if not copied:
                         state, copied = state.copy(), True
                     state = fold(state, pending)
                 try:
-                    pending = decide(state, command)
+                    pending = tuple(decide(state, command))
                 except DomainError as exc:
                     decided.append(exc)
                     pending = ()
@@ -142,17 +136,33 @@ class Driver:
                     continue
                 except AppendOutcomeUnknown:
                     # Re-read: the events either landed (fold them from the log) or did not
-                    # (decide again next time). Effects follow from what is in the log.
+                    # (decide again next time). Effects follow from what is in the log, never
+                    # from a guess.
                     self.recoveries += 1
-                    if not self.catch_up():
+                    landed = tuple(self.catch_up())
+                    if not landed:
                         raise
+                    if len(commands) == 1 and not isinstance(decided[0], DomainError):
+                        decided = [landed]
                 else:
                     self.state = fold(state, pending)
                     for listener in self.listeners:
                         listener(events)
-            return [d if isinstance(d, DomainError) else effects_of(d) for d in decided]
+            return [
+                d if isinstance(d, DomainError)
+                else effects_of(d, self.state) + answer(c, d, self.state)
+                for c, d in zip(commands, decided, strict=True)
+            ]
         raise AssertionError("unreachable")  # pragma: no cover
 
     def deadline(self) -> float | None:
         """When the core next needs a ``Tick``."""
         return next_deadline(self.state)
+
+
+def _restamped(command: object, now: float) -> object:
+    """``command`` at ``now`` if the log has moved past its time (see the module docstring)."""
+    at = getattr(command, "at", None)
+    if isinstance(at, (int, float)) and at < now:
+        return attrs.evolve(command, at=now)  # type: ignore[misc]
+    return command

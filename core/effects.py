@@ -1,61 +1,146 @@
-"""Effects: what a driver must carry out after events are stored. Values, never actions.
+"""Effects: what a host must carry out after events are stored. Values, never actions.
 
-The core does not know whether a simulator or a real host carries them out. ``effects_of`` is a
-pure function of the stored events, so a driver that crashes after storing events and before
-acting can recompute the effects from its log.
+The host protocol
+-----------------
+Every effect names its recipient in ``effect.to`` (a :class:`Recipient`): one node, every node,
+or the factory side (the cloud service that queued the jobs). A host routes by that lookup,
+never by the effect's type, and carries out only what is addressed to it.
+
+A host gets effects from three places, and nowhere else:
+
+- ``effects_of(events, state)``: what stored events call for. A pure function of the events
+  (and of the state after folding them, for :class:`DispatchWanted`), so a host that crashed
+  after storing and before acting, or a node that only reads the log another node wrote,
+  recomputes the same effects.
+- ``answer(command, events, state)``: what the *sender* of an accepted command must be told
+  beyond that (a registration that was already satisfied still starts the node's session;
+  a keep-alive naming leases that have ended tells the node to stop those copies).
+- a refused command from a fenced or stale sender raises a :class:`~shir.core.errors.Fenced`
+  error whose ``reply`` is the effect to send back (see docs/architecture.md for the table).
+
+``Driver.handle`` returns the first two together; hosts catch ``Fenced`` for the third.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from shir.core import events as ev
 from shir.core import jobs
+from shir.core.commands import RegisterNode
 from shir.core.jobs import LeaseToken
 
+if TYPE_CHECKING:
+    from shir.core.state import RuntimeState
+
 __all__ = [
+    "EVERY_NODE",
+    "FACTORY",
     "AnnounceDispatcher",
     "DeliverJob",
     "Disconnect",
+    "DispatchWanted",
+    "PublishJobResult",
+    "Recipient",
+    "Role",
     "StartSession",
     "StopJob",
+    "answer",
+    "answer_renew",
     "effects_of",
+    "to_node",
 ]
+
+
+class Role(enum.Enum):
+    """Who an effect is for."""
+
+    NODE = "node"  # the one node named in ``Recipient.node``
+    EVERY_NODE = "every_node"  # every registered node
+    FACTORY = "factory"  # the factory side: the cloud service that queued the jobs
+
+
+@attrs.frozen
+class Recipient:
+    """The recipient of an effect: a role, and the node's name for ``Role.NODE``."""
+
+    role: Role
+    node: str | None = None
+
+
+EVERY_NODE = Recipient(Role.EVERY_NODE)
+FACTORY = Recipient(Role.FACTORY)
+
+
+def to_node(name: str) -> Recipient:
+    """The recipient ``name`` (one node)."""
+    return Recipient(Role.NODE, name)
 
 
 @attrs.frozen
 class AnnounceDispatcher:
-    """Tell every node the new term and who dispatches in it (None: nobody)."""
+    """Tell nodes the new term and who dispatches in it (None: nobody).
+
+    ``to_node`` None: every node (a new term); a name: that node only (the reply to a sender
+    that acted on an older term).
+    """
 
     term: int
     node: str | None
+    to_node: str | None = None
+
+    @property
+    def to(self) -> Recipient:
+        """Every node, or the one it answers."""
+        return EVERY_NODE if self.to_node is None else Recipient(Role.NODE, self.to_node)
 
 
 @attrs.frozen
 class StartSession:
-    """Tell ``node`` its new session: messages of older sessions are refused from now on."""
+    """Tell ``node`` its session (on registering, and on rejoining after a gap): messages of
+    other sessions are refused from now on. The node adopts ``session`` as it is."""
 
     node: str
     session: int
 
+    @property
+    def to(self) -> Recipient:
+        """The node."""
+        return Recipient(Role.NODE, self.node)
+
 
 @attrs.frozen
 class Disconnect:
-    """Tell ``node`` it is no longer part of the runtime."""
+    """Tell ``node`` it is not (or no longer) part of the runtime."""
 
     node: str
     reason: str
 
+    @property
+    def to(self) -> Recipient:
+        """The node."""
+        return Recipient(Role.NODE, self.node)
+
 
 @attrs.frozen
 class DeliverJob:
-    """Hand the job to ``token.node``: run it, renew before ``expires_at``, then complete it."""
+    """Hand the job to ``token.node``: run it, renew before ``expires_at``, then complete it.
+
+    A delivery of a job the node still runs under an *older* token replaces that copy (the old
+    lease has ended; its result would be refused).
+    """
 
     token: LeaseToken
     expires_at: float
+
+    @property
+    def to(self) -> Recipient:
+        """The node the job was leased to."""
+        return Recipient(Role.NODE, self.token.node)
 
 
 @attrs.frozen
@@ -65,23 +150,118 @@ class StopJob:
     token: LeaseToken
     reason: str
 
+    @property
+    def to(self) -> Recipient:
+        """The node that held the lease."""
+        return Recipient(Role.NODE, self.token.node)
 
-EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
+
+@attrs.frozen
+class DispatchWanted:
+    """Tell the dispatcher of ``term`` to send ``DispatchJobs``: work waits and something
+    changed that may let it be placed (a job queued, a slot freed, a node came up...)."""
+
+    node: str
+    term: int
+
+    @property
+    def to(self) -> Recipient:
+        """The dispatcher."""
+        return Recipient(Role.NODE, self.node)
+
+
+@attrs.frozen
+class PublishJobResult:
+    """Tell the factory side how a job ended: ``outcome`` is "completed" or "dead_lettered"."""
+
+    job_id: str
+    idempotency_key: str
+    outcome: str
+    detail: str
+
+    @property
+    def to(self) -> Recipient:
+        """The factory side."""
+        return FACTORY
+
+
+EffectsOf = Callable[[Any], tuple[object, ...]]
+
+EFFECTS: dict[type, EffectsOf] = {
     ev.DispatcherChanged: lambda e: (AnnounceDispatcher(e.term, e.node),),
+    ev.NodeRegistered: lambda e: (StartSession(e.node, 1),),
     ev.NodeRejoined: lambda e: (StartSession(e.node, e.session),),
     ev.NodeRemoved: lambda e: (Disconnect(e.node, e.reason),),
     jobs.JobLeased: lambda e: (DeliverJob(e.token, e.expires_at),),
     jobs.JobReleased: lambda e: (StopJob(e.token, e.detail),),
-    jobs.JobDeadLettered: lambda e: (StopJob(e.token, e.detail),),
+    jobs.JobCompleted: lambda e: (
+        PublishJobResult(e.token.job_id, e.idempotency_key, "completed", ""),
+    ),
+    jobs.JobDeadLettered: lambda e: (
+        StopJob(e.token, e.detail),
+        PublishJobResult(e.token.job_id, e.idempotency_key, "dead_lettered", e.detail),
+    ),
 }
 
+# Events after which queued work may be placeable: the dispatcher is told to look again.
+DISPATCH_TRIGGERS: frozenset[type] = frozenset({
+    jobs.JobSubmitted, jobs.JobCompleted, jobs.JobReleased, jobs.JobDeadLettered,
+    jobs.ConcurrencyLimitSet, ev.DispatcherChanged, ev.NodeStatusChanged,
+})
 
-def effects_of(events: Iterable[object]) -> tuple[object, ...]:
-    """The effects the given (stored) events call for, in order."""
+
+def effects_of(events: Iterable[object], state: RuntimeState | None = None
+               ) -> tuple[object, ...]:
+    """The effects the given (stored) events call for, in order.
+
+    With ``state`` (the state after folding ``events``), a :class:`DispatchWanted` follows when
+    one of the events may let queued work be placed and a dispatcher exists to place it.
+    """
     out: list[object] = []
     table = EFFECTS
+    triggered = False
     for e in events:
-        f = table.get(type(e))
+        t = type(e)
+        f = table.get(t)
         if f is not None:
             out.extend(f(e))
+        if t in DISPATCH_TRIGGERS:
+            triggered = True
+    if triggered and state is not None:
+        m = state.model()
+        if m.dispatcher is not None and m.jobs.queues:
+            out.append(DispatchWanted(m.dispatcher, m.term))
     return tuple(out)
+
+
+def _answer_register(c: Any, events: tuple[object, ...], state: RuntimeState) -> tuple[object, ...]:
+    if events:
+        return ()  # NodeRegistered's own effect starts the session
+    node = state.model().nodes.get(c.node)
+    # Satisfied (already registered from this machine): the first reply may have been lost.
+    return (StartSession(node.name, node.session),) if node is not None else ()
+
+
+def answer_renew(c: Any, events: tuple[object, ...], state: RuntimeState) -> tuple[object, ...]:
+    """The answer to ``RenewLeases``: "lease lost" for each token neither renewed nor ended."""
+    settled = {e.token for e in events if hasattr(e, "token")}  # renewed, or ended (StopJob)
+    return tuple(
+        StopJob(t, f"lease lost: delivery {t.delivery} of {t.job_id} in term {t.term} has ended")
+        for t in c.tokens if t not in settled
+    )
+
+
+def answer(command: object, events: tuple[object, ...], state: RuntimeState
+           ) -> tuple[object, ...]:
+    """What the sender of accepted ``command`` must be told beyond the events' effects.
+
+    ``events`` are the ones it caused (maybe none), ``state`` the state after folding them.
+    """
+    f = ANSWERS.get(type(command))
+    return f(command, events, state) if f is not None else ()
+
+
+Answer = Callable[[Any, tuple[object, ...], "RuntimeState"], tuple[object, ...]]
+
+# By command type. leasing.py adds the answer to RenewLeases (its command).
+ANSWERS: dict[type, Answer] = {RegisterNode: _answer_register}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "DomainError",
+    "Fenced",
     "InvalidCommand",
     "MachineAlreadyRegistered",
     "NodeNameTaken",
@@ -45,8 +46,21 @@ class RuntimeAlreadyExists(DomainError):
     """A different runtime already lives in this stream."""
 
 
-class UnknownNode(DomainError):
-    """The command names a node that is not registered."""
+class Fenced(DomainError):
+    """The sender is fenced or stale: it acted on a view of the runtime that is over.
+
+    ``reply`` is the effect the host must send back (its ``to`` names the sender), so the sender
+    catches up: a stale term gets the current dispatcher, a stale session the current session,
+    an unknown node a disconnect, a lost lease a stop. No host re-derives it from state.
+    """
+
+    def __init__(self, message: str, reply: object) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class UnknownNode(Fenced):
+    """The command names a node that is not registered (reply: ``Disconnect``)."""
 
 
 class NodeNameTaken(DomainError):
@@ -65,12 +79,13 @@ class RemoteAccessDisabled(DomainError):
     """A second node may join only when remote access from the intranet is on everywhere."""
 
 
-class StaleSession(DomainError):
-    """A node spoke with a session that ended when it went Offline; it must rejoin."""
+class StaleSession(Fenced):
+    """A node spoke with a session that is not its current one (reply: ``StartSession``)."""
 
 
-class StaleTerm(DomainError):
-    """A message carries a dispatcher term that is over; the sender is fenced."""
+class StaleTerm(Fenced):
+    """A message carries a dispatcher term that is over; the sender is fenced (reply:
+    ``AnnounceDispatcher`` of the current term, to the sender)."""
 
 
 class TimeWentBackwards(DomainError):

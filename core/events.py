@@ -6,6 +6,8 @@ versions and ciphertext for a named recipient.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from shir.core.codec import event
@@ -15,6 +17,7 @@ __all__ = [
     "AuthKeyRegenerated",
     "DispatcherChanged",
     "HeartbeatReceived",
+    "NodeLeft",
     "NodeRegistered",
     "NodeRejoined",
     "NodeRemoved",
@@ -50,10 +53,15 @@ class AuthKeyRegenerated:
     at: float
 
 
-@event("node_registered")
+def _v1_to_v2(fields: list[Any]) -> list[Any]:  # v2 added intranet_address, cert_sha256
+    return [*fields, None, None]
+
+
+@event("node_registered", version=2, upcasters={1: _v1_to_v2})
 @attrs.frozen
 class NodeRegistered:
-    """A machine joined the runtime as a node."""
+    """A machine joined the runtime as a node; peers reach it at ``intranet_address`` and pin
+    its intranet certificate by ``cert_sha256`` (both None when it gave none)."""
 
     node: str
     machine_id: str
@@ -61,6 +69,17 @@ class NodeRegistered:
     memory_mb: int
     key_name: KeyName
     metrics: NodeMetrics
+    at: float
+    intranet_address: str | None = None
+    cert_sha256: str | None = None
+
+
+@event("node_left")
+@attrs.frozen
+class NodeLeft:
+    """A node left the runtime by itself (a graceful shutdown); its leases were released."""
+
+    node: str
     at: float
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import attrs
 
 from shir.core.decide import DECIDE, _emit, _node, _runtime, _timed, end_lease
-from shir.core.errors import DomainError, InvalidCommand, StaleTerm
+from shir.core.effects import ANSWERS, AnnounceDispatcher, StopJob, answer_renew
+from shir.core.errors import Fenced, InvalidCommand, StaleTerm
 from shir.core.jobs import (
     ConcurrencyLimitSet,
     JobBook,
@@ -67,16 +68,18 @@ LIMIT_RANGE = (1, 256)  # bounds of a user override
 _DEFAULT_RANGE = (1, 64)
 
 
-class StaleLease(DomainError):
-    """The lease token is not the job's live lease (expired, ended, or from another delivery)."""
+class StaleLease(Fenced):
+    """The lease token is not the job's live lease (expired, ended, or from another delivery):
+    the lease is lost (reply: ``StopJob`` for that token)."""
 
 
-class UnknownJob(DomainError):
-    """No queued or leased job has this id."""
+class UnknownJob(Fenced):
+    """No queued or leased job has this id (reply: ``StopJob`` for the token)."""
 
 
-class NotDispatcher(DomainError):
-    """Only the dispatcher of the current term may dispatch."""
+class NotDispatcher(Fenced):
+    """Only the dispatcher of the current term may dispatch (reply: ``AnnounceDispatcher`` of
+    the current term, to the sender)."""
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -118,7 +121,8 @@ class RenewLease:
 class RenewLeases:
     """Extend every one of these leases that is still live (a node's periodic keep-alive).
 
-    Leases that already ended are skipped: their node was sent ``StopJob`` when they ended.
+    The sender is answered ``StopJob`` ("lease lost") for every token whose lease has ended
+    (``effects.answer``): the node may have missed the ``StopJob`` sent when it ended.
     """
 
     tokens: tuple[LeaseToken, ...]
@@ -235,15 +239,18 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
         raise InvalidCommand(f"max_jobs must be >= 0 or None, got {c.max_jobs}")
     s, out = _timed(m, c.at, jobs_only=True)
     if c.term != s.term or c.node != s.dispatcher:
+        current = AnnounceDispatcher(s.term, s.dispatcher, c.node)
         if c.term < s.term:
             raise StaleTerm(
                 f"node {c.node!r} dispatched under term {c.term}, which is over (term {s.term}, "
-                f"dispatcher {s.dispatcher!r}); it must not dispatch"
+                f"dispatcher {s.dispatcher!r}); it must not dispatch",
+                current,
             )
         if c.term > s.term:
             raise InvalidCommand(f"term {c.term} has not begun (current term {s.term})")
         raise NotDispatcher(
-            f"node {c.node!r} is not the dispatcher of term {s.term} ({s.dispatcher!r} is)"
+            f"node {c.node!r} is not the dispatcher of term {s.term} ({s.dispatcher!r} is)",
+            current,
         )
     b = s.jobs
     if not b.queues:
@@ -325,12 +332,14 @@ def _live_lease(s: _Model, token: LeaseToken, verb: str) -> Lease:
         if lease is None and token.job_id not in b.jobs and token.job_id not in b.recent_jobs:
             raise UnknownJob(
                 f"no queued or running job {token.job_id!r}: it never existed, was "
-                "dead-lettered, or completed longer ago than the duplicate window"
+                "dead-lettered, or completed longer ago than the duplicate window",
+                StopJob(token, "unknown job"),
             )
         raise StaleLease(
             f"cannot {verb} job {token.job_id!r}: delivery {token.delivery} to {token.node} in "
             f"term {token.term} is no longer its live lease (expired, ended, or the node was "
-            "Offline); drop the work"
+            "Offline); drop the work",
+            StopJob(token, "lease lost"),
         )
     return lease
 
@@ -406,6 +415,8 @@ def _set_limit(m: _Model, c: SetConcurrencyLimit) -> list[object]:
         _emit(s, out, ConcurrencyLimitSet(c.node, c.limit, c.at))
     return out
 
+
+ANSWERS[RenewLeases] = answer_renew
 
 DECIDE.update({
     SubmitJob: _submit,

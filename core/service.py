@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 
 from shir.core.decide import decide
-from shir.core.effects import effects_of
+from shir.core.effects import answer, effects_of
 from shir.core.state import RuntimeState, fold
 
 __all__ = ["Decision", "handle"]
@@ -21,7 +21,7 @@ class Decision:
 
 
 def handle(state: RuntimeState, command: object) -> Decision:
-    """Decide ``command``, fold its events, and compute their effects.
+    """Decide ``command``, fold its events, and compute their effects and the sender's answer.
 
     On refusal the ``DomainError`` propagates and ``state`` stays usable and unchanged; on
     success ``state`` is spent (use ``Decision.state``). A driver that persists events should
@@ -29,5 +29,6 @@ def handle(state: RuntimeState, command: object) -> Decision:
     """
     events = decide(state, command)
     if not events:
-        return Decision(state, events, ())
-    return Decision(fold(state, events), events, effects_of(events))
+        return Decision(state, events, answer(command, events, state))
+    state = fold(state, events)
+    return Decision(state, events, effects_of(events, state) + answer(command, events, state))

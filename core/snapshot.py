@@ -4,8 +4,9 @@
 event store's ``Snapshot(version, data)`` a host loads the snapshot and folds only the events
 after ``version``. The simulator checks "snapshot + tail == full replay" on every run.
 
-The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state;
-a format 1 snapshot still restores, with none); a newer format is refused with
+The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state,
+3 the nodes' intranet address and certificate fingerprint; older snapshots still restore, with
+none); a newer format is refused with
 :class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with ``CorruptRecord``.
 """
 
@@ -25,8 +26,8 @@ from shir.core.state import Node, RuntimeInfo, RuntimeState, _Model
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
-FORMAT = 2
-_READABLE = (1, 2)
+FORMAT = 3
+_READABLE = (1, 2, 3)  # 3 added the nodes' intranet_address and cert_sha256
 
 for _cls in (RuntimeInfo, Node, Job, Lease):
     register_value(_cls)
@@ -90,6 +91,8 @@ def _restore(body: list[Any]) -> RuntimeState:
         verifier = decode_value(KeyVerifier, raw)
         m.keys[verifier.name] = verifier
     for raw in nodes:
+        if body[0] < 3:  # a node record without intranet_address and cert_sha256
+            raw = msgpack.packb([*msgpack.unpackb(raw), None, None], use_bin_type=True)
         node = decode_value(Node, raw)
         m.nodes[node.name] = node
     m.next_seq, m.term, m.dispatcher, m.now = next_seq, term, dispatcher, float(now)

@@ -81,6 +81,8 @@ class Node:
     offline_since: float | None = None
     upgrading_to: str | None = None
     warned_version: str = ""  # version whose expiry warning was already given
+    intranet_address: str | None = None  # "host:port" where peers reach it, if it said
+    cert_sha256: str | None = None  # fingerprint of its intranet TLS certificate, if it said
 
     def clone(self) -> Node:
         """An independent copy (the fields themselves are immutable values)."""
@@ -88,7 +90,8 @@ class Node:
         return Node(
             self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
             self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
-            self.offline_since, self.upgrading_to, self.warned_version,
+            self.offline_since, self.upgrading_to, self.warned_version, self.intranet_address,
+            self.cert_sha256,
         )
 
 
@@ -271,11 +274,12 @@ def _auth_key_regenerated(m: _Model, e: ev.AuthKeyRegenerated) -> None:
 
 
 def _node_registered(m: _Model, e: ev.NodeRegistered) -> None:
-    m.nodes[e.node] = Node(e.node, m.next_seq, e.machine_id, e.cores, e.memory_mb, e.at, e.metrics)
+    m.nodes[e.node] = Node(e.node, m.next_seq, e.machine_id, e.cores, e.memory_mb, e.at, e.metrics,
+                           intranet_address=e.intranet_address, cert_sha256=e.cert_sha256)
     m.next_seq += 1
 
 
-def _node_removed(m: _Model, e: ev.NodeRemoved) -> None:
+def _node_removed(m: _Model, e: ev.NodeRemoved | ev.NodeLeft) -> None:
     del m.nodes[e.node]
     if m.syncs:  # no sync to a node that is gone (copy-on-write, see _Model)
         m.syncs = {k: v for k, v in m.syncs.items() if k[1] != e.node}
@@ -330,6 +334,7 @@ EVOLVE: dict[type, Callable[[_Model, Any], None]] = {
     ev.AuthKeyRegenerated: _auth_key_regenerated,
     ev.NodeRegistered: _node_registered,
     ev.NodeRemoved: _node_removed,
+    ev.NodeLeft: _node_removed,
     ev.HeartbeatReceived: _heartbeat_received,
     ev.NodeStatusChanged: _node_status_changed,
     ev.NodeRejoined: _node_rejoined,

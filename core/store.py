@@ -57,7 +57,7 @@ class AppendOutcomeUnknown(StoreError):
     """The store did not say whether an append landed (a timeout, a dropped connection).
 
     The events are in the stream in full or not at all: re-read the stream before deciding
-    again (``shir.sim.driver.Driver`` does).
+    again (``shir.core.driver.Driver`` does).
     """
 
 

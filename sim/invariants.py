@@ -61,6 +61,7 @@ class Checkers:
             ev.AuthKeyRegenerated: self._key_regenerated,
             ev.NodeRegistered: self._node_registered,
             ev.NodeRemoved: self._node_removed,
+            ev.NodeLeft: self._node_removed,
             ev.DispatcherChanged: self._dispatcher_changed,
             jobs.JobLeased: self._leased,
             jobs.LeaseRenewed: self._renewed,
@@ -102,7 +103,7 @@ class Checkers:
                 f"but generation {current} was current"
             )
 
-    def _node_removed(self, e: ev.NodeRemoved) -> None:
+    def _node_removed(self, e: ev.NodeRemoved | ev.NodeLeft) -> None:
         self.nodes.pop(e.node, None)
         if self.running.get(e.node):
             self.fail(f"leases: {e.node} removed while holding {self.running[e.node]} leases")

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :class:`ClusterMachine` is a Hypothesis ``RuleBasedStateMachine`` whose system under test is a
 simulated cluster: a :class:`~shir.sim.world.World`, the simulator's own, driving the core
-through the same :class:`~shir.sim.driver.Driver`. Its rules do only what a scenario file can
+through the same :class:`~shir.core.driver.Driver`. Its rules do only what a scenario file can
 say (a node joins, hibernates, crashes, is partitioned, a key is regenerated, any other fault
 kind, time passes), each at the current simulated time, and every one is recorded. So whatever
 the machine finds, the recorded schedule reproduces in the simulator: on failure it is printed

@@ -9,7 +9,11 @@ effects are sent out as messages. It asks the core for its next deadline and tic
 *Nodes* are one SimPy process each (the heartbeat loop); the jobs a node runs are timers on that
 node, not processes. A node knows only what messages told it: its session, the term and who
 dispatches. The dispatcher node sends ``DispatchJobs`` under the term it believes in when the
-service nudges it about work (and on a slow poll, in case a nudge was lost).
+core says a dispatch is wanted (``DispatchWanted``; and on a slow poll, in case one was lost).
+
+The service is a host like any other (docs/architecture.md, "The host protocol"): it sends each
+effect to the recipient the effect names (``effect.to``), and answers a refused sender with the
+reply its ``Fenced`` refusal carries. It decides nothing the core decides.
 
 *The network* carries every message with a latency, through partitions and message faults.
 Three channels: heartbeats (node -> service over HTTPS), the control channel (jobs, both ways,
@@ -50,7 +54,8 @@ from shir.core.credentials import (
     ShareCredential,
     credential_status,
 )
-from shir.core.errors import DomainError, StaleSession
+from shir.core.driver import AppendOutcomeUnknown, Driver
+from shir.core.errors import DomainError, Fenced
 from shir.core.keys import AuthKey
 from shir.core.leasing import (
     CompleteJob,
@@ -63,7 +68,6 @@ from shir.core.leasing import (
 from shir.core.model import CredentialVersion, KeyName, NodeMetrics, NodeStatus
 from shir.core.snapshot import snapshot_bytes
 from shir.core.store import InMemoryEventStore
-from shir.sim.driver import AppendOutcomeUnknown, Driver
 from shir.sim.faults import Fault, draw_faults
 from shir.sim.invariants import Checkers, check_snapshot
 from shir.sim.scenario import NodeSpec, Scenario
@@ -73,12 +77,8 @@ __all__ = ["RunResult", "World", "run"]
 SERVICE = "service"
 HB, CONTROL, INTRANET = "hb", "control", "intranet"
 _JOB_EVENTS = frozenset(jobs.JOB_EVOLVE)
-_NUDGE_EVENTS = frozenset({
-    jobs.JobSubmitted, jobs.JobCompleted, jobs.JobReleased, jobs.JobDeadLettered,
-    ev.DispatcherChanged, ev.NodeStatusChanged, jobs.ConcurrencyLimitSet,
-})
-DISPATCH_POLL_S = 5.0  # the dispatcher also polls, so a lost nudge delays work only this long
-NUDGE_COALESCE_S = 0.25  # a burst of submissions becomes one DispatchJobs
+DISPATCH_POLL_S = 5.0  # the dispatcher also polls, so a lost DispatchWanted delays work this long
+NUDGE_COALESCE_S = 0.25  # a burst of DispatchWanted becomes one DispatchJobs
 _SILENCING = frozenset({"crash", "hibernate", "stall", "isolate"})  # the service hears nothing
 
 
@@ -242,32 +242,30 @@ class SimNode:
 
     # -- messages from the service
     def receive(self, effect: object) -> None:
+        """Act on one effect addressed to this node (what the node process does with it)."""
         if not self.alive():
             return  # a sleeping or dead machine hears nothing
         t = type(effect)
         if t is fx.DeliverJob:
             self.start_job(effect)  # type: ignore[arg-type]
         elif t is fx.StopJob:
-            job = self.running.get(effect.token.job_id)  # type: ignore[attr-defined]
-            if job is not None and job.token == effect.token:  # type: ignore[attr-defined]
-                del self.running[job.token.job_id]
-                job.gen += 1
+            self.stop_job(effect.token)  # type: ignore[attr-defined]
         elif t is fx.AnnounceDispatcher:
             if effect.term >= self.term:  # type: ignore[attr-defined]
                 self.term = effect.term  # type: ignore[attr-defined]
                 self.dispatcher = effect.node  # type: ignore[attr-defined]
                 if self.dispatcher == self.name:
                     self.nudge()
-        elif t is fx.StartSession:
-            self.session = max(self.session, effect.session)  # type: ignore[attr-defined]
-        elif t is _Nudge:
-            if self.dispatcher == self.name:
+        elif t is fx.DispatchWanted:
+            if effect.term >= self.term:  # type: ignore[attr-defined]
+                self.term, self.dispatcher = effect.term, self.name  # type: ignore[attr-defined]
                 self.nudge()
+        elif t is fx.StartSession:
+            # registered (session 1) or rejoined: the session is the core's, adopted as it is
+            self.registered = True
+            self.session = effect.session  # type: ignore[attr-defined]
         elif t is fx.Disconnect:
             self.registered = False
-        elif t is _Registered:
-            self.registered = True
-            self.session = 1
         elif t is SealCredentialFor:
             e: Any = effect
             if self.credentials.get(e.credential_id, 0) >= e.version:
@@ -279,6 +277,11 @@ class SimNode:
             e = effect
             if self.credentials.get(e.credential_id, 0) < e.version:
                 self.credentials[e.credential_id] = e.version  # opened and stored locally
+
+    def refused(self, command: object) -> None:
+        """A command of this node was refused (and the reply, if any, is on its way)."""
+        if isinstance(command, cmd.RegisterNode):
+            self.key_generation = None  # its operator pastes the current key next time
 
     def nudge(self) -> None:
         """Dispatch soon (coalescing a burst of nudges into one command)."""
@@ -295,8 +298,11 @@ class SimNode:
 
     # -- jobs: one timer per running job for its end, one per node for renewing all leases
     def start_job(self, d: fx.DeliverJob) -> None:
-        if d.token.job_id in self.running:
-            return  # a duplicated delivery
+        old = self.running.get(d.token.job_id)
+        if old is not None:
+            if old.token.delivery >= d.token.delivery:
+                return  # a duplicated (or late, older) delivery
+            self.stop_job(old.token)  # a newer delivery: the copy it still runs is stale
         w = self.w
         now = w.env.now
         work = w.job_work.get(d.token.job_id, 1.0) / (self.speed * w.slow.get(self.name, 1.0))
@@ -306,6 +312,13 @@ class SimNode:
         if not self.renewing:
             self.renewing = True
             self._arm_renew(now + self._renew_every())
+
+    def stop_job(self, token: jobs.LeaseToken) -> None:
+        """Stop the copy of a job that runs under ``token`` (not a newer delivery of it)."""
+        job = self.running.get(token.job_id)
+        if job is not None and job.token == token:
+            del self.running[token.job_id]
+            job.gen += 1
 
     def _renew_every(self) -> float:
         return self.w.scenario.settings.lock_duration_s / 2 / self.clock_rate
@@ -401,16 +414,6 @@ class SimNode:
         self.wake = self.w.env.event()
 
 
-@attrs.frozen
-class _Nudge:
-    """Service -> dispatcher: there may be work to dispatch."""
-
-
-@attrs.frozen
-class _Registered:
-    """Service -> node: the registration was accepted."""
-
-
 class _Network:
     """Links, partitions and message faults."""
 
@@ -492,7 +495,6 @@ class World:
         }
         self.healing = False
         self.append_lost_at: float | None = None
-        self.next_nudge_at = 0.0
 
     # -- randomness: one generator per named stream, derived from the seed
     def _rng(self, stream: str) -> random.Random:
@@ -538,30 +540,29 @@ class World:
         except DomainError as exc:
             self.refusals[type(exc).__name__] += 1
             if sender is not None:
-                self._reply_to_refusal(command, exc, sender)
+                self.nodes[sender].refused(command)
+                if isinstance(exc, Fenced):  # the sender is stale: tell it what it missed
+                    self._carry_out(exc.reply)
             return ()
-        if isinstance(command, cmd.RegisterNode) and sender is not None:
-            node = self.nodes[sender]
-            self.send(SERVICE, sender, CONTROL, lambda: node.receive(_Registered()))
+        if type(command) is RenewLeases:  # each token answered "lease lost" was refused
+            lost = sum(type(e) is fx.StopJob for e in effects)
+            if lost:
+                self.refusals["StaleLease"] += lost
         for effect in effects:
             self._carry_out(effect)
         return effects
 
-    def _carry_out(self, effect: object, only: str | None = None) -> None:
-        t = type(effect)
-        if only is not None:
-            target = [only]
-        elif t is SealCredentialFor:
-            target = [effect.from_node]  # type: ignore[attr-defined]
-        elif t is DeliverCredential:
-            target = [effect.to_node]  # type: ignore[attr-defined]
-        elif t is fx.DeliverJob or t is fx.StopJob:
-            target = [effect.token.node]  # type: ignore[attr-defined]
-        elif t is fx.AnnounceDispatcher:
-            target = list(self.node_names)
+    def _carry_out(self, effect: object) -> None:
+        """Send ``effect`` to the recipient it names (the factory side's are for the workload,
+        which learns outcomes from the log itself)."""
+        to: fx.Recipient = effect.to  # type: ignore[attr-defined]
+        if to.role is fx.Role.NODE:
+            names: Sequence[str] = (to.node,)  # type: ignore[assignment]
+        elif to.role is fx.Role.EVERY_NODE:
+            names = self.node_names
         else:
-            target = [effect.node]  # type: ignore[attr-defined]
-        for name in target:
+            return
+        for name in names:
             node = self.nodes.get(name)
             if node is not None:
                 self.net.send(SERVICE, name, CONTROL, partial(node.receive, effect))
@@ -585,25 +586,6 @@ class World:
         self.send(node.name, SERVICE, HB, lambda at: cmd.RegisterNode(
             key.text, spec.name, f"machine-{spec.name}", spec.cores, spec.memory_mb, at, metrics))
 
-    def _reply_to_refusal(self, command: object, exc: DomainError, sender: str) -> None:
-        """What a refusal tells its sender, as a real reply would. Without these a node that
-        missed one message (a lost StartSession, announcement or registration reply) would be
-        refused forever; found by the property machine (tests/scenarios/regression-*)."""
-        state = self.driver.state
-        if isinstance(command, cmd.RegisterNode):
-            self.nodes[sender].key_generation = None  # it retries with the current key
-        elif isinstance(command, DispatchJobs):
-            self._carry_out(fx.AnnounceDispatcher(state.term, state.dispatcher), sender)
-        elif isinstance(command, cmd.Heartbeat):
-            node = state.node(sender)
-            reply: object = (
-                fx.Disconnect(sender, "not registered") if node is None
-                else fx.StartSession(sender, node.session) if isinstance(exc, StaleSession)
-                else None
-            )
-            if reply is not None:
-                self._carry_out(reply, sender)
-
     def _presented_generation(self, node: str) -> int | None:
         n = self.nodes.get(node)
         return n.key_generation if n else None
@@ -611,22 +593,11 @@ class World:
     def _on_events(self, events: Sequence[object]) -> None:
         now = self.env.now
         self.events_log.extend(events)
-        nudge = False
         lifecycle = False
         for e in events:
-            t = type(e)
-            if t in _NUDGE_EVENTS:
-                nudge = True
-            if t not in _JOB_EVENTS:
+            if type(e) not in _JOB_EVENTS:
                 lifecycle = True
                 self._observe(e, now)
-        if nudge and now >= self.next_nudge_at:
-            # One nudge per coalescing window: the dispatch it causes reads the whole queue.
-            self.next_nudge_at = now + NUDGE_COALESCE_S
-            d = self.driver.state.dispatcher
-            node = self.nodes.get(d) if d else None
-            if node is not None:
-                self.net.send(SERVICE, node.name, CONTROL, lambda: node.receive(_Nudge()))
         if lifecycle or self.tick_at is None:
             self._schedule_tick()
 

@@ -112,7 +112,7 @@ class Cluster:
         self.effects.extend(d.effects)
         self.now = max(self.now, command.at)
         for fx in d.effects:
-            if isinstance(fx, StartSession):
+            if isinstance(fx, StartSession) and fx.node in self.machines:  # adopt() does the first
                 self.sessions[fx.node] = fx.session
         for name in list(self.sessions):
             if self.state.node(name) is None:

@@ -13,6 +13,7 @@ import pytest
 from shir.core import events as ev
 from shir.core import jobs
 from shir.core.driver import AppendOutcomeUnknown, Driver
+from shir.core.effects import StartSession
 from shir.core.keys import AuthKey
 from shir.core.model import KeyName, NodeMetrics, RuntimeSettings
 from shir.core.snapshot import snapshot_bytes
@@ -190,10 +191,30 @@ def test_two_drivers_on_one_store_resolve_a_conflict_by_deciding_again() -> None
     b.handle(RegisterNode(K2.text, "b", "m-b", 2, 2048, 2.0))
     assert b.conflicts == 1 and b.state.node("a") is not None and b.state.node("b") is not None
     assert fold(initial(), store.read("rt")) == b.state
-    # a command the newer state already satisfies yields nothing after the conflict
-
-    assert a.handle(RegisterNode(K2.text, "b", "m-b", 2, 2048, 2.0)) == ()
+    # a command the newer state already satisfies stores nothing after the conflict; the
+    # sender is still told its session (its first answer may have been lost)
+    before = store.version("rt")
+    assert a.handle(RegisterNode(K2.text, "b", "m-b", 2, 2048, 2.0)) == (StartSession("b", 1),)
+    assert store.version("rt") == before and a.conflicts == 1
     assert a.state == b.state
+
+
+def test_a_command_that_lost_the_race_to_a_later_stamped_writer_is_decided_at_the_logs_time(
+) -> None:
+    """Writer b's clock runs ahead: a's command, stamped earlier, conflicts; deciding it again
+    at its own time would be refused as time going backwards, so it is decided at the log's."""
+    from shir.core import CreateRuntime, Heartbeat, RegisterNode
+
+    store = InMemoryEventStore()
+    a = Driver(store, "rt")
+    a.handle(CreateRuntime("rt", "f", "ir", K1, K2, 0.0))
+    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0))
+    b = Driver(store, "rt")
+    b.handle(RegisterNode(K1.text, "b", "m-b", 2, 2048, 9.0))  # b's clock: 9 s
+    a.handle(Heartbeat("a", 1, NodeMetrics(), 5.0))  # a's clock: 5 s, behind the log
+    assert a.conflicts == 1
+    assert a.state.node("a").last_seen_at == 9.0  # decided at the log's time
+    assert a.state.now == 9.0 and fold(initial(), store.read("rt")) == a.state
 
 
 def test_a_driver_gives_up_after_its_conflict_budget() -> None:

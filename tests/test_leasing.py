@@ -24,6 +24,7 @@ from shir.core import (
     DeliverJob,
     DispatcherChanged,
     DispatchJobs,
+    DispatchWanted,
     DomainError,
     FailJob,
     Heartbeat,
@@ -39,6 +40,7 @@ from shir.core import (
     NodeRejoined,
     NodeRemoved,
     NodeStatus,
+    PublishJobResult,
     RegisterNode,
     ReleaseReason,
     RemoveNode,
@@ -628,7 +630,7 @@ def test_completion_is_idempotent_with_the_same_token() -> None:
     (leased,) = r.dispatch()
     d = handle(r.state, CompleteJob(leased.token, 3.0))
     assert d.events == (JobCompleted(leased.token, "k1", 3.0),)
-    assert d.effects == ()
+    assert d.effects == (PublishJobResult("j1", "k1", "completed", ""),)
     r.state = d.state
     before = r.state.fingerprint()
     assert r.handle(CompleteJob(leased.token, 4.0)) == ()
@@ -685,7 +687,10 @@ def test_dead_lettered_after_max_deliveries(how: str, reason: ReleaseReason) -> 
         ("boom" if how != "expire" else f"lease expired at {t:g} s without renewal")
         + "; delivered 3 times (max 3)", t,
     )
-    assert d.effects == (StopJob(leased.token, d.events[0].detail),)
+    assert d.effects == (
+        StopJob(leased.token, d.events[0].detail),
+        PublishJobResult("j1", "k1", "dead_lettered", d.events[0].detail),
+    )
     stats = job_stats(r.state)
     assert (stats.queued, stats.running, stats.dead_lettered, stats.released) == (0, 0, 1, 2)
     assert r.state.jobs.jobs == {}
@@ -784,10 +789,11 @@ def test_effects_deliver_each_lease_and_stop_each_release() -> None:
     leased = of_type(d.events, JobLeased)
     assert d.effects == tuple(DeliverJob(e.token, e.expires_at) for e in leased)
     d = handle(r.state, AbandonJob(leased[0].token, 3.0, "busy"))
-    assert d.effects == (StopJob(leased[0].token, "busy"),)
+    # the job is queued again: its dispatcher is told to dispatch
+    assert d.effects == (StopJob(leased[0].token, "busy"), DispatchWanted("n1", 1))
     r.state = d.state
     d = handle(r.state, CompleteJob(leased[1].token, 3.0))
-    assert d.effects == ()
+    assert d.effects == (PublishJobResult("j2", "key-j2", "completed", ""), DispatchWanted("n1", 1))
     r.state = d.state
     d = handle(r.state, RemoveNode("n1", 4.0))  # j3 was on n1
     released = of_type(d.events, JobReleased)

@@ -43,6 +43,7 @@ from shir.core import (
     next_deadline,
 )
 from shir.core.errors import (
+    Fenced,
     InvalidCommand,
     MachineAlreadyRegistered,
     NodeNameTaken,
@@ -361,8 +362,11 @@ def test_heartbeat_refusals() -> None:
     c = online(1)
     err = c.refused(Heartbeat("ghost", 1, c.metrics("n1"), 20), UnknownNode)
     assert "node 'ghost' is not registered in runtime 'shir-test' (nodes: n1)" in str(err)
-    err = c.refused(c.heartbeat_cmd("n1", at=20, session=2), InvalidCommand)
-    assert "claims session 2, never given (current 1)" in str(err)
+    assert isinstance(err, Fenced) and err.reply == Disconnect("ghost", "not registered")
+    # a session above the current one is from an earlier registration: stale as well
+    err = c.refused(c.heartbeat_cmd("n1", at=20, session=2), StaleSession)
+    assert "session 2, not given since it last registered; its session is 1" in str(err)
+    assert isinstance(err, Fenced) and err.reply == StartSession("n1", 1)
     err = c.refused(c.heartbeat_cmd("n1", at=5), TimeWentBackwards)
     assert "stamped at 5 s, but the runtime has already seen 10 s" in str(err)
     c.refused(c.heartbeat_cmd("n1", at=math.nan), InvalidCommand)
