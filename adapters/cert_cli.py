@@ -25,19 +25,23 @@ from shir.adapters.certs import (
 __all__ = ["add_commands"]
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str) -> list[Any]:
     try:
         if path.stat().st_size > MAX_CERT_FILE_BYTES:
             raise CertificateUnreadable(f"{what} {path} is larger than {MAX_CERT_FILE_BYTES} bytes")
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise CertificateUnreadable(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        return load_certificates(data)
+    except CertificateUnreadable as exc:  # name the file: the user may have given several
+        raise CertificateUnreadable(f"{what} {path}: {exc}") from None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
-        certs = load_certificates(_read(args.file, "certificate file"))
-        trusted = [c for f in args.ca for c in load_certificates(_read(f, "CA file"))]
+        certs = _read(args.file, "certificate file")
+        trusted = [c for f in args.ca for c in _read(f, "CA file")]
     except CertificateUnreadable as exc:
         print(f"shir cert check: error: {exc}", file=sys.stderr)
         return 2

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-__all__ = ["add_command"]
+__all__ = ["add_commands"]
 
 PASSWORD_ENV = "SHIR_ODBC_PASSWORD"
 BLOB_ENV = "SHIR_BLOB_CONNECTION_STRING"
 
 
-def add_command(subparsers: Any) -> None:
+def add_commands(subparsers: Any) -> None:
     """Add ``copy`` to an ``add_subparsers()`` result (heavy imports wait for the run)."""
     p = subparsers.add_parser(
         "copy", help="copy query results to a file or blob, or a file into a table",

@@ -49,7 +49,8 @@ import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from shir.core.errors import ShirError
+from shir.core.decide import _check_name as _core_check_name  # the core's own rule
+from shir.core.errors import InvalidCommand, ShirError
 
 __all__ = [
     "MAX_VERSION",
@@ -341,14 +342,18 @@ def check_version(version: int, what: str = "credential version") -> int:
 def check_name(value: str, what: str) -> str:
     """Return ``value`` if it is a usable runtime id or node name; raise :class:`CredentialError`.
 
-    Names are 1-150 characters with no control characters (they appear in file headers and
-    messages).
+    Names are printable (they appear in file headers and messages) and names the core accepts:
+    1-128 characters, not only whitespace; a node set up under another name could never register.
     """
-    if not isinstance(value, str) or not 1 <= len(value) <= 150 or not value.isprintable():
+    try:
+        if not isinstance(value, str) or not value.isprintable():
+            raise InvalidCommand(what)
+        _core_check_name(what, value)
+    except InvalidCommand:
         shown = value[:40] if isinstance(value, str) else type(value)
         raise CredentialError(
-            f"invalid {what} {shown!r}: use 1-150 printable characters without line breaks"
-        )
+            f"invalid {what} {shown!r}: use 1-128 printable characters, not only spaces"
+        ) from None
     return value
 
 

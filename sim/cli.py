@@ -1,5 +1,6 @@
-"""``shir``: the command line. ``shir sim ...`` runs the simulator; ``shir credentials ...`` is
-mounted from :mod:`shir.adapters.credentials_cli`.
+"""``shir sim ...``: the simulator's commands, mounted on the ``shir`` command line by its
+composition root, :mod:`shir.adapters.cli` (which passes the file event store for ``--log`` and
+``replay``: this package imports no adapter).
 
 ::
 
@@ -21,19 +22,21 @@ prints a traceback; a bug in the simulator does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
-import os
 import re
 import shlex
 import shutil
 import sys
-import textwrap
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol
 
+from shir.core.store import EventStore
+from shir.sim.report import fault_report, format_report, listed, mark, not_joined
 from shir.sim.scenario import (
     LIMITS,
     Scenario,
@@ -43,16 +46,38 @@ from shir.sim.scenario import (
     load_scenario,
 )
 
-__all__ = ["main", "parse_duration"]
+__all__ = [
+    "EventLogFiles",
+    "UsageError",
+    "add_commands",
+    "check_log",
+    "parse_duration",
+    "replay_command",
+]
 
 Handler = Callable[[argparse.Namespace], int]
+_mark = mark  # shir.sim.sweep imports it from here
 
 PLOT_INSTALL_HINT = "pip install 'shir[plot]'"
-_MAX_LISTED = 20  # violations shown in a human report; --json has them all
 
 
 class UsageError(Exception):
-    """Bad input: printed as ``shir <command>: error: <message>``, exit code 2."""
+    """Bad input: printed as ``shir sim <command>: error: <message>``, exit code 2."""
+
+
+class EventLogFiles(Protocol):
+    """The event log files ``run --log`` writes and ``replay`` reads; the composition root
+    provides them (the file event store). Each method raises :class:`UsageError`, with a message
+    naming the file and what to do, when it cannot."""
+
+    def writer(self, log: str, directory: Path) -> AbstractContextManager[EventStore]:
+        """The event store of ``directory``, its lock taken on entry (so a folder another
+        process holds is refused before a run, not after it); ``log`` is the user's text."""
+        ...
+
+    def read(self, log: str, path: Path) -> list[object]:
+        """Every record of the log file ``path``, read without a lock or write access."""
+        ...
 
 
 # -- small helpers ----------------------------------------------------------------------------
@@ -104,16 +129,6 @@ def _positive_int(what: str) -> Callable[[str], int]:
     return parse
 
 
-def _mark(ok: bool, stream: TextIO) -> str:
-    """A check mark, or plain words when the terminal's encoding has no such glyphs."""
-    glyph = "✓" if ok else "✗"
-    try:
-        glyph.encode(stream.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return "ok  " if ok else "FAIL"
-    return glyph
-
-
 def replay_command(scenario_arg: str, seed: int, until: str | None) -> str:
     """The command that runs ``scenario_arg`` with ``seed`` again, as a user types it."""
     parts = ["shir", "sim", "run", scenario_arg, "--seed", str(seed)]
@@ -143,10 +158,6 @@ def _until_s(args: argparse.Namespace, scenario: Scenario | None = None) -> floa
         except ScenarioError as exc:
             raise UsageError(str(exc)) from None
     return until_s
-
-
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 100 else f"{seconds:,.0f} s"
 
 
 # -- sim run ----------------------------------------------------------------------------------
@@ -188,20 +199,9 @@ def _check_plot_target(plot: str, log: str | None) -> None:
                          "image), e.g. --plot run.png")
     if log is not None and Path(plot).resolve() == Path(log).resolve():
         raise UsageError(f"--plot {plot}: the same file as --log; choose another name")
-
-
-def _open_log_store(log: str, directory: Path) -> Any:
-    from shir.adapters.filestore import FileEventStore, StoreLocked
-
-    try:
-        return FileEventStore(directory)
-    except StoreLocked:
-        raise UsageError(
-            f"--log {log}: another process holds the event store in {directory} (its .lock); "
-            "wait for it to finish or log into another folder"
-        ) from None
-    except OSError as exc:
-        raise UsageError(f"--log {log}: {exc.strerror or exc}") from None
+    folder = Path(plot).parent
+    if not folder.is_dir():  # why: found only after the run, its results would be lost
+        raise UsageError(f"--plot {plot}: folder {folder} does not exist; create it first")
 
 
 def _plot(result: Any, path: str) -> None:
@@ -218,47 +218,7 @@ def _plot(result: Any, path: str) -> None:
         raise UsageError(f"--plot {path}: {exc.strerror or exc}") from None
 
 
-def format_report(result: Any, scenario: Scenario, out: TextIO) -> str:
-    """The human report of one run."""
-    j = result.jobs
-    speed = result.simulated_s / result.wall_s if result.wall_s > 0 else math.inf
-    lines = [f"scenario      {scenario.name}"]
-    if scenario.description:
-        lines += textwrap.wrap(scenario.description, 100, initial_indent=" " * 14,
-                               subsequent_indent=" " * 14)
-    lines += [
-        f"seed          {result.seed}",
-        f"time          {_fmt_s(result.simulated_s)} simulated in {result.wall_s:.2f} s wall "
-        f"({speed:,.0f}x real time)",
-        f"events        {result.events:,}, sha256 {result.event_log_sha256}",
-        f"jobs          {j['submitted']:,} submitted, {j['completed']:,} completed, "
-        f"{j['dead_lettered']} dead-lettered, {j.get('unfinished', 0)} unfinished, "
-        f"{j['lost']} lost, {j['duplicate_effects']} duplicate effects",
-        f"failovers     {result.failovers}",
-        f"max gaps      dispatcher {result.max_dispatcher_gap_s:.1f} s, "
-        f"offline detection {result.max_offline_detect_s:.1f} s",
-        "refusals      " + (", ".join(f"{k} {v}" for k, v in result.refusals.items()) or "none"),
-    ]
-    exp = result.expectations
-    if exp["passed"] or exp["failed"]:
-        lines.append(f"expectations  {len(exp['passed'])} passed, {len(exp['failed'])} failed")
-        lines += [f"  {_mark(True, out)} {e}" for e in exp["passed"]]
-        lines += [f"  {_mark(False, out)} {e}" for e in exp["failed"]]
-    else:
-        lines.append("expectations  none in this scenario")
-    v = result.invariant_violations
-    if v:
-        lines.append(f"invariants    {len(v)} violated")
-        lines += [f"  {_mark(False, out)} {x}" for x in v[:_MAX_LISTED]]
-        if len(v) > _MAX_LISTED:
-            lines.append(f"  ... and {len(v) - _MAX_LISTED} more (--json lists them all)")
-    else:
-        lines.append("invariants    all held")
-    lines.append("result        " + ("PASS" if result.ok else "FAIL"))
-    return "\n".join(lines)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(args: argparse.Namespace, logs: EventLogFiles) -> int:
     from shir.sim.world import run
 
     if args.plot is not None:
@@ -269,21 +229,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     until_s = _until_s(args, scenario)
     # why: open the store (and take its lock) before the run, so a folder another process
     # holds is refused at once instead of after the whole run, whose results would be lost
-    store = _open_log_store(args.log, log_target[0]) if log_target is not None else None
-    try:
+    opened: AbstractContextManager[EventStore | None] = (
+        logs.writer(args.log, log_target[0]) if log_target is not None
+        else contextlib.nullcontext())
+    with opened as store:
         result = run(scenario, seed=args.seed, until_s=until_s)
         if store is not None and log_target is not None:
             try:
                 store.append(log_target[1], result.log, 0)
             except OSError as exc:
                 raise UsageError(f"--log {args.log}: {exc.strerror or exc}") from None
-    finally:
-        if store is not None:
-            store.close()
     if args.plot is not None:
         _plot(result, args.plot)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), "faults": fault_report(result, scenario),
+                          "nodes_not_joined": not_joined(result, scenario)}, indent=2))
     else:
         print(format_report(result, scenario, sys.stdout))
         if args.log is not None:
@@ -314,10 +274,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 # -- sim replay -------------------------------------------------------------------------------
 
 
-def _read_log(path_text: str) -> list[object]:
-    from shir.adapters.filestore import TornTail, read_stream_file
-    from shir.core.codec import CodecError
-    from shir.core.store import InvalidStreamName, StoreError, check_stream_name
+def _read_log(path_text: str, logs: EventLogFiles) -> list[object]:
+    from shir.core.store import InvalidStreamName, check_stream_name
 
     path = Path(path_text)
     if path.suffix != ".events":
@@ -329,21 +287,7 @@ def _read_log(path_text: str) -> list[object]:
         check_stream_name(path.stem)
     except InvalidStreamName as exc:
         raise UsageError(f"{path_text}: {exc}") from None
-    try:
-        # read the file itself, not through a store: reading needs no lock and no write access
-        events = read_stream_file(path)
-    except TornTail as exc:
-        raise UsageError(
-            f"cannot read the event log: {path_text}: torn tail at byte offset {exc.offset} "
-            f"after record #{exc.good_records} (an append was cut short). To keep the "
-            f"{exc.good_records} good records, truncate the file there: "
-            f"truncate -s {exc.offset} {shlex.quote(path_text)} (copy it first to keep the "
-            "damaged tail)"
-        ) from None
-    except (StoreError, CodecError) as exc:
-        raise UsageError(f"cannot read the event log: {exc}") from None
-    except OSError as exc:
-        raise UsageError(f"{path_text}: {exc.strerror or exc}") from None
+    events = logs.read(path_text, path)
     if not events:
         raise UsageError(f"{path_text}: the log holds no events")
     return events
@@ -390,6 +334,11 @@ def _check_folds(events: Sequence[object]) -> list[str]:
                              f"t={at:g} s after t={last_at:g} s")
         if isinstance(at, (int, float)):
             last_at = at if last_at is None else max(last_at, at)
+        if number > 1 and type(e) is RuntimeCreated:
+            raise UsageError(
+                f"the event log is damaged: record #{number} creates the runtime again; the log "
+                "is not one whole stream (another run was appended to it): use one run's log"
+            )
         try:
             state = evolve(state, e)
         except Exception as exc:  # a refused record is damage, not a bug
@@ -438,9 +387,12 @@ def _check_log(events: Sequence[object]) -> tuple[Any, list[str], dict[str, int]
     return state, violations, counters
 
 
-def _cmd_replay(args: argparse.Namespace) -> int:
-    events = _read_log(args.log)
-    state, violations, counters = check_log(events)
+def _cmd_replay(args: argparse.Namespace, logs: EventLogFiles) -> int:
+    events = _read_log(args.log, logs)
+    try:
+        state, violations, counters = check_log(events)
+    except UsageError as exc:
+        raise UsageError(f"{args.log}: {exc}") from None
     rt = state.runtime
     nodes = {n.name: {"status": n.status.value, "reasons": list(n.reasons)} for n in state.nodes}
     last_at = max((getattr(e, "at", 0.0) for e in events), default=0.0)
@@ -473,10 +425,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
               f"running, {c['lost']} lost, {c['duplicate_effects']} duplicate effects")
         if violations:
             print(f"invariants    {len(violations)} violated")
-            for x in violations[:_MAX_LISTED]:
-                print(f"  {_mark(False, out)} {x}")
-            if len(violations) > _MAX_LISTED:
-                print(f"  ... and {len(violations) - _MAX_LISTED} more (--json lists them all)")
+            print("\n".join(listed(violations, f"{_mark(False, out)} ")))
         else:
             print("invariants    all held (terms, leases, capacity, effects, membership, replay, "
                   "lost)")
@@ -506,8 +455,26 @@ def _cmd_list(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------------------------
 
 
-def _add_sim(sub: Any) -> None:
-    sim = sub.add_parser(
+def _guarded(command: str, handler: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except UsageError as exc:
+            print(f"shir sim {command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def add_commands(subparsers: Any, logs: EventLogFiles) -> None:
+    """Add ``sim run|sweep|replay|list`` to an ``add_subparsers()`` result.
+
+    Every leaf parser sets ``handler``: ``args.handler(args)`` runs the command and returns its
+    exit code, having printed a user's mistake as ``shir sim <command>: error: ...`` (exit 2).
+    ``logs`` are the event log files of ``run --log`` and ``replay``. ``list`` also sets
+    ``reader_may_leave``: its output read in part (``| head``) is still a success.
+    """
+    sim = subparsers.add_parser(
         "sim", help="run fault-injection simulations",
         description="Run a simulated runtime through faults, check its invariants and the "
                     "scenario's expectations.",
@@ -531,7 +498,7 @@ def _add_sim(sub: Any) -> None:
                      help=f"draw the timeline to FILE.png (needs {PLOT_INSTALL_HINT})")
     run.add_argument("--log", metavar="FILE.events",
                      help="write the event log to FILE.events (read it with shir sim replay)")
-    run.set_defaults(handler=_cmd_run)
+    run.set_defaults(handler=_guarded("run", lambda args: _cmd_run(args, logs)))
 
     sweep = cmds.add_parser(
         "sweep", help="run one scenario with many seeds in parallel",
@@ -556,7 +523,7 @@ def _add_sim(sub: Any) -> None:
                        help="print one JSON object (with each seed's hash and metrics)")
     sweep.add_argument("--out", metavar="FILE.jsonl",
                        help="write one JSON line per seed (hash, metrics, failures) to FILE.jsonl")
-    sweep.set_defaults(handler=_cmd_sweep)
+    sweep.set_defaults(handler=_guarded("sweep", _cmd_sweep))
 
     replay = cmds.add_parser(
         "replay", help="rebuild state from an event log and check the invariants",
@@ -566,63 +533,8 @@ def _add_sim(sub: Any) -> None:
     )
     replay.add_argument("log", metavar="LOG", help="the FILE.events written by --log")
     replay.add_argument("--json", action="store_true", help="print one JSON object")
-    replay.set_defaults(handler=_cmd_replay)
+    replay.set_defaults(handler=_guarded("replay", lambda args: _cmd_replay(args, logs)))
 
     lst = cmds.add_parser("list", help="list the built-in scenarios",
                           description="The built-in scenarios, one a line.")
-    lst.set_defaults(handler=_cmd_list)
-
-
-def build_parser(with_credentials: bool = True) -> argparse.ArgumentParser:
-    """The ``shir`` parser; ``credentials`` is only a stub unless ``with_credentials``."""
-    parser = argparse.ArgumentParser(
-        prog="shir",
-        description="A self-hosted integration runtime as an event-sourced state machine, with a "
-                    "deterministic fault-injection simulator.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    _add_sim(sub)
-    from shir.adapters.cert_cli import add_commands as add_cert_commands
-
-    add_cert_commands(sub)
-    if with_credentials:
-        from shir.adapters.credentials_cli import add_commands
-
-        add_commands(sub)
-    else:  # listed in --help; the real commands load only when asked for
-        sub.add_parser("credentials", add_help=False,
-                       help="node identity, credential backup and restore, offline encryption")
-    from shir.adapters.copy_cli import add_command as add_copy  # light: imports wait for a run
-
-    add_copy(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``shir`` command line; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(with_credentials=argv[:1] == ["credentials"])
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: 2 on bad usage (message printed), 0 on --help
-        return exc.code if isinstance(exc.code, int) else 2
-    handler: Handler = args.handler
-    name = "shir " + " ".join(x for x in (args.command, getattr(args, "sim_command", None)) if x)
-    try:
-        return handler(args)
-    except UsageError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `shir sim list | head`: the reader left; say nothing more
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        # a listing read in part did what was asked; a run's verdict cut off did not
-        return 0 if getattr(args, "sim_command", None) == "list" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    lst.set_defaults(handler=_guarded("list", _cmd_list), reader_may_leave=True)

@@ -14,6 +14,10 @@ from typing import Any
 
 import attrs
 
+from shir.core.credentials import _check_credential as _core_check_credential
+from shir.core.decide import _check_name as _core_check_name
+from shir.core.errors import InvalidCommand
+
 __all__ = ["FAULT_KINDS", "Fault", "FaultKind", "draw_faults", "parse_fault"]
 
 
@@ -192,30 +196,58 @@ def parse_fault(data: Mapping[str, Any], nodes: set[str]) -> Fault:
     for k, v in data.items():
         if k in ("kind", "at_s"):
             continue
-        t = _FIELD_TYPES[k]
-        if t == "str":
-            if not isinstance(v, str) or not v:
-                raise ValueError(f".{k}: expected a string, got {v!r}")
-            if k in ("node", "peer") and v not in nodes:
-                raise ValueError(f".{k}: expected one of the nodes {sorted(nodes)}, got {v!r}")
-        elif t == "key":
-            if v not in ("key1", "key2"):
-                raise ValueError(f".{k}: expected key1 or key2, got {v!r}")
-        elif t == "bool":
-            if not isinstance(v, bool):
-                raise ValueError(f".{k}: expected true or false, got {v!r}")
-        elif t == "count":
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100_000:
-                raise ValueError(f".{k}: expected an integer 1..100000, got {v!r}")
-        else:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f".{k}: expected a number, got {v!r}")
-            if v < 0 or (t == "prob" and v > 1) or (k == "factor" and v == 0):
-                rng = "0..1" if t == "prob" else "> 0" if k == "factor" else ">= 0"
-                raise ValueError(f".{k}: expected a number {rng}, got {v!r}")
-            v = float(v)
-        values[k] = v
+        values[k] = _field(kind, k, v, nodes)
+    if values.get("peer") is not None and values["peer"] == values.get("node"):
+        raise ValueError(f".peer: expected a node other than node ({values['node']!r}): a node "
+                         f"cannot be partitioned from itself; leave peer out to cut it off from "
+                         f"every other node, got {values['peer']!r}")
     return Fault(**values)
+
+
+# why: a value that makes the fault change nothing (a crash for 0 s, a drop with probability 0,
+# a slow-down by factor 1) would let a scenario pass without the fault it names
+_NO_OP: dict[str, tuple[float, str]] = {
+    "duration_s": (0.0, "> 0"),
+    "probability": (0.0, "0 < p <= 1"),
+    "extra_s": (0.0, "> 0"),
+    "factor": (1.0, "> 0 and not 1"),
+}
+
+
+def _field(kind: str, k: str, v: Any, nodes: set[str]) -> Any:
+    """One checked field of a fault; ``ValueError('.k: expected ...')`` names what is wrong."""
+    t = _FIELD_TYPES[k]
+    if t == "str":
+        if not isinstance(v, str):
+            raise ValueError(f".{k}: expected a string, got {v!r:.80}")
+        if k in ("node", "peer") and v not in nodes:
+            raise ValueError(f".{k}: expected one of the nodes {sorted(nodes)}, got {v!r:.80}")
+        try:  # why: a value the core refuses makes the fault do nothing, silently
+            if k == "credential":
+                _core_check_credential(v, 1)
+            else:
+                _core_check_name(k, v)
+        except InvalidCommand as exc:
+            raise ValueError(f".{k}: expected a value the core accepts ({exc})") from None
+    elif t == "key":
+        if v not in ("key1", "key2"):
+            raise ValueError(f".{k}: expected key1 or key2, got {v!r:.80}")
+    elif t == "bool":
+        if not isinstance(v, bool):
+            raise ValueError(f".{k}: expected true or false, got {v!r:.80}")
+    elif t == "count":
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100_000:
+            raise ValueError(f".{k}: expected an integer 1..100000, got {v!r:.80}")
+    else:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f".{k}: expected a number, got {v!r:.80}")
+        no_op, rng = _NO_OP.get(k, (math.nan, ""))
+        if v < 0 or (t == "prob" and v > 1) or (k == "factor" and v == 0) or v == no_op:
+            rng = rng or ("0..1" if t == "prob" else ">= 0")
+            why = f" ({v:g} would make the {kind} fault change nothing)" if v == no_op else ""
+            raise ValueError(f".{k}: expected a number {rng}, got {v!r}{why}")
+        v = float(v)
+    return v
 
 
 def draw_faults(

@@ -1,51 +1,14 @@
 """Scenarios: what to simulate, read from TOML (stdlib ``tomllib``).
 
-A scenario file has these tables (all optional but ``[[nodes]]``); docs/simulation.md is the
-full schema with every default::
+A scenario file has a few top-level keys (``name``, ``description``, ``seed``, ``duration_s``,
+``drain_s``) and the tables ``[settings]`` (:class:`shir.core.RuntimeSettings` fields),
+``[[nodes]]`` (the only one required), ``[workload]``, ``[network]``, ``[[faults]]``,
+``[random_faults]`` and ``[[expect]]``. docs/simulation.md is the full schema with every default
+and limit; docs/examples/my.toml is a starter file to copy.
 
-    name = "dispatcher-hibernates"
-    description = "..."
-    seed = 7
-    duration_s = 600          # simulated time with workload and faults
-    drain_s = 300             # then: faults healed, no new jobs, time for work to finish
-
-    [settings]                # shir.core.RuntimeSettings fields
-    heartbeat_interval_s = 10
-
-    [[nodes]]
-    name = "node-1"
-    cores = 8
-    memory_mb = 16384
-    version = "5.40"
-    join_at_s = 0             # when the node registers
-    key = "key1"              # which auth key its operator pastes
-    concurrency_limit = 16    # optional override
-
-    [workload]
-    rate_per_s = 10           # Poisson arrivals
-    duration = { kind = "exponential", mean_s = 30 }
-    stop_at_s = 600
-
-    [network]
-    latency_s = 0.005
-    jitter_s = 0.002
-
-    [[faults]]
-    kind = "hibernate"
-    node = "node-1"
-    at_s = 120
-    duration_s = 90
-
-    [random_faults]
-    per_hour = 12
-    kinds = ["crash", "hibernate"]
-    min_duration_s = 5
-    max_duration_s = 120
-
-    [[expect]]
-    kind = "dispatcher"       # or: status, metric
-    at_s = 200
-    node = "node-2"
+The loader refuses, when the file is read, whatever the core or the run would refuse or ignore
+(a name the core rejects, a fault that could never start or would change nothing, a field its
+kind ignores), so a run never passes without doing what the file says.
 
 Every error names the file, the key and what was expected (:class:`ScenarioError`).
 """
@@ -61,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from shir.core.credentials import _check_credential as _core_check_credential
 from shir.core.decide import _check_name as _core_check_name  # the core's own rule, not a copy
 from shir.core.errors import DomainError, InvalidCommand, ShirError
 from shir.core.leasing import LIMIT_RANGE
@@ -329,6 +293,10 @@ def _duration(r: _Reader, data: Any, key: str) -> DurationDist:
     kind = r.str_(data, key, "kind", "exponential")
     if kind not in ("exponential", "fixed", "uniform"):
         raise r.fail(f"{key}.kind", "one of exponential, fixed, uniform", kind)
+    for bound in ("min_s", "max_s"):  # why: ignored by these kinds, so surely a mistake
+        if kind != "uniform" and bound in data:
+            raise r.fail(f"{key}.{bound}", f"no {bound} for kind = {kind!r} (it uses mean_s; "
+                         "min_s and max_s bound kind = \"uniform\")", data[bound])
     d = DurationDist(
         kind,
         r.req_num(data, key, "mean_s", 30.0),
@@ -347,7 +315,7 @@ def _workload(r: _Reader, data: Any) -> Workload:
     needs_raw = data.get("needs", [])
     if not isinstance(needs_raw, list):
         raise r.fail("workload.needs", "a list of {credential = \"id\", version = N}", needs_raw)
-    needs = []
+    needs: list[tuple[str, int]] = []
     for i, item in enumerate(needs_raw):
         key = f"workload.needs[{i}]"
         item = r.table(item, key)
@@ -355,7 +323,14 @@ def _workload(r: _Reader, data: Any) -> Workload:
         cid = r.str_(item, key, "credential", None)
         if not cid:
             raise r.fail(f"{key}.credential", "a credential id", cid)
-        needs.append((cid, r.int_(item, key, "version", 1, lo=1) or 1))
+        version = r.int_(item, key, "version", 1, lo=1) or 1
+        try:
+            _core_check_credential(cid, version)
+        except InvalidCommand as exc:
+            raise r.fail(key, f"a credential the core accepts ({exc})", cid) from None
+        if any(c == cid for c, _v in needs):
+            raise r.fail(f"{key}.credential", "each credential once in needs", cid)
+        needs.append((cid, version))
     rate = r.req_num(data, "workload", "rate_per_s", 1.0)
     if rate > LIMITS["rate_per_s"]:
         raise r.fail("workload.rate_per_s", f"a number <= {LIMITS['rate_per_s']:g} (the limit)",
@@ -363,14 +338,13 @@ def _workload(r: _Reader, data: Any) -> Workload:
     p = r.req_num(data, "workload", "duplicate_submit_p", 0.0)
     if p > 1:
         raise r.fail("workload.duplicate_submit_p", "a probability 0..1", p)
-    return Workload(
-        rate,
-        _duration(r, data.get("duration", {}), "workload.duration"),
-        r.req_num(data, "workload", "start_at_s", 0.0),
-        r.num(data, "workload", "stop_at_s", None),
-        tuple(needs),
-        p,
-    )
+    start = r.req_num(data, "workload", "start_at_s", 0.0)
+    stop = r.num(data, "workload", "stop_at_s", None)
+    if stop is not None and stop < start:
+        raise r.fail("workload.stop_at_s", f"a time >= start_at_s ({start:g} s): jobs arrive "
+                     "from start_at_s until stop_at_s", stop)
+    return Workload(rate, _duration(r, data.get("duration", {}), "workload.duration"), start,
+                    stop, tuple(needs), p)
 
 
 _NODE_KEYS = {f.name for f in attrs.fields(NodeSpec)}
@@ -415,11 +389,14 @@ def _core_rule(r: _Reader, key: str, value: str) -> None:
     # why: a name the core refuses never joins, and the run would pass with nothing done
     try:
         _core_check_name(key, value)
-    except InvalidCommand as exc:
-        raise r.fail(key, f"a name the core accepts ({exc})", value) from None
+    except InvalidCommand:
+        raise r.fail(key, f"a name the core accepts: {_NAME_RULE}", value) from None
 
 
-def _random_faults(r: _Reader, data: Any) -> RandomFaults:
+_NAME_RULE = "1-128 characters, not only whitespace, no control characters"
+
+
+def _random_faults(r: _Reader, data: Any, needs: tuple[Any, ...]) -> RandomFaults:
     data = r.table(data, "random_faults")
     r.known(data, "random_faults", {f.name for f in attrs.fields(RandomFaults)})
     kinds = data.get("kinds", [])
@@ -439,20 +416,43 @@ def _random_faults(r: _Reader, data: Any) -> RandomFaults:
     if per_hour > LIMITS["per_hour"]:
         raise r.fail("random_faults.per_hour", f"a number <= {LIMITS['per_hour']:g} (the limit)",
                      per_hour)
+    if data and not (kinds and per_hour > 0):
+        # why: either alone draws nothing, and the run would pass without the faults it names
+        key, want = (("kinds", "a list of fault kinds to draw from") if not kinds
+                     else ("per_hour", "a rate > 0 (faults per simulated hour)"))
+        raise r.fail(f"random_faults.{key}", f"{want}: [random_faults] draws faults only with "
+                     "both per_hour > 0 and kinds (remove the table to draw none)",
+                     data.get(key), show=key in data)
+    for k in kinds:
+        if k in ("credential_drift", "rotate_credential") and not needs:
+            raise r.fail("random_faults.kinds", f"kinds that can be drawn: {k} picks a "
+                         "credential from workload.needs, which is empty", k)
     return RandomFaults(per_hour, tuple(kinds), lo, hi, p)
 
 
-_EXPECT_KINDS = ("dispatcher", "status", "metric")
+# The fields each kind of expectation reads; any other would be ignored, so it is refused.
+_EXPECT_FIELDS = {
+    "dispatcher": {"kind", "at_s", "node"},
+    "status": {"kind", "at_s", "node", "status"},
+    "metric": {"kind", "metric", "max", "min", "equals"},
+}
 
 
-def _expect(r: _Reader, data: Any, i: int, nodes: set[str]) -> Expectation:
+def _expect(r: _Reader, data: Any, i: int, nodes: set[str], end_s: float) -> Expectation:
     key = f"expect[{i}]"
     data = r.table(data, key)
     r.known(data, key, {f.name for f in attrs.fields(Expectation)})
     kind = r.str_(data, key, "kind", None)
-    if kind not in _EXPECT_KINDS:
-        raise r.fail(f"{key}.kind", f"one of {', '.join(_EXPECT_KINDS)}", kind)
+    if kind not in _EXPECT_FIELDS:
+        raise r.fail(f"{key}.kind", f"one of {', '.join(_EXPECT_FIELDS)}", kind)
+    stray = sorted(set(data) - _EXPECT_FIELDS[kind])
+    if stray:
+        raise r.fail(f"{key}.{stray[0]}", f"only the fields of a {kind} expectation: "
+                     f"{', '.join(sorted(_EXPECT_FIELDS[kind]))}", data[stray[0]])
     at = r.num(data, key, "at_s", None)
+    if at is not None and at > end_s:
+        raise r.fail(f"{key}.at_s", f"a time within the run (0..{end_s:g} s: duration_s + "
+                     "drain_s)", at)
     node = r.str_(data, key, "node", None)
     if node is not None and node not in nodes:
         known = ", ".join(sorted(nodes))
@@ -509,7 +509,11 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     expect_raw = data.get("expect", [])
     if not isinstance(expect_raw, list):
         raise r.fail("expect", "an array of tables [[expect]]", expect_raw)
-    name = r.str_(data, "", "name", None) or Path(source).stem
+    name = r.str_(data, "", "name", None)
+    if name is None:
+        name = Path(source).stem
+    else:
+        _core_rule(r, "name", name)  # the runtime's name: the core refuses what it refuses
     duration_s = r.req_num(data, "", "duration_s", 600.0)
     drain_s = r.req_num(data, "", "drain_s", 300.0)
     if duration_s <= 0:
@@ -517,6 +521,11 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     check_simulated_s(duration_s, drain_s, f"{source}: duration_s + drain_s",
                       settings.heartbeat_interval_s, len(nodes))
     workload = _workload(r, data.get("workload", {}))
+    for i, f in enumerate(faults):
+        if f.at_s >= duration_s:
+            # why: faults start only while the workload runs; a later one would never run
+            raise r.fail(f"faults[{i}].at_s", f"a time before duration_s ({duration_s:g} s): "
+                         f"faults start only while the workload runs ({f.describe()})", f.at_s)
     window = (workload.stop_at_s if workload.stop_at_s is not None else duration_s)
     jobs = workload.rate_per_s * max(0.0, min(window, duration_s) - workload.start_at_s)
     if jobs > LIMITS["jobs"]:
@@ -536,8 +545,9 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
             r.req_num(net, "network", "jitter_s", 0.002),
         ),
         faults=tuple(faults),
-        random_faults=_random_faults(r, data.get("random_faults", {})),
-        expect=tuple(_expect(r, e, i, set(names)) for i, e in enumerate(expect_raw)),
+        random_faults=_random_faults(r, data.get("random_faults", {}), workload.needs),
+        expect=tuple(_expect(r, e, i, set(names), duration_s + drain_s)
+                     for i, e in enumerate(expect_raw)),
         source=source,
     )
 

@@ -492,6 +492,7 @@ class World:
         self.max_detect = 0.0
         self.timeline: dict[str, Any] = {
             "status": [], "dispatcher": [], "samples": [], "faults": [],
+            "faults_started": [],  # the Fault of each row of "faults", for reports
         }
         self.healing = False
         self.append_lost_at: float | None = None
@@ -737,6 +738,7 @@ class World:
             return
         now = self.env.now
         self.timeline["faults"].append((now, f.kind, f.node, f.duration_s))
+        self.timeline["faults_started"].append(f)
         node = self.nodes.get(f.node) if f.node else None
         end: Callable[[], object] | None = None
         k = f.kind

@@ -35,9 +35,9 @@ def prepare(pg_odbc: str, rows: int = 60_000) -> None:
 
 
 def _command(pg_odbc: str, blob: str) -> list[str]:
-    return [sys.executable, "-m", "shir.sim.cli", "copy", "--source", pg_odbc, "--query", QUERY,
-            "--sink", "blob", "--container", "copy-kill", "--blob", blob, "--format", "csv",
-            "--part-size-kib", "64", "--quiet", "--job-id", f"kill-{blob}"]
+    return [sys.executable, "-m", "shir.adapters.cli", "copy", "--source", pg_odbc,
+            "--query", QUERY, "--sink", "blob", "--container", "copy-kill", "--blob", blob,
+            "--format", "csv", "--part-size-kib", "64", "--quiet", "--job-id", f"kill-{blob}"]
 
 
 def trial(pg_odbc: str, blob_conn: str, name: str, reference: bytes,

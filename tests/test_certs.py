@@ -185,7 +185,7 @@ def test_unreadable_inputs_are_named() -> None:
 
 
 def _shir(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shir.sim.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "shir.adapters.cli", *args], capture_output=True,
                           text=True, timeout=60, check=False)
 
 
@@ -209,6 +209,9 @@ def test_cert_check_cli(tmp_path: Path) -> None:
     junk.write_text("hello")
     out = _shir("cert", "check", str(junk))
     assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"certificate file {junk}: no X.509 certificate" in out.stderr  # names the file
+    out = _shir("cert", "check", str(good), "--ca", str(junk))
+    assert out.returncode == 2 and f"CA file {junk}: no X.509 certificate" in out.stderr
 
 
 def test_a_sha1_signature_is_an_error() -> None:

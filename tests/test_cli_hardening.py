@@ -16,8 +16,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from shir.adapters.cli import main
 from shir.adapters.filestore import FileEventStore
-from shir.sim import cli
 from shir.sim.scenario import load_scenario
 from shir.sim.world import run
 
@@ -25,7 +25,7 @@ SHORT = "crash-mid-job"
 
 
 def shir(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
@@ -77,6 +77,15 @@ def test_the_second_half_names_its_first_record(
     assert code == 2 and "record #1 " in err
 
 
+def test_a_second_run_appended_is_damage_naming_its_first_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], events: list[object],
+    other_run: list[object],
+) -> None:  # fmt: skip
+    log = write_log(tmp_path, "two", events + other_run)
+    code, _, err = shir(capsys, "sim", "replay", str(log))
+    assert code == 2 and f"record #{len(events) + 1} creates the runtime again" in err
+
+
 def test_time_going_backwards_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], events: list[object]
 ) -> None:
@@ -126,7 +135,8 @@ def test_a_locked_log_folder_is_refused_before_the_run(
     assert not (tmp_path / "run.events").exists()
 
 
-@pytest.mark.parametrize("plot", ["same-as-log", "run.svg", "run", "run.events"])
+@pytest.mark.parametrize("plot", ["same-as-log", "run.svg", "run", "run.events",
+                                  "missing/run.png"])
 def test_plot_never_clobbers_the_log_and_writes_only_png(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], plot: str
 ) -> None:
@@ -139,7 +149,7 @@ def test_plot_never_clobbers_the_log_and_writes_only_png(
 
 def test_list_into_a_reader_that_leaves_exits_0() -> None:
     script = Path(sys.executable).with_name("shir")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shir.sim.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shir.adapters.cli"]
     done = subprocess.run(
         f"{' '.join(cmd)} sim list | head -c 1; exit ${{PIPESTATUS[0]}}", shell=True,
         executable="/bin/bash", capture_output=True, text=True, timeout=60, check=False,

@@ -13,12 +13,12 @@ pytest.importorskip("pyodbc")
 
 from copy_kill_helpers import prepare, reference_bytes, trial
 
+from shir.adapters.cli import main
 from shir.adapters.copy import copy_query
 from shir.adapters.copy_formats import CsvOptions, UnsupportedType, make_encoder
 from shir.adapters.copy_load import ChunkReader, load_file
 from shir.adapters.copy_sinks import BlobSink, FolderSink, open_blob_service
 from shir.adapters.odbc import Column, OdbcSource, sqlite_connection_string
-from shir.sim.cli import main
 
 pytestmark = pytest.mark.services
 

@@ -321,3 +321,18 @@ def test_restore_refuses_a_costly_header_and_names_the_flag(
     assert "asks for Argon2id memory_kib 4194304" in err and "--kdf-max-memory-kib" in err
     assert not (tmp_path / "new" / "identity.node").exists()
 
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--node-name", "   "), ("--node-name", "n" * 129), ("--node-name", "a\tb"),
+    ("--node-name", ""), ("--runtime-id", " "), ("--runtime-id", "r\x7f"),
+])
+def test_init_refuses_a_name_the_core_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """A node set up under a name the core refuses could never register (issue 17)."""
+    names = {"--runtime-id": "ir-prod", "--node-name": "node-1", flag: value}
+    code, _, err = run(capsys, "init", "--data-dir", str(tmp_path / "d"),
+                       *(x for item in names.items() for x in item))
+    assert code == 2 and f"invalid {flag}" in err and "1-128 printable characters" in err
+    assert not (tmp_path / "d").exists()

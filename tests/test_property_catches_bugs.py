@@ -28,10 +28,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
+from shir.adapters.cli import main as shir_main
 from shir.core.decide import end_lease
 from shir.core.jobs import JobCompleted, ReleaseReason
 from shir.core.leasing import CompleteJob, DispatchJobs
-from shir.sim.cli import main as shir_main
 from shir.sim.testing import ClusterMachine, replay
 
 decide_module = importlib.import_module("shir.core.decide")

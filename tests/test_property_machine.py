@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from shir.sim.cli import main as shir_main
+from shir.adapters.cli import main as shir_main
 from shir.sim.scenario import parse_scenario
 from shir.sim.testing import PROFILES, ClusterMachine, final_violations, profile
 from shir.sim.world import World

@@ -7,14 +7,15 @@ exist, a magnitude beyond the documented limits.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import attrs
 import pytest
 
+from shir.adapters.cli import main
 from shir.core.model import RuntimeSettings
-from shir.sim import cli
 from shir.sim.scenario import LIMITS, metric_names
 
 NODE = '[[nodes]]\nname = "n1"\n'
@@ -22,7 +23,7 @@ TINY = 'duration_s = 5\ndrain_s = 1\n'
 
 
 def shir(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
@@ -165,3 +166,113 @@ def test_the_starter_scenario_the_readme_points_to_runs_and_passes(
     code, out, _ = shir(capsys, "sim", "run", str(starter), "--log", str(log))
     assert code == 0 and "PASS" in out
     assert shir(capsys, "sim", "replay", str(log))[0] == 0
+
+
+TWO = NODE + '[[nodes]]\nname = "n2"\n'
+
+
+@pytest.mark.parametrize(("body", "key"), [
+    # a stop before a start: no job would arrive
+    ('[workload]\nstart_at_s = 4\nstop_at_s = 2\n', "workload.stop_at_s"),
+    # fault kinds without a rate, a rate without kinds, other keys without either
+    ('[random_faults]\nkinds = ["crash"]\n', "random_faults.per_hour"),
+    ('[random_faults]\nkinds = ["crash"]\nper_hour = 0\n', "random_faults.per_hour"),
+    ('[random_faults]\nper_hour = 60\n', "random_faults.kinds"),
+    ('[random_faults]\nper_hour = 60\nkinds = []\n', "random_faults.kinds"),
+    ('[random_faults]\nmax_duration_s = 60\n', "random_faults.kinds"),
+    ('[random_faults]\nper_hour = 60\nkinds = ["credential_drift"]\n', "random_faults.kinds"),
+    # a partition of a node from itself
+    ('[[faults]]\nkind = "partition"\nnode = "n1"\npeer = "n1"\nduration_s = 2\n',
+     "faults[0].peer"),
+    # an empty version, or one the core refuses
+    ('[[faults]]\nkind = "upgrade"\nnode = "n1"\nversion = ""\nduration_s = 2\n',
+     "faults[0].version"),
+    ('[[faults]]\nkind = "version_skew"\nnode = "n1"\nversion = " "\n', "faults[0].version"),
+    ('[[faults]]\nkind = "version_skew"\nnode = "n1"\nversion = "5\\u0000"\n', "faults[0].version"),
+    # a fault that would change nothing
+    ('[[faults]]\nkind = "crash"\nnode = "n1"\nduration_s = 0\n', "faults[0].duration_s"),
+    ('[[faults]]\nkind = "version_skew"\nnode = "n1"\nversion = "5.39"\nduration_s = 0\n',
+     "faults[0].duration_s"),
+    ('[[faults]]\nkind = "drop"\nduration_s = 2\nprobability = 0\n', "faults[0].probability"),
+    ('[[faults]]\nkind = "delay"\nduration_s = 2\nextra_s = 0\n', "faults[0].extra_s"),
+    ('[[faults]]\nkind = "clock_jump"\nnode = "n1"\nextra_s = 0\n', "faults[0].extra_s"),
+    ('[[faults]]\nkind = "slow"\nnode = "n1"\nduration_s = 2\nfactor = 1\n', "faults[0].factor"),
+    # a credential id the core refuses, or one listed twice
+    ('[[faults]]\nkind = "rotate_credential"\nnode = "n1"\ncredential = " x"\n',
+     "faults[0].credential"),
+    ('[workload]\nneeds = [{ credential = "a b" }]\n', "workload.needs[0]"),
+    ('[workload]\nneeds = [{ credential = "a" }, { credential = "a", version = 2 }]\n',
+     "workload.needs[1].credential"),
+    # a runtime name the core refuses (the run would fail at its first command)
+    ('name = ""\n', "name"),
+    ('name = "a\\u0007b"\n', "name"),
+    # fields the kind ignores
+    ('[workload]\nduration = { kind = "fixed", mean_s = 2, max_s = 9 }\n',
+     "workload.duration.max_s"),
+    ('[[expect]]\nkind = "metric"\nmetric = "failovers"\nmax = 0\nat_s = 3\n', "expect[0].at_s"),
+    ('[[expect]]\nkind = "metric"\nmetric = "failovers"\nmax = 0\nnode = "n1"\n', "expect[0].node"),
+    ('[[expect]]\nkind = "dispatcher"\nat_s = 3\nstatus = "Online"\n', "expect[0].status"),
+    ('[[expect]]\nkind = "status"\nat_s = 3\nnode = "n1"\nstatus = "Online"\nmax = 1\n',
+     "expect[0].max"),
+    # an expectation after the run's end would read the last state instead
+    ('[[expect]]\nkind = "dispatcher"\nat_s = 7\nnode = "n1"\n', "expect[0].at_s"),
+])
+def test_lenient_inputs_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, key: str
+) -> None:
+    head, _, rest = body.partition("[")  # top-level keys go before the first table
+    refused(tmp_path, capsys, f"{TINY}{head}{TWO}[{rest}" if rest else f"{TINY}{head}{TWO}", key)
+
+
+@pytest.mark.parametrize("at", ["5", "9"])
+def test_a_fault_after_the_workload_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], at: str
+) -> None:
+    err = refused(tmp_path, capsys, f'{TINY}{TWO}[[faults]]\nkind = "crash"\nnode = "n2"\n'
+                  f'at_s = {at}\nduration_s = 1\n', "faults[0].at_s", "before duration_s (5 s)",
+                  f"crash n2 @{at}s")
+    assert "got" in err
+
+
+def test_the_report_lists_the_faults_that_ran_and_those_until_cut_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('duration_s = 60\ndrain_s = 5\n' + TWO + '[[faults]]\nkind = "crash"\n'
+                    'node = "n2"\nat_s = 10\nduration_s = 5\n[[faults]]\nkind = "partition"\n'
+                    'node = "n1"\npeer = "n2"\nat_s = 40\nduration_s = 30\n')
+    code, out, _ = shir(capsys, "sim", "run", str(path))
+    assert code == 0
+    assert "faults        2 started\n  crash n2 @10s for 5s\n  partition n1->n2 @40s for 30s " \
+           "(healed at 60s: the workload ended)\n" in out
+    code, out, _ = shir(capsys, "sim", "run", str(path), "--until", "20")
+    assert code == 0
+    assert "faults        1 started\n  crash n2 @10s for 5s\n  not run: 1 scripted at or after " \
+           "the workload's end (20.0 s):\n    partition n1->n2 @40s for 30s\n" in out
+    code, out, _ = shir(capsys, "sim", "run", str(path), "--until", "20", "--json")
+    assert json.loads(out)["faults"] == {"started": ["crash n2 @10s for 5s"],
+                                         "not_run": ["partition n1->n2 @40s for 30s"]}
+
+
+def test_an_expectation_after_a_shortened_run_fails_as_not_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "e.toml"
+    path.write_text(f'duration_s = 60\ndrain_s = 5\n{TWO}[[expect]]\nkind = "status"\n'
+                    'node = "n1"\nat_s = 50\nstatus = "Online"\n')
+    assert shir(capsys, "sim", "run", str(path))[0] == 0
+    code, out, _ = shir(capsys, "sim", "run", str(path), "--until", "20")
+    assert code == 1 and "at 50 s n1 is Online: not checked: the run ended at 25 s" in out
+
+
+def test_the_report_names_a_node_that_never_joined(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "late.toml"
+    path.write_text(f'{TINY}{TWO}join_at_s = 100\n')
+    code, out, _ = shir(capsys, "sim", "run", str(path))
+    assert code == 0 and "not joined    n2 (join_at_s after the run's end)" in out
+    code, out, _ = shir(capsys, "sim", "run", str(path), "--json")
+    assert json.loads(out)["nodes_not_joined"] == ["n2"]
+    path.write_text(f'{TINY}{TWO}join_at_s = 3\n')
+    assert "not joined" not in shir(capsys, "sim", "run", str(path))[1]

@@ -12,6 +12,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from shir.adapters.cli import main
 from shir.core import events as ev
 from shir.sim import cli
 from shir.sim.faults import FAULT_KINDS
@@ -30,7 +31,7 @@ JOB_KEYS = {"submitted", "completed", "dead_lettered", "lost", "duplicate_effect
 
 def shir(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """Run ``shir ARGV`` in this process: (exit code, stdout, stderr)."""
-    code = cli.main(list(argv))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
@@ -40,7 +41,7 @@ def shir_process(*argv: str, env: dict[str, str] | None = None) -> subprocess.Co
     """Run the installed console script (or the module, if it is not on this interpreter's
     bin folder) in a fresh process."""
     script = Path(sys.executable).with_name("shir")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shir.sim.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "shir.adapters.cli"]
     return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=120,
                           env=env, check=False)
 

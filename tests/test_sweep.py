@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from conftest import unavailable
 
-from shir.sim import cli, sweep
+from shir.adapters.cli import main
+from shir.sim import sweep
 from shir.sim.scenario import Scenario, load_scenario
 
 SHORT = "crash-mid-job"  # a built-in that runs in a fraction of a second
@@ -154,7 +155,7 @@ def test_distribution_is_nearest_rank() -> None:
 
 
 def shir(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     return code, out, err
