@@ -21,10 +21,11 @@ of :mod:`shir.adapters.channel`; this module maps them onto the SDK:
 - Transient failures (a dropped connection, a link Service Bus closed after 10 idle minutes,
   throttling, an ``OperationTimeoutError``) are retried ``attempts`` times with exponential
   backoff on top of the SDK's own retries (``retry_total=3``); then they raise
-  :class:`~shir.adapters.channel.ChannelError`. An operation whose outcome stayed unknown is
-  safe to repeat: a resent request is absorbed by its message id, and a settlement that comes
-  back ``LockLost`` after an unknown first attempt only means the message may be redelivered,
-  which the idempotency key absorbs too.
+  :class:`~shir.adapters.channel.ChannelError`. Before anything has worked on this namespace,
+  only throttling is retried: the SDK's retries already tell a wrong address. An operation
+  whose outcome stayed unknown is safe to repeat: a resent request is absorbed by its message
+  id, and a settlement that comes back ``LockLost`` after an unknown first attempt only means
+  the message may be redelivered, which the idempotency key absorbs too.
 - Results are messages on the reply queue, one per (message id, outcome), kept for
   ``result_ttl_s``; ``results`` peeks the queue and drops repeats.
 
@@ -142,6 +143,7 @@ class ServiceBusChannel:
         self._mutex = threading.RLock()
         self._held: dict[str, Any] = {}  # lock token -> the SDK's received message
         self._lock_s: float | None = None  # the queue's lock duration, once a renewal shows it
+        self._reached = False  # whether any operation has succeeded on this namespace
         self._senders: dict[str, Any] = {}
         self._receivers: dict[str, Any] = {}
         sdk_entity = connection_string.strip()
@@ -215,6 +217,7 @@ class ServiceBusChannel:
             ServiceBusAuthorizationError,
             ServiceBusError,
             ServiceBusQuotaExceededError,
+            ServiceBusServerBusyError,
         )
 
         where = f"{self.namespace} ({doing})"
@@ -222,7 +225,9 @@ class ServiceBusChannel:
         for attempt in range(1, self._attempts + 1):
             self._live()
             try:
-                return operation()
+                result = operation()
+                self._reached = True
+                return result
             except (MessageLockLostError, MessageAlreadySettled, MessageNotFoundError):
                 if token is not None:
                     self._held.pop(token, None)
@@ -249,7 +254,11 @@ class ServiceBusChannel:
             except (ServiceBusError, OSError, RuntimeError) as exc:
                 # Connection loss, an idle link closed by the service, throttling, a timeout
                 # with an unknown outcome: the SDK retried already; back off and try again.
+                # A namespace never reached is a wrong address, not a passing fault: the SDK's
+                # own retries were enough to say so.
                 last = f"{type(exc).__name__}: {self._scrub(str(exc))}"
+                if not self._reached and not isinstance(exc, ServiceBusServerBusyError):
+                    break
             except ValueError as exc:  # the SDK's "handler has already been shutdown"
                 if token is not None:  # its receiver is gone: nobody here can settle it now
                     self._held.pop(token, None)
