@@ -362,6 +362,8 @@ class ServiceBusChannel:
                     continue  # it lapsed in the link: it comes back with its count raised
                 except ChannelError:  # could not renew now: hand it over with the lock it has
                     locked_until = epoch(message.locked_until_utc)
+                # Service Bus puts DeliveryCount - 1 in the AMQP header (the spec counts from
+                # 0) and the Python SDK passes it on as is; the port counts from 1.
                 out.append(ReceivedRequest(
                     request, token, int(message.delivery_count or 0) + 1, locked_until,
                 ))
