@@ -49,8 +49,8 @@ import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from shir.core.decide import _check_name as _core_check_name  # the core's own rule
 from shir.core.errors import InvalidCommand, ShirError
+from shir.core.kernel import check_name as _core_check_name  # the core's own rule
 
 __all__ = [
     "MAX_VERSION",

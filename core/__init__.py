@@ -22,7 +22,7 @@ from shir.core.commands import (
     StartUpgrade,
     Tick,
 )
-from shir.core.credentials import (  # also registers the credential commands with decide
+from shir.core.credentials import (
     CredentialNotHeld,
     CredentialSaved,
     CredentialShared,
@@ -39,7 +39,7 @@ from shir.core.credentials import (  # also registers the credential commands wi
     UnknownCredential,
     credential_status,
 )
-from shir.core.decide import decide, next_deadline
+from shir.core.decide import answer, decide, effects_of, next_deadline
 from shir.core.effects import (
     EVERY_NODE,
     FACTORY,
@@ -52,8 +52,6 @@ from shir.core.effects import (
     Role,
     StartSession,
     StopJob,
-    answer,
-    effects_of,
     to_node,
 )
 from shir.core.errors import (
@@ -90,7 +88,7 @@ from shir.core.jobs import (
     ReleaseReason,
 )
 from shir.core.keys import AuthKey
-from shir.core.leasing import (  # also registers the job commands with decide
+from shir.core.leasing import (
     AbandonJob,
     CompleteJob,
     DispatchJobs,

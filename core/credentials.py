@@ -11,7 +11,7 @@ credential is the highest ever saved. What every other node holds is what it las
 A node holding less than the latest version of some credential (or none) is *behind*: it is
 Limited (the ``STATUS_RULES`` row "credential version behind", with a reason such as
 ``credential sql-1 at v1, latest v2``) and the dispatcher gives it no job that needs that version
-unless the job carries it (``leasing._holds``).
+unless the job carries it (the dispatch rule in ``shir.core.leasing``).
 
 Sync rule, applied whenever ``decide`` settles (after every lifecycle command and at every
 deadline): for each credential and each node that is behind and *up* (Initializing, Online,
@@ -44,33 +44,44 @@ deadlines like any other (``next_deadline``): a tick at one always re-requests s
 
 State stays bounded: the latest version of each credential, and at most one outstanding sync per
 (credential, node); what nodes hold lives in their metrics already.
+
+The module is in Equinox order: errors and commands, events and effects, state and ``EVOLVE``,
+``EFFECTS``, the decisions (``DECIDE``), then the timed rule (``request_syncs`` in ``RULES``),
+and the queries. ``shir.core.decide`` merges its tables with the other concerns'.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
 from shir.core.codec import event, value
-from shir.core.decide import (
-    DEADLINE_HOOKS,
-    DECIDE,
-    SETTLE_HOOKS,
-    _emit,
-    _first_at,
-    _node,
-    _runtime,
-    _settle,
-    _timed,
-)
-from shir.core.effects import EFFECTS, Recipient, Role
+from shir.core.effects import Recipient, Role
 from shir.core.errors import DomainError, InvalidCommand, NodeOffline
+from shir.core.kernel import (
+    Decider,
+    Events,
+    Handler,
+    Model,
+    Node,
+    RuntimeState,
+    TimedRule,
+    emit,
+    first_at,
+    node_of,
+    runtime_of,
+)
 from shir.core.model import CredentialVersion, NodeStatus, RuntimeSettings
-from shir.core.state import EVOLVE, Node, RuntimeState, _Model
 
 __all__ = [
+    "DECIDE",
+    "EFFECTS",
+    "EVOLVE",
     "MAX_ENVELOPE_BYTES",
+    "RULES",
     "SYNC_TIMEOUT_HEARTBEATS",
     "CredentialNotHeld",
     "CredentialSaved",
@@ -88,6 +99,7 @@ __all__ = [
     "StaleCredentialVersion",
     "UnknownCredential",
     "credential_status",
+    "request_syncs",
     "sync_timeout_s",
 ]
 
@@ -268,7 +280,7 @@ def _held(n: Node) -> dict[str, int]:
     return {cv.credential_id: cv.version for cv in n.metrics.credentials}
 
 
-def _saved(m: _Model, e: CredentialSaved) -> None:
+def _saved(m: Model, e: CredentialSaved) -> None:
     m.credentials = {
         **m.credentials,
         e.credential_id: LatestCredential(e.credential_id, e.version, e.node, e.at),
@@ -286,7 +298,7 @@ def _saved(m: _Model, e: CredentialSaved) -> None:
         m.syncs = {k: v for k, v in m.syncs.items() if k != key}
 
 
-def _sync_requested(m: _Model, e: CredentialSyncRequested) -> None:
+def _sync_requested(m: Model, e: CredentialSyncRequested) -> None:
     session = m.nodes[e.to_node].session
     m.syncs = {
         **m.syncs,
@@ -296,7 +308,7 @@ def _sync_requested(m: _Model, e: CredentialSyncRequested) -> None:
     }
 
 
-def _shared(m: _Model, e: CredentialShared) -> None:
+def _shared(m: Model, e: CredentialShared) -> None:
     session = m.nodes[e.to_node].session
     key = (e.credential_id, e.to_node)
     rec = m.syncs.get(key)
@@ -311,27 +323,127 @@ def _shared(m: _Model, e: CredentialShared) -> None:
     }
 
 
-def _synced(m: _Model, e: CredentialSynced) -> None:
+def _synced(m: Model, e: CredentialSynced) -> None:
     key = (e.credential_id, e.node)
     m.syncs = {k: v for k, v in m.syncs.items() if k != key}
 
 
-EVOLVE.update({
+EVOLVE: dict[type, Callable[[Model, Any], None]] = {
     CredentialSaved: _saved,
     CredentialSyncRequested: _sync_requested,
     CredentialShared: _shared,
     CredentialSynced: _synced,
-})
+}
 
 
-EFFECTS.update({
+EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
     CredentialSyncRequested: lambda e: (
         SealCredentialFor(e.credential_id, e.version, e.from_node, e.to_node),
     ),
     CredentialShared: lambda e: (
         DeliverCredential(e.to_node, e.credential_id, e.version, e.envelope),
     ),
-})
+}
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+def _check_credential(credential_id: str, version: int) -> None:
+    if not isinstance(credential_id, str) or not _CREDENTIAL_ID.fullmatch(credential_id):
+        shown = credential_id[:40] if isinstance(credential_id, str) else type(credential_id)
+        raise InvalidCommand(
+            f"invalid credential id {shown!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise InvalidCommand(
+            f"invalid version {version!r} of credential {credential_id!r}: versions are whole "
+            f"numbers from 1 to {MAX_VERSION}"
+        )
+
+
+def _save(m: Model, c: SaveCredential, k: Decider) -> Events:
+    runtime_of(m)
+    _check_credential(c.credential_id, c.version)
+    node = node_of(m, c.node)
+    latest = m.credentials.get(c.credential_id)
+    if latest is not None:
+        if (latest.version, latest.node) == (c.version, c.node) and (
+            node.registered_at <= latest.saved_at  # not a new node that took the name since
+        ):
+            return []  # this very save again: satisfied
+        if c.version <= latest.version:
+            raise StaleCredentialVersion(
+                f"credential {c.credential_id!r} is already at v{latest.version} (saved on "
+                f"{latest.node}); versions only grow: save it as v{latest.version + 1} or later, "
+                f"not v{c.version}"
+            )
+    s, out = k.timed(m, c.at)
+    if node_of(s, c.node).status is NodeStatus.OFFLINE:  # settling may have made it Offline
+        raise NodeOffline(
+            f"node {c.node!r} is Offline; save credential {c.credential_id!r} on a node that is "
+            "up, and it will reach the others by sync"
+        )
+    emit(s, out, CredentialSaved(c.credential_id, c.version, c.node, c.at))
+    k.settle(s, c.at, out)
+    return out
+
+
+def _share(m: Model, c: ShareCredential, k: Decider) -> Events:
+    runtime_of(m)
+    _check_credential(c.credential_id, c.version)
+    if not isinstance(c.envelope, bytes) or not 0 < len(c.envelope) <= MAX_ENVELOPE_BYTES:
+        size = len(c.envelope) if isinstance(c.envelope, bytes) else type(c.envelope).__name__
+        raise InvalidCommand(
+            f"envelope must be 1-{MAX_ENVELOPE_BYTES} bytes of ciphertext sealed for "
+            f"{c.to_node!r:.60}, got {size}"
+        )
+    latest = m.credentials.get(c.credential_id)
+    if latest is None:
+        raise UnknownCredential(
+            f"no version of credential {c.credential_id!r} was ever saved in this runtime; "
+            "save it on a node first"
+        )
+    if c.version != latest.version:
+        if c.version < latest.version:
+            why = f"v{c.version} is outdated: seal v{latest.version} instead"
+        else:
+            why = f"v{c.version} was never saved: share the latest, v{latest.version}"
+        raise StaleCredentialVersion(
+            f"credential {c.credential_id!r} is at v{latest.version}; {why}"
+        )
+    if c.from_node == c.to_node:
+        raise InvalidCommand(f"node {c.to_node!r:.60} cannot share a credential with itself")
+    node_of(m, c.from_node)
+    target = node_of(m, c.to_node)
+    if _held(target).get(c.credential_id, 0) >= c.version:
+        return []  # the target already holds it: satisfied
+    rec = m.syncs.get((c.credential_id, c.to_node))
+    if (
+        rec is not None and rec.shared_at is not None and rec.version == c.version
+        and rec.session == target.session
+    ):
+        return []  # already shared with it and not lapsed: satisfied
+    s, out = k.timed(m, c.at)
+    sender = node_of(s, c.from_node)  # settling may have expired either node
+    node_of(s, c.to_node)
+    have = _held(sender).get(c.credential_id, 0)
+    if have < c.version:
+        held = f"v{have}" if have else "no version"
+        raise CredentialNotHeld(
+            f"node {c.from_node!r} last reported {held} of credential {c.credential_id!r}, not "
+            f"v{c.version}; only a node that holds v{c.version} can share it"
+        )
+    emit(s, out, CredentialShared(
+        c.credential_id, c.version, c.from_node, c.to_node, c.envelope, c.at
+    ))
+    return out
+
+
+DECIDE: dict[type, Handler] = {
+    SaveCredential: _save,
+    ShareCredential: _share,
+}
 
 
 # --- the sync rule -----------------------------------------------------------------------------
@@ -345,7 +457,7 @@ def _can_share(n: Node) -> bool:
     return n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED) and n.metrics.control_channel_ok
 
 
-def _plan(m: _Model, at: float) -> tuple[list[object], float | None]:
+def request_syncs(m: Model, at: float) -> tuple[Events, float | None]:
     """What the sync rule calls for at ``at`` (events), and the next time it will call again."""
     rt = m.runtime
     if rt is None or not m.credentials:
@@ -376,7 +488,7 @@ def _plan(m: _Model, at: float) -> tuple[list[object], float | None]:
                     h.name != rec.from_node for h in holders
                 )
                 if not waiting_on_gone_holder:
-                    due = _first_at(rec.since, timeout)
+                    due = first_at(rec.since, timeout)
                     if at < due:
                         nxt = due if nxt is None else min(nxt, due)
                         continue
@@ -390,123 +502,7 @@ def _plan(m: _Model, at: float) -> tuple[list[object], float | None]:
     return done + requests, nxt
 
 
-def _settle_syncs(s: _Model, at: float, out: list[object]) -> None:
-    if not s.credentials:
-        return
-    events, _next = _plan(s, at)
-    for e in events:
-        _emit(s, out, e)
-
-
-def _sync_deadline(m: _Model) -> float | None:
-    if not m.credentials:
-        return None
-    events, nxt = _plan(m, m.now)
-    return m.now if events else nxt
-
-
-SETTLE_HOOKS.append(_settle_syncs)
-DEADLINE_HOOKS.append(_sync_deadline)
-
-
-# --- decisions ---------------------------------------------------------------------------------
-
-def _check_credential(credential_id: str, version: int) -> None:
-    if not isinstance(credential_id, str) or not _CREDENTIAL_ID.fullmatch(credential_id):
-        shown = credential_id[:40] if isinstance(credential_id, str) else type(credential_id)
-        raise InvalidCommand(
-            f"invalid credential id {shown!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-        raise InvalidCommand(
-            f"invalid version {version!r} of credential {credential_id!r}: versions are whole "
-            f"numbers from 1 to {MAX_VERSION}"
-        )
-
-
-def _save(m: _Model, c: SaveCredential) -> list[object]:
-    _runtime(m)
-    _check_credential(c.credential_id, c.version)
-    node = _node(m, c.node)
-    latest = m.credentials.get(c.credential_id)
-    if latest is not None:
-        if (latest.version, latest.node) == (c.version, c.node) and (
-            node.registered_at <= latest.saved_at  # not a new node that took the name since
-        ):
-            return []  # this very save again: satisfied
-        if c.version <= latest.version:
-            raise StaleCredentialVersion(
-                f"credential {c.credential_id!r} is already at v{latest.version} (saved on "
-                f"{latest.node}); versions only grow: save it as v{latest.version + 1} or later, "
-                f"not v{c.version}"
-            )
-    s, out = _timed(m, c.at)
-    if _node(s, c.node).status is NodeStatus.OFFLINE:  # settling may have made it Offline
-        raise NodeOffline(
-            f"node {c.node!r} is Offline; save credential {c.credential_id!r} on a node that is "
-            "up, and it will reach the others by sync"
-        )
-    _emit(s, out, CredentialSaved(c.credential_id, c.version, c.node, c.at))
-    _settle(s, c.at, out)
-    return out
-
-
-def _share(m: _Model, c: ShareCredential) -> list[object]:
-    _runtime(m)
-    _check_credential(c.credential_id, c.version)
-    if not isinstance(c.envelope, bytes) or not 0 < len(c.envelope) <= MAX_ENVELOPE_BYTES:
-        size = len(c.envelope) if isinstance(c.envelope, bytes) else type(c.envelope).__name__
-        raise InvalidCommand(
-            f"envelope must be 1-{MAX_ENVELOPE_BYTES} bytes of ciphertext sealed for "
-            f"{c.to_node!r:.60}, got {size}"
-        )
-    latest = m.credentials.get(c.credential_id)
-    if latest is None:
-        raise UnknownCredential(
-            f"no version of credential {c.credential_id!r} was ever saved in this runtime; "
-            "save it on a node first"
-        )
-    if c.version != latest.version:
-        if c.version < latest.version:
-            why = f"v{c.version} is outdated: seal v{latest.version} instead"
-        else:
-            why = f"v{c.version} was never saved: share the latest, v{latest.version}"
-        raise StaleCredentialVersion(
-            f"credential {c.credential_id!r} is at v{latest.version}; {why}"
-        )
-    if c.from_node == c.to_node:
-        raise InvalidCommand(f"node {c.to_node!r:.60} cannot share a credential with itself")
-    _node(m, c.from_node)
-    target = _node(m, c.to_node)
-    if _held(target).get(c.credential_id, 0) >= c.version:
-        return []  # the target already holds it: satisfied
-    rec = m.syncs.get((c.credential_id, c.to_node))
-    if (
-        rec is not None and rec.shared_at is not None and rec.version == c.version
-        and rec.session == target.session
-    ):
-        return []  # already shared with it and not lapsed: satisfied
-    s, out = _timed(m, c.at)
-    sender = _node(s, c.from_node)  # settling may have expired either node
-    _node(s, c.to_node)
-    have = _held(sender).get(c.credential_id, 0)
-    if have < c.version:
-        held = f"v{have}" if have else "no version"
-        raise CredentialNotHeld(
-            f"node {c.from_node!r} last reported {held} of credential {c.credential_id!r}, not "
-            f"v{c.version}; only a node that holds v{c.version} can share it"
-        )
-    _emit(s, out, CredentialShared(
-        c.credential_id, c.version, c.from_node, c.to_node, c.envelope, c.at
-    ))
-    return out
-
-
-DECIDE.update({
-    SaveCredential: _save,
-    ShareCredential: _share,
-})
+RULES: tuple[TimedRule, ...] = (TimedRule("credential syncs", request_syncs),)
 
 
 # --- queries -----------------------------------------------------------------------------------

@@ -26,8 +26,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from shir.core.decide import decide, next_deadline
-from shir.core.effects import answer, effects_of
+from shir.core.decide import answer, decide, effects_of, next_deadline
 from shir.core.errors import DomainError
 from shir.core.state import RuntimeState, fold, initial
 from shir.core.store import (

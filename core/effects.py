@@ -6,7 +6,9 @@ Every effect names its recipient in ``effect.to`` (a :class:`Recipient`): one no
 or the factory side (the cloud service that queued the jobs). A host routes by that lookup,
 never by the effect's type, and carries out only what is addressed to it.
 
-A host gets effects from three places, and nowhere else:
+The tables that say which event calls for which effect live with each concern (``lifecycle``,
+``leasing``, ``credentials``); ``shir.core.decide`` merges them. A host gets effects from three
+places, and nowhere else:
 
 - ``effects_of(events, state)``: what stored events call for. A pure function of the events
   (and of the state after folding them, for :class:`DispatchWanted`), so a host that crashed
@@ -24,18 +26,10 @@ A host gets effects from three places, and nowhere else:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from shir.core import events as ev
-from shir.core import jobs
-from shir.core.commands import RegisterNode
 from shir.core.jobs import LeaseToken
-
-if TYPE_CHECKING:
-    from shir.core.state import RuntimeState
 
 __all__ = [
     "EVERY_NODE",
@@ -49,9 +43,6 @@ __all__ = [
     "Role",
     "StartSession",
     "StopJob",
-    "answer",
-    "answer_renew",
-    "effects_of",
     "to_node",
 ]
 
@@ -183,85 +174,3 @@ class PublishJobResult:
     def to(self) -> Recipient:
         """The factory side."""
         return FACTORY
-
-
-EffectsOf = Callable[[Any], tuple[object, ...]]
-
-EFFECTS: dict[type, EffectsOf] = {
-    ev.DispatcherChanged: lambda e: (AnnounceDispatcher(e.term, e.node),),
-    ev.NodeRegistered: lambda e: (StartSession(e.node, 1),),
-    ev.NodeRejoined: lambda e: (StartSession(e.node, e.session),),
-    ev.NodeRemoved: lambda e: (Disconnect(e.node, e.reason),),
-    jobs.JobLeased: lambda e: (DeliverJob(e.token, e.expires_at),),
-    jobs.JobReleased: lambda e: (StopJob(e.token, e.detail),),
-    jobs.JobCompleted: lambda e: (
-        PublishJobResult(e.token.job_id, e.idempotency_key, "completed", ""),
-    ),
-    jobs.JobDeadLettered: lambda e: (
-        StopJob(e.token, e.detail),
-        PublishJobResult(e.token.job_id, e.idempotency_key, "dead_lettered", e.detail),
-    ),
-}
-
-# Events after which queued work may be placeable: the dispatcher is told to look again.
-DISPATCH_TRIGGERS: frozenset[type] = frozenset({
-    jobs.JobSubmitted, jobs.JobCompleted, jobs.JobReleased, jobs.JobDeadLettered,
-    jobs.ConcurrencyLimitSet, ev.DispatcherChanged, ev.NodeStatusChanged,
-})
-
-
-def effects_of(events: Iterable[object], state: RuntimeState | None = None
-               ) -> tuple[object, ...]:
-    """The effects the given (stored) events call for, in order.
-
-    With ``state`` (the state after folding ``events``), a :class:`DispatchWanted` follows when
-    one of the events may let queued work be placed and a dispatcher exists to place it.
-    """
-    out: list[object] = []
-    table = EFFECTS
-    triggered = False
-    for e in events:
-        t = type(e)
-        f = table.get(t)
-        if f is not None:
-            out.extend(f(e))
-        if t in DISPATCH_TRIGGERS:
-            triggered = True
-    if triggered and state is not None:
-        m = state.model()
-        if m.dispatcher is not None and m.jobs.queues:
-            out.append(DispatchWanted(m.dispatcher, m.term))
-    return tuple(out)
-
-
-def _answer_register(c: Any, events: tuple[object, ...], state: RuntimeState) -> tuple[object, ...]:
-    if events:
-        return ()  # NodeRegistered's own effect starts the session
-    node = state.model().nodes.get(c.node)
-    # Satisfied (already registered from this machine): the first reply may have been lost.
-    return (StartSession(node.name, node.session),) if node is not None else ()
-
-
-def answer_renew(c: Any, events: tuple[object, ...], state: RuntimeState) -> tuple[object, ...]:
-    """The answer to ``RenewLeases``: "lease lost" for each token neither renewed nor ended."""
-    settled = {e.token for e in events if hasattr(e, "token")}  # renewed, or ended (StopJob)
-    return tuple(
-        StopJob(t, f"lease lost: delivery {t.delivery} of {t.job_id} in term {t.term} has ended")
-        for t in c.tokens if t not in settled
-    )
-
-
-def answer(command: object, events: tuple[object, ...], state: RuntimeState
-           ) -> tuple[object, ...]:
-    """What the sender of accepted ``command`` must be told beyond the events' effects.
-
-    ``events`` are the ones it caused (maybe none), ``state`` the state after folding them.
-    """
-    f = ANSWERS.get(type(command))
-    return f(command, events, state) if f is not None else ()
-
-
-Answer = Callable[[Any, tuple[object, ...], "RuntimeState"], tuple[object, ...]]
-
-# By command type. leasing.py adds the answer to RenewLeases (its command).
-ANSWERS: dict[type, Answer] = {RegisterNode: _answer_register}

@@ -190,7 +190,7 @@ def requirement_of(needs: tuple[CredentialVersion, ...], carried: tuple[str, ...
 
 
 class JobBook:
-    """The mutable job part of the runtime's model (see ``state._Model``)."""
+    """The mutable job part of the runtime's model (see ``kernel.Model``)."""
 
     __slots__ = (
         "active_keys", "completed", "dead_lettered", "expiry_heap", "jobs", "leases",
@@ -332,7 +332,7 @@ class JobBook:
             heapq.heapify(self.expiry_heap)
 
 
-# --- evolve handlers (registered in state.EVOLVE) --------------------------------------------
+# --- evolve handlers (leasing.EVOLVE; decide.py merges them) ---------------------------------
 
 def _job_submitted(m: Any, e: JobSubmitted) -> None:
     b: JobBook = m.jobs

@@ -22,27 +22,49 @@ hibernation can neither dispatch nor finish work it held before the gap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import attrs
 
-from shir.core.decide import DECIDE, _emit, _node, _runtime, _timed, end_lease
-from shir.core.effects import ANSWERS, AnnounceDispatcher, StopJob, answer_renew
+from shir.core.effects import AnnounceDispatcher, DeliverJob, PublishJobResult, StopJob
 from shir.core.errors import Fenced, InvalidCommand, StaleTerm
 from shir.core.jobs import (
+    JOB_EVOLVE,
     ConcurrencyLimitSet,
     JobBook,
     JobCompleted,
+    JobDeadLettered,
     JobLeased,
+    JobReleased,
     JobSubmitted,
     Lease,
     LeaseRenewed,
     LeaseToken,
     ReleaseReason,
 )
+from shir.core.kernel import (
+    Decider,
+    Events,
+    Handler,
+    Model,
+    Node,
+    RuntimeState,
+    TimedRule,
+    emit,
+    node_of,
+    runtime_of,
+)
 from shir.core.model import CredentialVersion, NodeStatus
-from shir.core.state import Node, RuntimeState, _Model
 
 __all__ = [
+    "ANSWERS",
+    "DECIDE",
+    "DISPATCH_TRIGGERS",
+    "EFFECTS",
+    "EVOLVE",
     "LIMIT_RANGE",
+    "RULES",
     "AbandonJob",
     "CompleteJob",
     "DispatchJobs",
@@ -59,7 +81,9 @@ __all__ = [
     "UnknownJob",
     "concurrency_limit",
     "default_limit",
+    "end_leases",
     "job_stats",
+    "lease_end",
     "scale_advice",
 ]
 
@@ -180,13 +204,13 @@ def _limit(b: JobBook, n: Node) -> int:
 def concurrency_limit(state: RuntimeState, node: str) -> int:
     """The concurrent-job limit in force on ``node``."""
     m = state.model()
-    return _limit(m.jobs, _node(m, node))
+    return _limit(m.jobs, node_of(m, node))
 
 
 # --- decisions ---------------------------------------------------------------------------------
 
-def _submit(m: _Model, c: SubmitJob) -> list[object]:
-    _runtime(m)
+def _submit(m: Model, c: SubmitJob, k: Decider) -> Events:
+    runtime_of(m)
     for what, v in (("job_id", c.job_id), ("idempotency_key", c.idempotency_key)):
         if not isinstance(v, str) or not v or len(v) > 256:
             raise InvalidCommand(f"{what} must be 1-256 characters, got {v!r:.60}")
@@ -205,7 +229,7 @@ def _submit(m: _Model, c: SubmitJob) -> list[object]:
     done = b.recent.get(c.idempotency_key)
     if c.idempotency_key in b.active_keys or (
         # ``recent`` is pruned only when job events are folded: judge the window by ``c.at``
-        done is not None and c.at - done[1] < _runtime(m).settings.duplicate_window_s
+        done is not None and c.at - done[1] < runtime_of(m).settings.duplicate_window_s
     ):
         return []  # a duplicate: the key is queued, running or recently done
     if c.job_id in b.jobs:
@@ -213,8 +237,8 @@ def _submit(m: _Model, c: SubmitJob) -> list[object]:
             f"job id {c.job_id!r} is already in use by idempotency key "
             f"{b.jobs[c.job_id].idempotency_key!r}; use a new job id"
         )
-    s, out = _timed(m, c.at, jobs_only=True)
-    _emit(s, out, JobSubmitted(c.job_id, c.idempotency_key, tuple(c.needs), tuple(c.carried),
+    s, out = k.timed(m, c.at, jobs_only=True)
+    emit(s, out, JobSubmitted(c.job_id, c.idempotency_key, tuple(c.needs), tuple(c.carried),
                                float(c.size_mb), c.at, c.spec))
     return out
 
@@ -232,12 +256,12 @@ class _Slots:
     held: dict[str, int]  # the credential versions the node holds, read once per decision
 
 
-def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
-    _runtime(m)
-    _node(m, c.node)
+def _dispatch(m: Model, c: DispatchJobs, k: Decider) -> Events:
+    runtime_of(m)
+    node_of(m, c.node)
     if c.max_jobs is not None and c.max_jobs < 0:
         raise InvalidCommand(f"max_jobs must be >= 0 or None, got {c.max_jobs}")
-    s, out = _timed(m, c.at, jobs_only=True)
+    s, out = k.timed(m, c.at, jobs_only=True)
     if c.term != s.term or c.node != s.dispatcher:
         current = AnnounceDispatcher(s.term, s.dispatcher, c.node)
         if c.term < s.term:
@@ -276,7 +300,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
             held = {cv.credential_id: cv.version for cv in n.metrics.credentials}
             free[n.name] = _Slots(n, running, limit, held)
     budget = c.max_jobs if c.max_jobs is not None else 1 << 62
-    lock_s = _runtime(s).settings.lock_duration_s
+    lock_s = runtime_of(s).settings.lock_duration_s
     # Per requirement queue, by position (requirements hash slowly): the queue, how far this
     # decision has taken from it, and its candidate slots until one fills up.
     queues = list(b.queues.items())
@@ -285,18 +309,18 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
     while free and budget > 0:
         best = -1
         best_seq = 0
-        for k, (req, q) in enumerate(queues):
-            i = offsets[k]
+        for qi, (req, q) in enumerate(queues):
+            i = offsets[qi]
             if i >= len(q):
                 continue
             seq = b.jobs[q[i]].seq
             if best >= 0 and seq >= best_seq:
                 continue
-            cands = eligible[k]
+            cands = eligible[qi]
             if cands is None:
-                cands = eligible[k] = [f for f in free.values() if _holds(f.held, req)]
+                cands = eligible[qi] = [f for f in free.values() if _holds(f.held, req)]
             if cands:
-                best, best_seq = k, seq
+                best, best_seq = qi, seq
         if best < 0:
             break
         cands = eligible[best]
@@ -311,7 +335,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
             ):
                 slot = f
         token = LeaseToken(job.job_id, slot.node.name, s.term, job.deliveries + 1)
-        _emit(s, out, JobLeased(token, c.at + lock_s, c.at))
+        emit(s, out, JobLeased(token, c.at + lock_s, c.at))
         slot.running += 1
         if slot.running >= slot.limit:
             del free[slot.node.name]
@@ -323,7 +347,7 @@ def _dispatch(m: _Model, c: DispatchJobs) -> list[object]:
 _WORKING = (NodeStatus.ONLINE, NodeStatus.LIMITED)
 
 
-def _live_lease(s: _Model, token: LeaseToken, verb: str) -> Lease:
+def _live_lease(s: Model, token: LeaseToken, verb: str) -> Lease:
     b = s.jobs
     lease = b.leases.get(token.job_id)
     if lease is None or (lease.token is not token and lease.token != token) or (
@@ -344,64 +368,64 @@ def _live_lease(s: _Model, token: LeaseToken, verb: str) -> Lease:
     return lease
 
 
-def _renew(m: _Model, c: RenewLease) -> list[object]:
-    _runtime(m)
+def _renew(m: Model, c: RenewLease, k: Decider) -> Events:
+    runtime_of(m)
     _live_lease(m, c.token, "renew")
-    s, out = _timed(m, c.at, jobs_only=True)
+    s, out = k.timed(m, c.at, jobs_only=True)
     _live_lease(s, c.token, "renew")  # settling may have ended it
-    expires = c.at + _runtime(s).settings.lock_duration_s
-    _emit(s, out, LeaseRenewed(c.token, expires, c.at))
+    expires = c.at + runtime_of(s).settings.lock_duration_s
+    emit(s, out, LeaseRenewed(c.token, expires, c.at))
     return out
 
 
-def _renew_many(m: _Model, c: RenewLeases) -> list[object]:
-    _runtime(m)
-    s, out = _timed(m, c.at, jobs_only=True)
+def _renew_many(m: Model, c: RenewLeases, k: Decider) -> Events:
+    runtime_of(m)
+    s, out = k.timed(m, c.at, jobs_only=True)
     leases = s.jobs.leases
     pending = s.pending
-    expires = c.at + _runtime(s).settings.lock_duration_s
+    expires = c.at + runtime_of(s).settings.lock_duration_s
     for token in c.tokens:
         lease = leases.get(token.job_id)
         if lease is not None and (lease.token is token or lease.token == token) and (
             token.job_id not in pending
         ):
-            _emit(s, out, LeaseRenewed(token, expires, c.at))
+            emit(s, out, LeaseRenewed(token, expires, c.at))
     return out
 
 
-def _complete(m: _Model, c: CompleteJob) -> list[object]:
-    _runtime(m)
+def _complete(m: Model, c: CompleteJob, k: Decider) -> Events:
+    runtime_of(m)
     b = m.jobs
     if c.token.job_id not in b.jobs and b.recent_jobs.get(c.token.job_id) == c.token:
         return []  # completed with this very token: satisfied, no second effect
     _live_lease(m, c.token, "complete")
-    s, out = _timed(m, c.at, jobs_only=True)
+    s, out = k.timed(m, c.at, jobs_only=True)
     _live_lease(s, c.token, "complete")
-    _emit(s, out, JobCompleted(c.token, b.jobs[c.token.job_id].idempotency_key, c.at))
+    emit(s, out, JobCompleted(c.token, b.jobs[c.token.job_id].idempotency_key, c.at))
     return out
 
 
-def _give_back(m: _Model, token: LeaseToken, at: float, reason: ReleaseReason,
-               detail: str, verb: str) -> list[object]:
-    _runtime(m)
+def _give_back(m: Model, token: LeaseToken, at: float, reason: ReleaseReason,
+               detail: str, verb: str, k: Decider) -> Events:
+    runtime_of(m)
     _live_lease(m, token, verb)
-    s, out = _timed(m, at, jobs_only=True)
+    s, out = k.timed(m, at, jobs_only=True)
     lease = _live_lease(s, token, verb)
-    end_lease(s, out, lease, reason, detail or f"{reason.value} by {token.node}", at)
+    emit(s, out, lease_end(s, lease, reason, detail or f"{reason.value} by {token.node}", at))
     return out
 
 
-def _abandon(m: _Model, c: AbandonJob) -> list[object]:
-    return _give_back(m, c.token, c.at, ReleaseReason.ABANDONED, c.reason, "abandon")
+def _abandon(m: Model, c: AbandonJob, k: Decider) -> Events:
+    return _give_back(m, c.token, c.at, ReleaseReason.ABANDONED, c.reason, "abandon", k)
 
 
-def _fail(m: _Model, c: FailJob) -> list[object]:
-    return _give_back(m, c.token, c.at, ReleaseReason.FAILED, c.reason, "fail")
+def _fail(m: Model, c: FailJob, k: Decider) -> Events:
+    return _give_back(m, c.token, c.at, ReleaseReason.FAILED, c.reason, "fail", k)
 
 
-def _set_limit(m: _Model, c: SetConcurrencyLimit) -> list[object]:
-    _runtime(m)
-    _node(m, c.node)
+def _set_limit(m: Model, c: SetConcurrencyLimit, k: Decider) -> Events:
+    runtime_of(m)
+    node_of(m, c.node)
     lo, hi = LIMIT_RANGE
     if c.limit is not None and not (isinstance(c.limit, int) and lo <= c.limit <= hi):
         raise InvalidCommand(
@@ -410,15 +434,13 @@ def _set_limit(m: _Model, c: SetConcurrencyLimit) -> list[object]:
         )
     if m.jobs.limits.get(c.node) == c.limit:
         return []
-    s, out = _timed(m, c.at, jobs_only=True)
+    s, out = k.timed(m, c.at, jobs_only=True)
     if c.node in s.nodes:
-        _emit(s, out, ConcurrencyLimitSet(c.node, c.limit, c.at))
+        emit(s, out, ConcurrencyLimitSet(c.node, c.limit, c.at))
     return out
 
 
-ANSWERS[RenewLeases] = answer_renew
-
-DECIDE.update({
+DECIDE: dict[type, Handler] = {
     SubmitJob: _submit,
     DispatchJobs: _dispatch,
     RenewLease: _renew,
@@ -427,7 +449,85 @@ DECIDE.update({
     AbandonJob: _abandon,
     FailJob: _fail,
     SetConcurrencyLimit: _set_limit,
+}
+
+
+# --- effects: what the events tell whom ------------------------------------------------------
+
+EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
+    JobLeased: lambda e: (DeliverJob(e.token, e.expires_at),),
+    JobReleased: lambda e: (StopJob(e.token, e.detail),),
+    JobCompleted: lambda e: (
+        PublishJobResult(e.token.job_id, e.idempotency_key, "completed", ""),
+    ),
+    JobDeadLettered: lambda e: (
+        StopJob(e.token, e.detail),
+        PublishJobResult(e.token.job_id, e.idempotency_key, "dead_lettered", e.detail),
+    ),
+}
+
+# A job queued, a slot freed, a limit changed: queued work may be placed.
+DISPATCH_TRIGGERS = frozenset({
+    JobSubmitted, JobCompleted, JobReleased, JobDeadLettered, ConcurrencyLimitSet,
 })
+
+
+def _answer_renew(c: RenewLeases, events: tuple[object, ...], state: RuntimeState
+                  ) -> tuple[object, ...]:
+    """"Lease lost" for each token neither renewed nor ended (ended ones got ``StopJob``)."""
+    settled = {e.token for e in events if isinstance(e, (LeaseRenewed, JobReleased,
+                                                         JobDeadLettered))}
+    return tuple(
+        StopJob(t, f"lease lost: delivery {t.delivery} of {t.job_id} in term {t.term} has ended")
+        for t in c.tokens if t not in settled
+    )
+
+
+ANSWERS: dict[type, Callable[[Any, tuple[object, ...], RuntimeState], tuple[object, ...]]] = {
+    RenewLeases: _answer_renew,
+}
+
+
+# --- timed rules -------------------------------------------------------------------------------
+
+def lease_end(s: Model, lease: Lease, reason: ReleaseReason, detail: str, at: float) -> object:
+    """The end of a lease without completion: back to the queue (``JobReleased``), or
+    ``JobDeadLettered`` after max deliveries."""
+    token = lease.token
+    max_deliveries = runtime_of(s).settings.max_deliveries
+    if token.delivery >= max_deliveries:
+        key = s.jobs.jobs[token.job_id].idempotency_key
+        detail = f"{detail}; delivered {token.delivery} times (max {max_deliveries})"
+        return JobDeadLettered(token, key, reason, detail, at)
+    return JobReleased(token, reason, detail, at)
+
+
+def end_leases(s: Model, at: float) -> tuple[Events, float | None]:
+    """End the leases of nodes that went Offline or were removed, and those that expired."""
+    b = s.jobs
+    if not b.leases:
+        return [], None
+    out: Events = []
+    ended = set(s.pending)  # ended or granted earlier in this decision
+    for node in sorted(b.node_leases):
+        n = s.nodes.get(node)
+        if n is not None and n.status is not NodeStatus.OFFLINE:
+            continue
+        why = f"node {node} was removed" if n is None else f"node {node} went Offline"
+        for job_id in sorted(b.node_leases[node]):
+            if job_id not in ended:
+                ended.add(job_id)
+                out.append(lease_end(s, b.leases[job_id], ReleaseReason.NODE_LOST, why, at))
+    for lease in b.expired(at):
+        if lease.token.job_id not in ended:
+            ended.add(lease.token.job_id)
+            out.append(lease_end(s, lease, ReleaseReason.EXPIRED,
+                                 f"lease expired at {lease.expires_at:g} s without renewal", at))
+    return out, b.next_expiry()
+
+
+RULES: tuple[TimedRule, ...] = (TimedRule("leases", end_leases, moved_by_jobs=True),)
+EVOLVE = JOB_EVOLVE  # the job events' handlers live with the job book (shir.core.jobs)
 
 
 # --- queries -----------------------------------------------------------------------------------

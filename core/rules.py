@@ -9,9 +9,11 @@ all of that status's reasons are kept (a node can be Limited for two reasons at 
 with no reason anywhere is Online.
 
 After every command ``decide`` re-derives each node's status; a difference becomes a
-``NodeStatusChanged`` event. ``TRANSITIONS`` lists the status changes that can happen and what
-causes them: ``decide`` asserts every change it emits is listed, and docs/state-machine.md is
-generated from it (``python -m shir.core.rules``), with a test that keeps the two in sync.
+``NodeStatusChanged`` event. ``TRANSITIONS``, written by hand, lists the status changes the
+rules allow and what causes each: ``decide`` asserts every change it emits is listed (a test
+plants an unlisted one), and docs/state-machine.md is generated from it
+(``python -m shir.core.rules``), with a test that keeps the two in sync. A node never returns to
+Initializing, and an Offline node cannot start an update (``StartUpgrade`` is refused).
 
 Dispatcher rule: the dispatcher keeps its role while it is *eligible* (Online or Limited, with a
 working control channel). When it is not, the eligible node registered earliest takes over, in a
@@ -28,8 +30,8 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from shir.core.model import NodeStatus, RuntimeStatus
-from shir.core.state import FIRST_HEARTBEAT_PENDING, Node, _Model
+from shir.core.kernel import DAY_S, FIRST_HEARTBEAT_PENDING, Model, Node, runtime_status
+from shir.core.model import NodeStatus
 
 __all__ = [
     "STATUS_RULES",
@@ -41,8 +43,6 @@ __all__ = [
     "mermaid",
     "runtime_status",
 ]
-
-DAY_S = 86_400.0
 
 
 @attrs.frozen
@@ -159,23 +159,41 @@ class Transition:
     cause: str
 
 
-def _transitions() -> tuple[Transition, ...]:
-    # Any derived status can follow any other except that a node never returns to
-    # Initializing (the first heartbeat is seen once per registration).
-    out = []
-    causes: dict[NodeStatus, list[str]] = {}
-    for rule in STATUS_RULES:
-        causes.setdefault(rule.status, []).append(rule.name)
-    causes[NodeStatus.ONLINE] = ["all checks pass"]
-    for target, why in causes.items():
-        for source in NodeStatus:
-            if source is target or target is NodeStatus.INITIALIZING:
-                continue
-            out.append(Transition(source, target, " or ".join(why)))
-    return tuple(out)
+_INIT, _ON, _LIM, _OFF, _UPG, _INACT = (
+    NodeStatus.INITIALIZING, NodeStatus.ONLINE, NodeStatus.LIMITED, NodeStatus.OFFLINE,
+    NodeStatus.UPGRADING, NodeStatus.INACTIVE,
+)
+_LIMITED_BY = "peer port, control channel, version or credential lags"
+_SILENT_OR_EXPIRED = "missed heartbeats or version expired"
 
-
-TRANSITIONS: tuple[Transition, ...] = _transitions()
+# The authoritative table: every status change the rules allow, and its cause. Written by hand;
+# docs/state-machine.md is generated from it, and decide refuses to emit a change not in it.
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(_INIT, _ON, "first heartbeat, all checks pass"),
+    Transition(_INIT, _LIM, f"first heartbeat; {_LIMITED_BY}"),
+    Transition(_INIT, _INACT, "first heartbeat; configuration differs from the majority"),
+    Transition(_INIT, _OFF, "no heartbeat within the offline time of registering"),
+    Transition(_INIT, _UPG, "update started before the first heartbeat"),
+    Transition(_ON, _LIM, _LIMITED_BY),
+    Transition(_ON, _INACT, "configuration differs from the majority"),
+    Transition(_ON, _OFF, _SILENT_OR_EXPIRED),
+    Transition(_ON, _UPG, "update started"),
+    Transition(_LIM, _ON, "all checks pass"),
+    Transition(_LIM, _INACT, "configuration differs from the majority"),
+    Transition(_LIM, _OFF, _SILENT_OR_EXPIRED),
+    Transition(_LIM, _UPG, "update started"),
+    Transition(_INACT, _ON, "configuration agrees again, all checks pass"),
+    Transition(_INACT, _LIM, f"configuration agrees again; {_LIMITED_BY}"),
+    Transition(_INACT, _OFF, _SILENT_OR_EXPIRED),
+    Transition(_INACT, _UPG, "update started"),
+    Transition(_OFF, _ON, "heard again (rejoined), all checks pass"),
+    Transition(_OFF, _LIM, f"heard again (rejoined); {_LIMITED_BY}"),
+    Transition(_OFF, _INACT, "heard again (rejoined); configuration differs"),
+    Transition(_UPG, _ON, "update finished, all checks pass"),
+    Transition(_UPG, _LIM, f"update finished; {_LIMITED_BY}"),
+    Transition(_UPG, _INACT, "update finished; configuration differs"),
+    Transition(_UPG, _OFF, "update finished on an expired version"),
+)
 _ALLOWED = frozenset((t.source, t.target) for t in TRANSITIONS)
 
 
@@ -188,7 +206,7 @@ def _version_key(v: str) -> tuple[tuple[int, str], ...]:
     return tuple((int(p), "") if p.isdigit() else (-1, p) for p in v.split("."))
 
 
-def context(m: _Model, now: float) -> Context:
+def context(m: Model, now: float) -> Context:
     """Compute the runtime-wide facts for deriving statuses at ``now``."""
     settings = m.runtime.settings if m.runtime else None
     offline_after = settings.offline_after_s if settings else 30.0
@@ -250,18 +268,6 @@ def choose_dispatcher(nodes: Iterable[Node], current: str | None) -> str | None:
     return min(eligible, key=lambda n: n.seq).name if eligible else None
 
 
-def runtime_status(m: _Model) -> RuntimeStatus:
-    """The runtime's status, derived from its nodes' (see the module docstring)."""
-    if not m.nodes:
-        return RuntimeStatus.NEED_REGISTRATION
-    statuses = [n.status for n in m.nodes.values()]
-    if all(s is NodeStatus.ONLINE for s in statuses):
-        return RuntimeStatus.ONLINE
-    if not any(s in (NodeStatus.ONLINE, NodeStatus.LIMITED) for s in statuses):
-        return RuntimeStatus.OFFLINE
-    return RuntimeStatus.LIMITED
-
-
 def mermaid() -> str:
     """docs/state-machine.md, generated from ``STATUS_RULES`` and ``TRANSITIONS``."""
     lines = [
@@ -284,21 +290,19 @@ def mermaid() -> str:
         "",
         "## Transitions",
         "",
-        "Each edge into a status is labelled with the rules that lead there. A node enters",
-        "Initializing only when it registers.",
+        "Every status change the rules allow (`shir.core.rules.TRANSITIONS`, written by hand),",
+        "labelled with its cause. A node enters Initializing only when it registers, and an",
+        "Offline node cannot start an update.",
         "",
         "```mermaid",
         "stateDiagram-v2",
         "    [*] --> Initializing: NodeRegistered",
     ]
-    into: dict[NodeStatus, str] = {}
     for t in TRANSITIONS:
-        into[t.target] = t.cause
-    for target, cause in into.items():
-        sources = sorted(t.source.value for t in TRANSITIONS if t.target is target)
-        for s in sources:
-            lines.append(f"    {s} --> {target.value}: {cause}")
-    lines += ["    Offline --> [*]: NodeRemoved (or offline expiry)", "```", ""]
+        lines.append(f"    {t.source.value} --> {t.target.value}: {t.cause}")
+    lines += ["    Offline --> [*]: offline expiry (NodeRemoved)", "```", "",
+              "From any status a node also leaves the runtime when a user removes it",
+              "(`NodeRemoved`) or when it leaves by itself (`NodeLeft`).", ""]
     return "\n".join(lines)
 
 

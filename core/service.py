@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from shir.core.decide import decide
-from shir.core.effects import answer, effects_of
+from shir.core.decide import answer, decide, effects_of
 from shir.core.state import RuntimeState, fold
 
 __all__ = ["Decision", "handle"]

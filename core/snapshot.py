@@ -22,7 +22,7 @@ from shir.core.codec import value as register_value
 from shir.core.credentials import CredentialSync, LatestCredential
 from shir.core.jobs import Job, JobBook, Lease, LeaseToken
 from shir.core.model import CredentialVersion, KeyVerifier
-from shir.core.state import Node, RuntimeInfo, RuntimeState, _Model
+from shir.core.state import Node, RuntimeInfo, RuntimeState, initial
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
@@ -85,7 +85,7 @@ def _restore(body: list[Any]) -> RuntimeState:
     else:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters, credentials, syncs) = body
-    m = _Model()
+    m = initial().model()
     m.runtime = decode_value(RuntimeInfo, runtime) if runtime is not None else None
     for raw in keys:
         verifier = decode_value(KeyVerifier, raw)

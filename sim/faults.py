@@ -1,24 +1,36 @@
-"""Fault kinds the simulator can inject, as data: each kind's fields, defaults and meaning.
+"""Fault kinds the simulator can inject, as data: each kind's fields, meaning, start and end.
 
 A fault is scripted in a scenario (``[[faults]]``) or drawn from the seed (``[random_faults]``).
 ``FAULT_KINDS`` is the one list of kinds: the parser, the random generator, the world and
-docs/simulation.md all read it.
+docs/simulation.md all read it. Each kind's ``start`` (written right above the table) does it to
+a World and returns how it ends, so adding a kind touches this file and the docs only.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from shir.core.credentials import _check_credential as _core_check_credential
-from shir.core.decide import _check_name as _core_check_name
 from shir.core.errors import InvalidCommand
+from shir.core.kernel import check_name as _core_check_name
+from shir.sim.network import CONTROL, HB, INTRANET, SERVICE
 
-__all__ = ["FAULT_KINDS", "Fault", "FaultKind", "draw_faults", "parse_fault"]
+if TYPE_CHECKING:
+    from shir.sim.node import SimNode
+    from shir.sim.world import World
+
+__all__ = ["FAULT_KINDS", "Fault", "FaultKind", "draw_faults", "links", "parse_fault"]
+
+
+End = Callable[[], object]
+# How a kind starts in a World: (world, fault, its node or None) -> how it ends (None: nothing
+# to undo). Each kind's start and end are written right above the table, next to its entry.
+Start = Callable[["World", "Fault", "SimNode | None"], "End | None"]
 
 
 @attrs.frozen
@@ -28,7 +40,135 @@ class FaultKind:
     needs: tuple[str, ...]  # required fields besides kind and at_s
     allows: tuple[str, ...]  # optional fields
     doc: str
-    targets_node: bool = True
+    start: Start
+    silences: bool = False  # the service hears nothing from the node while it lasts
+
+
+# --- how each kind starts, and ends -------------------------------------------------------------
+
+def _crash(w: World, f: Fault, node: SimNode | None) -> End | None:
+    if node is None or not node.up:
+        return None
+    node.crash()
+    return node.restart
+
+
+def _pause(w: World, f: Fault, node: SimNode | None) -> End | None:  # hibernate, stall
+    if node is None or node.paused:
+        return None
+    node.pause()
+    shift = f.duration_s if f.kind == "stall" else 0.0  # a stall has no clock jump
+    return lambda: node.resume(shift)
+
+
+def links(w: World, f: Fault) -> list[tuple[str, str, str]]:
+    """The (source, destination, channel) links a partition-like fault cuts."""
+    name = f.node
+    assert name is not None
+    if f.kind == "control_partition":
+        out = [(name, SERVICE, CONTROL)]
+        if not f.oneway:
+            out.append((SERVICE, name, CONTROL))
+        return out
+    peers = [f.peer] if f.peer else [p for p in w.node_names if p != name]
+    out = []
+    for p in peers:
+        out.append((name, p, INTRANET))
+        if not f.oneway:
+            out.append((p, name, INTRANET))
+    if f.kind == "isolate":
+        out += [(name, SERVICE, CONTROL), (SERVICE, name, CONTROL),
+                (name, SERVICE, HB), (SERVICE, name, HB)]
+    return out
+
+
+def _cut(w: World, f: Fault, node: SimNode | None) -> End | None:  # partitions, isolate
+    if node is None:
+        return None
+    cut = links(w, f)
+    blocked = w.net.blocked
+    for link in cut:
+        blocked[link] += 1
+
+    def end() -> None:
+        for link in cut:
+            blocked[link] -= 1
+            if not blocked[link]:
+                del blocked[link]
+
+    return end
+
+
+def _message_fault(w: World, f: Fault, node: SimNode | None) -> End | None:
+    w.net.message_faults.append(f)  # the network applies drop/duplicate/delay/reorder
+    return lambda: w.net.message_faults.remove(f)
+
+
+def _clock_skew(w: World, f: Fault, node: SimNode | None) -> End | None:
+    if node is None:
+        return None
+    node.clock_rate = f.factor
+    return lambda: setattr(node, "clock_rate", 1.0)
+
+
+def _clock_jump(w: World, f: Fault, node: SimNode | None) -> End | None:
+    if node is not None:
+        node.jump_clock(f.extra_s)
+    return None
+
+
+def _slow(w: World, f: Fault, node: SimNode | None) -> End | None:
+    if node is None:
+        return None
+    name = node.name
+    w.slow[name] = f.factor
+    return lambda: w.slow.pop(name, None)
+
+
+def _regenerate_key(w: World, f: Fault, node: SimNode | None) -> End | None:
+    w.regenerate_key(f.key or "key1")
+    return None
+
+
+def _version_skew(w: World, f: Fault, node: SimNode | None) -> End | None:
+    if node is None:
+        return None
+    node.reported_version = f.version
+    return (lambda: setattr(node, "reported_version", None)) if f.duration_s else None
+
+
+def _upgrade(w: World, f: Fault, node: SimNode | None) -> End | None:
+    if node is not None:
+        w.upgrade(node, f)  # it finishes (or rolls back) by itself after duration_s
+    return None
+
+
+def _credential_drift(w: World, f: Fault, node: SimNode | None) -> End | None:
+    if node is not None and f.credential:
+        held = node.credentials.get(f.credential, 0)
+        if held > 1:
+            node.credentials[f.credential] = held - 1
+        else:
+            node.credentials.pop(f.credential, None)
+    return None
+
+
+def _rotate_credential(w: World, f: Fault, node: SimNode | None) -> End | None:
+    if node is not None and f.credential:
+        w.save_credential(node.name, f.credential)
+    return None
+
+
+def _burst(w: World, f: Fault, node: SimNode | None) -> End | None:
+    for _ in range(f.count):
+        w.submit_job()
+    return None
+
+
+def _append_unknown(w: World, f: Fault, node: SimNode | None) -> End | None:
+    w.store.p = f.probability
+    return lambda: setattr(w.store, "p", 0.0)
+
 
 
 FAULT_KINDS: dict[str, FaultKind] = {
@@ -36,96 +176,109 @@ FAULT_KINDS: dict[str, FaultKind] = {
         ("node", "duration_s"), (),
         "the node's process dies (running jobs and memory lost, durable state kept) and "
         "restarts after duration_s",
+        _crash, silences=True,
     ),
     "hibernate": FaultKind(
         ("node", "duration_s"), (),
         "the machine sleeps: nothing runs; on wake its clock jumps forward by duration_s, so its "
         "timers all fire at once and its first message reveals the gap",
+        _pause, silences=True,
     ),
     "stall": FaultKind(
         ("node", "duration_s"), (),
         "the node freezes without a clock jump (a long GC pause): its timers resume late",
+        _pause, silences=True,
     ),
     "partition": FaultKind(
         ("node", "duration_s"), ("peer", "oneway"),
         "node<->node on the intranet port: from node to peer (all peers if none), both ways "
         "unless oneway = true",
+        _cut,
     ),
     "control_partition": FaultKind(
         ("node", "duration_s"), ("oneway",),
         "node<->control channel: messages between the node and the service are lost "
         "(oneway = true: only node -> service)",
+        _cut,
     ),
     "isolate": FaultKind(
         ("node", "duration_s"), (),
         "a symmetric partition of the node from everything: peers and control channel",
+        _cut, silences=True,
     ),
     "drop": FaultKind(
         ("duration_s", "probability"), ("node",),
         "each message (to or from node, or any) is lost with probability",
-        targets_node=False,
+        _message_fault,
     ),
     "duplicate": FaultKind(
         ("duration_s", "probability"), ("node",),
         "each message is delivered twice with probability",
-        targets_node=False,
+        _message_fault,
     ),
     "delay": FaultKind(
         ("duration_s", "extra_s"), ("node",),
         "every message takes extra_s longer",
-        targets_node=False,
+        _message_fault,
     ),
     "reorder": FaultKind(
         ("duration_s", "probability", "extra_s"), ("node",),
         "each message is held back by up to extra_s with probability, so later ones overtake it",
-        targets_node=False,
+        _message_fault,
     ),
     "clock_skew": FaultKind(
         ("node", "duration_s", "factor"), (),
         "the node's clock runs at factor x real time (its timers fire early or late)",
+        _clock_skew,
     ),
     "clock_jump": FaultKind(
         ("node", "extra_s"), (),
         "the node's clock jumps forward by extra_s: timers due in that span fire at once",
+        _clock_jump,
     ),
     "slow": FaultKind(
         ("node", "duration_s", "factor"), (),
         "the node runs jobs at factor x its speed",
+        _slow,
     ),
     "regenerate_key": FaultKind(
         ("key",), (),
         "a user regenerates key1 or key2; operators get the new one",
-        targets_node=False,
+        _regenerate_key,
     ),
     "version_skew": FaultKind(
         ("node", "version"), ("duration_s",),
         "the node reports another version (until duration_s passes, if given)",
+        _version_skew,
     ),
     "upgrade": FaultKind(
         ("node", "version", "duration_s"), ("fail",),
         "the node installs version over duration_s (restarting: jobs lost); fail = true "
         "makes it roll back",
+        _upgrade,
     ),
     "credential_drift": FaultKind(
         ("node", "credential"), (),
         "the node's local copy of credential falls one version behind (or is lost): the "
         "service must notice from its heartbeat and sync it again",
+        _credential_drift,
     ),
     "rotate_credential": FaultKind(
         ("node", "credential"), (),
         "a user saves the next version of credential on node; every other node must sync, "
         "and new jobs need the new version",
+        _rotate_credential,
     ),
     "burst": FaultKind(
         ("count",), (),
         "the service submits count jobs at once (durations drawn like the workload's)",
-        targets_node=False,
+        _burst,
     ),
     "append_unknown": FaultKind(
         ("duration_s", "probability"), (),
         "an event-store append's outcome is unknown to the host (it may have landed): the host "
         "re-reads the stream before going on",
-        targets_node=False,
+        _append_unknown,
     ),
 }
 

@@ -20,21 +20,27 @@ The checks (docs/simulation.md explains each):
 - ``lost`` (at the end): every accepted job is completed, dead-lettered, or still in the queue.
 - ``credentials`` (at the end, after the drain): every Online or Limited node holds the latest
   version of every credential (versions converge).
+
+:class:`ClusterChecks` adds the failover checks the property machine (``shir.sim.testing``) runs
+on top of these: they also watch the commands the core accepts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shir.core import events as ev
 from shir.core import jobs
-from shir.core.leasing import default_limit
-from shir.core.model import KeyName
+from shir.core.leasing import DispatchJobs, default_limit
+from shir.core.model import KeyName, NodeStatus
 from shir.core.snapshot import restore
 from shir.core.state import RuntimeState, fold
 
-__all__ = ["Checkers", "check_snapshot"]
+if TYPE_CHECKING:
+    from shir.sim.world import World
+
+__all__ = ["Checkers", "ClusterChecks", "check_snapshot"]
 
 
 class Checkers:
@@ -175,3 +181,105 @@ def check_snapshot(snapshot: bytes | None, tail: Sequence[object], live: Runtime
     if fold(restore(snapshot), tail) != live:
         return ["replay: snapshot + tail differs from the full replay (the live state)"]
     return []
+
+
+class ClusterChecks:
+    """Failover invariants over the commands the core accepts and the events it stores.
+
+    - ``dispatchers``: in each term, dispatches are accepted from one node only;
+    - ``fencing``: an accepted ``DispatchJobs`` carries the current term and comes from its
+      dispatcher; no lease is renewed or completed after its node went Offline since it was
+      granted (a node back from hibernation cannot act under its old term or lease);
+    - ``offline-leases``: a node that is Offline (or removed) holds no lease.
+
+    Attach to a World before it runs: a driver listener for the events, and a wrapper around
+    ``world.driver.handle`` to see which commands were accepted.
+    """
+
+    CATEGORIES = ("dispatchers", "fencing", "offline-leases")
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.violations: list[str] = []
+        self.status: dict[str, NodeStatus] = {}
+        self.leases: dict[str, set[str]] = {}  # node -> jobs it holds
+        self.epoch: dict[str, int] = {}  # node -> how many times it went Offline or was removed
+        self.lease_epoch: dict[str, int] = {}  # job -> its node's epoch when leased
+        self.dispatchers: dict[int, set[str]] = {}  # term -> nodes whose dispatch was accepted
+        driver = world.driver
+        driver.listeners.append(self.on_events)
+        inner = driver.handle
+
+        def handle(command: object) -> tuple[object, ...]:
+            effects = inner(command)  # raises when refused
+            if type(command) is DispatchJobs:
+                self.on_dispatch(command)
+            return effects
+
+        driver.handle = handle  # type: ignore[method-assign]
+
+    def fail(self, category: str, what: str) -> None:
+        """Record a violation stamped with the simulated time."""
+        self.violations.append(f"t={self.world.env.now:.3f}s {category}: {what}")
+
+    def of(self, category: str) -> list[str]:
+        """The violations of one category."""
+        tag = f" {category}: "
+        return [v for v in self.violations if tag in v]
+
+    def on_dispatch(self, c: DispatchJobs) -> None:
+        state = self.world.driver.state
+        term, dispatcher = state.term, state.dispatcher
+        if c.term != term or c.node != dispatcher:
+            self.fail("fencing", f"{c.node} dispatched under term {c.term} during term {term} "
+                                 f"(dispatcher {dispatcher}), and the core accepted it")
+        seen = self.dispatchers.setdefault(term, set())
+        seen.add(c.node)
+        if len(seen) > 1:
+            self.fail("dispatchers", f"term {term} had dispatches from {sorted(seen)}")
+
+    def on_events(self, batch: Sequence[object]) -> None:
+        lost: list[str] = []
+        for e in batch:
+            t = type(e)
+            if t is ev.NodeStatusChanged:
+                before = self.status.get(e.node)  # type: ignore[attr-defined]
+                self.status[e.node] = e.status  # type: ignore[attr-defined]
+                if e.status is NodeStatus.OFFLINE and before is not NodeStatus.OFFLINE:  # type: ignore[attr-defined]
+                    self.epoch[e.node] = self.epoch.get(e.node, 0) + 1  # type: ignore[attr-defined]
+                    lost.append(e.node)  # type: ignore[attr-defined]
+            elif t is ev.NodeRemoved or t is ev.NodeLeft:
+                self.status.pop(e.node, None)  # type: ignore[attr-defined]
+                self.epoch[e.node] = self.epoch.get(e.node, 0) + 1  # type: ignore[attr-defined]
+                lost.append(e.node)  # type: ignore[attr-defined]
+            elif t is ev.NodeRegistered:
+                self.status[e.node] = NodeStatus.INITIALIZING  # type: ignore[attr-defined]
+            elif t is jobs.JobLeased:
+                token = e.token  # type: ignore[attr-defined]
+                self.leases.setdefault(token.node, set()).add(token.job_id)
+                self.lease_epoch[token.job_id] = self.epoch.get(token.node, 0)
+                if self.status.get(token.node) is not NodeStatus.OFFLINE:
+                    continue
+                self.fail("offline-leases", f"{token.job_id} leased to {token.node}, Offline")
+            elif t is jobs.LeaseRenewed or t is jobs.JobCompleted:
+                token = e.token  # type: ignore[attr-defined]
+                granted = self.lease_epoch.get(token.job_id)
+                if granted is not None and granted != self.epoch.get(token.node, 0):
+                    verb = "renewed" if t is jobs.LeaseRenewed else "completed"
+                    self.fail("fencing", f"{token.node} {verb} {token.job_id} under a lease "
+                                         "granted before it went Offline")
+                if t is jobs.JobCompleted:
+                    self._end(token)
+            elif t is jobs.JobReleased or t is jobs.JobDeadLettered:
+                self._end(e.token)  # type: ignore[attr-defined]
+        for node in lost:
+            held = self.leases.get(node)
+            if held and self.status.get(node, NodeStatus.OFFLINE) is NodeStatus.OFFLINE:
+                self.fail("offline-leases", f"{node} went Offline (or was removed) still holding "
+                                            f"{len(held)} lease(s): {sorted(held)[:3]}")
+
+    def _end(self, token: jobs.LeaseToken) -> None:
+        held = self.leases.get(token.node)
+        if held is not None:
+            held.discard(token.job_id)
+        self.lease_epoch.pop(token.job_id, None)

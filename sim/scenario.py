@@ -25,8 +25,8 @@ from typing import Any
 import attrs
 
 from shir.core.credentials import _check_credential as _core_check_credential
-from shir.core.decide import _check_name as _core_check_name  # the core's own rule, not a copy
 from shir.core.errors import DomainError, InvalidCommand, ShirError
+from shir.core.kernel import check_name as _core_check_name  # the core's own rule, not a copy
 from shir.core.leasing import LIMIT_RANGE
 from shir.core.model import InvalidSettings, NodeStatus, RuntimeSettings
 from shir.sim.faults import FAULT_KINDS, Fault, parse_fault

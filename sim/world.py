@@ -6,21 +6,19 @@ Theory of operation
 command that reaches it is decided at the service's clock (``env.now``), stored, folded, and its
 effects are sent out as messages. It asks the core for its next deadline and ticks then.
 
-*Nodes* are one SimPy process each (the heartbeat loop); the jobs a node runs are timers on that
-node, not processes. A node knows only what messages told it: its session, the term and who
-dispatches. The dispatcher node sends ``DispatchJobs`` under the term it believes in when the
-core says a dispatch is wanted (``DispatchWanted``; and on a slow poll, in case one was lost).
+*Nodes* (``shir.sim.node``) are one SimPy process each (the heartbeat loop); the jobs a node
+runs are timers on that node, not processes. The dispatcher node sends ``DispatchJobs`` under the
+term it believes in when the core says a dispatch is wanted (and on a slow poll).
 
 The service is a host like any other (docs/architecture.md, "The host protocol"): it sends each
 effect to the recipient the effect names (``effect.to``), and answers a refused sender with the
 reply its ``Fenced`` refusal carries. It decides nothing the core decides.
 
-*The network* carries every message with a latency, through partitions and message faults.
-Three channels: heartbeats (node -> service over HTTPS), the control channel (jobs, both ways,
-a Service Bus queue in the product) and the intranet (node <-> node, port 8060: only its
-reachability matters here).
+*The network* (``shir.sim.network``) carries every message with a latency, through partitions
+and message faults.
 
-*Faults* are scheduled from the scenario and from the seed. At ``duration_s`` the workload stops
+*Faults* (``shir.sim.faults``: each kind's start and end beside its definition) are scheduled
+from the scenario and from the seed. At ``duration_s`` the workload stops
 and every fault heals; the run goes on for ``drain_s`` so work can finish, then the final checks
 run (no job lost, replay equals state).
 
@@ -48,38 +46,30 @@ from shir.core import events as ev
 from shir.core import jobs
 from shir.core.codec import encode
 from shir.core.credentials import (
-    DeliverCredential,
     SaveCredential,
-    SealCredentialFor,
-    ShareCredential,
     credential_status,
 )
 from shir.core.driver import AppendOutcomeUnknown, Driver
 from shir.core.errors import DomainError, Fenced
 from shir.core.keys import AuthKey
 from shir.core.leasing import (
-    CompleteJob,
-    DispatchJobs,
     RenewLeases,
     SetConcurrencyLimit,
     SubmitJob,
     default_limit,
 )
-from shir.core.model import CredentialVersion, KeyName, NodeMetrics, NodeStatus
+from shir.core.model import CredentialVersion, KeyName, NodeStatus
 from shir.core.snapshot import snapshot_bytes
 from shir.core.store import InMemoryEventStore
-from shir.sim.faults import Fault, draw_faults
+from shir.sim.faults import FAULT_KINDS, Fault, draw_faults
 from shir.sim.invariants import Checkers, check_snapshot
+from shir.sim.network import CONTROL, HB, INTRANET, SERVICE, Network
+from shir.sim.node import SimNode
 from shir.sim.scenario import NodeSpec, Scenario
 
 __all__ = ["RunResult", "World", "run"]
 
-SERVICE = "service"
-HB, CONTROL, INTRANET = "hb", "control", "intranet"
 _JOB_EVENTS = frozenset(jobs.JOB_EVOLVE)
-DISPATCH_POLL_S = 5.0  # the dispatcher also polls, so a lost DispatchWanted delays work this long
-NUDGE_COALESCE_S = 0.25  # a burst of DispatchWanted becomes one DispatchJobs
-_SILENCING = frozenset({"crash", "hibernate", "stall", "isolate"})  # the service hears nothing
 
 
 @attrs.define
@@ -159,298 +149,6 @@ class _FlakyStore(InMemoryEventStore):
         return super().append(stream, events, expected_version)
 
 
-@attrs.define
-class _Job:
-    token: jobs.LeaseToken
-    due: float  # sim time of the next timer (renew or finish)
-    end: float  # sim time the work finishes
-    gen: int = 0
-
-
-class SimNode:
-    """One machine running a node: what it knows, and what it does."""
-
-    def __init__(self, world: World, spec: NodeSpec) -> None:
-        self.w = world
-        self.spec = spec
-        self.name = spec.name
-        self.registered = False
-        self.up = True  # process running (not crashed, not mid-upgrade)
-        self.paused = False  # hibernating or stalled
-        self.session = 1  # durable: survives crashes
-        self.term = 0
-        self.dispatcher: str | None = None
-        self.version = spec.version
-        self.released_at = spec.version_released_at
-        self.reported_version: str | None = None  # version_skew fault
-        self.speed = spec.speed
-        self.clock_rate = 1.0
-        self.running: dict[str, _Job] = {}
-        self.deferred: list[_Job] = []  # jobs whose end came while paused
-        self.renewing = False  # a renewal timer is armed
-        self.renew_due = 0.0
-        self.renew_gen = 0
-        self.renew_deferred = False
-        self.wake = world.env.event()
-        self.dispatch_pending = False
-        self.credentials: dict[str, int] = {}  # its local encrypted store: durable
-        self.key_generation: int | None = None  # the generation of the key it registered with
-
-    # -- heartbeat loop: the node's one process
-    def process(self) -> Any:
-        env = self.w.env
-        spec = self.spec
-        if spec.join_at_s > env.now:
-            yield env.timeout(spec.join_at_s - env.now)
-        interval = self.w.scenario.settings.heartbeat_interval_s
-        poll_at = env.now + DISPATCH_POLL_S
-        while True:
-            while not self.up or self.paused:
-                yield self.wake
-            if self.registered:
-                self.w.send_heartbeat(self)
-                if self.dispatcher == self.name and env.now >= poll_at:
-                    poll_at = env.now + DISPATCH_POLL_S
-                    self.nudge()
-            else:
-                # Not (or no longer) registered, or the reply was lost: the operator pastes
-                # the current key again. Registering is idempotent, so retrying is safe.
-                self.w.register(self)
-            yield env.timeout(interval / self.clock_rate)
-
-    def metrics(self) -> NodeMetrics:
-        w = self.w
-        limit = w.limits.get(self.name, 1)
-        load = len(self.running) / max(1, limit)
-        peers = tuple(p for p in w.node_names if p != self.name and w.intranet_ok(self.name, p))
-        return NodeMetrics(
-            cpu_pct=min(100.0, 5.0 + 90.0 * load / self.speed),
-            available_memory_mb=max(0, self.spec.memory_mb - 512 * len(self.running)),
-            running_jobs=len(self.running),
-            version=self.reported_version or self.version,
-            version_released_at=self.released_at,
-            reachable_peers=peers,
-            control_channel_ok=w.net.link_ok(self.name, SERVICE, CONTROL),
-            remote_access=self.spec.remote_access,
-            credentials=tuple(
-                CredentialVersion(cid, v) for cid, v in sorted(self.credentials.items())
-            ),
-        )
-
-    def alive(self) -> bool:
-        return self.up and not self.paused
-
-    # -- messages from the service
-    def receive(self, effect: object) -> None:
-        """Act on one effect addressed to this node (what the node process does with it)."""
-        if not self.alive():
-            return  # a sleeping or dead machine hears nothing
-        t = type(effect)
-        if t is fx.DeliverJob:
-            self.start_job(effect)  # type: ignore[arg-type]
-        elif t is fx.StopJob:
-            self.stop_job(effect.token)  # type: ignore[attr-defined]
-        elif t is fx.AnnounceDispatcher:
-            if effect.term >= self.term:  # type: ignore[attr-defined]
-                self.term = effect.term  # type: ignore[attr-defined]
-                self.dispatcher = effect.node  # type: ignore[attr-defined]
-                if self.dispatcher == self.name:
-                    self.nudge()
-        elif t is fx.DispatchWanted:
-            if effect.term >= self.term:  # type: ignore[attr-defined]
-                self.term, self.dispatcher = effect.term, self.name  # type: ignore[attr-defined]
-                self.nudge()
-        elif t is fx.StartSession:
-            # registered (session 1) or rejoined: the session is the core's, adopted as it is
-            self.registered = True
-            self.session = effect.session  # type: ignore[attr-defined]
-        elif t is fx.Disconnect:
-            self.registered = False
-        elif t is SealCredentialFor:
-            e: Any = effect
-            if self.credentials.get(e.credential_id, 0) >= e.version:
-                # seal for the named peer (the envelope adapter does this for real) and share
-                envelope = f"sealed:{e.credential_id}:v{e.version}:for:{e.to_node}".encode()
-                self.w.send(self.name, SERVICE, CONTROL, lambda at: ShareCredential(
-                    e.credential_id, e.version, self.name, e.to_node, envelope, at))
-        elif t is DeliverCredential:
-            e = effect
-            if self.credentials.get(e.credential_id, 0) < e.version:
-                self.credentials[e.credential_id] = e.version  # opened and stored locally
-
-    def refused(self, command: object) -> None:
-        """A command of this node was refused (and the reply, if any, is on its way)."""
-        if isinstance(command, cmd.RegisterNode):
-            self.key_generation = None  # its operator pastes the current key next time
-
-    def nudge(self) -> None:
-        """Dispatch soon (coalescing a burst of nudges into one command)."""
-        if self.dispatch_pending:
-            return
-        self.dispatch_pending = True
-        self.w.later(NUDGE_COALESCE_S, self._dispatch)
-
-    def _dispatch(self) -> None:
-        self.dispatch_pending = False
-        if self.alive() and self.dispatcher == self.name:
-            name, term = self.name, self.term
-            self.w.send(self.name, SERVICE, CONTROL, lambda at: DispatchJobs(name, term, at))
-
-    # -- jobs: one timer per running job for its end, one per node for renewing all leases
-    def start_job(self, d: fx.DeliverJob) -> None:
-        old = self.running.get(d.token.job_id)
-        if old is not None:
-            if old.token.delivery >= d.token.delivery:
-                return  # a duplicated (or late, older) delivery
-            self.stop_job(old.token)  # a newer delivery: the copy it still runs is stale
-        w = self.w
-        now = w.env.now
-        work = w.job_work.get(d.token.job_id, 1.0) / (self.speed * w.slow.get(self.name, 1.0))
-        job = _Job(d.token, 0.0, now + work)
-        self.running[d.token.job_id] = job
-        self._arm_job(job, job.end)
-        if not self.renewing:
-            self.renewing = True
-            self._arm_renew(now + self._renew_every())
-
-    def stop_job(self, token: jobs.LeaseToken) -> None:
-        """Stop the copy of a job that runs under ``token`` (not a newer delivery of it)."""
-        job = self.running.get(token.job_id)
-        if job is not None and job.token == token:
-            del self.running[token.job_id]
-            job.gen += 1
-
-    def _renew_every(self) -> float:
-        return self.w.scenario.settings.lock_duration_s / 2 / self.clock_rate
-
-    def _arm_job(self, job: _Job, due: float) -> None:
-        job.due = due
-        job.gen += 1
-        gen = job.gen
-        self.w.at(due, lambda: self._finish(job, gen))
-
-    def _finish(self, job: _Job, gen: int) -> None:
-        if job.gen != gen or self.running.get(job.token.job_id) is not job or not self.up:
-            return
-        if self.paused:
-            self.deferred.append(job)
-            return
-        token = job.token
-        del self.running[token.job_id]
-        self.w.send(self.name, SERVICE, CONTROL, lambda at: CompleteJob(token, at))
-
-    def _arm_renew(self, due: float) -> None:
-        self.renew_due = due
-        self.renew_gen += 1
-        gen = self.renew_gen
-        self.w.at(due, lambda: self._renew(gen))
-
-    def _renew(self, gen: int) -> None:
-        if gen != self.renew_gen or not self.up:
-            return
-        if self.paused:
-            self.renew_deferred = True
-            return
-        if not self.running:
-            self.renewing = False
-            return
-        tokens = tuple(j.token for j in self.running.values())
-        self.w.send(self.name, SERVICE, CONTROL, lambda at: RenewLeases(tokens, at))
-        self._arm_renew(self.w.env.now + self._renew_every())
-
-    # -- faults
-    def crash(self) -> None:
-        self.up = False
-        self.running.clear()  # memory lost; work in flight is gone
-        self.deferred.clear()
-        self.renewing, self.renew_deferred = False, False
-        self.renew_gen += 1
-        self.term, self.dispatcher = 0, None
-
-    def restart(self) -> None:
-        self.up = True
-        self._wake()
-
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self, shift_s: float) -> None:
-        """End a pause; ``shift_s`` > 0 delays every pending timer (a stall has no clock jump)."""
-        self.paused = False
-        deferred, self.deferred = self.deferred, []
-        for job in deferred:
-            self._finish_now(job)  # came due while paused: fires at once, late
-        if shift_s:
-            for job in self.running.values():
-                job.end += shift_s
-                self._arm_job(job, job.due + shift_s)
-        if self.renew_deferred:
-            self.renew_deferred = False
-            self._renew_now()
-        elif shift_s and self.renewing:
-            self._arm_renew(self.renew_due + shift_s)
-        self._wake()
-
-    def jump_clock(self, jump_s: float) -> None:
-        """The node's clock leaps ahead: timers due within the jump fire now."""
-        horizon = self.w.env.now + jump_s
-        for job in list(self.running.values()):
-            if job.due <= horizon:
-                self._finish_now(job)
-        if self.renewing and self.renew_due <= horizon:
-            self._renew_now()
-
-    def _finish_now(self, job: _Job) -> None:
-        job.gen += 1
-        self._finish(job, job.gen)
-
-    def _renew_now(self) -> None:
-        self.renew_gen += 1
-        self._renew(self.renew_gen)
-
-    def _wake(self) -> None:
-        if not self.wake.triggered:
-            self.wake.succeed()
-        self.wake = self.w.env.event()
-
-
-class _Network:
-    """Links, partitions and message faults."""
-
-    def __init__(self, world: World, rng: random.Random) -> None:
-        self.w = world
-        self.rng = rng
-        self.blocked: Counter[tuple[str, str, str]] = Counter()
-        self.message_faults: list[Fault] = []  # active drop/duplicate/delay/reorder
-
-    def link_ok(self, src: str, dst: str, channel: str) -> bool:
-        return not self.blocked.get((src, dst, channel)) and not self.blocked.get(
-            (src, "*", channel)
-        )
-
-    def send(self, src: str, dst: str, channel: str, deliver: Callable[[], object]) -> None:
-        if self.blocked and not self.link_ok(src, dst, channel):
-            return
-        spec = self.w.scenario.network
-        rng = self.rng
-        delay = spec.latency_s + rng.random() * spec.jitter_s
-        copies = 1
-        for f in self.message_faults:
-            if f.node is not None and f.node not in (src, dst):
-                continue
-            k = f.kind
-            if k == "drop" and rng.random() < f.probability:
-                return
-            if k == "duplicate" and rng.random() < f.probability:
-                copies += 1
-            elif k == "delay":
-                delay += f.extra_s
-            elif k == "reorder" and rng.random() < f.probability:
-                delay += rng.random() * f.extra_s
-        for i in range(copies):
-            self.w.later(delay + i * spec.latency_s, deliver)
-
-
 class World:
     """One simulation run of a scenario with a seed."""
 
@@ -466,7 +164,7 @@ class World:
         self.store = _FlakyStore(self._rng("store"))
         self.checkers = Checkers(lambda: self.env.now, self._presented_generation)
         self.driver = Driver(self.store, "runtime", [self._on_events, self.checkers.on_events])
-        self.net = _Network(self, self._rng("network"))
+        self.net = Network(self, self._rng("network"))
         self.nodes: dict[str, SimNode] = {s.name: SimNode(self, s) for s in scenario.nodes}
         self.node_names = tuple(self.nodes)
         self.limits: dict[str, int] = {}
@@ -740,59 +438,9 @@ class World:
         self.timeline["faults"].append((now, f.kind, f.node, f.duration_s))
         self.timeline["faults_started"].append(f)
         node = self.nodes.get(f.node) if f.node else None
-        end: Callable[[], object] | None = None
-        k = f.kind
-        if k == "crash" and node is not None and node.up:
-            node.crash()
-            end = node.restart
-        elif k in ("hibernate", "stall") and node is not None and not node.paused:
-            node.pause()
-            shift = f.duration_s if k == "stall" else 0.0
-            end = lambda: node.resume(shift)  # noqa: E731
-        elif k in ("partition", "control_partition", "isolate") and node is not None:
-            links = self._links(f)
-            for link in links:
-                self.net.blocked[link] += 1
-            def end() -> None:
-                for link in links:
-                    self.net.blocked[link] -= 1
-                    if not self.net.blocked[link]:
-                        del self.net.blocked[link]
-
-        elif k in ("drop", "duplicate", "delay", "reorder"):
-            self.net.message_faults.append(f)
-            end = lambda: self.net.message_faults.remove(f)  # noqa: E731
-        elif k == "clock_skew" and node is not None:
-            node.clock_rate = f.factor
-            end = lambda: setattr(node, "clock_rate", 1.0)  # noqa: E731
-        elif k == "clock_jump" and node is not None:
-            node.jump_clock(f.extra_s)
-        elif k == "slow" and node is not None:
-            self.slow[node.name] = f.factor
-            end = lambda: self.slow.pop(node.name, None)  # noqa: E731
-        elif k == "regenerate_key":
-            self._regenerate(f.key or "key1")
-        elif k == "version_skew" and node is not None:
-            node.reported_version = f.version
-            if f.duration_s:
-                end = lambda: setattr(node, "reported_version", None)  # noqa: E731
-        elif k == "upgrade" and node is not None:
-            self._upgrade(node, f)
-        elif k == "credential_drift" and node is not None and f.credential:
-            held = node.credentials.get(f.credential, 0)
-            if held > 1:
-                node.credentials[f.credential] = held - 1
-            else:
-                node.credentials.pop(f.credential, None)
-        elif k == "rotate_credential" and node is not None and f.credential:
-            self.save_credential(node.name, f.credential)
-        elif k == "burst":
-            for _ in range(f.count):
-                self.submit_job()
-        elif k == "append_unknown":
-            self.store.p = f.probability
-            end = lambda: setattr(self.store, "p", 0.0)  # noqa: E731
-        if node is not None and end is not None and k in _SILENCING:
+        kind = FAULT_KINDS[f.kind]
+        end = kind.start(self, f, node)
+        if node is not None and end is not None and kind.silences:
             # time to detection is measured from here, if the node is still silent then
             self.down_since.setdefault(node.name, now)
             heal, name = end, node.name
@@ -815,38 +463,21 @@ class World:
 
     _active_ends: dict[int, Callable[[], None]]
 
-    def _links(self, f: Fault) -> list[tuple[str, str, str]]:
-        name = f.node
-        assert name is not None
-        if f.kind == "control_partition":
-            out = [(name, SERVICE, CONTROL)]
-            if not f.oneway:
-                out.append((SERVICE, name, CONTROL))
-            return out
-        peers = [f.peer] if f.peer else [p for p in self.node_names if p != name]
-        out = []
-        for p in peers:
-            out.append((name, p, INTRANET))
-            if not f.oneway:
-                out.append((p, name, INTRANET))
-        if f.kind == "isolate":
-            out += [(name, SERVICE, CONTROL), (SERVICE, name, CONTROL),
-                    (name, SERVICE, HB), (SERVICE, name, HB)]
-        return out
-
     def intranet_ok(self, a: str, b: str) -> bool:
         peer = self.nodes[b]
         return (peer.alive() and peer.registered and self.net.link_ok(a, b, INTRANET)
                 and self.net.link_ok(b, a, INTRANET))
 
-    def _regenerate(self, slot: str) -> None:
+    def regenerate_key(self, slot: str) -> None:
+        """A user regenerates ``slot``; operators paste the new key from then on."""
         old = self.keys[slot]
         seed = self._rng(f"key:{slot}:{old.generation + 1}").randbytes(48)
         new = AuthKey.from_seed(old.runtime_id, old.name, old.generation + 1, seed)
         self.handle(cmd.RegenerateAuthKey(new, self.env.now))  # retried if not stored
         self.keys[slot] = new  # operators paste the new key from now on
 
-    def _upgrade(self, node: SimNode, f: Fault) -> None:
+    def upgrade(self, node: SimNode, f: Fault) -> None:
+        """Update ``node`` as ``f`` says (the service restarts it to install)."""
         name = node.name
         self.handle(cmd.StartUpgrade(name, f.version or node.version, self.env.now))
         n = self.driver.state.node(name)

@@ -9,8 +9,8 @@ simulator: it fails against the broken core and passes against the real one.
   sender were still the dispatcher) instead of being refused with ``StaleTerm``;
 - ``completion not idempotent``: a second ``CompleteJob`` with the token that already
   completed the job emits another ``JobCompleted`` (and folding counts it again);
-- ``leases kept on Offline``: ``_settle_leases`` skips ``NODE_LOST``: a node that goes Offline
-  keeps its leases until they expire.
+- ``leases kept on Offline``: the merged ``RULES`` get a lease rule that skips ``NODE_LOST``:
+  a node that goes Offline keeps its leases until they expire.
 
 ``tests/scenarios/regression-completion-not-idempotent.toml`` is the shrunk schedule of the
 second, checked in: ``shir sim run`` fails on it against that variant and passes on the core.
@@ -29,14 +29,12 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from shir.adapters.cli import main as shir_main
-from shir.core.decide import end_lease
 from shir.core.jobs import JobCompleted, ReleaseReason
-from shir.core.leasing import CompleteJob, DispatchJobs
+from shir.core.leasing import CompleteJob, DispatchJobs, lease_end
 from shir.sim.testing import ClusterMachine, replay
 
 decide_module = importlib.import_module("shir.core.decide")
 leasing_module = importlib.import_module("shir.core.leasing")
-state_module = importlib.import_module("shir.core.state")
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 HUNT = settings(
@@ -58,24 +56,24 @@ MAX_RULES = 10  # rules the shrunk example ran: start, injections, time steps
 def fencing_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     dispatch = leasing_module._dispatch
 
-    def unfenced(m: Any, c: DispatchJobs) -> list[object]:
+    def unfenced(m: Any, c: DispatchJobs, k: Any) -> list[object]:
         if c.term < m.term and m.dispatcher is not None:
             c = attrs.evolve(c, term=m.term, node=m.dispatcher)  # the stale sender is served
-        return dispatch(m, c)
+        return dispatch(m, c, k)
 
     monkeypatch.setitem(decide_module.DECIDE, DispatchJobs, unfenced)
 
 
 def completion_not_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
     complete = leasing_module._complete
-    evolve_completed = state_module.EVOLVE[JobCompleted]
+    evolve_completed = decide_module.EVOLVE[JobCompleted]
 
-    def complete_again(m: Any, c: CompleteJob) -> list[object]:
+    def complete_again(m: Any, c: CompleteJob, k: Any) -> list[object]:
         b = m.jobs
         if c.token.job_id not in b.jobs and b.recent_jobs.get(c.token.job_id) == c.token:
             key = next(k for k, (token, _at) in b.recent.items() if token == c.token)
             return [JobCompleted(c.token, key, c.at)]  # instead of "already done: nothing"
-        return complete(m, c)
+        return complete(m, c, k)
 
     def count_again(m: Any, e: JobCompleted) -> None:
         if e.token.job_id not in m.jobs.leases:
@@ -84,17 +82,24 @@ def completion_not_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
         evolve_completed(m, e)
 
     monkeypatch.setitem(decide_module.DECIDE, CompleteJob, complete_again)
-    monkeypatch.setitem(state_module.EVOLVE, JobCompleted, count_again)
+    monkeypatch.setitem(decide_module.EVOLVE, JobCompleted, count_again)
 
 
 def leases_kept_on_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    def settle_leases(s: Any, at: float, out: list[object]) -> None:
-        for lease in s.jobs.expired(at):  # expiry only: no NODE_LOST
-            if lease.token.job_id not in s.pending:
-                end_lease(s, out, lease, ReleaseReason.EXPIRED,
-                          f"lease expired at {lease.expires_at:g} s without renewal", at)
+    def end_leases(s: Any, at: float) -> tuple[list[object], float | None]:
+        out: list[object] = [  # expiry only: no NODE_LOST
+            lease_end(s, lease, ReleaseReason.EXPIRED,
+                      f"lease expired at {lease.expires_at:g} s without renewal", at)
+            for lease in s.jobs.expired(at) if lease.token.job_id not in s.pending
+        ]
+        return out, s.jobs.next_expiry()
 
-    monkeypatch.setattr(decide_module, "_settle_leases", settle_leases)
+    rules = tuple(
+        attrs.evolve(r, due=end_leases) if r.due is leasing_module.end_leases else r
+        for r in decide_module.RULES
+    )
+    assert rules != decide_module.RULES
+    monkeypatch.setattr(decide_module, "RULES", rules)
 
 
 Variant = Callable[[pytest.MonkeyPatch], None]
@@ -125,7 +130,7 @@ def test_the_machine_catches_and_shrinks_a_broken_core(
     failure = hunt(variant, monkeypatch, tmp_path)
     assert found_as in failure.error, failure.error
     assert failure.schedule_length <= MAX_SCHEDULE, failure.toml
-    assert failure.steps <= MAX_RULES, failure.trace
+    assert len(failure.trace) <= MAX_RULES, failure.trace
     assert f"--seed {failure.seed}" in failure.replay_command
     # the saved schedule replays to the same failure against the broken core...
     broken = replay(failure.path, failure.seed)

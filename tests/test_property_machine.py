@@ -132,7 +132,7 @@ def test_a_failure_is_reported_as_a_replayable_scenario(tmp_path: Path) -> None:
     scenario = parse_scenario(tomllib.loads(failure.toml), str(failure.path))
     assert attrs.evolve(scenario, source=failure.scenario.source) == failure.scenario
     assert re.fullmatch(r"shir sim run \S+\.toml --seed \d+", failure.replay_command)
-    assert failure.trace[0].startswith("start with") and failure.steps <= 6
+    assert failure.trace[0].startswith("start with") and len(failure.trace) <= 6
     # shir sim run replays it and passes: a completed job is no invariant violation
     assert shir_main(["sim", "run", str(failure.path), "--seed", str(failure.seed)]) == 0
 
