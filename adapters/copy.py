@@ -4,11 +4,19 @@ Theory of operation
 -------------------
 :func:`copy_query` runs three stages that overlap through bounded queues, so memory stays
 flat whatever the table size: a fetch thread drains the :class:`~shir.adapters.odbc.RowStream`
-into a queue of at most ``queue_batches`` batches; the calling thread encodes each batch and
-cuts the bytes into parts of ``part_size_bytes``; the sink uploads parts (a Blob sink with
-bounded parallelism, at most ``2 * max_parallel`` parts in flight). The encoder is built from
-the result's columns before the first row, so a type the format cannot hold fails before
-anything is written. The sink commits once, after the last row, with the content's MD5; any
+(the driver's rows as they come, no per-row copy) into a queue of at most ``queue_batches``
+batches; the calling thread encodes each batch and cuts the bytes into parts of
+``part_size_bytes``; the sink uploads parts (a Blob sink with bounded parallelism, at most
+``2 * max_parallel`` parts in flight). The encoder is built from the result's columns before
+the first row, so a type the format cannot hold fails before anything is written; its
+``finish()`` bytes (Parquet's footer) end the content.
+
+Speed: the fetch (pyodbc building Python objects) and the encoding (turning them into text)
+both need the GIL, so on a CPU-bound machine the copy costs their sum; what the fetch thread
+buys is overlap with the database's own work and the upload (benchmarks/copy.py: the copy
+beats the drain-then-encode floor in one thread, docs/copy.md has the figures).
+
+The sink commits once, after the last row, with the content's MD5; any
 failure or a cancel aborts it and nothing becomes visible.
 
 Idempotent by job id: the sink's temporary name / block ids derive from it, a retry of a job
@@ -116,7 +124,7 @@ def copy_query(
 
     def fetch() -> None:
         try:
-            for batch in stream:
+            for batch in stream.driver_rows():  # no per-row copy: encoders read by column
                 while True:
                     if stopped():
                         return
@@ -167,6 +175,9 @@ def copy_query(
             raise failure[0]
         if user_cancel.is_set():
             raise CopyCancelled("the copy was cancelled; nothing was committed")
+        tail = encoder.finish()
+        pending += tail
+        total += len(tail)
         if pending or parts == 0:
             parts = _flush(writer, pending, parts, md5)
         writer.commit(md5.digest(), rows)

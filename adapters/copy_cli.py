@@ -2,8 +2,8 @@
 
 ::
 
-    shir copy --source ODBC --query SQL --sink SINK --format csv|jsonl [--job-id ID]
-    shir copy --from SINK --format csv|jsonl --to ODBC --table NAME [--job-id ID]
+    shir copy --source ODBC --query SQL --sink SINK --format csv|jsonl|parquet [--job-id ID]
+    shir copy --from SINK --format csv|jsonl|parquet --to ODBC --table NAME [--job-id ID]
 
 SINK is a local path, a ``file://`` URL, or ``blob`` / a storage connection string together
 with ``--container`` and ``--blob`` (``blob`` reads the connection string from
@@ -44,7 +44,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--from", dest="from_", metavar="SINK", help="the file or blob to load")
     p.add_argument("--to", help="ODBC connection string to load into")
     p.add_argument("--table", help="the table to load into")
-    p.add_argument("--format", required=True, choices=("csv", "jsonl"))
+    p.add_argument("--format", required=True, choices=("csv", "jsonl", "parquet"))
     p.add_argument("--container", help="Blob container")
     p.add_argument("--blob", help="Blob name")
     p.add_argument("--job-id", help="idempotency key (default: digest of the command)")

@@ -1,4 +1,5 @@
-"""File formats of the copy activity: delimited text (RFC 4180) and JSON lines, both ways.
+"""File formats of the copy activity: delimited text (RFC 4180), JSON lines (and Parquet, in
+:mod:`shir.adapters.copy_parquet`), both ways.
 
 Theory of operation
 -------------------
@@ -6,6 +7,12 @@ An :class:`Encoder` is built from a result's :class:`~shir.adapters.odbc.Column`
 any row is read, so a column whose type the format cannot hold is refused
 (:class:`UnsupportedType`) before anything is written or committed. ``encode(batch)`` turns a
 batch of row tuples into bytes; the caller cuts those bytes into parts.
+
+Speed: the text encoders work a batch *column by column* (``zip(*rows)``): each column is turned
+into text by a C function mapped over it (``str``, ``repr``, base64...), a column is scanned for
+characters that need quoting once per batch (as one joined string) and only when its type's
+alphabet can hold them, and the lines are joined with ``str.join`` or a ``%`` template. No
+Python frame runs per value unless a column of the batch holds NULLs or values to quote.
 
 Values, faithfully:
 
@@ -29,17 +36,17 @@ boolean       ``true``/``false``                     ``true``/``false``
 Decoding goes the other way given the target column types (see :func:`decoder_for`): the load
 asks the target table for its columns and converts each field to what that column holds.
 
-Limit: a CSV text value holding U+0000 is refused by the CSV encoder (the marker it uses to
-quote empty text; PostgreSQL text never holds U+0000).
+In CSV a text value equal to the null representation is quoted, so it stays apart from NULL.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import codecs
-import csv
 import datetime as dt
 import decimal
+import functools
 import io
 import json
 import math
@@ -63,7 +70,7 @@ __all__ = [
     "read_records",
 ]
 
-FORMATS = ("csv", "jsonl")
+FORMATS = ("csv", "jsonl", "parquet")
 
 
 class FormatError(ShirError):
@@ -101,8 +108,6 @@ class CsvOptions:
 
 _SUPPORTED = (bool, int, str, float, decimal.Decimal, dt.datetime, dt.date, dt.time, bytes,
               bytearray, uuid.UUID)
-_NULL = "\x01\x02"  # stands for NULL in a one-column CSV inside the csv writer
-_EMPTY = "\x00"  # stands for empty text inside the csv writer; replaced by "" afterwards
 
 
 def _kind(name: str, python_type: type, fmt: str) -> type:
@@ -115,20 +120,82 @@ def _kind(name: str, python_type: type, fmt: str) -> type:
     )
 
 
-def _b64(v: bytes) -> str:
-    return base64.b64encode(v).decode("ascii")
+@attrs.frozen
+class _Form:
+    """How one kind of value becomes text, as C functions applied in turn over a whole column.
+
+    NULL is replaced by ``stand_in`` first (None itself when every step takes None: ``str(None)``
+    is ``'None'``, which no int, numeric, float or date/time has as text), and the text of the
+    stand-in (``marker``) is then mapped to the format's NULL, all without a Python frame per
+    value. ``unique``: no real value has the marker as text; when not, a column that holds the
+    stand-in itself takes the slow, exact path.
+    """
+
+    steps: tuple[Callable[[Any], Any], ...]
+    stand_in: Any = None
+    unique: bool = True
+
+    @property
+    def marker(self) -> str:
+        value = self.stand_in
+        for step in self.steps:
+            value = step(value)
+        return str(value)
+
+    def texts(self, column: Sequence[Any], null: str,
+              fixes: dict[str, str] | None = None) -> Sequence[Any]:
+        """``column`` as text, NULL as ``null``, then any text in ``fixes`` replaced."""
+        has_null = None in column
+        if has_null and not self.unique and self.stand_in in column:
+            fix = (fixes or {}).get
+            return [null if v is None else fix(t := self._one(v), t) for v in column]
+        values: Iterable[Any] = column
+        if has_null and self.stand_in is not None:
+            values = map({None: self.stand_in}.get, column, column)
+        for step in self.steps:
+            values = map(step, values)
+        texts = list(values)
+        if has_null:
+            fixes = {**(fixes or {}), self.marker: null}
+        return texts if not fixes else list(map(fixes.get, texts, texts))
+
+    def _one(self, value: Any) -> str:
+        for step in self.steps:
+            value = step(value)
+        return str(value)
 
 
-def _csv_b64(v: bytes) -> str:
-    return base64.b64encode(v).decode("ascii") or _EMPTY  # empty bytes are not NULL
+_B64 = (functools.partial(binascii.b2a_base64, newline=False), bytes.decode)
+_NULL_BYTES = b"\x00shir:null\x00"  # stands for NULL in a bytes column while it is encoded
+_NULL_TEXT = "\x00shir:null\x00"  # the same in a text column (JSON)
+_BOOL_TEXT = {True: "true", False: "false", None: "None"}.__getitem__
+_JSON_QUOTE = '"%s"'.__mod__
 
-
-def _iso(v: Any) -> str:
-    return str(v.isoformat())
-
-
-def _bool_text(v: bool) -> str:
-    return "true" if v else "false"
+_CSV_FORMS: dict[type, _Form] = {
+    int: _Form((str,)), decimal.Decimal: _Form((str,)), float: _Form((repr,)),
+    bool: _Form((_BOOL_TEXT,)), uuid.UUID: _Form((str,)), dt.datetime: _Form((str,)),
+    dt.date: _Form((str,)), dt.time: _Form((str,)),
+    bytes: _Form(_B64, _NULL_BYTES, unique=False),
+}
+# JSON: numbers bare, numeric as a string (a JSON number would come back as a float), the
+# date/time types as ISO 8601 strings with "T".
+_JSON_FORMS: dict[type, _Form] = {
+    int: _Form((repr,)), float: _Form((repr,)), bool: _Form((_BOOL_TEXT,)),
+    decimal.Decimal: _Form((_JSON_QUOTE,)), uuid.UUID: _Form((_JSON_QUOTE,)),
+    dt.datetime: _Form((dt.datetime.isoformat, _JSON_QUOTE), dt.datetime.min, unique=False),
+    dt.date: _Form((dt.date.isoformat, _JSON_QUOTE), dt.date.min, unique=False),
+    dt.time: _Form((dt.time.isoformat, _JSON_QUOTE), dt.time.min, unique=False),
+    bytes: _Form((*_B64, _JSON_QUOTE), _NULL_BYTES, unique=False),
+    str: _Form((json.encoder.encode_basestring,), _NULL_TEXT, unique=False),
+}
+# The characters each kind's CSV text can hold (None: anything): a column whose alphabet misses
+# the delimiter and the quote never needs quoting, so it is never scanned.
+_ALPHABET: dict[type, str | None] = {
+    int: "-0123456789", decimal.Decimal: "-+.0123456789EInfinity",
+    float: "-+.0123456789einfa", bool: "truefals", uuid.UUID: "-0123456789abcdef",
+    dt.datetime: "-+:. 0123456789", dt.date: "-0123456789", dt.time: "-+:.0123456789",
+    bytes: "+/=0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", str: None,
+}
 
 
 class Encoder:
@@ -141,100 +208,78 @@ class Encoder:
         """Bytes that open the file (the CSV header line), or ``b""``."""
         return b""
 
-    def encode(self, rows: Sequence[tuple[Any, ...]]) -> bytes:
+    def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
         """The bytes of ``rows``; raises :class:`FormatError` for a value it cannot hold."""
         raise NotImplementedError
 
-
-def _row_transform(
-    converters: Sequence[Callable[[Any], Any] | None],
-) -> Callable[[Any], Any] | None:
-    """One generated function converting the columns that need it (None: no column does)."""
-    if all(c is None for c in converters):
-        return None
-    parts: list[str] = []
-    env: dict[str, Any] = {}
-    for i, conv in enumerate(converters):
-        if conv is None:
-            parts.append(f"r[{i}]")
-        else:
-            env[f"c{i}"] = conv
-            parts.append(f"(None if r[{i}] is None else c{i}(r[{i}]))")
-    src = "lambda r: (" + ", ".join(parts) + ",)"
-    fn: Callable[[Any], Any] = eval(src, env)  # built from column indexes only, no data
-    return fn
-
-
-def _csv_text(v: str) -> str:
-    if v == "":
-        return _EMPTY
-    if _EMPTY in v:
-        raise FormatError("csv: a text value holds U+0000, which CSV output cannot carry")
-    return v
+    def finish(self) -> bytes:
+        """Bytes that close the file (Parquet's footer), or ``b""``."""
+        return b""
 
 
 class CsvEncoder(Encoder):
+    """RFC 4180, built column by column: each column of a batch is turned into text at once
+    (C functions mapped over it), scanned once for characters that need quoting, and the lines
+    are joined by ``str.join``; only a column that holds such a value is quoted value by value.
+    """
+
     content_type = "text/csv"
     extension = ".csv"
 
     def __init__(self, columns: Sequence[Any], options: CsvOptions) -> None:
         self.options = options
         self.names = [c.name for c in columns]
-        convs: list[Callable[[Any], Any] | None] = []
+        self._forms: list[_Form | None] = []  # None: text, passed through
+        self._scan: list[bool] = []  # may this column's text need quoting?
+        specials = {options.delimiter, options.quote, "\r", "\n"}
         for c in columns:
             kind = _kind(c.name, c.python_type, "csv")
-            table: dict[type, Callable[[Any], Any]] = {
-                # datetime, date, time: the csv module's str() is ISO 8601 with a space between
-                # date and time, which fromisoformat reads back; no Python call per value
-                bytes: _csv_b64, str: _csv_text,
-                bool: _bool_text, uuid.UUID: str, float: repr,
-            }
-            convs.append(table.get(kind))
-        self._transform = _row_transform(convs)
-        self._null_is_empty = options.null == ""
-        # the csv module writes a lone empty field as "" (else the line would look blank): a
-        # one-column NULL goes through a marker so it stays an empty, unquoted line
-        self._lone_null = self._null_is_empty and len(self.names) == 1
-        if not self._null_is_empty or self._lone_null:
-            none_to = _NULL if self._lone_null else options.null
-            inner = self._transform
-
-            def with_null(r: Any) -> Any:
-                r = inner(r) if inner else r
-                return tuple(none_to if v is None else v for v in r)
-
-            self._transform = with_null
-        self._buffer = io.StringIO()
-        self._writer = csv.writer(self._buffer, delimiter=options.delimiter,
-                                  quotechar=options.quote, lineterminator="\r\n",
-                                  quoting=csv.QUOTE_MINIMAL, doublequote=True)
-        self._quoted_empty = options.quote * 2
+            self._forms.append(_CSV_FORMS.get(kind))
+            alphabet = _ALPHABET[kind]
+            self._scan.append(alphabet is None or any(ch in alphabet for ch in specials))
+        self._specials = tuple(specials)
+        # empty bytes are text "" and need quotes to differ from NULL
+        self._empty = {"": options.quote * 2}
         # incremental: utf-16 and utf-8-sig write their BOM once, not once per batch
         self._encode = codecs.getincrementalencoder(options.encoding)().encode
 
     def header(self) -> bytes:
         if not self.options.header:
             return b""
-        return self._chunk([tuple(self.names)], transform=False)
+        names = self._quoted(self.names, self.options.null)
+        return self._text([self.options.delimiter.join(names)])
 
-    def encode(self, rows: Sequence[tuple[Any, ...]]) -> bytes:
-        return self._chunk(rows, transform=True)
+    def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
+        null = self.options.null
+        columns = []
+        by_column = zip(*rows, strict=True)
+        for values, form, scan in zip(by_column, self._forms, self._scan, strict=True):
+            column: Sequence[Any] = values
+            if form is not None and not scan:
+                column = form.texts(column, null, self._empty)
+            else:  # quote first: a value equal to the null text is quoted, NULL is not
+                if form is not None:
+                    column = form.texts(column, "\x00")
+                    column = list(map({"\x00": None}.get, column, column))
+                column = self._quoted(column, null)
+                if None in column:
+                    column = list(map({None: null}.get, column, column))
+            columns.append(column)
+        return self._text(map(self.options.delimiter.join, zip(*columns, strict=True)))
 
-    def _chunk(self, rows: Iterable[tuple[Any, ...]], *, transform: bool) -> bytes:
-        buf = self._buffer
-        buf.seek(0)
-        buf.truncate()
-        if transform and self._transform is not None:
-            rows = map(self._transform, rows)
-        try:
-            self._writer.writerows(rows)
-        except csv.Error as exc:
-            raise FormatError(f"csv: a value could not be written: {exc}") from None
-        text = buf.getvalue()
-        if _EMPTY in text:
-            text = text.replace(_EMPTY, self._quoted_empty)
-        if self._lone_null:
-            text = text.replace(_NULL, "")
+    def _quoted(self, column: Sequence[Any], null: str) -> Sequence[Any]:
+        """``column`` with every value that needs it quoted (None stays None)."""
+        probe = "\x1f".join(filter(None, column))  # non-empty values only, in C
+        if not (any(ch in probe for ch in self._specials) or "" in column
+                or (null and null in column)):
+            return column
+        specials, q = self._specials, self.options.quote
+        return [v if v is None else q + v.replace(q, q + q) + q
+                if v == "" or v == null or any(ch in v for ch in specials) else v
+                for v in column]
+
+    def _text(self, lines: Iterable[str]) -> bytes:
+        text = "\r\n".join(lines) + "\r\n"
         try:
             return self._encode(text)
         except UnicodeEncodeError as exc:
@@ -244,49 +289,47 @@ class CsvEncoder(Encoder):
             ) from None
 
 
-def _finite(v: float) -> float:
-    if not math.isfinite(v):
-        raise FormatError(f"jsonl: the float {v!r} has no JSON representation")
-    return v
-
-
 class JsonLinesEncoder(Encoder):
+    """One JSON object per line, built column by column like :class:`CsvEncoder`: each
+    column becomes JSON text at once and a ``%`` template joins a row's fields."""
+
     content_type = "application/x-ndjson"
     extension = ".jsonl"
 
     def __init__(self, columns: Sequence[Any]) -> None:
         self.names = tuple(c.name for c in columns)
-        convs: list[Callable[[Any], Any] | None] = []
-        for c in columns:
-            kind = _kind(c.name, c.python_type, "jsonl")
-            table: dict[type, Callable[[Any], Any]] = {
-                bytes: _b64, decimal.Decimal: str, dt.datetime: _iso, dt.date: _iso,
-                dt.time: _iso, uuid.UUID: str, float: _finite,
-            }
-            convs.append(table.get(kind))
-        self._transform = _row_transform(convs)
-        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
-                                       allow_nan=False).encode
+        self._kinds = [_kind(c.name, c.python_type, "jsonl") for c in columns]
+        self._forms = [_JSON_FORMS[k] for k in self._kinds]
+        fields = ",".join(json.dumps(n, ensure_ascii=False).replace("%", "%%") + ":%s"
+                          for n in self.names)
+        self._template = "{" + fields + "}"
 
-    def encode(self, rows: Sequence[tuple[Any, ...]]) -> bytes:
-        names, dumps, transform = self.names, self._dumps, self._transform
-        if transform is not None:
-            rows = list(map(transform, rows))
-        lines = [dumps(dict(zip(names, r, strict=True))) for r in rows]
-        lines.append("")
-        return "\n".join(lines).encode("utf-8")
+    def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
+        columns = []
+        by_column = zip(*rows, strict=True)
+        for column, form, kind in zip(by_column, self._forms, self._kinds, strict=True):
+            text = form.texts(column, "null")
+            if kind is float and "n" in "".join(text).replace("null", ""):  # nan, inf
+                bad = next(v for v in column if v is not None and not math.isfinite(v))
+                raise FormatError(f"jsonl: the float {bad!r} has no JSON representation")
+            columns.append(text)
+        lines = map(self._template.__mod__, zip(*columns, strict=True))
+        return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def make_encoder(
     fmt: str, columns: Sequence[Any], csv_options: CsvOptions | None = None
 ) -> Encoder:
-    """The encoder of ``fmt`` (``csv`` or ``jsonl``) for ``columns``; refuses unknown types."""
+    """The encoder of ``fmt`` for ``columns``; refuses a type the format cannot hold."""
     if fmt == "csv":
         return CsvEncoder(columns, csv_options or CsvOptions())
     if fmt == "jsonl":
         return JsonLinesEncoder(columns)
-    raise FormatError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        from shir.adapters.copy_parquet import ParquetEncoder
 
+        return ParquetEncoder(columns)
+    raise FormatError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 # --- reading ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The reverse copy: a CSV or JSON lines file (folder or Blob) into an ODBC table, exactly once.
+"""The reverse copy: a CSV, JSON lines or Parquet file (folder or Blob) into an ODBC table, once.
 
 Theory of operation
 -------------------
@@ -18,6 +18,8 @@ import contextlib
 import datetime as dt
 import io
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -86,7 +88,8 @@ def load_file(
     csv_options: CsvOptions | None = None,
     batch_rows: int = 5_000,
 ) -> LoadResult:
-    """Insert the rows of ``binary`` (``fmt`` csv or jsonl) into ``table`` once per job id."""
+    """Insert the rows of ``binary`` (``fmt`` csv, jsonl or parquet) into ``table`` once per job
+    id. A Parquet stream that cannot seek (a Blob download) is spooled to a temporary file."""
     if not _IDENTIFIER.fullmatch(table):
         raise LoadError(f"table {table!r}: expected a name like orders or sales.orders")
     _ensure_marker(source)
@@ -104,7 +107,14 @@ def load_file(
         cursor.execute(f"SELECT 1 FROM {MARKER_TABLE} WHERE job_id = ?", job_id)
         if cursor.fetchone() is not None:
             return LoadResult(0, skipped=True)
-        names, records = read_records(binary, fmt, csv_options)
+        typed = fmt == "parquet"  # Parquet values come typed; text formats are parsed
+        names: tuple[str, ...] | None
+        if typed:
+            from shir.adapters.copy_parquet import read_parquet_records
+
+            names, records = read_parquet_records(_seekable(binary))
+        else:
+            names, records = read_records(binary, fmt, csv_options)
         by_name = {n.lower(): (n, t) for n, t in columns}
         if names:
             missing = [n for n in names if n.lower() not in by_name]
@@ -114,7 +124,7 @@ def load_file(
             targets = [by_name[n.lower()] for n in names]
         else:
             targets = columns
-        decoders = [decoder_for(t) for _, t in targets]
+        decoders = [_as_is if typed else decoder_for(t) for _, t in targets]
         sql = (f"INSERT INTO {table} ({', '.join(n for n, _ in targets)}) VALUES "
                f"({', '.join('?' for _ in targets)})")
         fast = _fast_executemany_ok(source)
@@ -156,6 +166,20 @@ def load_file(
                 conn.rollback()
         with contextlib.suppress(pyodbc.Error):
             cursor.close()
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _seekable(binary: io.RawIOBase | io.BufferedIOBase) -> Any:
+    """``binary`` if it can seek, else a temporary file holding it (flat memory)."""
+    if binary.seekable():
+        return binary
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed when the load drops it
+    shutil.copyfileobj(binary, spool, 1 << 20)
+    spool.seek(0)
+    return spool
 
 
 def _fast_executemany_ok(source: OdbcSource) -> bool:

@@ -7,9 +7,11 @@ A sink opens a :class:`SinkWriter` for one job id. The pipeline hands it numbere
 MD5 of the whole content, or ``abort()``.
 
 * :class:`FolderSink` writes the parts in order to a hidden temporary file next to the target
-  (``.<name>.<job>.partial``), fsyncs it, renames it over the target and fsyncs the folder.
-  Until the rename nothing at the target name changes; a killed copy leaves only the hidden
-  temporary file, which the next run of the same job replaces.
+  (``.<name>.<job>.<attempt>.partial``), fsyncs it, renames it over the target and fsyncs the
+  folder. Until the rename nothing at the target name changes; a killed copy leaves only the
+  hidden temporary file, which the next run of the same job deletes. Each attempt has its own
+  file, so two deliveries of one job running at once cannot mix their bytes (the last rename
+  wins, with a whole file).
 * :class:`BlobSink` stages every part as a block of the block blob (bounded parallel uploads)
   and commits the block list once at the end, with ``Content-MD5`` and the job id in the
   metadata. Uncommitted blocks are invisible to readers. A block id is derived from the job id,
@@ -24,9 +26,12 @@ Errors are :class:`SinkError`, naming the sink (never its key).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import threading
+import uuid
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -74,7 +79,12 @@ class FolderSink:
             raise SinkError(f"{self.describe()}: the folder {folder} does not exist")
         if self.path.is_dir():
             raise SinkError(f"{self.describe()}: the target is a folder; name a file")
-        return _FolderWriter(self.path, folder / f".{self.path.name}.{_job_tag(job_id)}.partial")
+        prefix = f".{self.path.name}.{_job_tag(job_id)}."
+        for stale in folder.glob(f"{glob.escape(prefix)}*.partial"):  # of killed attempts
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        # each attempt writes its own file: two deliveries of one job at once never mix bytes
+        return _FolderWriter(self.path, folder / f"{prefix}{uuid.uuid4().hex[:12]}.partial")
 
 
 class _FolderWriter(SinkWriter):
@@ -130,13 +140,16 @@ def open_blob_service(connection_string: str) -> Any:
 
 
 class BlobSink:
-    """A block blob ``container/blob``; ``max_parallel`` parts upload at a time."""
+    """A block blob ``container/blob``; ``max_parallel`` parts upload at a time. ``metadata``
+    is recorded on the blob at the commit, beside the job id and the row count."""
 
     def __init__(self, service: Any, container: str, blob: str, *, max_parallel: int = 4,
-                 create_container: bool = True) -> None:
+                 create_container: bool = True, metadata: Mapping[str, str] | None = None
+                 ) -> None:
         self.service, self.container, self.blob = service, container, blob
         self.max_parallel = max_parallel
         self.create_container = create_container
+        self.metadata = dict(metadata or {})
 
     def describe(self) -> str:
         return f"Blob sink {self.service.account_name}/{self.container}/{self.blob}"
@@ -240,7 +253,8 @@ class _BlobWriter(SinkWriter):
             self.client.commit_block_list(
                 [BlobBlock(block_id=i) for i in self.ids],
                 content_settings=ContentSettings(content_md5=bytearray(md5)),
-                metadata={"shir_job_id": self.job_id, "shir_rows": str(rows)},
+                metadata={**self.sink.metadata, "shir_job_id": self.job_id,
+                          "shir_rows": str(rows)},
             )
         except AzureError as exc:
             raise SinkError(f"{self.sink.describe()}: committing the blob failed: "

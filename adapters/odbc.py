@@ -859,6 +859,20 @@ class RowStream:
         return self
 
     def __next__(self) -> tuple[tuple[Any, ...], ...]:
+        return tuple(map(self._as_tuple, self._next_rows()))
+
+    def driver_rows(self) -> Iterator[Sequence[Sequence[Any]]]:
+        """The batches as the driver hands them over: lists of row sequences (``pyodbc.Row``),
+        without the per-row copy into a tuple. For a caller that only indexes or iterates the
+        rows (the copy's encoders, ``zip(*rows)``) and keeps no row past its batch.
+        """
+        while True:
+            try:
+                yield self._next_rows()
+            except StopIteration:
+                return
+
+    def _next_rows(self) -> Sequence[Any]:
         if not self._open:
             raise StopIteration
         try:
@@ -878,7 +892,7 @@ class RowStream:
         if len(rows) < self.batch_rows:  # pyodbc's fetchmany comes up short only at the end
             self._check_no_more_results()
             self.close()
-        return tuple(map(self._as_tuple, rows))
+        return rows  # type: ignore[no-any-return]
 
     def _check_no_more_results(self) -> None:
         """Refuse a query whose later statements return rows too (``SELECT 1; SELECT 2``).

@@ -1,16 +1,21 @@
 """Benchmark: `shir copy` PostgreSQL (psqlODBC) -> Azurite, beside its halves and a pandas script.
 
-    .venv/bin/python benchmarks/copy.py [--rows N] [--formats csv,jsonl]
+    .venv/bin/python benchmarks/copy.py [--rows N] [--repeat R] [--formats csv,jsonl,parquet]
+                                        [--steps drain,floor,copy-csv,...]
 
 N mixed rows (integer, text, numeric(18,4), timestamp, bytea, with NULLs). Every figure is
-measured in this run, each in its own child process (so its peak RSS is its own):
+measured in this run, each in its own child process (so its peak RSS is its own), each step R
+times, interleaved (medians; the machine may be shared):
   drain     bare pyodbc fetchmany(10000) of the same query (the fetch half alone)
+  floor     the bare drain plus shir's CSV encoder in the same thread, nothing uploaded: the
+            least per-row work CSV needs (what the copy cannot beat on a CPU-bound machine)
   upload    bare BlobClient.upload_blob of the same bytes (the upload half alone)
   copy-FMT  shir.adapters.copy.copy_query into a block blob
   pandas    read_sql -> to_csv -> upload_blob (skipped, and said so, if pandas is missing)
   psql      psql \\copy (query) TO STDOUT CSV (the physical anchor)
 Uses the services of scripts/test when its variables are set, else starts its own
-(benchmarks/services.py). Prints JSON lines {name, value, unit, baseline, ratio}.
+(benchmarks/services.py). Prints JSON lines {name, value, unit, baseline, ratio}; client CPU
+is the child's user+system seconds (the database and Azurite are other processes).
 """
 
 from __future__ import annotations
@@ -37,17 +42,35 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_s() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def step(name: str, env: dict[str, str]) -> dict[str, float]:
     import pyodbc
 
     pg, blob = env["SHIR_PG_ODBC"], env["SHIR_AZURITE_CONNECTION_STRING"]
     t0 = time.perf_counter()
+    cpu0 = _cpu_s()
     rows = 0
-    if name == "drain":
+    if name in ("drain", "floor"):
         c = pyodbc.connect(pg, autocommit=False)
+        cpu0 = _cpu_s()
+        t0 = time.perf_counter()
         cur = c.execute(QUERY)
-        while batch := cur.fetchmany(10_000):
-            rows += len(batch)
+        if name == "floor":
+            from shir.adapters.copy_formats import make_encoder
+            from shir.adapters.odbc import Column
+
+            encode = make_encoder("csv", [Column(d[0], d[1], d[3], d[5], d[6])
+                                          for d in cur.description]).encode
+            while batch := cur.fetchmany(10_000):
+                rows += len(batch)
+                encode(batch)
+        else:
+            while batch := cur.fetchmany(10_000):
+                rows += len(batch)
     elif name.startswith("copy-"):
         from shir.adapters.copy import copy_query
         from shir.adapters.copy_sinks import BlobSink, open_blob_service
@@ -56,6 +79,7 @@ def step(name: str, env: dict[str, str]) -> dict[str, float]:
         fmt = name.split("-", 1)[1]
         sink = BlobSink(open_blob_service(blob), "bench", f"copy.{fmt}")
         with OdbcSource(pg) as src:
+            cpu0 = _cpu_s()
             t0 = time.perf_counter()
             rows = copy_query(src, QUERY, sink, fmt, f"bench-{fmt}-{time.time_ns()}").rows
     elif name == "upload":
@@ -90,19 +114,24 @@ def step(name: str, env: dict[str, str]) -> dict[str, float]:
             ["psql", "-X", "-h", "127.0.0.1", "-p", parts["Port"], "-U", "shir", "-d", "shir",
              "-c", f"\\copy ({QUERY}) TO STDOUT CSV"], env=penv, capture_output=True, check=True)
         rows = out.stdout.count(b"\n")  # close enough: a few values hold line breaks? none here
-    return {"seconds": time.perf_counter() - t0, "rows": rows, "rss_mb": _rss_mb()}
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "rows": rows, "rss_mb": _rss_mb(), "cpu_s": _cpu_s() - cpu0,
+            "pandas_loaded": float("pandas" in sys.modules)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--formats", default="csv,jsonl")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--formats", default="csv,jsonl,parquet")
+    ap.add_argument("--steps", help="only these steps (default: all)")
     ap.add_argument("--step")
     args = ap.parse_args()
     if args.step:
         print(json.dumps(step(args.step, dict(os.environ))))
         return
     import importlib.util
+    import statistics
 
     import pyodbc
 
@@ -112,6 +141,15 @@ def main() -> None:
     spec.loader.exec_module(services_module)
     services = services_module.services
 
+    formats = args.formats.split(",")
+    steps = ["drain", "floor", *(f"copy-{f}" for f in formats), "upload", "psql"]
+    if importlib.util.find_spec("pandas"):  # not imported here: the children inherit peak RSS
+        steps.append("pandas")
+    else:
+        print(json.dumps({"name": "pandas read_sql->to_csv->upload_blob",
+                          "skipped": "pandas is not installed (pip install pandas)"}))
+    if args.steps:
+        steps = [s for s in steps if s in args.steps.split(",")]
     with services() as env:
         c = pyodbc.connect(env["SHIR_PG_ODBC"], autocommit=True)
         c.execute("DROP TABLE IF EXISTS bench_copy")
@@ -130,53 +168,63 @@ def main() -> None:
 
         def run(name: str) -> dict[str, float] | None:
             p = subprocess.run([sys.executable, __file__, "--step", name], env=child_env,
-                               capture_output=True, text=True, timeout=1800)
+                               capture_output=True, text=True, timeout=3600)
             if p.returncode != 0:
                 print(json.dumps({"name": name, "error": p.stderr.strip().splitlines()[-1:]}))
                 return None
-            return json.loads(p.stdout)
+            return dict(json.loads(p.stdout))
 
-        n = args.rows
-        drain = run("drain")
-        copies = {f: run(f"copy-{f}") for f in args.formats.split(",")}
-        upload = run("upload")
-        psql = run("psql")
-        try:
-            import pandas  # noqa: F401
-            pandas_r = run("pandas")
-        except ImportError:
-            pandas_r = None
-            print(json.dumps({"name": "pandas read_sql->to_csv->upload_blob",
-                              "skipped": "pandas is not installed (pip install pandas)"}))
+        samples: dict[str, list[dict[str, float]]] = {s: [] for s in steps}
+        for _ in range(args.repeat):
+            for name in steps:
+                r = run(name)
+                if r is not None:
+                    samples[name].append(r)
 
-        def rate(r: dict[str, float] | None) -> float:
-            return n / r["seconds"] if r else float("nan")
+    n = args.rows
 
-        def emit(name: str, value: float, unit: str, baseline: float | None) -> None:
-            ratio = value / baseline if baseline else None
-            print(json.dumps({"name": name, "value": round(value, 1), "unit": unit,
-                              "baseline": None if baseline is None else round(baseline, 1),
-                              "ratio": None if ratio is None else round(ratio, 3)}))
+    def median(name: str, key: str) -> float | None:
+        got = [r[key] for r in samples.get(name, ())]
+        return statistics.median(got) if got else None
 
-        assert drain and upload
-        up_rows_s = n / upload["seconds"]
-        emit("bare pyodbc drain", rate(drain), "rows/s", None)
-        emit("bare upload_blob of the CSV bytes", up_rows_s, "rows/s", None)
-        emit("psql \\copy TO STDOUT CSV (anchor)", rate(psql), "rows/s", None)
-        slower = min(rate(drain), up_rows_s)
-        serial = n / (drain["seconds"] + upload["seconds"])
-        for f, r in copies.items():
-            emit(f"shir copy {f} vs bare drain", rate(r), "rows/s", rate(drain))
-            emit(f"shir copy {f} vs slower half (min of drain, upload)", rate(r), "rows/s",
-                 slower)
-            emit(f"shir copy {f} vs drain then upload in series", rate(r), "rows/s", serial)
-            emit(f"shir copy {f} vs psql \\copy", rate(r), "rows/s", rate(psql))
-            if pandas_r:
-                emit(f"shir copy {f} vs pandas script", rate(r), "rows/s", rate(pandas_r))
-            if r:
-                emit(f"shir copy {f} peak RSS", r["rss_mb"], "MB", drain["rss_mb"])
-        if pandas_r:
-            emit("pandas script peak RSS", pandas_r["rss_mb"], "MB", None)
+    def rate(name: str) -> float | None:
+        seconds = median(name, "seconds")
+        return n / seconds if seconds else None
+
+    def emit(name: str, value: float | None, unit: str, baseline: float | None = None) -> None:
+        if value is None or (" vs " in name and baseline is None):
+            return  # a step that did not run (--steps) or failed (its error was printed)
+        ratio = value / baseline if baseline else None
+        print(json.dumps({"name": name, "value": round(value, 1), "unit": unit,
+                          "baseline": None if baseline is None else round(baseline, 1),
+                          "ratio": None if ratio is None else round(ratio, 3),
+                          "rows": n, "runs": args.repeat}))
+
+    drain, upload = rate("drain"), rate("upload")
+    slower = min(x for x in (drain, upload) if x) if drain or upload else None
+    emit("bare pyodbc drain", drain, "rows/s")
+    emit("bare upload_blob of the CSV bytes", upload, "rows/s")
+    emit("psql \\copy TO STDOUT CSV (anchor)", rate("psql"), "rows/s")
+    emit("floor: drain + CSV encode, one thread, no upload", rate("floor"), "rows/s", drain)
+    for name in ("drain", "floor", *(f"copy-{f}" for f in formats)):
+        cpu = median(name, "cpu_s")
+        emit(f"{name} client CPU per row", None if cpu is None else cpu / n * 1e6, "us/row",
+             None if median("drain", "cpu_s") is None else median("drain", "cpu_s") / n * 1e6)
+    for f in formats:
+        r = rate(f"copy-{f}")
+        emit(f"shir copy {f} vs bare drain", r, "rows/s", drain)
+        emit(f"shir copy {f} vs slower half (min of drain, upload)", r, "rows/s", slower)
+        emit(f"shir copy {f} vs floor (drain + encode)", r, "rows/s", rate("floor"))
+        emit(f"shir copy {f} vs psql \\copy", r, "rows/s", rate("psql"))
+        emit(f"shir copy {f} vs pandas script", r, "rows/s", rate("pandas"))
+        if f != "csv":
+            emit(f"shir copy {f} vs shir copy csv", r, "rows/s", rate("copy-csv"))
+        emit(f"shir copy {f} peak RSS", median(f"copy-{f}", "rss_mb"), "MB",
+             median("drain", "rss_mb"))
+        if median(f"copy-{f}", "pandas_loaded"):  # pyarrow's pa.array imports it if installed
+            print(json.dumps({"name": f"shir copy {f} peak RSS",
+                              "note": "includes pandas, which pyarrow imported (about 50 MB)"}))
+    emit("pandas script peak RSS", median("pandas", "rss_mb"), "MB")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from typing import Any
 
 QUERY = "SELECT id, s, n, ts, b FROM copy_kill ORDER BY id"
 
 
-def prepare(pg_odbc: str, rows: int = 60_000) -> None:
+def prepare(pg_odbc: str, rows: int = 250_000) -> None:
     """(Re)create the table the trials copy: mixed types with NULLs."""
     import pyodbc
 
@@ -92,7 +93,8 @@ def reference_bytes(pg_odbc: str, blob_conn: str) -> bytes:
     from azure.storage.blob import BlobServiceClient
 
     env = {**os.environ, "SHIR_BLOB_CONNECTION_STRING": blob_conn}
-    subprocess.run(_command(pg_odbc, "reference"), env=env, check=True, capture_output=True,
+    name = f"reference-{uuid.uuid4().hex[:8]}"  # a fresh job: not one an earlier run committed
+    subprocess.run(_command(pg_odbc, name), env=env, check=True, capture_output=True,
                    timeout=120)
     return (BlobServiceClient.from_connection_string(blob_conn)
-            .get_blob_client("copy-kill", "reference").download_blob().readall())
+            .get_blob_client("copy-kill", name).download_blob().readall())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import decimal
 import random
+import re
+import socket
 import uuid
 from pathlib import Path
 
@@ -56,7 +58,7 @@ def _differences(c, a: str, b: str) -> int:
         f"(SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a})) x").fetchone()[0]
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_round_trip_postgresql_blob_postgresql_is_value_identical(
     pg, pg_odbc: str, azurite_connection_string: str, fmt: str
 ) -> None:
@@ -83,12 +85,13 @@ def test_csv_options_and_folder_round_trip(pg, pg_odbc: str, tmp_path: Path) -> 
     options = CsvOptions(delimiter=";", quote="'", encoding="utf-16", null="\\N")
     out = tmp_path / "out.csv"
     with OdbcSource(pg_odbc) as src:
-        copy_query(src, f"SELECT * FROM {table} ORDER BY id", FolderSink(out), "csv", "f1",
-                   csv_options=options)
+        copy_query(src, f"SELECT * FROM {table} ORDER BY id", FolderSink(out), "csv",
+                   f"f1-{table}", csv_options=options)
         assert out.read_bytes().decode("utf-16").startswith("id;s;n;")
         assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary left
         with out.open("rb") as f:
-            assert load_file(src, f"{table}_back", f, "csv", "f1", csv_options=options).rows == 4
+            loaded = load_file(src, f"{table}_back", f, "csv", f"f1-{table}", csv_options=options)
+            assert loaded.rows == 4
     assert _differences(c, table, f"{table}_back") == 0
 
 
@@ -144,6 +147,15 @@ def test_cli_errors_name_the_part_and_exit_2(pg_odbc: str, tmp_path: Path, capsy
                  "--format", "csv"]) == 2
     err = capsys.readouterr().err
     assert "cannot connect" in err and "127.0.0.1" in err and password not in err
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    unreachable = re.sub(r"Port=\d+", f"Port={port}", pg_odbc)
+    assert main(["copy", "--source", unreachable, "--query", "SELECT 1", "--sink", str(out),
+                 "--format", "csv"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and f"port {port}" in err and password not in err
     assert main(["copy", "--source", pg_odbc, "--query", "SELECT * FROM no_such_table",
                  "--sink", str(out), "--format", "csv"]) == 2
     assert "no_such_table" in capsys.readouterr().err
@@ -170,6 +182,8 @@ def test_cli_copy_out_and_in(pg, pg_odbc: str, tmp_path: Path, capsys) -> None:
                      "--table", f"{table}_back"]) == 0
     captured = capsys.readouterr()
     assert "already loaded" in captured.out and "warning" in captured.err
+    password = pg_odbc.split("Pwd=")[1].split(";")[0]
+    assert password not in captured.out + captured.err  # accepted with a warning, not shown
     assert _differences(c, table, f"{table}_back") == 0
 
 
