@@ -64,7 +64,8 @@ class Runtime:
         self.jobs = 0
         self.run(CreateRuntime("rt-b", "factory-b", "bench", k1, k2, 0.0))
         for n in NODES:
-            self.run(RegisterNode(k1.text, n, f"m-{n}", CORES, MEMORY_MB, 0.0))
+            self.run(RegisterNode(k1.text, n, f"m-{n}", CORES, MEMORY_MB, 0.0,
+                                  NodeMetrics(remote_access=True)))
         self.heartbeat(1.0)
         assert self.state.dispatcher == "n1"
         assert all(concurrency_limit(self.state, n) == SLOTS for n in NODES)
@@ -80,7 +81,7 @@ class Runtime:
         for n in NODES:
             peers = tuple(p for p in NODES if p != n)
             metrics = NodeMetrics(available_memory_mb=MEMORY_MB, version="5.0",
-                                  reachable_peers=peers)
+                                  reachable_peers=peers, remote_access=True)
             self.run(Heartbeat(n, 1, metrics, at))
 
     def submit(self, n: int) -> None:

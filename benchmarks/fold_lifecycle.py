@@ -74,7 +74,8 @@ class Recorder:
         self.asleep_until = dict.fromkeys(NODES, 0.0)
         self.glitch_ends: dict[str, float] = {}
         for i, n in enumerate(NODES):
-            self.send(RegisterNode(keys[i % 2].text, n, f"machine-{n}", 8, 16_384, float(i)))
+            self.send(RegisterNode(keys[i % 2].text, n, f"machine-{n}", 8, 16_384, float(i),
+                                   NodeMetrics(remote_access=True)))
             self.sessions[n] = 1
         self.upgrading: str | None = None
         self.upgrade_done_at = 0.0
@@ -98,6 +99,7 @@ class Recorder:
             running_jobs=r.randrange(0, 16),
             version=self.version[node],
             reachable_peers=tuple(p for p in NODES if p != node),
+            remote_access=True,
             control_channel_ok=self.control_ok[node],
             config_hash="cfg-1",
         )

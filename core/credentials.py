@@ -75,6 +75,7 @@ from shir.core.kernel import (
     runtime_of,
 )
 from shir.core.model import CredentialVersion, NodeStatus, RuntimeSettings
+from shir.core.rules import DOWN
 
 __all__ = [
     "DECIDE",
@@ -379,10 +380,11 @@ def _save(m: Model, c: SaveCredential, k: Decider) -> Events:
                 f"not v{c.version}"
             )
     s, out = k.timed(m, c.at)
-    if node_of(s, c.node).status is NodeStatus.OFFLINE:  # settling may have made it Offline
+    status = node_of(s, c.node).status
+    if status in DOWN:  # settling may have made it Offline
         raise NodeOffline(
-            f"node {c.node!r} is Offline; save credential {c.credential_id!r} on a node that is "
-            "up, and it will reach the others by sync"
+            f"node {c.node!r} is {status.value}; save credential {c.credential_id!r} on a node "
+            "that is up, and it will reach the others by sync"
         )
     emit(s, out, CredentialSaved(c.credential_id, c.version, c.node, c.at))
     k.settle(s, c.at, out)

@@ -2,20 +2,22 @@
 
 Theory of operation
 -------------------
-Three concerns each export their own tables, in Equinox order: ``EVOLVE`` (how their events
+Five concerns each export their own tables, in Equinox order: ``EVOLVE`` (how their events
 change the model), ``DECIDE`` (one handler per command), ``EFFECTS`` and ``ANSWERS`` (what the
 events and the accepted commands tell whom) and ``RULES`` (timed rules). This module merges
 them, in this order, and nothing else writes into them:
 
 1. ``lifecycle``: the runtime, nodes, sessions, statuses, the dispatcher;
 2. ``leasing``: jobs and their leases;
-3. ``credentials``: credential versions and their sync.
+3. ``credentials``: credential versions and their sync;
+4. ``sharing``: grants to other data factories, linked runtimes and their jobs;
+5. ``proxy``: each node's proxy settings, and the restart a change needs.
 
 The order is the settle order: a decision settles the timed rules one after the other, each
 seeing what the ones before it emitted (leases end *after* their node went Offline; a sync is
-requested *after* a node's status is known). A handler gets the model and the command, and a
-:class:`~shir.core.kernel.Decider` (this module's ``timed``/``settle``) to start its decision
-at its time and settle again after its own events.
+requested *after* a node's status is known; sharing and proxy have no timed rules). A handler
+gets the model and the command, and a :class:`~shir.core.kernel.Decider` (this module's
+``timed``/``settle``) to start its decision at its time and settle again after its own events.
 
 ``decide`` never changes the state it is given; it works on a scratch copy of the (at most
 four) node records. A command that is already satisfied yields no events.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shir.core import credentials, leasing, lifecycle
+from shir.core import credentials, leasing, lifecycle, proxy, sharing
 from shir.core.effects import DispatchWanted
 from shir.core.errors import InvalidCommand
 from shir.core.kernel import (
@@ -51,13 +53,19 @@ __all__ = [
     "next_deadline",
 ]
 
-CONCERNS = (lifecycle, leasing, credentials)  # the stated order (see the module docstring)
+# the stated order (see the module docstring)
+CONCERNS = (lifecycle, leasing, credentials, sharing, proxy)
 
-DECIDE = {**lifecycle.DECIDE, **leasing.DECIDE, **credentials.DECIDE}
-EVOLVE = {**lifecycle.EVOLVE, **leasing.EVOLVE, **credentials.EVOLVE}
-EFFECTS = {**lifecycle.EFFECTS, **leasing.EFFECTS, **credentials.EFFECTS}
+DECIDE = {**lifecycle.DECIDE, **leasing.DECIDE, **credentials.DECIDE, **sharing.DECIDE,
+          **proxy.DECIDE}
+EVOLVE = {**lifecycle.EVOLVE, **leasing.EVOLVE, **credentials.EVOLVE, **sharing.EVOLVE,
+          **proxy.EVOLVE}
+EFFECTS = {**lifecycle.EFFECTS, **leasing.EFFECTS, **credentials.EFFECTS, **sharing.EFFECTS,
+           **proxy.EFFECTS}
 ANSWERS = {**lifecycle.ANSWERS, **leasing.ANSWERS}
-RULES: tuple[TimedRule, ...] = (*lifecycle.RULES, *leasing.RULES, *credentials.RULES)
+RULES: tuple[TimedRule, ...] = (
+    *lifecycle.RULES, *leasing.RULES, *credentials.RULES, *sharing.RULES, *proxy.RULES,
+)
 DISPATCH_TRIGGERS = lifecycle.DISPATCH_TRIGGERS | leasing.DISPATCH_TRIGGERS
 
 

@@ -7,8 +7,9 @@ or the factory side (the cloud service that queued the jobs). A host routes by t
 never by the effect's type, and carries out only what is addressed to it.
 
 The tables that say which event calls for which effect live with each concern (``lifecycle``,
-``leasing``, ``credentials``); ``shir.core.decide`` merges them. A host gets effects from three
-places, and nowhere else:
+``leasing``, ``credentials``); ``shir.core.decide`` merges them and holds the two functions
+below (also exported as ``shir.core.effects_of`` and ``shir.core.answer``). A host gets effects
+from three places, and nowhere else:
 
 - ``effects_of(events, state)``: what stored events call for. A pure function of the events
   (and of the state after folding them, for :class:`DispatchWanted`), so a host that crashed

@@ -50,6 +50,7 @@ __all__ = [
     "DAY_S",
     "FIRST_HEARTBEAT_PENDING",
     "MAX_NAME",
+    "MAX_REMEMBERED_REMOVALS",
     "NEVER",
     "Decider",
     "Events",
@@ -77,6 +78,7 @@ MAX_NAME = 128
 Events = list[object]
 
 FIRST_HEARTBEAT_PENDING = "waiting for the first heartbeat"
+MAX_REMEMBERED_REMOVALS = 16
 
 
 class SpentState(ShirError):
@@ -116,6 +118,7 @@ class Node:
     warned_version: str = ""  # version whose expiry warning was already given
     intranet_address: str | None = None  # "host:port" where peers reach it, if it said
     cert_sha256: str | None = None  # fingerprint of its intranet TLS certificate, if it said
+    last_update: str = ""  # the outcome of its latest update, in words ("" if none)
 
     def clone(self) -> Node:
         """An independent copy (the fields themselves are immutable values)."""
@@ -124,7 +127,7 @@ class Node:
             self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
             self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
             self.offline_since, self.upgrading_to, self.warned_version, self.intranet_address,
-            self.cert_sha256,
+            self.cert_sha256, self.last_update,
         )
 
 
@@ -137,7 +140,8 @@ class Model:
 
     __slots__ = (
         "credentials", "dispatcher", "due", "evolve", "gen", "jobs", "keys", "next_seq",
-        "node_due", "nodes", "now", "pending", "runtime", "syncs", "term",
+        "node_due", "nodes", "now", "pending", "proxies", "removed", "runtime", "sharing", "syncs",
+        "term",
     )
 
     def __init__(self, evolve: Mapping[type, Callable[[Model, Any], None]]) -> None:
@@ -168,6 +172,13 @@ class Model:
         # concern.)
         self.credentials: dict[str, Any] = {}
         self.syncs: dict[tuple[str, str], Any] = {}
+        # Sharing (shir.core.sharing: a SharingState; None: nothing shared yet) and proxy
+        # settings by (node, seq) (shir.core.proxy): copy-on-write like the credentials.
+        self.sharing: Any = None
+        self.proxies: dict[tuple[str, int], Any] = {}
+        # The latest removals (name -> (reason, at)), so a removed node that speaks again is told
+        # why it needs registration. Copy-on-write, at most MAX_REMEMBERED_REMOVALS.
+        self.removed: dict[str, tuple[str, float]] = {}
 
     def scratch(self) -> Model:
         """A copy whose node records may be changed freely (for ``decide``'s what-if).
@@ -274,6 +285,10 @@ class RuntimeState:
             m.jobs.fingerprint(),
             tuple(sorted(m.credentials.items())),
             tuple(sorted(m.syncs.items())),
+            None if m.sharing is None else (
+                tuple(m.sharing.grants.items()), tuple(m.sharing.links.items())),
+            tuple(sorted(m.proxies.items())),
+            tuple(m.removed.items()),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -349,6 +364,14 @@ def node_of(m: Model, name: str) -> Node:
     n = m.nodes.get(name)
     if n is None:
         rt = m.runtime.name if m.runtime else "?"
+        gone = m.removed.get(name)
+        if gone is not None:
+            reason, at = gone
+            raise UnknownNode(
+                f"node {name!r:.60} was removed from runtime {rt!r} at {at:g} s ({reason}): "
+                "it needs registration; register it again with an auth key",
+                Disconnect(name, f"removed at {at:g} s ({reason}): register again"),
+            )
         known = ", ".join(m.nodes) or "none"
         raise UnknownNode(
             f"node {name!r:.60} is not registered in runtime {rt!r} (nodes: {known}); "

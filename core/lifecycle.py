@@ -47,6 +47,7 @@ from shir.core.errors import (
 from shir.core.jobs import ConcurrencyLimitSet, ReleaseReason
 from shir.core.kernel import (
     DAY_S,
+    MAX_REMEMBERED_REMOVALS,
     Decider,
     Events,
     Handler,
@@ -72,9 +73,27 @@ from shir.core.keys import (
 )
 from shir.core.leasing import lease_end
 from shir.core.model import KeyName, NodeStatus
-from shir.core.rules import choose_dispatcher, context, derive_status, is_allowed, is_silent
+from shir.core.rules import (
+    DOWN,
+    choose_dispatcher,
+    context,
+    derive_status,
+    is_allowed,
+    is_silent,
+)
 
-__all__ = ["ANSWERS", "DECIDE", "DISPATCH_TRIGGERS", "EFFECTS", "EVOLVE", "RULES"]
+__all__ = [
+    "ANSWERS",
+    "DECIDE",
+    "DISPATCH_TRIGGERS",
+    "EFFECTS",
+    "EVOLVE",
+    "RULES",
+    "choose_the_dispatcher",
+    "derive_statuses",
+    "expire_offline_nodes",
+    "warn_expiring_versions",
+]
 
 # --- evolve: one handler per event type ------------------------------------------------------
 
@@ -92,10 +111,16 @@ def _node_registered(m: Model, e: ev.NodeRegistered) -> None:
     m.nodes[e.node] = Node(e.node, m.next_seq, e.machine_id, e.cores, e.memory_mb, e.at, e.metrics,
                            intranet_address=e.intranet_address, cert_sha256=e.cert_sha256)
     m.next_seq += 1
+    if e.node in m.removed:
+        m.removed = {k: v for k, v in m.removed.items() if k != e.node}
 
 
 def _node_removed(m: Model, e: ev.NodeRemoved | ev.NodeLeft) -> None:
     del m.nodes[e.node]
+    # remembered (boundedly, copy-on-write) so that if it speaks again it is told why
+    kept = [(k, v) for k, v in m.removed.items() if k != e.node][1 - MAX_REMEMBERED_REMOVALS:]
+    why = e.reason if type(e) is ev.NodeRemoved else "it left the runtime"
+    m.removed = {**dict(kept), e.node: (why, e.at)}
     if m.syncs:  # no sync to a node that is gone (copy-on-write, see Model)
         m.syncs = {k: v for k, v in m.syncs.items() if k[1] != e.node}
 
@@ -141,6 +166,10 @@ def _upgrade_finished(m: Model, e: ev.UpgradeFinished) -> None:
     n.last_seen_at = e.at  # the node reported the outcome itself
     n.metrics = attrs.evolve(
         n.metrics, version=e.version, version_released_at=e.version_released_at
+    )
+    n.last_update = (
+        f"updated to {e.version} at {e.at:g} s" if e.ok
+        else f"failed at {e.at:g} s and rolled back to {e.version}: {e.reason}"
     )
 
 
@@ -302,8 +331,12 @@ def _register_node(m: Model, c: cmd.RegisterNode, k: Decider) -> Events:
     closed = [n.name for n in m.nodes.values() if not n.metrics.remote_access]
     if closed:
         raise RemoteAccessDisabled(
-            f"enable 'remote access from intranet' (TCP {rt.settings.intranet_port}) on "
-            f"{', '.join(closed)} before adding another node"
+            f"node {c.node!r} cannot join: remote access from intranet (TCP "
+            f"{rt.settings.intranet_port}) is off on {', '.join(closed)}, as a new install leaves "
+            "it. Turn it on there (in the product: Configuration Manager > Settings > Remote "
+            "access to intranet; in shir the node reports remote_access=True in its heartbeats, "
+            "and a scenario sets remote_access = true under its [[nodes]]), then register "
+            f"{c.node!r} again"
         )
     s, out = k.timed(m, c.at)
     emit(s, out, ev.NodeRegistered(
@@ -334,14 +367,8 @@ def _leave_runtime(m: Model, c: cmd.LeaveRuntime, k: Decider) -> Events:
     s, out = k.timed(m, c.at)
     if c.node not in s.nodes:  # settling may have expired it already
         return out
-    b = s.jobs
-    for job_id in sorted(b.node_leases.get(c.node, ())):
-        if job_id not in s.pending:  # redelivered at once, as for a node that went Offline
-            emit(s, out, lease_end(s, b.leases[job_id], ReleaseReason.NODE_LOST,
-                                   f"node {c.node} left the runtime", c.at))
-    if c.node in b.limits:  # an override must not outlive its node
-        emit(s, out, ConcurrencyLimitSet(c.node, None, c.at))
-    emit(s, out, ev.NodeLeft(c.node, c.at))
+    for e in _removal(s, c.node, "", c.at, left=True):
+        emit(s, out, e)
     k.settle(s, c.at, out)
     return out
 
@@ -392,8 +419,9 @@ def _start_upgrade(m: Model, c: cmd.StartUpgrade, k: Decider) -> Events:
             "finish that one first"
         )
     s, out = k.timed(m, c.at)
-    if node_of(s, c.node).status is NodeStatus.OFFLINE:  # settling may have expired it: refuse
-        raise NodeOffline(f"node {c.node!r} is Offline; bring it back before updating it")
+    status = node_of(s, c.node).status
+    if status in DOWN:  # settling may have expired it: refuse
+        raise NodeOffline(f"node {c.node!r} is {status.value}; bring it back before updating it")
     emit(s, out, ev.UpgradeStarted(c.node, n.metrics.version, c.to_version, c.at))
     k.settle(s, c.at, out)
     return out
@@ -466,11 +494,18 @@ ANSWERS: dict[type, Callable[[Any, tuple[object, ...], RuntimeState], tuple[obje
 
 # --- timed rules: the events due at ``at``, and the next due time ---------------------------
 
-def _removal(s: Model, node: str, reason: str, at: float) -> Events:
-    out: Events = []
-    if node in s.jobs.limits:  # an override must not outlive its node (a new one may take the name)
+def _removal(s: Model, node: str, reason: str, at: float, *, left: bool = False) -> Events:
+    """A node's removal (``left``: its own leaving): its leases end first, redelivered at once,
+    then its limit override, then the node itself."""
+    b = s.jobs
+    why = f"node {node} left the runtime" if left else f"node {node} was removed"
+    out: Events = [
+        lease_end(s, b.leases[job_id], ReleaseReason.NODE_LOST, why, at)
+        for job_id in sorted(b.node_leases.get(node, ())) if job_id not in s.pending
+    ]
+    if node in b.limits:  # an override must not outlive its node (a new one may take the name)
         out.append(ConcurrencyLimitSet(node, None, at))
-    out.append(ev.NodeRemoved(node, reason, at))
+    out.append(ev.NodeLeft(node, at) if left else ev.NodeRemoved(node, reason, at))
     return out
 
 
@@ -512,7 +547,7 @@ def derive_statuses(s: Model, at: float) -> tuple[Events, float | None]:
         if n.upgrading_to is None:
             seen = n.registered_at if n.last_seen_at is None else n.last_seen_at
             silent_at = first_at(seen, settings.offline_after_s)
-            if n.status is not NodeStatus.OFFLINE or silent_at > at:
+            if n.status not in DOWN or silent_at > at:
                 due = silent_at
             released = n.metrics.version_released_at
             # An updating node stays Upgrading whatever its version, so a tick at expiry would

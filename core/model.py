@@ -27,7 +27,11 @@ __all__ = [
 class NodeStatus(enum.Enum):
     """What a registered node can currently do (names as the product shows them)."""
 
+    # Not (or no longer) registered: what a node shows itself when the runtime refuses it as
+    # unknown or refuses its key (``rules.local_status``). No registered node has it.
+    NEED_REGISTRATION = "NeedRegistration"
     INITIALIZING = "Initializing"  # registered, first heartbeat not seen yet
+    INITIALIZE_FAILED = "InitializeFailed"  # registered, but its first heartbeat never came
     ONLINE = "Online"
     LIMITED = "Limited"  # up, but a peer port, the control channel, a version or credential lags
     OFFLINE = "Offline"  # missed heartbeats, hibernating, or running an expired version
@@ -140,6 +144,6 @@ class NodeMetrics:
     version_released_at: float | None = None  # same clock as `at`; None: never expires
     reachable_peers: tuple[str, ...] = ()  # peers whose intranet port answered
     control_channel_ok: bool = True
-    remote_access: bool = True  # "remote access from intranet" enabled
+    remote_access: bool = False  # "remote access from intranet": off, as a fresh install has it
     config_hash: str = ""  # digest of the node's settings; differing from the majority -> Inactive
     credentials: tuple[CredentialVersion, ...] = ()  # the versions this node holds

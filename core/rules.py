@@ -13,7 +13,8 @@ After every command ``decide`` re-derives each node's status; a difference becom
 rules allow and what causes each: ``decide`` asserts every change it emits is listed (a test
 plants an unlisted one), and docs/state-machine.md is generated from it
 (``python -m shir.core.rules``), with a test that keeps the two in sync. A node never returns to
-Initializing, and an Offline node cannot start an update (``StartUpgrade`` is refused).
+Initializing, an Offline or InitializeFailed node cannot start an update (``StartUpgrade`` is
+refused), and a node fails to initialize only from Initializing.
 
 Dispatcher rule: the dispatcher keeps its role while it is *eligible* (Online or Limited, with a
 working control channel). When it is not, the eligible node registered earliest takes over, in a
@@ -30,16 +31,20 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
+from shir.core.errors import DomainError, UnknownNode
 from shir.core.kernel import DAY_S, FIRST_HEARTBEAT_PENDING, Model, Node, runtime_status
+from shir.core.keys import InvalidAuthKey
 from shir.core.model import NodeStatus
 
 __all__ = [
+    "DOWN",
     "STATUS_RULES",
     "TRANSITIONS",
     "Context",
     "StatusRule",
     "derive_status",
     "is_silent",
+    "local_status",
     "mermaid",
     "runtime_status",
 ]
@@ -81,12 +86,19 @@ def _upgrading(n: Node, c: Context) -> str | None:
     return f"installing version {n.upgrading_to}" if n.upgrading_to is not None else None
 
 
-def _silent(n: Node, c: Context) -> str | None:
-    if not is_silent(n, c.now, c.offline_after_s):
+def _initialize_failed(n: Node, c: Context) -> str | None:
+    if n.last_seen_at is not None or not is_silent(n, c.now, c.offline_after_s):
         return None
+    return (
+        f"no heartbeat within {c.offline_after_s:g} s of registering: check that the node's "
+        "host service is running and can reach the service"
+    )
+
+
+def _silent(n: Node, c: Context) -> str | None:
     # Reasons must not change with every tick (each change is an event): no elapsed times here.
-    if n.last_seen_at is None:
-        return f"no heartbeat within {c.offline_after_s:g} s of registering"
+    if n.last_seen_at is None or not is_silent(n, c.now, c.offline_after_s):
+        return None
     return f"missed heartbeats for {c.offline_after_s:g} s"
 
 
@@ -139,6 +151,7 @@ def _credential_behind(n: Node, c: Context) -> str | None:
 
 STATUS_RULES: tuple[StatusRule, ...] = (
     StatusRule(NodeStatus.UPGRADING, "update in progress", _upgrading),
+    StatusRule(NodeStatus.INITIALIZE_FAILED, "first heartbeat never came", _initialize_failed),
     StatusRule(NodeStatus.OFFLINE, "missed heartbeats", _silent),
     StatusRule(NodeStatus.OFFLINE, "version expired", _version_expired),
     StatusRule(NodeStatus.INITIALIZING, "first heartbeat pending", _first_heartbeat_pending),
@@ -159,9 +172,9 @@ class Transition:
     cause: str
 
 
-_INIT, _ON, _LIM, _OFF, _UPG, _INACT = (
+_INIT, _ON, _LIM, _OFF, _UPG, _INACT, _FAILED = (
     NodeStatus.INITIALIZING, NodeStatus.ONLINE, NodeStatus.LIMITED, NodeStatus.OFFLINE,
-    NodeStatus.UPGRADING, NodeStatus.INACTIVE,
+    NodeStatus.UPGRADING, NodeStatus.INACTIVE, NodeStatus.INITIALIZE_FAILED,
 )
 _LIMITED_BY = "peer port, control channel, version or credential lags"
 _SILENT_OR_EXPIRED = "missed heartbeats or version expired"
@@ -172,7 +185,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_INIT, _ON, "first heartbeat, all checks pass"),
     Transition(_INIT, _LIM, f"first heartbeat; {_LIMITED_BY}"),
     Transition(_INIT, _INACT, "first heartbeat; configuration differs from the majority"),
-    Transition(_INIT, _OFF, "no heartbeat within the offline time of registering"),
+    Transition(_INIT, _FAILED, "no heartbeat within the offline time of registering"),
+    Transition(_INIT, _OFF, "version expired before the first heartbeat"),
     Transition(_INIT, _UPG, "update started before the first heartbeat"),
     Transition(_ON, _LIM, _LIMITED_BY),
     Transition(_ON, _INACT, "configuration differs from the majority"),
@@ -193,6 +207,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_UPG, _LIM, f"update finished; {_LIMITED_BY}"),
     Transition(_UPG, _INACT, "update finished; configuration differs"),
     Transition(_UPG, _OFF, "update finished on an expired version"),
+    Transition(_FAILED, _ON, "first heartbeat at last (rejoined), all checks pass"),
+    Transition(_FAILED, _LIM, f"first heartbeat at last (rejoined); {_LIMITED_BY}"),
+    Transition(_FAILED, _INACT, "first heartbeat at last (rejoined); configuration differs"),
+    Transition(_FAILED, _OFF, "first heartbeat at last (rejoined) on an expired version"),
 )
 _ALLOWED = frozenset((t.source, t.target) for t in TRANSITIONS)
 
@@ -253,6 +271,22 @@ def derive_status(n: Node, c: Context) -> tuple[NodeStatus, tuple[str, ...]]:
     return (found or NodeStatus.ONLINE), tuple(reasons)
 
 
+DOWN = frozenset((NodeStatus.OFFLINE, NodeStatus.INITIALIZE_FAILED))  # silent: cannot act
+
+
+def local_status(refusal: DomainError) -> tuple[NodeStatus, str] | None:
+    """The status a node shows itself after the runtime refused it, with the reason to show.
+
+    NeedRegistration when its registration is lost or never happened: it is unknown to the
+    runtime (removed, for example by offline expiry, and speaking again) or its auth key is
+    refused (regenerated before it registered, another runtime's, mistyped). The reason is the
+    refusal's own message, which says what to do. None: the refusal does not touch registration.
+    """
+    if isinstance(refusal, (UnknownNode, InvalidAuthKey)):
+        return NodeStatus.NEED_REGISTRATION, str(refusal)
+    return None
+
+
 def is_eligible_dispatcher(n: Node) -> bool:
     """Can this node dispatch work? Online or Limited, with a working control channel."""
     return (
@@ -292,17 +326,25 @@ def mermaid() -> str:
         "",
         "Every status change the rules allow (`shir.core.rules.TRANSITIONS`, written by hand),",
         "labelled with its cause. A node enters Initializing only when it registers, and an",
-        "Offline node cannot start an update.",
+        "Offline or InitializeFailed node cannot start an update.",
+        "",
+        "NeedRegistration is what a node shows itself while the runtime does not know it: before",
+        "it registers, and after it was removed (by a user, or by offline expiry) and speaks",
+        "again, or when its key is refused (`rules.local_status`); no registered node has it.",
         "",
         "```mermaid",
         "stateDiagram-v2",
-        "    [*] --> Initializing: NodeRegistered",
+        "    [*] --> NeedRegistration: installed",
+        "    NeedRegistration --> Initializing: NodeRegistered",
+        "    NeedRegistration --> NeedRegistration: key refused (regenerated, another runtime's)",
     ]
     for t in TRANSITIONS:
         lines.append(f"    {t.source.value} --> {t.target.value}: {t.cause}")
-    lines += ["    Offline --> [*]: offline expiry (NodeRemoved)", "```", "",
+    lines += ["    Offline --> NeedRegistration: offline expiry (NodeRemoved), then it speaks",
+              "```", "",
               "From any status a node also leaves the runtime when a user removes it",
-              "(`NodeRemoved`) or when it leaves by itself (`NodeLeft`).", ""]
+              "(`NodeRemoved`, then NeedRegistration) or when it leaves by itself (`NodeLeft`).",
+              ""]
     return "\n".join(lines)
 
 

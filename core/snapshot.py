@@ -5,7 +5,8 @@ event store's ``Snapshot(version, data)`` a host loads the snapshot and folds on
 after ``version``. The simulator checks "snapshot + tail == full replay" on every run.
 
 The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state,
-3 the nodes' intranet address and certificate fingerprint; older snapshots still restore, with
+3 the nodes' intranet address and certificate fingerprint, 4 the sharing state, proxy
+settings, the latest removals and each node's last update; older snapshots still restore, with
 none); a newer format is refused with
 :class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with ``CorruptRecord``.
 """
@@ -22,12 +23,14 @@ from shir.core.codec import value as register_value
 from shir.core.credentials import CredentialSync, LatestCredential
 from shir.core.jobs import Job, JobBook, Lease, LeaseToken
 from shir.core.model import CredentialVersion, KeyVerifier
+from shir.core.proxy import ProxySettings
+from shir.core.sharing import Grant, Link, SharingState
 from shir.core.state import Node, RuntimeInfo, RuntimeState, initial
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
-FORMAT = 3
-_READABLE = (1, 2, 3)  # 3 added the nodes' intranet_address and cert_sha256
+FORMAT = 4
+_READABLE = (1, 2, 3, 4)  # 3 added the nodes' intranet_address and cert_sha256, 4 see above
 
 for _cls in (RuntimeInfo, Node, Job, Lease):
     register_value(_cls)
@@ -52,6 +55,12 @@ def snapshot_bytes(state: RuntimeState) -> bytes:
          b.pruned_at],
         [encode_value(latest) for _cid, latest in sorted(m.credentials.items())],
         [encode_value(sync) for _key, sync in sorted(m.syncs.items())],
+        None if m.sharing is None else [
+            [encode_value(g) for g in m.sharing.grants.values()],
+            [encode_value(link) for link in m.sharing.links.values()],
+        ],
+        [[node, seq, encode_value(p)] for (node, seq), p in sorted(m.proxies.items())],
+        [[node, reason, at] for node, (reason, at) in m.removed.items()],
     ]
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -79,12 +88,18 @@ def restore(data: bytes) -> RuntimeState:
 def _restore(body: list[Any]) -> RuntimeState:
     credentials: list[Any] = []
     syncs: list[Any] = []
+    sharing: list[Any] | None = None
+    proxies: list[Any] = []
+    removed: list[Any] = []
     if body[0] == 1:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters) = body
-    else:
+    elif body[0] in (2, 3):
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters, credentials, syncs) = body
+    else:
+        (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
+         recent, limits, counters, credentials, syncs, sharing, proxies, removed) = body
     m = initial().model()
     m.runtime = decode_value(RuntimeInfo, runtime) if runtime is not None else None
     for raw in keys:
@@ -93,6 +108,8 @@ def _restore(body: list[Any]) -> RuntimeState:
     for raw in nodes:
         if body[0] < 3:  # a node record without intranet_address and cert_sha256
             raw = msgpack.packb([*msgpack.unpackb(raw), None, None], use_bin_type=True)
+        if body[0] < 4:  # nor last_update
+            raw = msgpack.packb([*msgpack.unpackb(raw), ""], use_bin_type=True)
         node = decode_value(Node, raw)
         m.nodes[node.name] = node
     m.next_seq, m.term, m.dispatcher, m.now = next_seq, term, dispatcher, float(now)
@@ -120,4 +137,13 @@ def _restore(body: list[Any]) -> RuntimeState:
     for raw in syncs:
         sync = decode_value(CredentialSync, raw)
         m.syncs[sync.credential_id, sync.to_node] = sync
+    if sharing is not None:
+        grants = [decode_value(Grant, raw) for raw in sharing[0]]
+        links = [decode_value(Link, raw) for raw in sharing[1]]
+        m.sharing = SharingState(
+            {g.factory.factory_id: g for g in grants}, {k.linked_runtime_id: k for k in links}
+        )
+    for node, seq, raw in proxies:
+        m.proxies[node, seq] = decode_value(ProxySettings, raw)
+    m.removed = {node: (reason, float(at)) for node, reason, at in removed}
     return RuntimeState(m)

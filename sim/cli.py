@@ -35,6 +35,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+from shir.core.monitoring import monitoring_view, render, view_to_json
 from shir.core.store import EventStore
 from shir.sim.report import fault_report, format_report, listed, mark, not_joined
 from shir.sim.scenario import (
@@ -408,6 +409,7 @@ def _cmd_replay(args: argparse.Namespace, logs: EventLogFiles) -> int:
             "dispatcher": state.dispatcher,
             "jobs": counters,
             "invariant_violations": violations,
+            "monitoring": None if rt is None else view_to_json(monitoring_view(state)),
             "ok": not violations,
         }, indent=2))
     else:
@@ -419,6 +421,9 @@ def _cmd_replay(args: argparse.Namespace, logs: EventLogFiles) -> int:
             why = f" ({'; '.join(n['reasons'])})" if n["reasons"] else ""
             print(f"  {name:12}  {n['status']}{why}")
         print(f"term          {state.term}, dispatcher {state.dispatcher or 'none'}")
+        if rt is not None:  # the monitoring view of the recorded runtime (shir.core.monitoring)
+            print("monitoring")
+            print("\n".join("  " + line for line in render(monitoring_view(state)).splitlines()))
         c = counters
         print(f"jobs          {c['submitted']:,} submitted, {c['completed']:,} completed, "
               f"{c['dead_lettered']} dead-lettered, {c['queued']} queued, {c['running']} "

@@ -9,7 +9,7 @@ The checks (docs/simulation.md explains each):
 
 - ``terms``: terms only grow, by one, and each term has exactly one dispatcher announcement.
 - ``leases``: at most one live lease per job; every renewal or end names the live lease;
-  deliveries of a job only grow.
+  deliveries of a job go up by one.
 - ``capacity``: no assignment takes a node above its concurrency limit.
 - ``effects``: at most one completion per idempotency key (no duplicate effect).
 - ``membership``: at most max_nodes nodes; a node registers only with a key generation that
@@ -131,8 +131,9 @@ class Checkers:
         t = e.token
         if t.job_id in self.live:
             self.fail(f"leases: {t.job_id} leased to {t.node} while {self.live[t.job_id]} is live")
-        if t.delivery <= self.deliveries.get(t.job_id, 0):
-            self.fail(f"leases: {t.job_id} delivery went back to {t.delivery}")
+        if t.delivery != self.deliveries.get(t.job_id, 0) + 1:
+            self.fail(f"leases: {t.job_id} delivery {t.delivery} after "
+                      f"{self.deliveries.get(t.job_id, 0)} (deliveries go up by one)")
         if t.term != self.term:
             self.fail(f"terms: {t.job_id} leased under term {t.term} during term {self.term}")
         self.deliveries[t.job_id] = t.delivery

@@ -157,7 +157,8 @@ def cluster_setups(draw: st.DrawFn, max_nodes: int = 5) -> ClusterSetup:
     for i in range(count):
         cores, memory, key = draw(st.sampled_from(_HARDWARE))
         nodes.append(NodeSpec(NODE_NAMES[i], cores=cores, memory_mb=memory, key=key,
-                              join_at_s=0.0 if i < count - late else NEVER_S))
+                              join_at_s=0.0 if i < count - late else NEVER_S,
+                              remote_access=True))  # on, as a multi-node runtime needs
     heartbeat, missed, lock = draw(st.sampled_from(_TIMING))
     runtime = RuntimeSettings(
         heartbeat_interval_s=heartbeat,

@@ -22,6 +22,7 @@ from shir.core import jobs
 from shir.core.credentials import DeliverCredential, SealCredentialFor, ShareCredential
 from shir.core.leasing import CompleteJob, DispatchJobs, RenewLeases
 from shir.core.model import CredentialVersion, NodeMetrics
+from shir.core.proxy import RestartHostService
 from shir.sim.network import CONTROL, SERVICE
 from shir.sim.scenario import NodeSpec
 
@@ -152,6 +153,8 @@ class SimNode:
             e = effect
             if self.credentials.get(e.credential_id, 0) < e.version:
                 self.credentials[e.credential_id] = e.version  # opened and stored locally
+        elif t is RestartHostService:  # its proxy settings changed (shir.sim.surface)
+            self.w.surface.restart(self.name)
 
     def refused(self, command: object) -> None:
         """A command of this node was refused (and the reply, if any, is on its way)."""

@@ -144,6 +144,8 @@ def format_report(result: RunResult, scenario: Scenario, out: TextIO) -> str:
     late = not_joined(result, scenario)
     if late:
         lines.append(f"not joined    {', '.join(late)} (join_at_s after the run's end)")
+    for node, why in result.join_refused.items():  # the registration the core refused last
+        lines.append(f"not joined    {node}: {why}")
     exp = result.expectations
     if exp["passed"] or exp["failed"]:
         lines.append(f"expectations  {len(exp['passed'])} passed, {len(exp['failed'])} failed")
@@ -157,5 +159,7 @@ def format_report(result: RunResult, scenario: Scenario, out: TextIO) -> str:
         lines += listed(v, f"{mark(False, out)} ")
     else:
         lines.append("invariants    all held")
+    if result.monitoring:  # the monitoring view at the end of the run (shir.core.monitoring)
+        lines += ["monitoring", textwrap.indent(result.monitoring, "  ")]
     lines.append("result        " + ("PASS" if result.ok else "FAIL"))
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from shir.core.kernel import check_name as _core_check_name  # the core's own ru
 from shir.core.leasing import LIMIT_RANGE
 from shir.core.model import InvalidSettings, NodeStatus, RuntimeSettings
 from shir.sim.faults import FAULT_KINDS, Fault, parse_fault
+from shir.sim.surface import LinkSpec, ProxyChange, parse_link, parse_proxy_change
 
 __all__ = [
     "LIMITS",
@@ -88,7 +89,7 @@ class NodeSpec:
     key: str = "key1"
     concurrency_limit: int | None = None
     speed: float = 1.0  # job speed factor (a slow node < 1)
-    remote_access: bool = True
+    remote_access: bool = False  # off, as on a fresh install: turn it on for a second node
 
 
 @attrs.frozen
@@ -156,6 +157,8 @@ class Scenario:
     random_faults: RandomFaults = RandomFaults()
     expect: tuple[Expectation, ...] = ()
     source: str = "<memory>"
+    links: tuple[LinkSpec, ...] = ()  # shir.sim.surface
+    proxy_changes: tuple[ProxyChange, ...] = ()
 
 
 # --- parsing with errors that name the key ---------------------------------------------------
@@ -381,7 +384,7 @@ def _node(r: _Reader, data: Any, i: int) -> NodeSpec:
         k,
         limit,
         speed,
-        r.bool_(data, key, "remote_access", True),
+        r.bool_(data, key, "remote_access", False),
     )
 
 
@@ -465,7 +468,7 @@ def _expect(r: _Reader, data: Any, i: int, nodes: set[str], end_s: float) -> Exp
         if node is None:
             raise r.fail(f"{key}.node", "the node whose status to check", None)
         # a node that has not registered yet reads as NeedRegistration (see report.py)
-        valid = ["NeedRegistration", *(s.value for s in NodeStatus), "Removed"]
+        valid = [*(s.value for s in NodeStatus), "Removed"]  # NeedRegistration comes first
         if status not in valid:
             raise r.fail(f"{key}.status", f"one of {', '.join(valid)}", status)
     bounds = [r.num(data, key, b, None, lo=-1e18) for b in ("max", "min", "equals")]
@@ -478,7 +481,7 @@ def _expect(r: _Reader, data: Any, i: int, nodes: set[str], end_s: float) -> Exp
 
 _TOP_KEYS = {
     "name", "description", "seed", "duration_s", "drain_s", "settings", "nodes", "workload",
-    "network", "faults", "random_faults", "expect",
+    "network", "faults", "random_faults", "expect", "links", "proxy_changes",
 }
 
 
@@ -549,7 +552,25 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         expect=tuple(_expect(r, e, i, set(names), duration_s + drain_s)
                      for i, e in enumerate(expect_raw)),
         source=source,
+        links=_surface(r, data, "links", parse_link),
+        proxy_changes=_surface(r, data, "proxy_changes",
+                               lambda t: parse_proxy_change(t, set(names))),
     )
+
+
+def _surface(r: _Reader, data: Mapping[str, Any], key: str, parse: Any) -> tuple[Any, ...]:
+    """``[[links]]`` or ``[[proxy_changes]]``, parsed by shir.sim.surface."""
+    raw = data.get(key, [])
+    if not isinstance(raw, list):
+        raise r.fail(key, f"an array of tables [[{key}]]", raw)
+    out = []
+    for i, item in enumerate(raw):
+        table = r.table(item, f"{key}[{i}]")
+        try:
+            out.append(parse(table))
+        except ValueError as exc:
+            raise ScenarioError(f"{r.source}: {key}[{i}]{exc}") from None
+    return tuple(out)
 
 
 def check_simulated_s(duration_s: float, drain_s: float, what: str,

@@ -12,7 +12,8 @@ term it believes in when the core says a dispatch is wanted (and on a slow poll)
 
 The service is a host like any other (docs/architecture.md, "The host protocol"): it sends each
 effect to the recipient the effect names (``effect.to``), and answers a refused sender with the
-reply its ``Fenced`` refusal carries. It decides nothing the core decides.
+reply its ``Fenced`` refusal carries. It decides nothing the core decides; it only batches the
+transport (the same message to the same node within ``NUDGE_COALESCE_S`` goes once).
 
 *The network* (``shir.sim.network``) carries every message with a latency, through partitions
 and message faults.
@@ -59,13 +60,16 @@ from shir.core.leasing import (
     default_limit,
 )
 from shir.core.model import CredentialVersion, KeyName, NodeStatus
+from shir.core.monitoring import monitoring_view, render
+from shir.core.sharing import SubmitLinkedJob
 from shir.core.snapshot import snapshot_bytes
 from shir.core.store import InMemoryEventStore
 from shir.sim.faults import FAULT_KINDS, Fault, draw_faults
 from shir.sim.invariants import Checkers, check_snapshot
 from shir.sim.network import CONTROL, HB, INTRANET, SERVICE, Network
-from shir.sim.node import SimNode
+from shir.sim.node import NUDGE_COALESCE_S, SimNode
 from shir.sim.scenario import NodeSpec, Scenario
+from shir.sim.surface import Surface
 
 __all__ = ["RunResult", "World", "run"]
 
@@ -93,6 +97,9 @@ class RunResult:
     timeline: dict[str, Any]
     log: list[object] = attrs.field(repr=False, factory=list)
     expectations: dict[str, list[str]] = attrs.field(factory=lambda: {"passed": [], "failed": []})
+    monitoring: str = ""  # the monitoring view at the end of the run (shir.core.monitoring)
+    # nodes never registered by the end, with why their latest registration was refused
+    join_refused: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -171,6 +178,7 @@ class World:
         self.slow: dict[str, float] = {}
         self.job_work: dict[str, float] = {}
         self.refusals: Counter[str] = Counter()
+        self._last_sent: dict[tuple[str, type], tuple[object, float]] = {}  # see _carry_out
         self.keys: dict[str, AuthKey] = {}
         # what every new job needs: the latest saved version of each workload credential
         self.job_needs = tuple(CredentialVersion(cid, v) for cid, v in scenario.workload.needs)
@@ -194,6 +202,8 @@ class World:
         }
         self.healing = False
         self.append_lost_at: float | None = None
+        self.surface = Surface(self)  # links and proxy changes (shir.sim.surface)
+        self.join_refused: dict[str, str] = {}  # node -> why its latest registration was refused
 
     # -- randomness: one generator per named stream, derived from the seed
     def _rng(self, stream: str) -> random.Random:
@@ -238,6 +248,8 @@ class World:
             return ()
         except DomainError as exc:
             self.refusals[type(exc).__name__] += 1
+            if type(command) is cmd.RegisterNode:  # the report says why a node never joined
+                self.join_refused[command.node] = str(exc)
             if sender is not None:
                 self.nodes[sender].refused(command)
                 if isinstance(exc, Fenced):  # the sender is stale: tell it what it missed
@@ -260,11 +272,22 @@ class World:
         elif to.role is fx.Role.EVERY_NODE:
             names = self.node_names
         else:
+            self.surface.to_factory(effect)  # linked factories hear theirs (shir.sim.surface)
             return
+        now = self.env.now
+        sent = self._last_sent
         for name in names:
             node = self.nodes.get(name)
-            if node is not None:
-                self.net.send(SERVICE, name, CONTROL, partial(node.receive, effect))
+            if node is None:
+                continue
+            # Transport batching, not a decision: the same message to the same node again within
+            # the coalescing window is sent once (a burst of DispatchWanted, mostly).
+            key = (name, type(effect))
+            last = sent.get(key)
+            if last is not None and last[0] == effect and now - last[1] < NUDGE_COALESCE_S:
+                continue
+            sent[key] = (effect, now)
+            self.net.send(SERVICE, name, CONTROL, partial(node.receive, effect))
 
     def send(self, src: str, dst: str, channel: str, make: Callable[..., Any]) -> None:
         """Send a message; towards the service ``make(at)`` builds the command on arrival."""
@@ -389,8 +412,9 @@ class World:
                 return
             self.submit_job()
 
-    def submit_job(self) -> None:
-        """The service submits one job of the scenario's workload, now."""
+    def submit_job(self, link: str | None = None) -> None:
+        """The service submits one job of the scenario's workload (or of linked runtime
+        ``link``'s), now."""
         wl = self.scenario.workload
         rng = self.workload_rng
         env = self.env
@@ -407,8 +431,14 @@ class World:
             work = dist.mean_s
         self.job_work[job_id] = work
         self.submitted_keys[key] = job_id
-        submit = SubmitJob(job_id, key, env.now, self.job_needs)
+        submit: Any = (SubmitJob(job_id, key, env.now, self.job_needs) if link is None
+                       else SubmitLinkedJob(link, job_id, key, env.now, self.job_needs))
         self.handle(submit)
+        if link is not None and self.append_lost_at != env.now and (
+            key not in self.driver.state.model().jobs.active_keys
+        ):
+            del self.submitted_keys[key]  # refused (a revoked link): never accepted, not lost
+            return
         if wl.duplicate_submit_p and rng.random() < wl.duplicate_submit_p:
             self.later(rng.random() * 5.0, lambda: self.handle(
                 attrs.evolve(submit, at=self.env.now)))
@@ -541,6 +571,7 @@ class World:
         self.env.process(self.workload())
         self.env.process(self.sampler())
         self.schedule_faults()
+        self.surface.schedule()
         # The snapshot is taken as the faults end: the drain phase is the tail it must replay.
         self.at(self.duration_s, self._take_snapshot)
         self.at(self.duration_s, self.heal_all)
@@ -648,6 +679,9 @@ class World:
             store_recoveries=self.driver.recoveries,
             timeline=self.timeline,
             log=self.events_log,
+            monitoring=render(monitoring_view(self.driver.state)),
+            join_refused={n: why for n, why in self.join_refused.items()
+                          if self.driver.state.node(n) is None},
         )
 
 

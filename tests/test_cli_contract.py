@@ -280,6 +280,7 @@ BASE = """duration_s = 20
 drain_s = 5
 [[nodes]]
 name = "n1"
+remote_access = true
 [[nodes]]
 name = "n2"
 join_at_s = 1

@@ -139,16 +139,16 @@ def test_the_checkers_catch_what_they_are_for() -> None:
 
 
 def test_decide_merges_every_concern_and_each_command_once() -> None:
-    from shir.core import credentials, leasing, lifecycle
+    from shir.core import credentials, leasing, lifecycle, proxy, sharing
 
     concerns = composed.CONCERNS
-    assert concerns == (lifecycle, leasing, credentials)
+    assert concerns == (lifecycle, leasing, credentials, sharing, proxy)
     for table in ("DECIDE", "EVOLVE", "EFFECTS"):
         merged = getattr(composed, table)
         parts = [getattr(c, table) for c in concerns]
         assert sum(len(p) for p in parts) == len(merged), f"{table}: a key in two concerns"
         assert all(merged[k] is v for p in parts for k, v in p.items())
-    assert (*lifecycle.RULES, *leasing.RULES, *credentials.RULES) == composed.RULES
+    assert tuple(r for c in concerns for r in c.RULES) == composed.RULES
 
 
 # --- TRANSITIONS ------------------------------------------------------------------------------
@@ -159,6 +159,10 @@ def test_transitions_list_only_changes_decide_can_make() -> None:
     assert all(s is not t for s, t in edges)
     assert not any(t is NodeStatus.INITIALIZING for _s, t in edges)  # entered by registering only
     assert (NodeStatus.OFFLINE, NodeStatus.UPGRADING) not in edges  # StartUpgrade refuses it
+    assert (NodeStatus.INITIALIZE_FAILED, NodeStatus.UPGRADING) not in edges  # and this too
+    # a node fails to initialize only from Initializing; no registered node needs registration
+    assert {s for s, t in edges if t is NodeStatus.INITIALIZE_FAILED} == {NodeStatus.INITIALIZING}
+    assert not any(NodeStatus.NEED_REGISTRATION in e for e in edges)
     doc = rules.mermaid()
     for t in rules.TRANSITIONS:
         assert f"{t.source.value} --> {t.target.value}: {t.cause}" in doc

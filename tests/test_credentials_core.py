@@ -559,10 +559,11 @@ def test_snapshot_round_trips_the_credential_state_and_the_tail_replays() -> Non
 def test_a_format_1_snapshot_restores_with_no_credential_state() -> None:
     c = online(2)
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == 3 and body[-2:] == [[], []]
-    # format 1 had no credential state, and its nodes no intranet address or certificate
-    body[3] = [msgpack.packb(msgpack.unpackb(n)[:-2], use_bin_type=True) for n in body[3]]
-    old = msgpack.packb([1, *body[1:-2]], use_bin_type=True)
+    assert body[0] == 4 and body[-5:] == [[], [], None, [], []]  # no sharing, proxy, removal
+    # format 1 had no credential state, and its nodes no intranet address, certificate or
+    # last update
+    body[3] = [msgpack.packb(msgpack.unpackb(n)[:-3], use_bin_type=True) for n in body[3]]
+    old = msgpack.packb([1, *body[1:-5]], use_bin_type=True)
     assert restore(old) == c.state
 
 

@@ -2,8 +2,9 @@
 
 - docs/state-machine.md is generated from ``shir.core.rules``; regenerate it with the command
   the failure message prints.
-- Every ```python block of docs/embedding.md is executed, in order, in one namespace; the
-  examples assert what they show.
+- Every ```python block of docs/embedding.md and docs/operations.md is executed, in order, in
+  one namespace; the examples assert what they show, and on operations.md every output the page
+  shows (```text blocks, "prints `...`") is what the blocks print, in that order.
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ def test_embedding_doc_has_an_example() -> None:
     assert blocks, "docs/embedding.md lost its runnable example"
 
 
-@pytest.mark.parametrize("page", ["embedding.md"])
+def shown_outputs(page: Path) -> list[str]:
+    """What the page says its examples print: ```text blocks and inline "prints `...`"."""
+    text = page.read_text(encoding="utf-8")
+    found = re.finditer(r"^```text\n(.*?)^```$|^prints `([^`]+)`", text, re.S | re.M)
+    return [(m.group(1) or m.group(2) + "\n") for m in found]
+
+
+@pytest.mark.parametrize("page", ["embedding.md", "operations.md"])
 def test_python_blocks_run(page: str, capsys: pytest.CaptureFixture[str]) -> None:
     namespace: dict[str, object] = {"__name__": f"docs.{page}"}
     for i, block in enumerate(python_blocks(DOCS / page), 1):
@@ -56,3 +64,7 @@ def test_python_blocks_run(page: str, capsys: pytest.CaptureFixture[str]) -> Non
     if page == "embedding.md":
         assert "refused: node 'node-a' dispatched under term 1" in printed
         assert "term 3: node-a dispatches" in printed
+    if page == "operations.md":
+        shown = shown_outputs(DOCS / page)
+        assert len(shown) >= 7
+        assert "".join(shown) == printed

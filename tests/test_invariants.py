@@ -88,7 +88,10 @@ def test_deliveries_must_grow() -> None:
     v = _check([_registered("a", 4, 4096), _dispatcher(1), jobs.JobLeased(first, 60.0, 0.0),
                 jobs.JobReleased(first, jobs.ReleaseReason.ABANDONED, "x", 1.0),
                 jobs.JobLeased(_token("j1", delivery=2), 61.0, 1.0)])
-    assert any("delivery went back to 2" in x for x in v)
+    assert any("j1 delivery 2 after 2 (deliveries go up by one)" in x for x in v)
+    skipped = _check([_registered("a", 4, 4096), _dispatcher(1),
+                      jobs.JobLeased(_token("j2", delivery=3), 60.0, 0.0)])
+    assert any("j2 delivery 3 after 0" in x for x in skipped)
 
 
 def test_capacity_above_the_limit_is_caught() -> None:
@@ -186,7 +189,8 @@ def test_two_drivers_on_one_store_resolve_a_conflict_by_deciding_again() -> None
     a = Driver(store, "rt")
     a.handle(CreateRuntime("rt", "f", "ir", K1, K2, 0.0))
     b = Driver(store, "rt")  # b has read the log so far
-    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0))
+    # remote access on for "a", so a second node may join
+    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0, NodeMetrics(remote_access=True)))
     # b's state is one event behind: its append conflicts, it re-reads and decides again
     b.handle(RegisterNode(K2.text, "b", "m-b", 2, 2048, 2.0))
     assert b.conflicts == 1 and b.state.node("a") is not None and b.state.node("b") is not None
@@ -208,7 +212,7 @@ def test_a_command_that_lost_the_race_to_a_later_stamped_writer_is_decided_at_th
     store = InMemoryEventStore()
     a = Driver(store, "rt")
     a.handle(CreateRuntime("rt", "f", "ir", K1, K2, 0.0))
-    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0))
+    a.handle(RegisterNode(K1.text, "a", "m-a", 2, 2048, 1.0, NodeMetrics(remote_access=True)))
     b = Driver(store, "rt")
     b.handle(RegisterNode(K1.text, "b", "m-b", 2, 2048, 9.0))  # b's clock: 9 s
     a.handle(Heartbeat("a", 1, NodeMetrics(), 5.0))  # a's clock: 5 s, behind the log

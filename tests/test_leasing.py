@@ -148,10 +148,12 @@ class Rig:
                  at: float | None = None) -> tuple[object, ...]:
         events = self.handle(RegisterNode(
             self.keys[KeyName.KEY1].text, node, f"machine-{node}", cores, memory_mb, self.t(at),
+            NodeMetrics(remote_access=True),  # off on a fresh install; these nodes have peers
         ))
         self.sessions[node] = 1
         self.reports[node] = NodeMetrics(
             available_memory_mb=memory_mb, version=VERSION, config_hash=CONFIG,
+            remote_access=True,
         )
         return events
 

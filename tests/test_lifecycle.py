@@ -290,14 +290,15 @@ def test_remote_access_disabled_names_the_nodes() -> None:
     c = Cluster()
     c.register("n1", remote_access=False)
     err = c.refused(c.register_cmd("n2"), RemoteAccessDisabled)
-    assert "enable 'remote access from intranet' (TCP 8060) on n1 before adding" in str(err)
+    assert "node 'n2' cannot join: remote access from intranet (TCP 8060) is off on n1" in str(err)
+    assert "Remote access to intranet" in str(err) and "remote_access = true" in str(err)
     c.heartbeat("n1", at=5, remote_access=True)  # turned on: the heartbeat says so
     assert names(c.register("n2", remote_access=False, at=6)) == ["NodeRegistered"]
     err = c.refused(c.register_cmd("n3", at=7), RemoteAccessDisabled)
-    assert "on n2 before" in str(err)
+    assert "is off on n2," in str(err)
     c2 = Cluster(RuntimeSettings(intranet_port=9000))
     c2.register("a", remote_access=False)
-    assert "TCP 9000) on a" in str(c2.refused(c2.register_cmd("b"), RemoteAccessDisabled))
+    assert "TCP 9000) is off on a," in str(c2.refused(c2.register_cmd("b"), RemoteAccessDisabled))
 
 
 @pytest.mark.parametrize(
@@ -397,13 +398,22 @@ def test_first_heartbeat_brings_a_node_online_and_a_dispatcher() -> None:
     assert AnnounceDispatcher(1, "n1") in c.effects
 
 
-def test_a_node_that_never_heartbeats_goes_offline() -> None:
+def test_a_node_whose_first_heartbeat_never_comes_failed_to_initialize() -> None:
     c = Cluster()
     c.register("n1", at=0)
     assert next_deadline(c.state) == 30
     events = c.tick(30)
-    assert statuses(events, "n1") == [OFF]
-    assert c.reasons("n1") == ("no heartbeat within 30 s of registering",)
+    assert statuses(events, "n1") == [NodeStatus.INITIALIZE_FAILED]
+    assert c.reasons("n1") == (
+        "no heartbeat within 30 s of registering: check that the node's host service is "
+        "running and can reach the service",)
+    assert next_deadline(c.state) is None  # nothing more is due: a tick there finds nothing
+    assert c.state.status is RuntimeStatus.OFFLINE
+    c.refused(StartUpgrade("n1", "5.1", 31), NodeOffline)
+    # its first heartbeat, late: it rejoins under a new session and comes Online
+    events = c.heartbeat("n1", at=40)
+    assert names(events)[:2] == ["NodeRejoined", "HeartbeatReceived"]
+    assert c.status("n1") is ON
 
 
 # --- statuses --------------------------------------------------------------------------------
@@ -793,4 +803,4 @@ def test_updating_a_node_that_expires_at_that_moment_is_refused_as_unknown() -> 
     c.run(130, skip=["n2"])  # n2 Offline since 40; due for removal at 140
     c.now = 140
     err = c.refused(StartUpgrade("n2", "5.1", 140), UnknownNode)
-    assert "node 'n2' is not registered" in str(err)
+    assert "node 'n2' was removed from runtime 'shir-test' at 140 s (offline for 100 s" in str(err)

@@ -23,7 +23,8 @@ SCENARIO = {
     "drain_s": 40,
     "settings": {"heartbeat_interval_s": 5},
     "nodes": [
-        {"name": f"node-{i}", "cores": 8, "memory_mb": 16384, "join_at_s": 0 if i == 1 else 2}
+        {"name": f"node-{i}", "cores": 8, "memory_mb": 16384, "join_at_s": 0 if i == 1 else 2,
+         "remote_access": True}
         for i in range(1, 5)
     ],
     "workload": {"rate_per_s": 1, "duration": {"kind": "exponential", "mean_s": 15}},

@@ -168,7 +168,8 @@ def test_the_starter_scenario_the_readme_points_to_runs_and_passes(
     assert shir(capsys, "sim", "replay", str(log))[0] == 0
 
 
-TWO = NODE + '[[nodes]]\nname = "n2"\n'
+# remote access on for both: whichever registers first, the other may join
+TWO = NODE + 'remote_access = true\n[[nodes]]\nname = "n2"\nremote_access = true\n'
 
 
 @pytest.mark.parametrize(("body", "key"), [

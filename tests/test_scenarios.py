@@ -22,6 +22,7 @@ from shir.sim.scenario import (
     builtin_names,
     load_scenario,
 )
+from shir.sim.surface import LinkSpec, ProxyChange
 from shir.sim.world import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +113,8 @@ def test_every_fault_kind_is_documented_with_its_fields(doc: str) -> None:
     ("### `[workload]`", Workload),
     ("### `[network]`", NetworkSpec),
     ("### `[random_faults]`", RandomFaults),
+    ("### `[[links]]`", LinkSpec),
+    ("### `[[proxy_changes]]`", ProxyChange),
 ])
 def test_every_scenario_key_is_documented(doc: str, heading: str, cls: type) -> None:
     rows = _doc_table_rows(doc, heading)

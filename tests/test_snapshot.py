@@ -16,7 +16,8 @@ SCENARIO = {
     "seed": 3,
     "duration_s": 240,
     "drain_s": 60,
-    "nodes": [{"name": "a"}, {"name": "b"}, {"name": "c", "concurrency_limit": 2}],
+    "nodes": [{"name": "a", "remote_access": True}, {"name": "b", "remote_access": True},
+              {"name": "c", "concurrency_limit": 2, "remote_access": True}],
     "workload": {"rate_per_s": 2, "duration": {"kind": "exponential", "mean_s": 20}},
     "faults": [
         {"kind": "hibernate", "node": "a", "at_s": 60, "duration_s": 50},
