@@ -43,6 +43,12 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
      "node identity, credential backup and restore, offline encryption"),
     ("copy", "shir.adapters.copy_cli:add_commands",
      "copy query results to a file or blob, or a file into a table"),
+    ("runtime", "shir.adapters.runtime_cli:add_runtime_commands",
+     "create a self-hosted runtime, regenerate its auth keys"),
+    ("node", "shir.adapters.node_cli:add_commands", "run this machine as a node of a runtime"),
+    ("job", "shir.adapters.runtime_cli:add_job_commands", "submit a job, show what became of one"),
+    ("status", "shir.adapters.runtime_cli:add_status_command",
+     "the runtime's status: nodes, dispatcher, term, queue"),
 )
 
 

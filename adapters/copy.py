@@ -30,6 +30,7 @@ part's MD5, so a part that differs is uploaded again rather than trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -39,7 +40,7 @@ from typing import Any
 
 import attrs
 
-from shir.adapters.copy_formats import CsvOptions, make_encoder
+from shir.adapters.copy_formats import CsvOptions, UnsupportedType, make_encoder
 from shir.adapters.copy_sinks import SinkWriter
 from shir.core.errors import ShirError
 
@@ -94,7 +95,11 @@ def copy_query(
     progress: Callable[[Progress], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> CopyResult:
-    """Copy the rows of ``query`` on ``source`` (an OdbcSource) into ``sink`` as ``fmt``.
+    """Copy the rows of ``query`` on ``source`` into ``sink`` as ``fmt``.
+
+    ``source`` is an :class:`~shir.adapters.odbc.OdbcSource` (the pyodbc engine) or an
+    :class:`~shir.adapters.copy_arrow.ArrowOdbcSource` (the Arrow engine; build either with
+    :func:`~shir.adapters.copy_arrow.open_source`).
 
     Raises the source's :class:`~shir.adapters.odbc.OdbcError`, a
     :class:`~shir.adapters.copy_formats.FormatError`, a
@@ -108,15 +113,26 @@ def copy_query(
     def stopped() -> bool:
         return stop.is_set() or user_cancel.is_set()
 
-    stream = source.read(query, batch_rows=batch_rows)
+    fallback = contextlib.ExitStack()  # the pyodbc source the auto engine falls back to
     try:
-        encoder = make_encoder(fmt, stream.columns, csv_options)  # refuses types up front
+        stream = source.read(query, batch_rows=batch_rows)
+    except UnsupportedType:  # the Arrow engine's NotArrowFaithful, before any row
+        if not getattr(source, "fallback", False):
+            raise
+        source = fallback.enter_context(source.pyodbc_source())
+        stream = source.read(query, batch_rows=batch_rows)
+    try:
+        with_encoder = getattr(stream, "encoder", None)  # the Arrow engine's own encoders
+        encoder = (with_encoder(fmt, csv_options) if with_encoder is not None
+                   else make_encoder(fmt, stream.columns, csv_options))  # refuses types up front
         writer: SinkWriter = sink.open(job_id)
     except BaseException:
         stream.close()
+        fallback.close()
         raise
     if writer.already_done:
         stream.close()
+        fallback.close()
         return CopyResult(0, 0, 0, "", time.monotonic() - started, skipped=True)
 
     batches: queue.Queue[Any] = queue.Queue(maxsize=queue_batches)
@@ -187,6 +203,7 @@ def copy_query(
             stop.set()
             writer.abort()
         fetcher.join(10)
+        fallback.close()
     return CopyResult(rows, total, parts, md5.hexdigest(), time.monotonic() - started)
 
 

@@ -45,6 +45,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--to", help="ODBC connection string to load into")
     p.add_argument("--table", help="the table to load into")
     p.add_argument("--format", required=True, choices=("csv", "jsonl", "parquet"))
+    p.add_argument("--engine", default="auto", choices=("auto", "arrow", "pyodbc"),
+                   help="how rows are fetched: arrow (arrow-odbc, shir[arrow]; CSV and "
+                        "Parquet), pyodbc, or auto (arrow when installed; default)")
     p.add_argument("--container", help="Blob container")
     p.add_argument("--blob", help="Blob name")
     p.add_argument("--job-id", help="idempotency key (default: digest of the command)")
@@ -112,6 +115,7 @@ def _progress(args: argparse.Namespace) -> Any:
 def _run(args: argparse.Namespace) -> int:
     try:
         from shir.adapters.copy import copy_query
+        from shir.adapters.copy_arrow import open_source
         from shir.adapters.copy_formats import CsvOptions
         from shir.adapters.copy_load import ChunkReader, load_file
         from shir.adapters.copy_sinks import BlobSink
@@ -129,7 +133,9 @@ def _run(args: argparse.Namespace) -> int:
             job = args.job_id or hashlib.sha256(
                 "\0".join((args.source, args.query, sink.describe(), args.format)).encode()
             ).hexdigest()[:32]
-            with OdbcSource(_with_password(args.source, "--source")) as source:
+            opened = open_source(_with_password(args.source, "--source"), args.format,
+                                 args.engine)
+            with opened as source:
                 result = copy_query(source, args.query, sink, args.format, job,
                                     csv_options=options, progress=_progress(args),
                                     part_size_bytes=args.part_size_kib * 1024)

@@ -71,6 +71,8 @@ __all__ = [
 ]
 
 FORMATS = ("csv", "jsonl", "parquet")
+#: How a copy fetches rows (shir.adapters.copy_arrow.open_source): arrow-odbc, pyodbc, or auto.
+ENGINES = ("auto", "arrow", "pyodbc")
 
 
 class FormatError(ShirError):

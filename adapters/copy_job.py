@@ -90,6 +90,7 @@ class CopyJobSpec:
     csv: Mapping[str, Any] = attrs.field(factory=dict)
     part_size_bytes: int = 8 * 1024 * 1024
     batch_rows: int = 10_000
+    engine: str = "auto"
 
     @property
     def direction(self) -> str:
@@ -176,7 +177,7 @@ def parse_copy_spec(raw: bytes | str | Mapping[str, Any]) -> CopyJobSpec:
             raise _bad("the spec is not JSON") from None
     if not isinstance(raw, Mapping):
         raise _bad("the spec must be a JSON object")
-    from shir.adapters.copy_formats import FORMATS
+    from shir.adapters.copy_formats import ENGINES, FORMATS
 
     fmt = raw.get("format")
     if fmt not in FORMATS:
@@ -192,10 +193,13 @@ def parse_copy_spec(raw: bytes | str | Mapping[str, Any]) -> CopyJobSpec:
         if "from" in raw or "table" in raw:
             raise _bad("give 'source', 'query' and 'sink' (out) or 'from', 'target' and "
                        "'table' (load), not both")
+        engine = raw.get("engine", "auto")
+        if engine not in ENGINES:
+            raise _bad(f"'engine' must be one of {', '.join(ENGINES)}")
         return CopyJobSpec(odbc=_no_password(_text(raw, "source") or "", "source"),
                            odbc_credential=_credential_id(raw, "credential"),
                            sink=_sink(raw.get("sink"), "sink"), query=_text(raw, "query"),
-                           **common)
+                           engine=engine, **common)
     if "table" in raw:
         return CopyJobSpec(odbc=_no_password(_text(raw, "target") or "", "target"),
                            odbc_credential=_credential_id(raw, "credential"),
@@ -251,6 +255,7 @@ def run_copy_job(
     """
     spec = params if isinstance(params, CopyJobSpec) else parse_copy_spec(params)
     from shir.adapters.copy import CopyCancelled, copy_query
+    from shir.adapters.copy_arrow import open_source
     from shir.adapters.copy_formats import CsvOptions, FormatError
     from shir.adapters.copy_load import LoadError
     from shir.adapters.copy_sinks import BlobSink, FolderSink, SinkError, open_blob_service
@@ -280,7 +285,9 @@ def run_copy_job(
             service = open_blob_service(_resolve(resolve_credential, spec.sink.credential))
             sink = BlobSink(service, spec.sink.container or "", spec.sink.blob or "",
                             metadata={"shir_delivery": str(delivery)})
-        with OdbcSource(conn) as odbc:
+        opened = (open_source(conn, spec.format, spec.engine) if spec.direction == "out"
+                  else OdbcSource(conn))
+        with opened as odbc:
             del conn
             if spec.direction == "out":
                 assert spec.query is not None

@@ -100,13 +100,18 @@ class ParquetEncoder(Encoder):
 
     def __init__(self, columns: Sequence[Any], *,
                  row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
-        pa, pq = _pyarrow()
-        self._pa = pa
+        pa, _ = _pyarrow()
         self.names = [c.name for c in columns]
         self._types = [arrow_type(c) for c in columns]
         self._uuid = [_kind(c.name, c.python_type, "parquet") is uuid.UUID for c in columns]
-        self._schema = pa.schema([pa.field(n, t) for n, t in zip(self.names, self._types,
-                                                                  strict=True)])
+        self._start(pa.schema([pa.field(n, t) for n, t in zip(self.names, self._types,
+                                                                strict=True)]), row_group_rows)
+
+    def _start(self, schema: Any, row_group_rows: int) -> None:
+        """Open the writer of ``schema`` (also the arrow engine's encoder's start)."""
+        pa, pq = _pyarrow()
+        self._pa = pa
+        self._schema = schema
         self._sink = _Collector()
         # no dictionary encoding: its builders tripled the writer's memory per row group, and on
         # the benchmark's mostly distinct values the file came out 12% larger with it
@@ -115,6 +120,14 @@ class ParquetEncoder(Encoder):
         self._row_group_rows = row_group_rows
         self._pending: list[Any] = []
         self._pending_rows = 0
+
+    def _add(self, batch: Any) -> bytes:
+        """Buffer a record batch; write a row group once enough rows are buffered."""
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        if self._pending_rows >= self._row_group_rows:
+            self._write_row_group()
+        return self._sink.take()
 
     def encode(self, rows: Sequence[Sequence[Any]]) -> bytes:
         pa = self._pa
@@ -129,11 +142,7 @@ class ParquetEncoder(Encoder):
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
                 raise FormatError(f"parquet: column {name!r}: a value does not fit {arrow} "
                                   f"({str(exc).splitlines()[0][:200]})") from None
-        self._pending.append(pa.record_batch(arrays, schema=self._schema))
-        self._pending_rows += len(rows)
-        if self._pending_rows >= self._row_group_rows:
-            self._write_row_group()
-        return self._sink.take()
+        return self._add(pa.record_batch(arrays, schema=self._schema))
 
     def _write_row_group(self) -> None:
         if self._pending:

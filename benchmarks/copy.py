@@ -10,7 +10,9 @@ times, interleaved (medians; the machine may be shared):
   floor     the bare drain plus shir's CSV encoder in the same thread, nothing uploaded: the
             least per-row work CSV needs (what the copy cannot beat on a CPU-bound machine)
   upload    bare BlobClient.upload_blob of the same bytes (the upload half alone)
-  copy-FMT  shir.adapters.copy.copy_query into a block blob
+  copy-FMT  shir.adapters.copy.copy_query into a block blob, pyodbc engine
+  arrow-drain  arrow-odbc's bare drain into record batches (the Arrow engine's fetch half)
+  arrow-FMT shir.adapters.copy.copy_query into a block blob, Arrow engine (csv, parquet)
   pandas    read_sql -> to_csv -> upload_blob (skipped, and said so, if pandas is missing)
   psql      psql \\copy (query) TO STDOUT CSV (the physical anchor)
 Uses the services of scripts/test when its variables are set, else starts its own
@@ -71,6 +73,21 @@ def step(name: str, env: dict[str, str]) -> dict[str, float]:
         else:
             while batch := cur.fetchmany(10_000):
                 rows += len(batch)
+    elif name == "arrow-drain":
+        from shir.adapters.copy_arrow import ArrowOdbcSource
+
+        stream = ArrowOdbcSource(pg).read(QUERY)
+        for batch in stream.driver_rows():
+            rows += batch.num_rows
+    elif name.startswith("arrow-"):
+        from shir.adapters.copy import copy_query
+        from shir.adapters.copy_arrow import open_source
+        from shir.adapters.copy_sinks import BlobSink, open_blob_service
+
+        fmt = name.split("-", 1)[1]
+        sink = BlobSink(open_blob_service(blob), "bench", f"arrow.{fmt}")
+        rows = copy_query(open_source(pg, fmt, "arrow"), QUERY, sink, fmt,
+                          f"bench-arrow-{fmt}-{time.time_ns()}").rows
     elif name.startswith("copy-"):
         from shir.adapters.copy import copy_query
         from shir.adapters.copy_sinks import BlobSink, open_blob_service
@@ -142,7 +159,14 @@ def main() -> None:
     services = services_module.services
 
     formats = args.formats.split(",")
+    arrow = [f for f in formats if f in ("csv", "parquet")]
     steps = ["drain", "floor", *(f"copy-{f}" for f in formats), "upload", "psql"]
+    if importlib.util.find_spec("arrow_odbc"):
+        steps[1:1] = ["arrow-drain", *(f"arrow-{f}" for f in arrow)]
+    else:
+        arrow = []
+        print(json.dumps({"name": "arrow engine", "skipped": "arrow-odbc is not installed "
+                          "(pip install 'shir[arrow]')"}))
     if importlib.util.find_spec("pandas"):  # not imported here: the children inherit peak RSS
         steps.append("pandas")
     else:
@@ -206,7 +230,9 @@ def main() -> None:
     emit("bare upload_blob of the CSV bytes", upload, "rows/s")
     emit("psql \\copy TO STDOUT CSV (anchor)", rate("psql"), "rows/s")
     emit("floor: drain + CSV encode, one thread, no upload", rate("floor"), "rows/s", drain)
-    for name in ("drain", "floor", *(f"copy-{f}" for f in formats)):
+    emit("arrow-odbc bare drain", rate("arrow-drain"), "rows/s", drain)
+    for name in ("drain", "floor", "arrow-drain", *(f"copy-{f}" for f in formats),
+                 *(f"arrow-{f}" for f in arrow)):
         cpu = median(name, "cpu_s")
         emit(f"{name} client CPU per row", None if cpu is None else cpu / n * 1e6, "us/row",
              None if median("drain", "cpu_s") is None else median("drain", "cpu_s") / n * 1e6)
@@ -224,6 +250,17 @@ def main() -> None:
         if median(f"copy-{f}", "pandas_loaded"):  # pyarrow's pa.array imports it if installed
             print(json.dumps({"name": f"shir copy {f} peak RSS",
                               "note": "includes pandas, which pyarrow imported (about 50 MB)"}))
+    for f in arrow:
+        r = rate(f"arrow-{f}")
+        emit(f"shir copy {f} --engine arrow vs bare drain", r, "rows/s", drain)
+        emit(f"shir copy {f} --engine arrow vs slower half (min of drain, upload)", r, "rows/s",
+             slower)
+        emit(f"shir copy {f} --engine arrow vs pandas script", r, "rows/s", rate("pandas"))
+        emit(f"shir copy {f} --engine arrow vs --engine pyodbc", r, "rows/s", rate(f"copy-{f}"))
+        emit(f"shir copy {f} --engine arrow vs psql \\copy", r, "rows/s", rate("psql"))
+        emit(f"shir copy {f} --engine arrow peak RSS", median(f"arrow-{f}", "rss_mb"), "MB",
+             median("drain", "rss_mb"))
+    emit("arrow-odbc bare drain peak RSS", median("arrow-drain", "rss_mb"), "MB")
     emit("pandas script peak RSS", median("pandas", "rss_mb"), "MB")
 
 

@@ -11,6 +11,7 @@ Hosts drive it through :class:`shir.core.driver.Driver` and carry out the effect
 them (``effect.to``); docs/architecture.md describes the host protocol.
 """
 
+from shir.core.capacity import JobStats, ScaleAdvice, ScaleThresholds, job_stats, scale_advice
 from shir.core.commands import (
     CreateRuntime,
     FinishUpgrade,
@@ -93,20 +94,15 @@ from shir.core.leasing import (
     CompleteJob,
     DispatchJobs,
     FailJob,
-    JobStats,
     NotDispatcher,
     RenewLease,
     RenewLeases,
-    ScaleAdvice,
-    ScaleThresholds,
     SetConcurrencyLimit,
     StaleLease,
     SubmitJob,
     UnknownJob,
     concurrency_limit,
     default_limit,
-    job_stats,
-    scale_advice,
 )
 from shir.core.model import (
     CredentialVersion,

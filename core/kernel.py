@@ -119,6 +119,9 @@ class Node:
     intranet_address: str | None = None  # "host:port" where peers reach it, if it said
     cert_sha256: str | None = None  # fingerprint of its intranet TLS certificate, if it said
     last_update: str = ""  # the outcome of its latest update, in words ("" if none)
+    # when it last became live (first heartbeat, or rejoining after silence): a peer's
+    # reachability report taken before then says nothing about it
+    live_since: float | None = None
 
     def clone(self) -> Node:
         """An independent copy (the fields themselves are immutable values)."""
@@ -127,7 +130,7 @@ class Node:
             self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
             self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
             self.offline_since, self.upgrading_to, self.warned_version, self.intranet_address,
-            self.cert_sha256, self.last_update,
+            self.cert_sha256, self.last_update, self.live_since,
         )
 
 

@@ -1,4 +1,6 @@
-"""Job leasing decisions: submit, dispatch, renew, complete, abandon, fail; limits; scale advice.
+"""Job leasing decisions: submit, dispatch, renew, complete, abandon, fail; limits.
+
+The read side (job counters, scale advice) is in ``shir.core.capacity``.
 
 Theory of operation
 -------------------
@@ -56,6 +58,7 @@ from shir.core.kernel import (
     runtime_of,
 )
 from shir.core.model import CredentialVersion, NodeStatus
+from shir.core.rules import reports_unreachable
 
 __all__ = [
     "ANSWERS",
@@ -69,12 +72,9 @@ __all__ = [
     "CompleteJob",
     "DispatchJobs",
     "FailJob",
-    "JobStats",
     "NotDispatcher",
     "RenewLease",
     "RenewLeases",
-    "ScaleAdvice",
-    "ScaleThresholds",
     "SetConcurrencyLimit",
     "StaleLease",
     "SubmitJob",
@@ -82,9 +82,8 @@ __all__ = [
     "concurrency_limit",
     "default_limit",
     "end_leases",
-    "job_stats",
     "lease_end",
-    "scale_advice",
+    "limit_of",
 ]
 
 MAX_SPEC_BYTES = 64 * 1024  # a job spec names its inputs; it does not carry them
@@ -196,7 +195,8 @@ def default_limit(cores: int, memory_mb: int) -> int:
     return max(lo, min(hi, 2 * cores, memory_mb // 1024))
 
 
-def _limit(b: JobBook, n: Node) -> int:
+def limit_of(b: JobBook, n: Node) -> int:
+    """The concurrent-job limit in force on ``n`` (its override in ``b``, else the default)."""
     override = b.limits.get(n.name)
     return override if override is not None else default_limit(n.cores, n.memory_mb)
 
@@ -204,7 +204,7 @@ def _limit(b: JobBook, n: Node) -> int:
 def concurrency_limit(state: RuntimeState, node: str) -> int:
     """The concurrent-job limit in force on ``node``."""
     m = state.model()
-    return _limit(m.jobs, node_of(m, node))
+    return limit_of(m.jobs, node_of(m, node))
 
 
 # --- decisions ---------------------------------------------------------------------------------
@@ -279,7 +279,8 @@ def _dispatch(m: Model, c: DispatchJobs, k: Decider) -> Events:
     b = s.jobs
     if not b.queues:
         return out
-    reachable = s.nodes[c.node].metrics.reachable_peers
+    me = s.nodes[c.node]
+    reachable, reported_at = me.metrics.reachable_peers, me.last_seen_at
     # free slots of the workers, counting leases this decision already ended
     free: dict[str, _Slots] = {}
     pending = s.pending
@@ -287,7 +288,8 @@ def _dispatch(m: Model, c: DispatchJobs, k: Decider) -> Events:
         if not (
             n.status in _WORKING
             and n.metrics.control_channel_ok  # its results could not reach the service otherwise
-            and (n.name == c.node or n.name in reachable)
+            and (n.name == c.node
+                 or not reports_unreachable(reported_at, reachable, n.name, n.live_since))
         ):
             continue
         running = b.running(n.name)
@@ -295,7 +297,7 @@ def _dispatch(m: Model, c: DispatchJobs, k: Decider) -> Events:
             running -= sum(
                 1 for j in pending if (lz := b.leases.get(j)) and lz.token.node == n.name
             )
-        limit = _limit(b, n)
+        limit = limit_of(b, n)
         if running < limit:
             held = {cv.credential_id: cv.version for cv in n.metrics.credentials}
             free[n.name] = _Slots(n, running, limit, held)
@@ -528,85 +530,3 @@ def end_leases(s: Model, at: float) -> tuple[Events, float | None]:
 
 RULES: tuple[TimedRule, ...] = (TimedRule("leases", end_leases, moved_by_jobs=True),)
 EVOLVE = JOB_EVOLVE  # the job events' handlers live with the job book (shir.core.jobs)
-
-
-# --- queries -----------------------------------------------------------------------------------
-
-@attrs.frozen
-class JobStats:
-    """Counters of the job book (finished jobs leave only these)."""
-
-    queued: int
-    running: int
-    submitted: int
-    completed: int
-    dead_lettered: int
-    released: int
-    capacity: int  # sum of the limits of Online and Limited nodes
-
-
-def job_stats(state: RuntimeState) -> JobStats:
-    """The job counters and the runtime's current capacity."""
-    m = state.model()
-    b = m.jobs
-    cap = sum(
-        _limit(b, n) for n in m.nodes.values()
-        if n.status in (NodeStatus.ONLINE, NodeStatus.LIMITED)
-    )
-    return JobStats(b.queued(), len(b.leases), b.submitted, b.completed, b.dead_lettered,
-                    b.released, cap)
-
-
-@attrs.frozen
-class ScaleThresholds:
-    """When to advise scaling, as the product's guidance describes. All configurable."""
-
-    cpu_high_pct: float = 80.0  # "CPU high"
-    memory_low_ratio: float = 0.2  # available / total below this is "memory low"
-    cpu_idle_pct: float = 50.0  # "not utilized well"
-    memory_idle_ratio: float = 0.5
-
-
-@attrs.frozen
-class ScaleAdvice:
-    """One piece of advice: ``scale_out`` (add a node) or ``scale_up`` (raise a node's limit)."""
-
-    kind: str
-    node: str
-    reason: str
-    suggested_limit: int | None = None
-
-
-def scale_advice(
-    state: RuntimeState, thresholds: ScaleThresholds = ScaleThresholds()
-) -> tuple[ScaleAdvice, ...]:
-    """Advice from the latest heartbeat metrics of every Online or Limited node.
-
-    Memory low and CPU high: add a node. Concurrency saturated while CPU and memory idle: raise
-    that node's limit.
-    """
-    m = state.model()
-    b = m.jobs
-    out = []
-    for n in m.nodes.values():
-        if n.status not in (NodeStatus.ONLINE, NodeStatus.LIMITED) or n.last_seen_at is None:
-            continue
-        mem_ratio = n.metrics.available_memory_mb / n.memory_mb
-        cpu = n.metrics.cpu_pct
-        limit = _limit(b, n)
-        running = b.running(n.name)
-        if cpu >= thresholds.cpu_high_pct and mem_ratio <= thresholds.memory_low_ratio:
-            out.append(ScaleAdvice(
-                "scale_out", n.name,
-                f"CPU {cpu:.0f}% and only {mem_ratio:.0%} memory available: add a node",
-            ))
-        elif (running >= limit and cpu <= thresholds.cpu_idle_pct
-              and mem_ratio >= thresholds.memory_idle_ratio):
-            suggested = min(LIMIT_RANGE[1], limit * 2)
-            out.append(ScaleAdvice(
-                "scale_up", n.name,
-                f"{running}/{limit} jobs running while CPU {cpu:.0f}% and {mem_ratio:.0%} memory "
-                f"free: raise the limit",
-                suggested,
-            ))
-    return tuple(out)

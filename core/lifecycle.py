@@ -127,6 +127,8 @@ def _node_removed(m: Model, e: ev.NodeRemoved | ev.NodeLeft) -> None:
 
 def _heartbeat_received(m: Model, e: ev.HeartbeatReceived) -> None:
     n = m.nodes[e.node]
+    if n.last_seen_at is None:
+        n.live_since = e.at
     n.last_seen_at = e.at
     n.metrics = e.metrics
 
@@ -145,6 +147,7 @@ def _node_rejoined(m: Model, e: ev.NodeRejoined) -> None:
     n = m.nodes[e.node]
     n.session = e.session
     n.last_seen_at = e.at
+    n.live_since = e.at
 
 
 def _dispatcher_changed(m: Model, e: ev.DispatcherChanged) -> None:

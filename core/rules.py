@@ -27,7 +27,7 @@ no node is Online or Limited; Limited otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
@@ -60,6 +60,8 @@ class Context:
     majority_version: str | None
     majority_config: str | None  # None unless a strict majority agrees
     live_nodes: frozenset[str]
+    # when each live node became live (None: unknown), so a report older than that is no verdict
+    live_since: Mapping[str, float | None] = attrs.field(factory=dict)
     # (credential id, latest version) of every saved credential, by id (shir.core.credentials)
     latest_credentials: tuple[tuple[str, int], ...] = ()
 
@@ -119,8 +121,23 @@ def _config_differs(n: Node, c: Context) -> str | None:
     return "configuration differs from the majority of nodes"
 
 
+def reports_unreachable(reported_at: float | None, peers: tuple[str, ...], peer: str,
+                        peer_live_since: float | None) -> bool:
+    """Whether a node's last reachability report (``peers``, taken at ``reported_at``) says
+    ``peer`` is unreachable. A report taken before the peer became live (it joined, or woke
+    from hibernation, since) says nothing about it: the peer is unknown, not unreachable.
+    """
+    if peer in peers:
+        return False
+    return reported_at is None or peer_live_since is None or peer_live_since <= reported_at
+
+
 def _peer_unreachable(n: Node, c: Context) -> str | None:
-    missing = sorted(p for p in c.live_nodes if p != n.name and p not in n.metrics.reachable_peers)
+    peers = n.metrics.reachable_peers
+    missing = sorted(
+        p for p in c.live_nodes
+        if p != n.name and reports_unreachable(n.last_seen_at, peers, p, c.live_since.get(p))
+    )
     if not missing:
         return None
     return f"cannot reach {', '.join(missing)} on the intranet port"
@@ -252,6 +269,7 @@ def context(m: Model, now: float) -> Context:
     return Context(
         now, offline_after, lifetime, majority_version, majority_config,
         frozenset(n.name for n in reporting),
+        {n.name: n.live_since for n in reporting},
         tuple((cid, m.credentials[cid].version) for cid in sorted(m.credentials))
         if m.credentials else (),
     )

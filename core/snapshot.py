@@ -29,8 +29,9 @@ from shir.core.state import Node, RuntimeInfo, RuntimeState, initial
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
-FORMAT = 4
-_READABLE = (1, 2, 3, 4)  # 3 added the nodes' intranet_address and cert_sha256, 4 see above
+FORMAT = 5
+# 3 added the nodes' intranet_address and cert_sha256, 4 see above, 5 the nodes' live_since
+_READABLE = (1, 2, 3, 4, 5)
 
 for _cls in (RuntimeInfo, Node, Job, Lease):
     register_value(_cls)
@@ -110,6 +111,8 @@ def _restore(body: list[Any]) -> RuntimeState:
             raw = msgpack.packb([*msgpack.unpackb(raw), None, None], use_bin_type=True)
         if body[0] < 4:  # nor last_update
             raw = msgpack.packb([*msgpack.unpackb(raw), ""], use_bin_type=True)
+        if body[0] < 5:  # nor live_since (unknown: then every report counts, as before)
+            raw = msgpack.packb([*msgpack.unpackb(raw), None], use_bin_type=True)
         node = decode_value(Node, raw)
         m.nodes[node.name] = node
     m.next_seq, m.term, m.dispatcher, m.now = next_seq, term, dispatcher, float(now)

@@ -523,7 +523,7 @@ def add_commands(subparsers: Any, logs: EventLogFiles) -> None:
                             "such as tcp://10.0.0.5:8786")
     sweep.add_argument("--until", type=_duration_arg, metavar="DURATION", help=until_help)
     sweep.add_argument("--batch-size", type=_positive_int("batch size"), metavar="B",
-                       help="seeds per task (default: about 8 batches per worker, at most 50)")
+                       help="seeds per task (default: about 1 s of runs, fewer at start and end)")
     sweep.add_argument("--json", action="store_true",
                        help="print one JSON object (with each seed's hash and metrics)")
     sweep.add_argument("--out", metavar="FILE.jsonl",

@@ -126,7 +126,7 @@ def _slow(w: World, f: Fault, node: SimNode | None) -> End | None:
 
 
 def _regenerate_key(w: World, f: Fault, node: SimNode | None) -> End | None:
-    w.regenerate_key(f.key or "key1")
+    w.service.regenerate_key(f.key or "key1")
     return None
 
 
@@ -139,7 +139,7 @@ def _version_skew(w: World, f: Fault, node: SimNode | None) -> End | None:
 
 def _upgrade(w: World, f: Fault, node: SimNode | None) -> End | None:
     if node is not None:
-        w.upgrade(node, f)  # it finishes (or rolls back) by itself after duration_s
+        w.service.upgrade(node, f)  # it finishes (or rolls back) by itself after duration_s
     return None
 
 
@@ -155,13 +155,13 @@ def _credential_drift(w: World, f: Fault, node: SimNode | None) -> End | None:
 
 def _rotate_credential(w: World, f: Fault, node: SimNode | None) -> End | None:
     if node is not None and f.credential:
-        w.save_credential(node.name, f.credential)
+        w.service.save_credential(node.name, f.credential)
     return None
 
 
 def _burst(w: World, f: Fault, node: SimNode | None) -> End | None:
     for _ in range(f.count):
-        w.submit_job()
+        w.workload.submit_job()
     return None
 
 

@@ -84,14 +84,14 @@ class SimNode:
             while not self.up or self.paused:
                 yield self.wake
             if self.registered:
-                self.w.send_heartbeat(self)
+                self.w.service.send_heartbeat(self)
                 if self.dispatcher == self.name and env.now >= poll_at:
                     poll_at = env.now + DISPATCH_POLL_S
                     self.nudge()
             else:
                 # Not (or no longer) registered, or the reply was lost: the operator pastes
                 # the current key again. Registering is idempotent, so retrying is safe.
-                self.w.register(self)
+                self.w.service.register(self)
             yield env.timeout(interval / self.clock_rate)
 
     def metrics(self) -> NodeMetrics:
@@ -147,7 +147,7 @@ class SimNode:
             if self.credentials.get(e.credential_id, 0) >= e.version:
                 # seal for the named peer (the envelope adapter does this for real) and share
                 envelope = f"sealed:{e.credential_id}:v{e.version}:for:{e.to_node}".encode()
-                self.w.send(self.name, SERVICE, CONTROL, lambda at: ShareCredential(
+                self.w.service.send(self.name, SERVICE, CONTROL, lambda at: ShareCredential(
                     e.credential_id, e.version, self.name, e.to_node, envelope, at))
         elif t is DeliverCredential:
             e = effect
@@ -172,7 +172,7 @@ class SimNode:
         self.dispatch_pending = False
         if self.alive() and self.dispatcher == self.name:
             name, term = self.name, self.term
-            self.w.send(self.name, SERVICE, CONTROL, lambda at: DispatchJobs(name, term, at))
+            self.w.service.send(name, SERVICE, CONTROL, lambda at: DispatchJobs(name, term, at))
 
     # -- jobs: one timer per running job for its end, one per node for renewing all leases
     def start_job(self, d: fx.DeliverJob) -> None:
@@ -215,7 +215,7 @@ class SimNode:
             return
         token = job.token
         del self.running[token.job_id]
-        self.w.send(self.name, SERVICE, CONTROL, lambda at: CompleteJob(token, at))
+        self.w.service.send(self.name, SERVICE, CONTROL, lambda at: CompleteJob(token, at))
 
     def _arm_renew(self, due: float) -> None:
         self.renew_due = due
@@ -233,7 +233,7 @@ class SimNode:
             self.renewing = False
             return
         tokens = tuple(j.token for j in self.running.values())
-        self.w.send(self.name, SERVICE, CONTROL, lambda at: RenewLeases(tokens, at))
+        self.w.service.send(self.name, SERVICE, CONTROL, lambda at: RenewLeases(tokens, at))
         self._arm_renew(self.w.env.now + self._renew_every())
 
     # -- faults

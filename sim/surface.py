@@ -201,16 +201,17 @@ class Surface:
         grantee = FactoryRef(link.factory, link.tenant,
                              f"msi-{link.factory}" if link.managed_identity else None)
         granter = Principal(OWNER_NAME, AccessRole(link.granted_by_role))
-        w.handle(GrantAccess(SHARED_FACTORY, grantee, granter, now))
+        w.service.handle(GrantAccess(SHARED_FACTORY, grantee, granter, now))
         rt = w.driver.state.runtime
         assert rt is not None
-        w.handle(LinkRuntime(link.name, link.factory, resource_id(rt), now))
+        w.service.handle(LinkRuntime(link.name, link.factory, resource_id(rt), now))
         if link.name in sharing_state(w.driver.state.model()).links:
             w.env.process(self._workload(link))
 
     def _revoke(self, link: LinkSpec) -> None:
         w = self.w
-        w.handle(RevokeAccess(link.factory, Principal(OWNER_NAME, AccessRole.OWNER), w.env.now))
+        owner = Principal(OWNER_NAME, AccessRole.OWNER)
+        w.service.handle(RevokeAccess(link.factory, owner, w.env.now))
 
     def _workload(self, link: LinkSpec) -> Any:
         w = self.w
@@ -220,12 +221,12 @@ class Surface:
             yield env.timeout(rng.expovariate(link.rate_per_s))
             if env.now >= w.duration_s or link.name in self.suspended:
                 return
-            w.submit_job(link=link.name)
+            w.workload.submit_job(link=link.name)
 
     def _save_proxy(self, change: ProxyChange) -> None:
         w = self.w
         if w.nodes[change.node].alive():  # the user saves it on the machine itself
-            w.handle(SaveProxySettings(change.node, _settings(change), w.env.now))
+            w.service.handle(SaveProxySettings(change.node, _settings(change), w.env.now))
 
     def to_factory(self, effect: object) -> None:
         """An effect for the factory side: a linked factory told its work is suspended stops

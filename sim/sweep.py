@@ -1,12 +1,13 @@
 """``shir sim sweep``: one scenario, many seeds, on local worker processes or Dask distributed.
 
-Theory of operation: the seeds are cut into batches (one task runs a batch, so a task's fixed
-cost, 2.5-9 ms on Dask, is paid once per batch, not per seed) and at most a few batches per
-worker are in flight at a time, so memory stays bounded however many seeds there are. Runs are
+Theory of operation: the seeds are cut into batches of about a second of runs (one task runs a
+batch, so a task's fixed cost, ~5 ms of CPU on Dask, is paid once per batch, not per seed; see
+:class:`Batches`) and at most two batches per worker are in flight at a time, so memory stays
+bounded however many seeds there are. Each batch carries the scenario (2-3 kB). Runs are
 deterministic, so a batch whose worker died is simply run again: on the local pool a
 ``BrokenProcessPool`` is caught, the pool rebuilt and every batch not yet collected resubmitted;
 on Dask the scheduler reruns the tasks of a lost worker itself (we count those reruns from the
-scheduler's ``suspicious`` counter) and a batch that killed ``allowed-failures`` workers
+``remove-worker`` events it pushes to us) and a batch that killed ``allowed-failures`` workers
 (``KilledWorker``) is resubmitted by us. A batch that kills its worker ``MAX_ATTEMPTS`` times is
 reported as failing seeds, never retried forever. Results are sorted by seed whatever order they
 arrive in.
@@ -54,7 +55,11 @@ METRICS = (
 PERCENTILES = (50, 95, 99)
 MAX_ATTEMPTS = 3  # a batch whose worker died this many times is reported, not rerun
 IN_FLIGHT_PER_WORKER = 2  # enough to keep a worker busy while its last result travels
-MAX_BATCH = 50
+# A batch's length in run time: long enough that a Dask task's own cost (~5 ms of CPU,
+# scheduler, worker and client together) is under 1% of it, short enough that a dead worker
+# costs little; at the end, batches shrink to no less than TAIL_BATCH_S (that cost < 5%).
+BATCH_S = 1.0
+TAIL_BATCH_S = 0.1
 
 Record = dict[str, Any]
 BatchFn = Callable[[Scenario, Sequence[int], "float | None"], list[Record]]
@@ -139,19 +144,61 @@ def parse_cluster(text: str | None, workers: int | None) -> Cluster:
                      "address such as tcp://10.0.0.5:8786")
 
 
-def _batches(seeds: Sequence[int], size: int) -> list[tuple[int, ...]]:
-    return [tuple(seeds[i:i + size]) for i in range(0, len(seeds), size)]
+class Batches:
+    """Hands out the seeds in order, in batches sized by measured run time.
 
+    ``batch_size`` given: batches of that many seeds. Else the first round is one seed per
+    worker, and each round doubles (so the first result, and with it the progress bar's rate
+    and ETA, comes after one run); once runs have come back, a batch is ``BATCH_S`` of run
+    time, and towards the end at most half of what is left per worker, down to
+    ``TAIL_BATCH_S`` (so the workers finish together instead of one idling while another runs
+    a last long batch).
+    """
 
-def default_batch_size(n_seeds: int, workers: int) -> int:
-    """About eight batches per worker (a dead worker costs little), at most ``MAX_BATCH``."""
-    return max(1, min(MAX_BATCH, math.ceil(n_seeds / (8 * max(1, workers)))))
+    def __init__(self, seeds: Sequence[int], workers: int, batch_size: int | None = None):
+        self.seeds = seeds
+        self.workers = max(1, workers)
+        self.fixed = batch_size
+        self.next = 0  # index of the next seed to hand out
+        self.handed = 0  # batches handed out
+        self.largest = 0
+        self.runs = 0  # runs that came back, and their wall time
+        self.run_s = 0.0
+
+    def __bool__(self) -> bool:
+        return self.next < len(self.seeds)
+
+    def observe(self, records: Sequence[Record]) -> None:
+        """Learn how long a run takes from a batch's records."""
+        for r in records:
+            if r["wall_s"] > 0:
+                self.runs += 1
+                self.run_s += r["wall_s"]
+
+    def take(self) -> tuple[int, ...]:
+        """The next batch (only while ``bool(self)``)."""
+        left = len(self.seeds) - self.next
+        if self.fixed:
+            size = self.fixed
+        elif not self.runs:
+            size = 2 ** min(self.handed // self.workers, 16)
+        else:
+            run_s = self.run_s / self.runs
+            size = min(math.ceil(BATCH_S / run_s), 2 ** min(self.handed // self.workers, 16),
+                       max(math.ceil(TAIL_BATCH_S / run_s),
+                           math.ceil(left / (2 * self.workers))))
+        size = max(1, min(size, left))
+        batch = tuple(self.seeds[self.next:self.next + size])
+        self.next += size
+        self.handed += 1
+        self.largest = max(self.largest, size)
+        return batch
 
 
 OnBatch = Callable[[list[Record]], None]
 
 
-def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float | None,
+def _on_pool(scenario: Scenario, todo: Batches, until_s: float | None,
              workers: int, on_batch: OnBatch, batch_fn: BatchFn) -> int:
     """Run on a local process pool; returns how many seeds were run again.
 
@@ -159,7 +206,6 @@ def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float 
     then in flight becomes a suspect, and suspects run one at a time, alone in a new pool, so a
     second death is charged to the batch that caused it and not to its neighbours.
     """
-    todo = deque(batches)
     suspects: deque[tuple[tuple[int, ...], int]] = deque()
     retried = 0
     while todo or suspects:
@@ -173,7 +219,7 @@ def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float 
                         flight[pool.submit(batch_fn, scenario, batch, until_s)] = batch, attempt
                         alone = True
                     while not suspects and todo and len(flight) < IN_FLIGHT_PER_WORKER * workers:
-                        batch = todo.popleft()
+                        batch = todo.take()
                         flight[pool.submit(batch_fn, scenario, batch, until_s)] = batch, 1
                         alone = False
                     done, _ = wait(flight, return_when=FIRST_COMPLETED)
@@ -206,8 +252,22 @@ def _on_pool(scenario: Scenario, batches: list[tuple[int, ...]], until_s: float 
     return retried
 
 
+# Settings for the workers and scheduler of a LocalCluster we start. Each default costs CPU
+# that the runs then lack, and on a small machine the scheduler shares the workers' cores:
+# the statistical profiler samples a running task's stack 100 times a second (nobody reads
+# it: there is no dashboard), and the event-loop health check and system monitor wake every
+# process 50 and 2 times a second. Measured by benchmarks/sweep.py (docs/simulation.md).
+QUIET_DASK = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
 def _dask_client(cluster: Cluster) -> tuple[Any, Any]:
     try:
+        import dask
         import distributed
     except ImportError:
         raise SweepError(f"--cluster needs Dask distributed, an optional extra: "
@@ -215,10 +275,15 @@ def _dask_client(cluster: Cluster) -> tuple[Any, Any]:
     if cluster.kind == "local":
         import logging
 
-        local = distributed.LocalCluster(
-            n_workers=cluster.workers, threads_per_worker=1, processes=True,
-            host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR,
-        )
+        with dask.config.set(QUIET_DASK):  # the nannies hand this config to their workers
+            local = distributed.LocalCluster(
+                n_workers=cluster.workers, threads_per_worker=1, processes=True,
+                # a dying worker and the cluster's own shutdown log errors we report better
+                host="127.0.0.1", dashboard_address=None, silence_logs=logging.CRITICAL,
+                # no dashboard, and its HTTP routes on a free loopback port (not 8787, which
+                # another cluster may hold: Dask would warn and move)
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+            )
         return distributed.Client(local), local
     try:
         return distributed.Client(cluster.address, timeout="5s"), None
@@ -241,27 +306,33 @@ def _warm(client: Any) -> None:
                          "the same version, on every worker") from None
 
 
-def _suspicious(client: Any, keys: list[str]) -> int:
-    """How many times the scheduler reran these tasks because their worker died."""
+class _Reruns:
+    """Seeds the scheduler runs again because a worker died, from its ``remove-worker`` events
+    (pushed to us: no round trip per batch). A task that was processing on the dead worker, or
+    had finished there but was not yet collected, runs again elsewhere."""
 
-    def count(dask_scheduler: Any, keys: list[str]) -> int:  # nested: pickled by value
-        tasks = dask_scheduler.tasks
-        return sum(tasks[k].suspicious for k in keys if k in tasks)
+    def __init__(self, sizes: dict[str, int], pending: dict[str, Any]) -> None:
+        self.sizes = sizes  # every task key we submitted -> its number of seeds
+        self.pending = pending  # keys not yet collected
+        self.seeds = 0
 
-    try:
-        return int(client.run_on_scheduler(count, keys=keys))
-    except Exception:  # an old scheduler without the counter: under-report, don't fail
-        return 0
+    def __call__(self, event: tuple[float, Any]) -> None:  # runs on the client's event loop
+        msg = event[1]
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+            return
+        lost = set(msg.get("processing-tasks", ())) | {
+            k for k in msg.get("lost-computed-tasks", ()) if k in self.pending}
+        self.seeds += sum(self.sizes.get(k, 0) for k in lost)
 
 
 def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluster: Cluster,
              on_batch: OnBatch, batch_fn: BatchFn,
-             started: Callable[[int], int | None]) -> int:
+             started: Callable[[int], Batches]) -> int:
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
     client, local = _dask_client(cluster)
-    retried = 0
+    given_up = 0
     try:
         if not client.nthreads():
             try:
@@ -271,17 +342,22 @@ def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluste
                                  "with `dask worker ADDRESS`") from None
         _warm(client)
         threads = sum(client.nthreads().values()) or 1
-        size = started(len(client.nthreads())) or default_batch_size(len(seeds), threads)
-        shared = client.scatter(scenario, broadcast=True)  # sent once, not with every task
-        todo = deque((b, 1) for b in _batches(seeds, size))
+        todo = started(threads)
+        again: deque[tuple[tuple[int, ...], int]] = deque()  # batches Dask gave up on
         meta: dict[str, tuple[tuple[int, ...], int]] = {}
+        sizes: dict[str, int] = {}
+        reruns = _Reruns(sizes, meta)
+        client.subscribe_topic("all", reruns)
         pending = as_completed()
 
         def submit() -> None:
-            while todo and pending.count() < IN_FLIGHT_PER_WORKER * threads:
-                batch, attempt = todo.popleft()
-                f = client.submit(batch_fn, shared, batch, until_s, pure=False)
+            while (again or todo) and pending.count() < IN_FLIGHT_PER_WORKER * threads:
+                batch, attempt = again.popleft() if again else (todo.take(), 1)
+                # the scenario travels with each batch (2-3 kB): scattered once instead, it
+                # would be lost with the last worker holding it, and every batch with it
+                f = client.submit(batch_fn, scenario, batch, until_s, pure=False)
                 meta[f.key] = batch, attempt
+                sizes[f.key] = len(batch)
                 pending.add(f)
 
         submit()
@@ -292,24 +368,23 @@ def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluste
                 records = f.result()
             except KilledWorker:  # it killed allowed-failures workers in a row
                 if attempt >= MAX_ATTEMPTS:
+                    given_up += len(batch)  # counted as rerun by the event of its last death
                     on_batch(_lost(batch, "Dask workers kept dying while running this seed's "
                                           "batch (KilledWorker)"))
                 else:
-                    todo.appendleft((batch, attempt + 1))
-                    retried += len(batch)
+                    again.append((batch, attempt + 1))
             except Exception as exc:  # the task itself failed (not one run): say why
                 on_batch(_lost(batch, f"the Dask task failed: {type(exc).__name__}: {exc}"))
             else:
-                if _suspicious(client, [f.key]):
-                    retried += len(batch)
                 on_batch(records)
             f.release()
             submit()
+        client.unsubscribe_topic("all")  # else the scheduler reports our own leaving to us
+        return max(0, reruns.seeds - given_up)
     finally:
         client.close()
         if local is not None:
             local.close()
-    return retried
 
 
 # -- the sweep -----------------------------------------------------------------------------
@@ -334,10 +409,10 @@ class SweepResult:
     records: list[Record]
     where: str
     workers: int
-    batch_size: int
+    batch_size: int  # the largest batch
     retried: int
     wall_s: float
-    startup_s: float = 0.0  # connecting to (or starting) a Dask cluster, within wall_s
+    startup_s: float = 0.0  # starting or reaching the workers and importing the simulator
     run_s: float = 0.0  # from the workers being ready to the last result (no start or stop)
 
     @property
@@ -380,7 +455,7 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
     seeds = list(seeds)
     if not seeds:
         raise SweepError("a sweep needs at least one seed")
-    size = [batch_size or default_batch_size(len(seeds), cluster.workers or 1)]
+    plan: list[Batches] = [Batches(seeds, 1)]  # replaced once the workers are known
     records: list[Record] = []
     bar = _progress(len(seeds), progress) if progress is not None else None
     failures = [0]
@@ -390,6 +465,7 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
 
     def collect(batch: list[Record]) -> None:
         last[0] = time.perf_counter()
+        plan[0].observe(batch)
         records.extend(batch)
         failures[0] += sum(not r["ok"] for r in batch)
         if bar is not None:
@@ -398,19 +474,21 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
         if on_batch is not None:
             on_batch(batch)
 
-    def started(n: int) -> int | None:  # Dask: the batch size, once the workers are known
+    def started(n: int) -> Batches:  # the batches, once the workers are known
         startup[0] = time.perf_counter() - t0
         workers[0] = n
-        size[0] = batch_size or default_batch_size(len(seeds), n)
-        return size[0]
+        plan[0] = Batches(seeds, n, batch_size)
+        return plan[0]
 
     t0 = time.perf_counter()
     try:
         if cluster.kind == "pool":
-            batches = _batches(seeds, size[0])
-            n = min(cluster.workers or 1, len(batches))
-            workers[0] = n
-            retried = _on_pool(scenario, batches, until_s, n, collect, batch_fn)
+            # forked workers inherit the simulator imported here (~0.3 s each otherwise), as
+            # Dask workers import it before the clock starts
+            import shir.sim.world  # noqa: F401
+
+            todo = started(min(cluster.workers or 1, len(seeds)))
+            retried = _on_pool(scenario, todo, until_s, workers[0], collect, batch_fn)
         else:
             retried = _on_dask(scenario, seeds, until_s, cluster, collect, batch_fn, started)
     finally:
@@ -418,7 +496,8 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
             bar.close()
     wall = time.perf_counter() - t0
     records.sort(key=lambda r: r["seed"])
-    return SweepResult(scenario.name, seeds, records, cluster.describe(), workers[0], size[0],
+    return SweepResult(scenario.name, seeds, records, cluster.describe(), workers[0],
+                       plan[0].largest,
                        retried, wall, startup[0], max(0.0, last[0] - t0 - startup[0]))
 
 
@@ -454,10 +533,11 @@ def format_report(result: SweepResult, replays: dict[int, str], mark: Callable[[
     s = result.seeds
     lines = [
         f"sweep         {result.scenario}: seeds {s[0]}..{s[-1]} ({len(result.records)} runs on "
-        f"{result.where}, batches of {result.batch_size})",
+        f"{result.where}, batches of up to {result.batch_size})",
         f"wall time     {result.wall_s:.2f} s ({result.seeds_per_s:,.1f} seeds/s; "
         f"{simulated_s:,.1f} s simulated"
-        + (f"; {result.startup_s:.1f} s to start the cluster)" if result.startup_s else ")"),
+        + (f"; {result.startup_s:.1f} s of it starting the workers)"
+           if result.startup_s >= 0.05 else ")"),
         f"retried       {result.retried} seed{'s' if result.retried != 1 else ''} "
         "(their worker died; reruns are deterministic)",
         f"{'metric':24} {'p50':>9} {'p95':>9} {'p99':>9} {'max':>9}",

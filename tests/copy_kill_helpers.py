@@ -35,22 +35,24 @@ def prepare(pg_odbc: str, rows: int = 250_000) -> None:
     c.close()
 
 
-def _command(pg_odbc: str, blob: str) -> list[str]:
+def _command(pg_odbc: str, blob: str, engine: str) -> list[str]:
     return [sys.executable, "-m", "shir.adapters.cli", "copy", "--source", pg_odbc,
             "--query", QUERY, "--sink", "blob", "--container", "copy-kill", "--blob", blob,
-            "--format", "csv", "--part-size-kib", "64", "--quiet", "--job-id", f"kill-{blob}"]
+            "--format", "csv", "--part-size-kib", "64", "--quiet", "--job-id", f"kill-{blob}",
+            "--engine", engine]
 
 
 def trial(pg_odbc: str, blob_conn: str, name: str, reference: bytes,
-          rng: random.Random) -> dict[str, Any]:
-    """One trial; returns what it saw. Raises AssertionError when a rule broke."""
+          rng: random.Random, engine: str = "auto") -> dict[str, Any]:
+    """One trial of ``shir copy --engine ENGINE`` (auto: arrow when arrow-odbc is installed);
+    returns what it saw. Raises AssertionError when a rule broke."""
     from azure.core.exceptions import ResourceNotFoundError
     from azure.storage.blob import BlobServiceClient
 
     env = {**os.environ, "SHIR_BLOB_CONNECTION_STRING": blob_conn}
     client = BlobServiceClient.from_connection_string(blob_conn).get_blob_client(
         "copy-kill", name)
-    proc = subprocess.Popen(_command(pg_odbc, name), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(pg_odbc, name, engine), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     staged = 0
     deadline = time.monotonic() + 30
@@ -79,22 +81,23 @@ def trial(pg_odbc: str, blob_conn: str, name: str, reference: bytes,
         assert data == reference, f"{name}: a blob visible after SIGKILL is not the whole copy"
     killed = killed and not visible  # killed mid-copy, before the commit
     staged_before_retry = len(client.get_block_list("uncommitted")[1]) if not visible else 0
-    retry = subprocess.run(_command(pg_odbc, name), env=env, capture_output=True, text=True,
-                           timeout=120)
+    retry = subprocess.run(_command(pg_odbc, name, engine), env=env, capture_output=True,
+                           text=True, timeout=120)
     assert retry.returncode == 0, f"{name}: the retry failed: {retry.stderr[-500:]}"
     data = client.download_blob().readall()
     assert data == reference, f"{name}: the retried blob differs from the reference"
-    return {"trial": name, "killed": killed, "staged_blocks_at_kill": staged_before_retry,
-            "bytes": len(data)}
+    return {"trial": name, "engine": engine, "killed": killed,
+            "staged_blocks_at_kill": staged_before_retry, "bytes": len(data)}
 
 
 def reference_bytes(pg_odbc: str, blob_conn: str) -> bytes:
-    """The blob an uninterrupted copy writes (in-process, another job id and blob name)."""
+    """The blob an uninterrupted copy writes (another job id and blob name), on the pyodbc
+    engine: a trial on the arrow engine must also match it byte for byte."""
     from azure.storage.blob import BlobServiceClient
 
     env = {**os.environ, "SHIR_BLOB_CONNECTION_STRING": blob_conn}
     name = f"reference-{uuid.uuid4().hex[:8]}"  # a fresh job: not one an earlier run committed
-    subprocess.run(_command(pg_odbc, name), env=env, check=True, capture_output=True,
+    subprocess.run(_command(pg_odbc, name, "pyodbc"), env=env, check=True, capture_output=True,
                    timeout=120)
     return (BlobServiceClient.from_connection_string(blob_conn)
             .get_blob_client("copy-kill", name).download_blob().readall())

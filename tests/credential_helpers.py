@@ -1,4 +1,4 @@
-"""A host for the credential tests: ``Cluster`` plus what nodes do with credentials.
+"""A host for the credential tests: ``Rig`` plus what nodes do with credentials.
 
 ``CredCluster`` plays every node's part in the sync protocol the way a real host would:
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from lifecycle_helpers import Cluster
+from rig import Rig
 
 from shir.core import (
     CredentialVersion,
@@ -41,8 +41,8 @@ def fake_envelope(fx: SealCredentialFor) -> bytes:
     return f"sealed:{fx.credential_id}:v{fx.version}:{fx.from_node}->{fx.to_node}".encode()
 
 
-class CredCluster(Cluster):
-    """``Cluster`` whose nodes hold credentials and (optionally) answer sync effects."""
+class CredCluster(Rig):
+    """``Rig`` whose nodes hold credentials and (optionally) answer sync effects."""
 
     def __init__(self, *args: Any, cooperative: bool = False, sealer: Sealer = fake_envelope,
                  **kw: Any) -> None:
@@ -146,7 +146,7 @@ class CredCluster(Cluster):
         self.down.discard(node)
 
     def run_up(self, until: float, every: float = 10.0) -> list[object]:
-        """``Cluster.run`` with the nodes that are down skipped."""
+        """``Rig.run`` with the nodes that are down skipped."""
         return self.run(until, every=every, skip=tuple(sorted(self.down)))
 
 

@@ -14,7 +14,7 @@ import importlib
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import Cluster
+from rig import Rig
 
 from shir.core import rules
 from shir.core.model import NodeStatus
@@ -171,9 +171,7 @@ def test_transitions_list_only_changes_decide_can_make() -> None:
 def test_a_change_decide_would_emit_that_is_not_listed_is_caught(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    c = Cluster()
-    c.register_n(2)
-    c.heartbeat_all(10.0)
+    c = Rig.online(2, at=10.0)
     silent = (NodeStatus.ONLINE, NodeStatus.OFFLINE)
     monkeypatch.setattr(rules, "_ALLOWED", rules._ALLOWED - {silent})
     with pytest.raises(AssertionError,

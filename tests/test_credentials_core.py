@@ -12,7 +12,8 @@ import msgpack
 import pytest
 from canary import CANARY_BYTES
 from credential_helpers import CredCluster, with_credentials
-from lifecycle_helpers import names, of_type, statuses
+from rig import names, of_type, statuses
+from snapshot_helpers import as_format_4_sees, strip_nodes
 
 from shir.adapters.envelope import NodeKeys, open_envelope, seal
 from shir.core import (
@@ -59,11 +60,7 @@ TIMEOUT = sync_timeout_s(RuntimeSettings())
 
 def online(n: int = 2, at: float = 10.0, **kw: object) -> CredCluster:
     """Nodes n1..n<n>, all Online after one heartbeat at ``at``; n1 dispatches."""
-    c = CredCluster(**kw)  # type: ignore[arg-type]
-    c.register_n(n, at=0.0)
-    c.heartbeat_all(at)
-    assert [c.status(x) for x in c.sessions] == [ON] * n
-    return c
+    return CredCluster.online(n, at=at, **kw)
 
 
 def requests(events: object) -> list[tuple[str, int, str, str]]:
@@ -559,12 +556,12 @@ def test_snapshot_round_trips_the_credential_state_and_the_tail_replays() -> Non
 def test_a_format_1_snapshot_restores_with_no_credential_state() -> None:
     c = online(2)
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == 4 and body[-5:] == [[], [], None, [], []]  # no sharing, proxy, removal
-    # format 1 had no credential state, and its nodes no intranet address, certificate or
-    # last update
-    body[3] = [msgpack.packb(msgpack.unpackb(n)[:-3], use_bin_type=True) for n in body[3]]
+    assert body[0] == 5 and body[-5:] == [[], [], None, [], []]  # no sharing, proxy, removal
+    # format 1 had no credential state, and its nodes no intranet address, certificate, last
+    # update or live_since
+    strip_nodes(body, 1)
     old = msgpack.packb([1, *body[1:-5]], use_bin_type=True)
-    assert restore(old) == c.state
+    assert restore(old) == as_format_4_sees(c.state)
 
 
 def test_decide_leaves_the_state_unchanged_and_fold_equals_replay() -> None:

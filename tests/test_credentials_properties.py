@@ -70,9 +70,7 @@ steps = st.lists(step, min_size=8, max_size=40)
 
 class Run:
     def __init__(self) -> None:
-        self.c = CredCluster(cooperative=True)
-        self.c.register_n(3, at=0.0)
-        self.c.heartbeat_all(1.0)
+        self.c = CredCluster.online(3, cooperative=True)
         self.jobs = 0
 
     def registered(self, node: str) -> bool:

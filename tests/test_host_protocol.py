@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from lifecycle_helpers import Cluster, of_type
+from rig import Rig, of_type
+from snapshot_helpers import as_format_4_sees, strip_nodes
 
 from shir.core import (
     EVERY_NODE,
@@ -51,14 +52,7 @@ from shir.core.snapshot import restore, snapshot_bytes
 CERT = "ab" * 32
 
 
-def online(n: int = 3) -> Cluster:
-    c = Cluster()
-    c.register_n(n)
-    c.heartbeat_all(10.0)
-    return c
-
-
-def leased(c: Cluster, jobs: int, at: float = 11.0) -> list[DeliverJob]:
+def leased(c: Rig, jobs: int, at: float = 11.0) -> list[DeliverJob]:
     for i in range(1, jobs + 1):
         c.handle(SubmitJob(f"j{i}", f"k{i}", at))
     before = len(c.effects)
@@ -69,7 +63,7 @@ def leased(c: Cluster, jobs: int, at: float = 11.0) -> list[DeliverJob]:
 # --- recipients -------------------------------------------------------------------------------
 
 def test_every_effect_names_its_recipient() -> None:
-    c = online(2)
+    c = Rig.online(2, at=10.0)
     deliveries = leased(c, 3)
     c.handle(CompleteJob(deliveries[0].token, 12.0))
     c.remove("n2", at=13.0)
@@ -84,7 +78,7 @@ def test_every_effect_names_its_recipient() -> None:
 
 
 def test_an_accepted_registration_starts_the_session_also_when_already_satisfied() -> None:
-    c = Cluster()
+    c = Rig()
     command = c.register_cmd("n1", at=1.0)
     d = handle(c.state, command)
     assert d.effects == (StartSession("n1", 1),)
@@ -93,7 +87,7 @@ def test_an_accepted_registration_starts_the_session_also_when_already_satisfied
 
 
 def test_dispatch_is_wanted_only_when_work_waits_and_something_changed() -> None:
-    c = online(2)
+    c = Rig.online(2, at=10.0)
     d = handle(c.state, SubmitJob("j1", "k1", 11.0))
     assert d.effects == (DispatchWanted("n1", 1),)
     c.state = d.state
@@ -109,7 +103,7 @@ def test_dispatch_is_wanted_only_when_work_waits_and_something_changed() -> None
 # --- answers and fenced replies ---------------------------------------------------------------
 
 def test_renewing_an_ended_lease_answers_lease_lost_for_that_token_only() -> None:
-    c = online(2)
+    c = Rig.online(2, at=10.0)
     deliveries = leased(c, 2)
     lost, live = deliveries[0].token, deliveries[1].token
     c.handle(CompleteJob(lost, 12.0))
@@ -122,7 +116,7 @@ def test_renewing_an_ended_lease_answers_lease_lost_for_that_token_only() -> Non
 
 @pytest.mark.parametrize("command", ["complete", "renew"])
 def test_a_late_completion_or_renewal_is_refused_with_a_stop_for_its_token(command: str) -> None:
-    c = online(2)
+    c = Rig.online(2, at=10.0)
     (delivery,) = leased(c, 1)
     c.run(100.0, skip=[delivery.token.node])  # its node falls silent: the lease ends
     if command == "complete":
@@ -135,7 +129,7 @@ def test_a_late_completion_or_renewal_is_refused_with_a_stop_for_its_token(comma
 
 
 def test_every_fenced_refusal_carries_the_reply_for_its_sender() -> None:
-    c = online(2)
+    c = Rig.online(2, at=10.0)
     leased(c, 1)
     gone = LeaseToken("nope", "n2", 1, 1)
     cases: list[tuple[object, type[Fenced], object]] = [
@@ -158,7 +152,7 @@ def test_every_fenced_refusal_carries_the_reply_for_its_sender() -> None:
 # --- leaving ----------------------------------------------------------------------------------
 
 def test_a_node_that_leaves_releases_its_leases_for_redelivery_at_once() -> None:
-    c = online(3)
+    c = Rig.online(3, at=10.0)
     deliveries = leased(c, 6)
     c.handle(SetConcurrencyLimit("n2", 3, 11.5))
     held = sorted(d.token.job_id for d in deliveries if d.token.node == "n2")
@@ -174,7 +168,7 @@ def test_a_node_that_leaves_releases_its_leases_for_redelivery_at_once() -> None
 
 
 def test_leaving_under_a_stale_session_is_refused() -> None:
-    c = online(2)
+    c = Rig.online(2, at=10.0)
     with pytest.raises(StaleSession) as info:
         handle(c.state, LeaveRuntime("n2", 3, 12.0))
     assert info.value.reply == StartSession("n2", 1)
@@ -182,7 +176,7 @@ def test_leaving_under_a_stale_session_is_refused() -> None:
 
 # --- intranet identity ------------------------------------------------------------------------
 
-def _register(c: Cluster, address: str | None, cert: str | None, node: str = "n1") -> object:
+def _register(c: Rig, address: str | None, cert: str | None, node: str = "n1") -> object:
     cmd = c.register_cmd(node, at=1.0)
     return RegisterNode(cmd.auth_key, cmd.node, cmd.machine_id, cmd.cores, cmd.memory_mb, cmd.at,
                         cmd.metrics, intranet_address=address, cert_sha256=cert)
@@ -190,7 +184,7 @@ def _register(c: Cluster, address: str | None, cert: str | None, node: str = "n1
 
 @pytest.mark.parametrize("address", ["10.0.0.5:8060", "node-1.corp.example:8060", "[fe80::1]:8060"])
 def test_a_node_registers_its_intranet_address_and_certificate(address: str) -> None:
-    c = Cluster()
+    c = Rig()
     c.handle(_register(c, address, CERT.upper()))
     node = c.state.node("n1")
     assert node is not None and (node.intranet_address, node.cert_sha256) == (address, CERT)
@@ -211,14 +205,14 @@ def test_a_node_registers_its_intranet_address_and_certificate(address: str) -> 
 ])
 def test_a_bad_intranet_address_or_fingerprint_is_refused(address: str | None,
                                                          cert: str | None) -> None:
-    c = Cluster()
+    c = Rig()
     with pytest.raises(InvalidCommand, match=r"intranet_address|cert_sha256") as info:
         handle(c.state, _register(c, address, cert))
     assert len(str(info.value)) < 400  # bounded: a long input is not echoed whole
 
 
 def test_a_version_1_node_registered_record_still_decodes() -> None:
-    c = Cluster()
+    c = Rig()
     c.handle(_register(c, "10.0.0.5:8060", CERT))
     (registered,) = of_type(c.log, NodeRegistered)
     tag, version, fields = msgpack.unpackb(encode(registered), raw=False)
@@ -230,10 +224,15 @@ def test_a_version_1_node_registered_record_still_decodes() -> None:
 
 
 def test_a_format_2_snapshot_restores_nodes_without_an_intranet_identity() -> None:
-    c = online(2)
+    c = Rig.online(2, at=10.0)
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
     body[0] = 2
     # format 4 added the sharing state, proxies and removals (three items) and Node.last_update
     body = body[:-3]
-    body[3] = [msgpack.packb(msgpack.unpackb(n)[:-3], use_bin_type=True) for n in body[3]]
-    assert restore(msgpack.packb(body, use_bin_type=True)) == c.state
+    # ... and format 5 Node.live_since
+    strip_nodes(body, 2)
+    restored = restore(msgpack.packb(body, use_bin_type=True))
+    # what an old snapshot cannot know comes back unknown; everything else is as it was
+    assert restored == as_format_4_sees(c.state)
+    assert all(n.live_since is None for n in restored.nodes)
+    assert all(n.live_since is not None for n in c.state.nodes)

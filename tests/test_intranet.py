@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 from canary import CANARY_BYTES
-from lifecycle_helpers import Cluster
+from rig import Rig
 
 from shir.adapters.envelope import NodeKeys, open_envelope, seal
 from shir.adapters.intranet import (
@@ -433,7 +433,7 @@ def test_the_directory_follows_what_nodes_published(caplog: pytest.LogCaptureFix
 def test_membership_follows_the_runtimes_log(ids: Ids) -> None:
     """Nodes register with their address and fingerprint through the core; a RemoveNode in the
     log is enough for the others to refuse the removed node."""
-    c = Cluster()
+    c = Rig()
     with cluster(ids, "abc") as nodes:
         for n, node in nodes.items():
             c.handle(attrs.evolve(c.register_cmd(n, at=1.0), intranet_address=node.channel.address,

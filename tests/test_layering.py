@@ -31,7 +31,7 @@ ADAPTERS = ROOT / "adapters"
 COMPOSITION_ROOT = ADAPTERS / "cli.py"
 # Besides the standard library: the simulator's own dependencies and its optional extras'.
 SIM_MAY_IMPORT = ("shir.core", "shir.sim", "simpy", "attrs", "hypothesis", "matplotlib",
-                  "distributed", "tqdm")
+                  "dask", "distributed", "tqdm")  # dask: distributed's config
 
 FORBIDDEN_IN_CORE = (
     "shir.adapters",

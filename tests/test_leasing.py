@@ -1,52 +1,44 @@
 """Job leasing, rule by rule: submit, dispatch, limits, leases, effects, counters, scale advice.
 
 Every refusal is checked through ``Rig.refused``, which also asserts that the state's
-fingerprint did not change. ``Rig`` drives the core the way a host does: it keeps the state
-handle, the event log and the effects, and each node's session and standing heartbeat report.
+fingerprint did not change. The shared ``rig.Rig`` drives the core the way a host does: it keeps
+the state handle, the event log and the effects, and each node's session and standing report.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable
 from typing import Any
 
 import attrs
 import pytest
+from rig import Rig, of_type
 
 from shir.core import (
     AbandonJob,
-    AuthKey,
     CompleteJob,
     ConcurrencyLimitSet,
-    CreateRuntime,
     CredentialVersion,
     DeliverJob,
     DispatcherChanged,
     DispatchJobs,
     DispatchWanted,
-    DomainError,
     FailJob,
-    Heartbeat,
     JobCompleted,
     JobDeadLettered,
     JobLeased,
     JobReleased,
     JobSubmitted,
-    KeyName,
     LeaseRenewed,
     LeaseToken,
-    NodeMetrics,
     NodeRejoined,
     NodeRemoved,
     NodeStatus,
     PublishJobResult,
-    RegisterNode,
     ReleaseReason,
     RemoveNode,
     RenewLease,
     RuntimeSettings,
-    RuntimeState,
     ScaleThresholds,
     SetConcurrencyLimit,
     StaleLease,
@@ -81,146 +73,15 @@ def cred(version: int, credential_id: str = DB) -> CredentialVersion:
     return CredentialVersion(credential_id, version)
 
 
-def of_type(events: Iterable[object], cls: type) -> list[Any]:
-    return [e for e in events if isinstance(e, cls)]
-
-
 def placed(events: Iterable[object]) -> list[tuple[str, str]]:
     """(job, node) of each JobLeased, in order."""
     return [(e.token.job_id, e.token.node) for e in of_type(events, JobLeased)]
 
 
-class Rig:
-    """One runtime with nodes n1..n<nodes>, all Online after ``beat(1.0)``; n1 dispatches."""
-
-    def __init__(
-        self,
-        nodes: int = 2,
-        settings: RuntimeSettings | None = None,
-        *,
-        cores: int = 4,
-        memory_mb: int = 8192,
-    ) -> None:
-        rng = random.Random(7)
-        self.keys = {k: AuthKey.from_seed("rt-1", k, 1, rng.randbytes(48)) for k in KeyName}
-        self.state: RuntimeState = initial()
-        self.log: list[object] = []
-        self.effects: list[object] = []
-        self.now = 0.0
-        self.sessions: dict[str, int] = {}
-        self.reports: dict[str, NodeMetrics] = {}
-        self.isolated: set[str] = set()  # nodes that report no reachable peer
-        self.handle(CreateRuntime(
-            "rt-1", "factory-1", "shir-test", self.keys[KeyName.KEY1], self.keys[KeyName.KEY2],
-            0.0, "", settings or RuntimeSettings(),
-        ))
-        for i in range(1, nodes + 1):
-            self.register(f"n{i}", cores=cores, memory_mb=memory_mb)
-        self.beat(1.0)
-
-    # --- plumbing ---------------------------------------------------------------------------
-
-    def handle(self, command: Any) -> tuple[object, ...]:
-        d = handle(self.state, command)
-        self.state = d.state
-        self.log.extend(d.events)
-        self.effects.extend(d.effects)
-        self.now = max(self.now, command.at)
-        for e in d.events:
-            if isinstance(e, NodeRejoined):
-                self.sessions[e.node] = e.session
-        return d.events
-
-    def refused(self, command: Any, error: type[DomainError]) -> DomainError:
-        """Assert ``command`` is refused with ``error`` and changes nothing."""
-        before = self.state.fingerprint()
-        with pytest.raises(error) as info:
-            handle(self.state, command)
-        assert self.state.fingerprint() == before, "a refused command changed the state"
-        return info.value
-
-    def t(self, at: float | None) -> float:
-        return self.now if at is None else at
-
-    # --- nodes ------------------------------------------------------------------------------
-
-    def register(self, node: str, *, cores: int = 4, memory_mb: int = 8192,
-                 at: float | None = None) -> tuple[object, ...]:
-        events = self.handle(RegisterNode(
-            self.keys[KeyName.KEY1].text, node, f"machine-{node}", cores, memory_mb, self.t(at),
-            NodeMetrics(remote_access=True),  # off on a fresh install; these nodes have peers
-        ))
-        self.sessions[node] = 1
-        self.reports[node] = NodeMetrics(
-            available_memory_mb=memory_mb, version=VERSION, config_hash=CONFIG,
-            remote_access=True,
-        )
-        return events
-
-    def report(self, node: str, **changes: Any) -> None:
-        """Change what ``node`` reports from its next heartbeat on."""
-        self.reports[node] = attrs.evolve(self.reports[node], **changes)
-
-    def metrics(self, node: str) -> NodeMetrics:
-        """The standing report, reaching every other registered node unless isolated."""
-        peers = () if node in self.isolated else tuple(p for p in self.sessions if p != node)
-        return attrs.evolve(self.reports[node], reachable_peers=peers)
-
-    def heartbeat(self, node: str, at: float | None = None) -> tuple[object, ...]:
-        return self.handle(Heartbeat(node, self.sessions[node], self.metrics(node), self.t(at)))
-
-    def beat(self, at: float | None = None, *, skip: Iterable[str] = ()) -> list[object]:
-        out: list[object] = []
-        for n in self.state.nodes:
-            if n.name not in skip:
-                out.extend(self.heartbeat(n.name, at))
-        return out
-
-    def status(self, node: str) -> NodeStatus:
-        n = self.state.node(node)
-        assert n is not None
-        return n.status
-
-    # --- jobs -------------------------------------------------------------------------------
-
-    def submit(self, job: str, key: str | None = None, at: float | None = None,
-               **kw: Any) -> tuple[object, ...]:
-        return self.handle(SubmitJob(job, key or f"key-{job}", self.t(at), **kw))
-
-    def submit_n(self, n: int, prefix: str = "j", **kw: Any) -> list[str]:
-        jobs = [f"{prefix}{i}" for i in range(1, n + 1)]
-        for j in jobs:
-            self.submit(j, **kw)
-        return jobs
-
-    def dispatch(self, at: float | None = None, *, max_jobs: int | None = None) -> list[JobLeased]:
-        node, term = self.state.dispatcher, self.state.term
-        assert node is not None, "no dispatcher"
-        return of_type(self.handle(DispatchJobs(node, term, self.t(at), max_jobs)), JobLeased)
-
-    def token(self, job: str) -> LeaseToken:
-        lease = self.state.jobs.leases.get(job)
-        assert lease is not None, f"{job} is not leased"
-        return lease.token
-
-    def tokens(self, node: str) -> list[LeaseToken]:
-        return sorted((ls.token for ls in self.state.jobs.leases.values()
-                       if ls.token.node == node), key=lambda t: t.job_id)
-
-    def complete(self, job: str, at: float | None = None) -> tuple[object, ...]:
-        return self.handle(CompleteJob(self.token(job), self.t(at)))
-
-    def queue(self) -> list[str]:
-        """Queued job ids, oldest first (all requirement queues merged by submission order)."""
-        b = self.state.jobs
-        queued = [j for q in b.queues.values() for j in q]
-        return sorted(queued, key=lambda j: b.jobs[j].seq)
-
-
 # --- submit ---------------------------------------------------------------------------------
 
 def test_submit_queues_the_job_with_its_requirement() -> None:
-    r = Rig()
+    r = Rig.online()
     events = r.submit("j1", "k1", needs=(cred(2), cred(1, "other")), carried=("other",),
                       size_mb=12.5)
     assert events == (JobSubmitted("j1", "k1", (cred(2), cred(1, "other")), ("other",), 12.5,
@@ -243,14 +104,14 @@ def test_submit_queues_the_job_with_its_requirement() -> None:
     ({"needs": (cred(0),)}, "credential 'db' version must be >= 1"),
 ])
 def test_submit_refuses_malformed_jobs(fields: dict[str, Any], message: str) -> None:
-    r = Rig()
+    r = Rig.online()
     command = attrs.evolve(SubmitJob("j1", "k1", 2.0), **fields)
     err = r.refused(command, InvalidCommand)
     assert message in str(err)
 
 
 def test_submit_limits_are_inclusive() -> None:
-    r = Rig()
+    r = Rig.online()
     assert r.submit("x" * 256, "k" * 256, size_mb=0.0)
 
 
@@ -260,13 +121,13 @@ def test_submit_needs_a_runtime() -> None:
 
 
 def test_submit_refuses_time_going_backwards() -> None:
-    r = Rig()
+    r = Rig.online()
     r.refused(SubmitJob("j1", "k1", 0.5), TimeWentBackwards)
 
 
 @pytest.mark.parametrize("phase", ["queued", "leased", "completed"])
 def test_a_duplicate_key_yields_no_events(phase: str) -> None:
-    r = Rig()
+    r = Rig.online()
     r.submit("j1", "k1")
     if phase in ("leased", "completed"):
         r.dispatch()
@@ -281,7 +142,7 @@ def test_a_duplicate_key_yields_no_events(phase: str) -> None:
 
 
 def test_a_job_id_in_use_with_another_key_is_refused() -> None:
-    r = Rig()
+    r = Rig.online()
     r.submit("j1", "k1")
     err = r.refused(SubmitJob("j1", "k2", 2.0), InvalidCommand)
     assert "job id 'j1' is already in use by idempotency key 'k1'; use a new job id" in str(err)
@@ -290,12 +151,12 @@ def test_a_job_id_in_use_with_another_key_is_refused() -> None:
 
 
 def test_a_completed_key_is_forgotten_after_the_duplicate_window() -> None:
-    r = Rig(1, RuntimeSettings(duplicate_window_s=100.0))
+    r = Rig.online(1, RuntimeSettings(duplicate_window_s=100.0))
     r.submit("j1", "k1", at=2.0)
     r.dispatch()
     r.complete("j1", at=5.0)
     for t in (25.0, 50.0, 75.0, 100.0):
-        r.beat(t)
+        r.heartbeat_all(t)
     assert r.handle(SubmitJob("j2", "k1", 104.9)) == ()  # within the window: a duplicate
     # No job event happened since the completion (so nothing pruned the window yet), and
     # still the key is forgotten once the window has passed.
@@ -310,7 +171,7 @@ def test_a_completed_key_is_forgotten_after_the_duplicate_window() -> None:
 # --- dispatch: who may dispatch -------------------------------------------------------------
 
 def test_only_the_dispatcher_of_the_current_term_dispatches() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit("j1")
     assert (r.state.dispatcher, r.state.term) == ("n1", 1)
     err = r.refused(DispatchJobs("n2", 1, 2.0), NotDispatcher)
@@ -333,7 +194,7 @@ def test_only_the_dispatcher_of_the_current_term_dispatches() -> None:
 
 
 def test_dispatch_with_nothing_to_do_yields_no_events() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     assert r.handle(DispatchJobs("n1", 1, 2.0)) == ()
     r.submit("j1")
     assert r.handle(DispatchJobs("n1", 1, 2.0, max_jobs=0)) == ()
@@ -342,7 +203,7 @@ def test_dispatch_with_nothing_to_do_yields_no_events() -> None:
 # --- dispatch: the load-aware rule ----------------------------------------------------------
 
 def test_least_loaded_relative_to_limit_ties_to_earliest_registered() -> None:
-    r = Rig(3)
+    r = Rig.online(3)
     r.handle(SetConcurrencyLimit("n1", 4, 1.0))
     r.handle(SetConcurrencyLimit("n2", 2, 1.0))
     r.handle(SetConcurrencyLimit("n3", 4, 1.0))
@@ -363,7 +224,7 @@ def test_least_loaded_relative_to_limit_ties_to_earliest_registered() -> None:
 
 
 def test_existing_leases_count_towards_load() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit_n(3)
     r.dispatch(max_jobs=1)  # j1 -> n1
     r.handle(SetConcurrencyLimit("n2", 2, 2.0))
@@ -372,7 +233,7 @@ def test_existing_leases_count_towards_load() -> None:
 
 
 def test_fifo_across_requirement_queues() -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     r.report("n1", credentials=(cred(1),))
     r.heartbeat("n1", 2.0)
     r.handle(SetConcurrencyLimit("n1", 1, 2.0))
@@ -387,10 +248,10 @@ def test_fifo_across_requirement_queues() -> None:
 
 
 def test_a_job_needing_a_version_nobody_holds_waits_while_others_run() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.report("n1", credentials=(cred(2),))
     r.report("n2", credentials=(cred(1),))
-    r.beat(2.0)
+    r.heartbeat_all(2.0)
     r.submit("v3", needs=(cred(3),))  # first in line, but nobody holds version 3
     r.submit("v2", needs=(cred(2),))
     r.submit("plain")
@@ -404,15 +265,15 @@ def test_a_job_needing_a_version_nobody_holds_waits_while_others_run() -> None:
 
 
 def test_a_newer_held_version_satisfies_an_older_need() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.report("n2", credentials=(cred(5),))
-    r.beat(2.0)
+    r.heartbeat_all(2.0)
     r.submit("j", needs=(cred(4),))
     assert placed(r.dispatch()) == [("j", "n2")]
 
 
 def test_workers_must_be_reachable_from_the_dispatcher() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.isolated.add("n1")  # n1 reaches nobody on the intranet port
     r.heartbeat("n1", 2.0)
     assert r.status("n1") is NodeStatus.LIMITED
@@ -426,10 +287,10 @@ def test_workers_must_be_reachable_from_the_dispatcher() -> None:
 
 
 def test_nodes_that_are_not_online_or_limited_get_no_work() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.register("n3")
     r.report("n2", config_hash="other")  # n2 differs from the majority (n1 and n3)
-    r.beat(2.0)
+    r.heartbeat_all(2.0)
     assert r.status("n2") is NodeStatus.INACTIVE
     assert r.status("n3") is NodeStatus.ONLINE
     r.register("n4", at=2.0)
@@ -439,7 +300,7 @@ def test_nodes_that_are_not_online_or_limited_get_no_work() -> None:
 
 
 def test_max_jobs_and_limits_bound_one_dispatch() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit_n(20)
     assert len(r.dispatch(max_jobs=3)) == 3
     assert len(r.dispatch()) == 13  # 8 + 8 slots
@@ -461,7 +322,7 @@ def test_default_limit_formula(cores: int, memory_mb: int, limit: int) -> None:
 
 
 def test_default_limit_applies_to_registered_nodes() -> None:
-    r = Rig(1, cores=2, memory_mb=16384)
+    r = Rig.online(1, cores=2, memory_mb=16384)
     assert concurrency_limit(r.state, "n1") == 4
     r.submit_n(6)
     assert len(r.dispatch()) == 4
@@ -469,14 +330,14 @@ def test_default_limit_applies_to_registered_nodes() -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, 257, 1.5, "4", 10**9])
 def test_set_limit_refuses_values_out_of_bounds(bad: Any) -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     err = r.refused(SetConcurrencyLimit("n1", bad, 2.0), InvalidCommand)
     assert "concurrency limit for 'n1' must be 1..256 or None (default)" in str(err)
 
 
 def test_set_limit_bounds_are_inclusive_and_named() -> None:
     assert LIMIT_RANGE == (1, 256)
-    r = Rig(1)
+    r = Rig.online(1)
     assert r.handle(SetConcurrencyLimit("n1", 1, 2.0)) == (ConcurrencyLimitSet("n1", 1, 2.0),)
     assert r.handle(SetConcurrencyLimit("n1", 256, 2.0)) == (
         ConcurrencyLimitSet("n1", 256, 2.0),)
@@ -486,7 +347,7 @@ def test_set_limit_bounds_are_inclusive_and_named() -> None:
 
 
 def test_lowering_a_limit_below_running_drains_without_stopping() -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     r.submit_n(6)
     assert len(r.dispatch()) == 6
     events = r.handle(SetConcurrencyLimit("n1", 2, 2.0))
@@ -504,7 +365,7 @@ def test_lowering_a_limit_below_running_drains_without_stopping() -> None:
 
 
 def test_none_restores_the_default_limit() -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     assert r.handle(SetConcurrencyLimit("n1", None, 2.0)) == ()  # no override: satisfied
     r.handle(SetConcurrencyLimit("n1", 3, 2.0))
     assert concurrency_limit(r.state, "n1") == 3
@@ -515,13 +376,12 @@ def test_none_restores_the_default_limit() -> None:
 
 
 def test_an_override_is_removed_with_its_node() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.handle(SetConcurrencyLimit("n2", 3, 2.0))
     events = r.handle(RemoveNode("n2", 3.0))
     assert [type(e) for e in events][:2] == [ConcurrencyLimitSet, NodeRemoved]
     assert events[0] == ConcurrencyLimitSet("n2", None, 3.0)
     assert r.state.jobs.limits == {}
-    del r.sessions["n2"]
     r.register("n2", at=4.0)  # a new node under the old name starts at its default
     assert concurrency_limit(r.state, "n2") == 8
 
@@ -529,7 +389,7 @@ def test_an_override_is_removed_with_its_node() -> None:
 # --- leases ---------------------------------------------------------------------------------
 
 def test_a_lease_is_fenced_by_term_node_and_delivery() -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     r.submit("j1")
     (leased,) = r.dispatch(at=2.0)
     assert leased == JobLeased(LeaseToken("j1", "n1", 1, 1), 62.0, 2.0)
@@ -537,7 +397,7 @@ def test_a_lease_is_fenced_by_term_node_and_delivery() -> None:
 
 
 def test_renewal_extends_the_expiry() -> None:
-    r = Rig(1, RuntimeSettings(lock_duration_s=20.0))
+    r = Rig.online(1, RuntimeSettings(lock_duration_s=20.0))
     r.submit("j1")
     (leased,) = r.dispatch(at=2.0)
     assert next_deadline(r.state) == 22.0
@@ -551,7 +411,7 @@ def test_renewal_extends_the_expiry() -> None:
 
 
 def test_a_lease_expires_exactly_at_its_deadline() -> None:
-    r = Rig(1, RuntimeSettings(lock_duration_s=20.0))
+    r = Rig.online(1, RuntimeSettings(lock_duration_s=20.0))
     r.submit("j1")
     (leased,) = r.dispatch(at=2.0)
     deadline = next_deadline(r.state)
@@ -567,7 +427,7 @@ def test_a_lease_expires_exactly_at_its_deadline() -> None:
 
 
 def test_renewing_at_the_expiry_is_too_late() -> None:
-    r = Rig(1, RuntimeSettings(lock_duration_s=20.0))
+    r = Rig.online(1, RuntimeSettings(lock_duration_s=20.0))
     r.submit("j1")
     (leased,) = r.dispatch(at=2.0)
     r.refused(RenewLease(leased.token, 22.0), StaleLease)
@@ -590,7 +450,7 @@ VERBS = ["renew", "complete", "abandon", "fail"]
 @pytest.mark.parametrize("how", ["other node", "old term", "next delivery", "old delivery",
                                  "after completion by a newer delivery"])
 def test_a_stale_token_is_refused(verb: str, how: str) -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit("j1")
     (leased,) = r.dispatch(at=2.0)
     live = leased.token
@@ -614,20 +474,20 @@ def test_a_stale_token_is_refused(verb: str, how: str) -> None:
 
 @pytest.mark.parametrize("verb", VERBS)
 def test_an_unknown_job_is_refused(verb: str) -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     err = r.refused(_command(verb, LeaseToken("nope", "n1", 1, 1), 2.0), UnknownJob)
     assert "no queued or running job 'nope'" in str(err)
 
 
 @pytest.mark.parametrize("verb", VERBS)
 def test_a_queued_job_has_no_live_lease(verb: str) -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     r.submit("j1")
     r.refused(_command(verb, LeaseToken("j1", "n1", 1, 1), 2.0), StaleLease)
 
 
 def test_completion_is_idempotent_with_the_same_token() -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     r.submit("j1", "k1")
     (leased,) = r.dispatch()
     d = handle(r.state, CompleteJob(leased.token, 3.0))
@@ -647,7 +507,7 @@ def test_completion_is_idempotent_with_the_same_token() -> None:
 @pytest.mark.parametrize(("verb", "reason"), [("abandon", ReleaseReason.ABANDONED),
                                               ("fail", ReleaseReason.FAILED)])
 def test_abandon_and_fail_requeue_at_the_head(verb: str, reason: ReleaseReason) -> None:
-    r = Rig(1)
+    r = Rig.online(1)
     r.handle(SetConcurrencyLimit("n1", 1, 1.0))
     r.submit_n(3)
     (first,) = r.dispatch()
@@ -670,7 +530,7 @@ def test_abandon_and_fail_requeue_at_the_head(verb: str, reason: ReleaseReason) 
     ("expire", ReleaseReason.EXPIRED),
 ])
 def test_dead_lettered_after_max_deliveries(how: str, reason: ReleaseReason) -> None:
-    r = Rig(1, RuntimeSettings(max_deliveries=3, lock_duration_s=5.0))
+    r = Rig.online(1, RuntimeSettings(max_deliveries=3, lock_duration_s=5.0))
     r.submit("j1", "k1")
     t = 2.0
     for delivery in (1, 2, 3):
@@ -701,7 +561,7 @@ def test_dead_lettered_after_max_deliveries(how: str, reason: ReleaseReason) -> 
 
 def test_default_max_deliveries_is_ten() -> None:
     assert RuntimeSettings().max_deliveries == 10
-    r = Rig(1)
+    r = Rig.online(1)
     r.submit("j1")
     for delivery in range(1, 11):
         (leased,) = r.dispatch()
@@ -711,12 +571,12 @@ def test_default_max_deliveries_is_ten() -> None:
 
 
 def test_an_offline_node_loses_its_leases_and_the_jobs_go_elsewhere() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit_n(4)
     assert placed(r.dispatch()) == [("j1", "n1"), ("j2", "n2"), ("j3", "n1"), ("j4", "n2")]
     lost = r.tokens("n2")
-    r.beat(11.0, skip=["n2"])
-    r.beat(21.0, skip=["n2"])
+    r.heartbeat_all(11.0, skip=["n2"])
+    r.heartbeat_all(21.0, skip=["n2"])
     events = r.handle(Tick(31.0))  # n2 silent for 30 s
     assert r.status("n2") is NodeStatus.OFFLINE
     assert of_type(events, JobReleased) == [
@@ -730,7 +590,7 @@ def test_an_offline_node_loses_its_leases_and_the_jobs_go_elsewhere() -> None:
 
 
 def test_a_removed_node_loses_its_leases() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit_n(2)
     r.dispatch()
     lost = r.token("j2")
@@ -741,13 +601,13 @@ def test_a_removed_node_loses_its_leases() -> None:
 
 
 def test_a_node_back_from_hibernation_is_fenced() -> None:
-    r = Rig(3)
+    r = Rig.online(3)
     r.submit_n(3)
     r.dispatch()
     old = r.token("j1")  # n1 dispatches (term 1) and runs j1
     assert old.node == "n1"
     for t in (11.0, 21.0, 31.0):  # n1 hibernates; the others heartbeat
-        events = r.beat(t, skip=["n1"])
+        events = r.heartbeat_all(t, skip=["n1"])
     assert r.status("n1") is NodeStatus.OFFLINE
     assert of_type(events, DispatcherChanged)[0].term == 2
     assert r.state.dispatcher == "n2"
@@ -768,11 +628,11 @@ def test_a_node_back_from_hibernation_is_fenced() -> None:
 
 
 def test_a_node_back_from_hibernation_before_anyone_noticed_is_fenced() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit_n(2)
     r.dispatch()
     old = r.token("j1")
-    r.beat(20.0, skip=["n1"])
+    r.heartbeat_all(20.0, skip=["n1"])
     # n1 returns at 45 s and, before heartbeating, reports j1 done: nobody ticked in between,
     # but the decision settles time first, so n1 is Offline and its lease over
     r.refused(CompleteJob(old, 45.0), StaleLease)
@@ -784,7 +644,7 @@ def test_a_node_back_from_hibernation_before_anyone_noticed_is_fenced() -> None:
 # --- effects --------------------------------------------------------------------------------
 
 def test_effects_deliver_each_lease_and_stop_each_release() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit_n(3)
     d = handle(r.state, DispatchJobs("n1", 1, 2.0))
     r.state = d.state
@@ -808,7 +668,7 @@ def test_effects_deliver_each_lease_and_stop_each_release() -> None:
 # --- counters, capacity, advice --------------------------------------------------------------
 
 def test_job_stats_counts_and_capacity() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     assert job_stats(r.state).capacity == 16
     r.submit_n(5)
     leased = r.dispatch(max_jobs=3)
@@ -819,13 +679,13 @@ def test_job_stats_counts_and_capacity() -> None:
             stats.released) == (3, 1, 5, 1, 0, 1)
     r.handle(SetConcurrencyLimit("n2", 3, 2.0))
     assert job_stats(r.state).capacity == 11
-    r.beat(25.0, skip=["n2"])
+    r.heartbeat_all(25.0, skip=["n2"])
     r.handle(Tick(31.0))
     assert job_stats(r.state).capacity == 8  # Offline nodes add nothing
 
 
 def test_scale_advice() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     assert scale_advice(r.state) == ()  # idle and unsaturated: nothing to say
     # n1: CPU high and memory low -> add a node
     r.report("n1", cpu_pct=92.0, available_memory_mb=800)
@@ -855,7 +715,7 @@ def test_scale_advice() -> None:
 
 
 def test_scale_up_suggestion_stays_within_bounds() -> None:
-    r = Rig(1, cores=64, memory_mb=1 << 20)
+    r = Rig.online(1, cores=64, memory_mb=1 << 20)
     r.handle(SetConcurrencyLimit("n1", 200, 2.0))
     r.report("n1", available_memory_mb=1 << 19)
     r.heartbeat("n1", 2.0)
@@ -866,11 +726,11 @@ def test_scale_up_suggestion_stays_within_bounds() -> None:
 
 
 def test_no_advice_for_nodes_that_are_not_up() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.report("n2", cpu_pct=99.0, available_memory_mb=10)
     r.heartbeat("n2", 2.0)
     assert [a.node for a in scale_advice(r.state)] == ["n2"]
-    r.beat(25.0, skip=["n2"])
+    r.heartbeat_all(25.0, skip=["n2"])
     r.handle(Tick(32.0))
     assert scale_advice(r.state) == ()
 
@@ -879,7 +739,7 @@ def test_no_advice_for_nodes_that_are_not_up() -> None:
 
 def test_finished_jobs_leave_counters_not_records() -> None:
     window = 100.0
-    r = Rig(1, RuntimeSettings(duplicate_window_s=window))
+    r = Rig.online(1, RuntimeSettings(duplicate_window_s=window))
     n = 0
     for step in range(200):  # 1000 jobs over 1000 s, ten windows
         t = 2.0 + 5.0 * step
@@ -904,7 +764,7 @@ def test_finished_jobs_leave_counters_not_records() -> None:
 
 
 def test_a_decision_never_changes_the_state_it_is_given() -> None:
-    r = Rig(2)
+    r = Rig.online(2)
     r.submit_n(3)
     branch = r.state.copy()
     before = r.state.fingerprint()

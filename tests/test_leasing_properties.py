@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from collections import Counter
 from typing import Any
 
 import attrs
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from rig import Rig
 
 from shir.core import (
     AbandonJob,
     AnnounceDispatcher,
-    AuthKey,
     CompleteJob,
-    CreateRuntime,
     CredentialVersion,
     DeliverJob,
     DispatcherChanged,
@@ -55,25 +53,22 @@ from shir.core import (
     JobLeased,
     JobReleased,
     JobSubmitted,
-    KeyName,
     LeaseRenewed,
     LeaseToken,
     NodeMetrics,
     NodeRegistered,
     NodeStatus,
-    RegisterNode,
     RemoveNode,
     RenewLease,
     RuntimeSettings,
+    RuntimeState,
     SetConcurrencyLimit,
     StaleLease,
-    StartSession,
     StopJob,
     SubmitJob,
     Tick,
     UnknownJob,
     fold,
-    handle,
     initial,
     job_stats,
     next_deadline,
@@ -102,16 +97,12 @@ STALE = (StaleLease, UnknownJob)
 
 
 class World:
-    """One runtime with three nodes, driven as hosts and nodes would drive it."""
+    """One runtime with three nodes, driven as hosts and nodes would drive it: the shared
+    ``rig.Rig`` keeps the state, log, effects and sessions; this adds what nodes know and do."""
 
     def __init__(self) -> None:
-        rng = random.Random(11)
-        self.keys = {k: AuthKey.from_seed("rt-p", k, 1, rng.randbytes(48)) for k in KeyName}
-        self.state = initial()
-        self.log: list[object] = []
-        self.now = 0.0
+        self.rig = Rig(SETTINGS, runtime_id="rt-p", seed=11)
         self.awake = dict.fromkeys(NODES, True)
-        self.sessions = dict.fromkeys(NODES, 1)
         self.creds = dict.fromkeys(NODES, 2)  # the version of DB each node holds
         self.held: dict[str, list[LeaseToken]] = {n: [] for n in NODES}  # what each node runs
         self.heard_term = dict.fromkeys(NODES, 0)  # the latest term each node was told of
@@ -119,10 +110,6 @@ class World:
         self.completed_at: dict[str, float] = {}  # idempotency key -> last completion
         self.jobs = 0
         self.notes: set[str] = set()  # what happened, for Hypothesis' statistics
-        self.handle(CreateRuntime(
-            "rt-p", "factory-1", "props", self.keys[KeyName.KEY1], self.keys[KeyName.KEY2],
-            0.0, "", SETTINGS,
-        ))
         for n in NODES:
             self.register(n)
         for n in NODES:
@@ -130,35 +117,52 @@ class World:
 
     # --- plumbing ---------------------------------------------------------------------------
 
+    @property
+    def state(self) -> RuntimeState:
+        return self.rig.state
+
+    @property
+    def log(self) -> list[object]:
+        return self.rig.log
+
+    @property
+    def now(self) -> float:
+        return self.rig.now
+
+    @now.setter
+    def now(self, t: float) -> None:
+        self.rig.now = t
+
+    @property
+    def sessions(self) -> dict[str, int]:
+        return self.rig.sessions
+
     def handle(self, command: Any, allowed: tuple[type[DomainError], ...] = ()
                ) -> tuple[object, ...] | None:
         """Run ``command``; a refusal must be one of ``allowed`` and must change nothing."""
         before = self.state.fingerprint()
+        seen = len(self.rig.effects)
         try:
-            d = handle(self.state, command)
+            events = self.rig.handle(command)
         except DomainError as err:
             assert isinstance(err, allowed), f"{command!r} refused: {err!r}"
             assert self.state.fingerprint() == before, f"refused {command!r} changed the state"
             self.notes.add(f"refused: {type(err).__name__}")
             return None
-        self.state = d.state
-        self.log.extend(d.events)
-        self.now = max(self.now, command.at)
-        for e in d.events:
+        for e in events:
             if isinstance(e, JobCompleted):
                 self.completed_at[e.idempotency_key] = e.at
             elif isinstance(e, (JobReleased, JobDeadLettered)):
                 self.notes.add(f"{type(e).__name__}: {e.reason.value}")
-        for fx in d.effects:
+        for fx in self.rig.effects[seen:]:
             self.receive(fx)
         self.check_leases_end_with_their_node()
-        return d.events
+        return events
 
     def receive(self, fx: object) -> None:
-        """Nodes act on effects only while awake (a hibernating node misses them)."""
-        if isinstance(fx, StartSession):
-            self.sessions[fx.node] = fx.session
-        elif isinstance(fx, AnnounceDispatcher):
+        """Nodes act on effects only while awake (a hibernating node misses them); the rig
+        adopts each ``StartSession``."""
+        if isinstance(fx, AnnounceDispatcher):
             for n in NODES:
                 if self.awake[n]:
                     self.heard_term[n] = fx.term
@@ -183,9 +187,9 @@ class World:
     # --- nodes ------------------------------------------------------------------------------
 
     def register(self, node: str) -> None:
-        self.handle(RegisterNode(self.keys[KeyName.KEY1].text, node, f"m-{node}", 2, 4096,
-                                 self.now, NodeMetrics(remote_access=True)))
-        self.sessions[node] = 1
+        command = self.rig.register_cmd(node, cores=2, memory_mb=4096)
+        self.handle(command)
+        self.rig.adopt(command)
 
     def metrics(self, node: str) -> NodeMetrics:
         return NodeMetrics(

@@ -1,6 +1,6 @@
 """The runtime lifecycle, rule by rule and refusal by refusal (shir.core.decide, keys, rules).
 
-Every test drives the core through ``Cluster`` (tests/lifecycle_helpers.py), which asserts on
+Every test drives the core through ``Rig`` (tests/rig.py), which asserts on
 each refusal that the state's fingerprint did not change.
 """
 
@@ -11,7 +11,7 @@ import re
 
 import attrs
 import pytest
-from lifecycle_helpers import DAY_S, Cluster, names, of_type, statuses, terms
+from rig import DAY_S, Rig, names, of_type, statuses, terms
 
 from shir.core import (
     AnnounceDispatcher,
@@ -63,13 +63,10 @@ from shir.core.model import InvalidSettings
 ON, LIM, OFF = NodeStatus.ONLINE, NodeStatus.LIMITED, NodeStatus.OFFLINE
 
 
-def online(n: int = 2, at: float = 10.0, **settings: object) -> Cluster:
+def online(n: int = 2, at: float = 10.0, **settings: object) -> Rig:
     """A runtime with nodes n1..n<n>, all Online after one heartbeat at ``at``; n1 dispatches."""
-    c = Cluster(RuntimeSettings(**settings) if settings else None)  # type: ignore[arg-type]
-    c.register_n(n)
-    c.heartbeat_all(at)
-    assert [c.status(x) for x in c.sessions] == [ON] * n
-    return c
+    return Rig.online(n, RuntimeSettings(**settings) if settings else None,  # type: ignore[arg-type]
+                      at=at)
 
 
 def secret_of(key_text: str) -> str:
@@ -83,7 +80,7 @@ def _fields(command: object) -> dict[str, object]:
 # --- the runtime and its keys ----------------------------------------------------------------
 
 def test_create_runtime_keeps_verifiers_not_keys() -> None:
-    c = Cluster()
+    c = Rig()
     (created,) = c.log
     assert created.key1 == c.keys[KeyName.KEY1].verifier()
     assert c.state.runtime.type == "SelfHosted"
@@ -97,7 +94,7 @@ def test_create_runtime_keeps_verifiers_not_keys() -> None:
 
 
 def test_create_runtime_again_is_satisfied_and_another_is_refused() -> None:
-    c = Cluster()
+    c = Rig()
     assert c.handle(c.create) == ()
     later = CreateRuntime(**{**_fields(c.create), "at": 5.0})
     assert c.handle(later) == ()
@@ -118,8 +115,8 @@ def test_create_runtime_again_is_satisfied_and_another_is_refused() -> None:
     ],
 )
 def test_create_runtime_refuses_bad_fields(change: dict[str, object], message: str) -> None:
-    c = Cluster()
-    fresh = Cluster(seed=1)
+    c = Rig()
+    fresh = Rig(seed=1)
     command = CreateRuntime(**{**_fields(fresh.create), **change})
     c.state = initial()
     err = c.refused(command, InvalidCommand)
@@ -127,7 +124,7 @@ def test_create_runtime_refuses_bad_fields(change: dict[str, object], message: s
 
 
 def test_create_runtime_refuses_keys_not_made_for_it() -> None:
-    c = Cluster()
+    c = Rig()
     c.state = initial()
     base = _fields(c.create)
     k1, k2 = c.keys[KeyName.KEY1], c.keys[KeyName.KEY2]
@@ -147,7 +144,7 @@ def test_auth_key_from_seed_refusals() -> None:
 
 
 def test_regenerated_key_registers_nothing_and_the_refusal_names_the_slot() -> None:
-    c = Cluster()
+    c = Rig()
     old = c.key_text(KeyName.KEY1)
     assert names(c.regenerate(KeyName.KEY1, at=1)) == ["AuthKeyRegenerated"]
     assert c.state.key_generations[KeyName.KEY1] == 2
@@ -159,7 +156,7 @@ def test_regenerated_key_registers_nothing_and_the_refusal_names_the_slot() -> N
 
 
 def test_regenerate_repeat_is_satisfied_and_generation_must_grow() -> None:
-    c = Cluster()
+    c = Rig()
     c.regenerate(KeyName.KEY2, at=1)
     assert c.handle(RegenerateAuthKey(c.keys[KeyName.KEY2], 2)) == ()
     same_gen = c.new_key(KeyName.KEY2, 2)
@@ -175,7 +172,7 @@ def test_regenerate_repeat_is_satisfied_and_generation_must_grow() -> None:
 
 
 def test_commands_before_create_runtime_are_refused() -> None:
-    c = Cluster()
+    c = Rig()
     c.state = initial()
     for command in (
         c.register_cmd("n1"),
@@ -189,7 +186,7 @@ def test_commands_before_create_runtime_are_refused() -> None:
 
 
 def test_not_a_command_is_refused() -> None:
-    c = Cluster()
+    c = Rig()
     err = c.refused("RegisterNode", InvalidCommand)
     assert "str is not a command; expected one of " in str(err)
     assert "CreateRuntime" in str(err) and "Tick" in str(err)
@@ -198,7 +195,7 @@ def test_not_a_command_is_refused() -> None:
 # --- registration ------------------------------------------------------------------------------
 
 def test_either_key_registers_a_node() -> None:
-    c = Cluster()
+    c = Rig()
     events = c.register("n1", key=c.key_text(KeyName.KEY1))
     assert names(events) == ["NodeRegistered"]
     assert events[0].key_name is KeyName.KEY1
@@ -209,8 +206,8 @@ def test_either_key_registers_a_node() -> None:
 
 
 def test_key_of_another_runtime_is_refused_as_such() -> None:
-    c = Cluster()
-    other = Cluster(runtime_id="rt-other", seed=7)
+    c = Rig()
+    other = Rig(runtime_id="rt-other", seed=7)
     text = other.key_text()
     err = c.refused(c.register_cmd("n1", key=text), WrongRuntimeKey)
     assert "belongs to runtime 'rt-other', not to 'rt-1'" in str(err)
@@ -238,7 +235,7 @@ def _with_secret(text: str, secret: str) -> str:
     ],
 )
 def test_garbage_keys_are_refused_without_repeating_the_secret(garble, message) -> None:  # type: ignore[no-untyped-def]
-    c = Cluster()
+    c = Rig()
     text = c.key_text(KeyName.KEY1)
     secret = secret_of(text)
     bad = garble(text, secret)
@@ -250,13 +247,13 @@ def test_garbage_keys_are_refused_without_repeating_the_secret(garble, message) 
 
 
 def test_non_text_key_is_refused() -> None:
-    c = Cluster()
+    c = Rig()
     err = c.refused(c.register_cmd("n1", key=12345), InvalidAuthKey)  # type: ignore[arg-type]
     assert "not an auth key" in str(err)
 
 
 def test_at_most_four_nodes() -> None:
-    c = Cluster()
+    c = Rig()
     c.register_n(4)
     err = c.refused(c.register_cmd("n5"), TooManyNodes)
     assert "runtime 'shir-test' already has 4 nodes (max 4); remove one" in str(err)
@@ -265,14 +262,14 @@ def test_at_most_four_nodes() -> None:
 
 
 def test_max_nodes_setting_lowers_the_limit() -> None:
-    c = Cluster(RuntimeSettings(max_nodes=1))
+    c = Rig(RuntimeSettings(max_nodes=1))
     c.register("n1")
     err = c.refused(c.register_cmd("n2"), TooManyNodes)
     assert "(max 1)" in str(err)
 
 
 def test_node_names_are_unique_and_the_same_registration_is_satisfied() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1", machine="m1")
     assert c.handle(c.register_cmd("n1", machine="m1", key=c.key_text(KeyName.KEY2))) == ()
     err = c.refused(c.register_cmd("n1", machine="m2"), NodeNameTaken)
@@ -280,14 +277,14 @@ def test_node_names_are_unique_and_the_same_registration_is_satisfied() -> None:
 
 
 def test_one_runtime_per_machine() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1", machine="m1")
     err = c.refused(c.register_cmd("n2", machine="m1"), MachineAlreadyRegistered)
     assert "machine 'm1' already hosts node 'n1'" in str(err)
 
 
 def test_remote_access_disabled_names_the_nodes() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1", remote_access=False)
     err = c.refused(c.register_cmd("n2"), RemoteAccessDisabled)
     assert "node 'n2' cannot join: remote access from intranet (TCP 8060) is off on n1" in str(err)
@@ -296,7 +293,7 @@ def test_remote_access_disabled_names_the_nodes() -> None:
     assert names(c.register("n2", remote_access=False, at=6)) == ["NodeRegistered"]
     err = c.refused(c.register_cmd("n3", at=7), RemoteAccessDisabled)
     assert "is off on n2," in str(err)
-    c2 = Cluster(RuntimeSettings(intranet_port=9000))
+    c2 = Rig(RuntimeSettings(intranet_port=9000))
     c2.register("a", remote_access=False)
     assert "TCP 9000) is off on a," in str(c2.refused(c2.register_cmd("b"), RemoteAccessDisabled))
 
@@ -311,7 +308,7 @@ def test_remote_access_disabled_names_the_nodes() -> None:
     ],
 )
 def test_register_refuses_bad_fields(change: dict[str, object], message: str) -> None:
-    c = Cluster()
+    c = Rig()
     kw = {"node": "n1", **change}
     node = kw.pop("node")
     err = c.refused(c.register_cmd(node, **kw), InvalidCommand)  # type: ignore[arg-type]
@@ -385,7 +382,7 @@ def test_the_same_heartbeat_again_yields_nothing() -> None:
 
 
 def test_first_heartbeat_brings_a_node_online_and_a_dispatcher() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1")
     assert c.status("n1") is NodeStatus.INITIALIZING
     assert c.reasons("n1") == ("waiting for the first heartbeat",)
@@ -399,7 +396,7 @@ def test_first_heartbeat_brings_a_node_online_and_a_dispatcher() -> None:
 
 
 def test_a_node_whose_first_heartbeat_never_comes_failed_to_initialize() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1", at=0)
     assert next_deadline(c.state) == 30
     events = c.tick(30)
@@ -434,6 +431,24 @@ def test_limited_when_a_peer_port_is_unreachable() -> None:
     assert c.state.dispatcher == "n1"
     c.heartbeat("n3", at=30)
     assert c.status("n3") is ON
+
+
+def test_a_peer_back_from_silence_is_unknown_not_unreachable_until_the_next_report() -> None:
+    # n3 sleeps past offline detection while n1 and n2 report it unreachable; when it wakes, their
+    # reports predate its return and say nothing about it: nobody flaps to Limited, and the
+    # dispatcher may hand n3 work at once. A report taken after its return counts again.
+    c = online(3)
+    c.run(60, skip=["n3"])
+    assert c.status("n3") is OFF
+    c.heartbeat("n1", at=65, reachable_peers=("n2",))
+    c.heartbeat("n2", at=65, reachable_peers=("n1",))
+    assert (c.status("n1"), c.status("n2")) == (ON, ON)  # n3 is not live: no verdict needed
+    c.heartbeat("n3", at=66)
+    assert c.status("n3") is ON
+    assert (c.status("n1"), c.status("n2")) == (ON, ON)
+    c.heartbeat("n1", at=70, reachable_peers=("n2",))
+    assert c.status("n1") is LIM
+    assert c.reasons("n1") == ("cannot reach n3 on the intranet port",)
 
 
 def test_limited_when_the_control_channel_is_down_and_the_dispatcher_moves() -> None:
@@ -479,7 +494,7 @@ def test_inactive_when_the_config_differs_from_a_strict_majority() -> None:
 
 
 def test_runtime_status_is_derived_from_the_nodes() -> None:
-    c = Cluster()
+    c = Rig()
     assert c.state.status is RuntimeStatus.NEED_REGISTRATION
     c.register_n(2)
     assert c.state.status is RuntimeStatus.OFFLINE  # nobody can work yet
@@ -620,7 +635,7 @@ def test_regenerating_a_key_settles_what_is_due() -> None:
 # --- dispatcher ------------------------------------------------------------------------------
 
 def test_the_first_eligible_node_dispatches_and_keeps_the_role() -> None:
-    c = Cluster()
+    c = Rig()
     c.register_n(3)
     c.heartbeat("n2", at=5)  # n1 and n3 are still Initializing
     assert (c.state.term, c.state.dispatcher) == (1, "n2")
@@ -744,7 +759,7 @@ def test_a_refused_command_leaves_the_state_usable_and_equal() -> None:
     c = online(2)
     before = c.state.fingerprint()
     for command in (c.register_cmd("n1", machine="other"), c.heartbeat_cmd("n1", at=1)):
-        with pytest.raises(Exception):  # noqa: B017 - Cluster.refused checks the types
+        with pytest.raises(Exception):  # noqa: B017 - Rig.refused checks the types
             handle(c.state, command)
     assert c.state.fingerprint() == before
     assert names(c.heartbeat("n1", at=20)) == ["HeartbeatReceived"]

@@ -1,6 +1,6 @@
 """Properties of the runtime lifecycle over random command sequences (Hypothesis, stateful).
 
-The machine drives ``Cluster`` (tests/lifecycle_helpers.py) with registrations under valid and
+The machine drives ``Rig`` (tests/rig.py) with registrations under valid and
 invalid keys, heartbeats of random subsets with random metrics, hibernation (a node stops
 heartbeating and later wakes under its old session), time jumps, ticks, removals, key
 regeneration and updates. After every command it checks:
@@ -34,7 +34,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from lifecycle_helpers import DAY_S, Cluster
+from rig import DAY_S, Rig
 
 from shir.core import (
     DispatcherChanged,
@@ -79,7 +79,7 @@ releases = st.one_of(
 
 
 class Lifecycle(RuleBasedStateMachine):
-    c: Cluster
+    c: Rig
 
     @initialize(
         expiry=st.sampled_from([None, 100.0]),
@@ -92,7 +92,7 @@ class Lifecycle(RuleBasedStateMachine):
         self, expiry: float | None, warning_days: int, max_nodes: int, seed: int,
         start_with: int,
     ) -> None:
-        self.c = Cluster(
+        self.c = Rig(
             RuntimeSettings(
                 offline_expiry_s=expiry, version_warning_days=warning_days, max_nodes=max_nodes
             ),
@@ -100,7 +100,7 @@ class Lifecycle(RuleBasedStateMachine):
         )
         self.asleep: set[str] = set()
         self.old_keys: list[str] = []
-        self.foreign_key = Cluster(runtime_id="rt-other", seed=seed + 1).key_text()
+        self.foreign_key = Rig(runtime_id="rt-other", seed=seed + 1).key_text()
         self.status: dict[str, tuple[NodeStatus, tuple[str, ...]]] = {}
         self.term = 0
         self.term_holder: dict[int, str | None] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from lifecycle_helpers import DAY_S, Cluster
+from rig import DAY_S, Rig
 
 from shir.core import (
     AccessRole,
@@ -37,11 +37,9 @@ SHARED = FactoryRef("factory-1", "t", "msi-1")
 
 
 @pytest.fixture
-def c() -> Cluster:
+def c() -> Rig:
     """Two nodes Online, n2 limited to 3 jobs, factories b and c linked, c revoked."""
-    c = Cluster(RuntimeSettings(version_lifetime_days=365, version_warning_days=90))
-    c.register_n(2, at=0)
-    c.heartbeat_all(at=1)
+    c = Rig.online(2, RuntimeSettings(version_lifetime_days=365, version_warning_days=90))
     c.handle(SetConcurrencyLimit("n2", 3, 2.0))
     rt = c.state.runtime
     assert rt is not None
@@ -57,7 +55,7 @@ def c() -> Cluster:
     return c
 
 
-def test_runtime_fields(c: Cluster) -> None:
+def test_runtime_fields(c: Rig) -> None:
     v = monitoring_view(c.state)
     assert (v.name, v.runtime_id, v.factory_id) == ("shir-test", "rt-1", "factory-1")
     assert v.resource_id == "/factories/factory-1/integrationRuntimes/rt-1"
@@ -69,7 +67,7 @@ def test_runtime_fields(c: Cluster) -> None:
     assert (v.dispatcher, v.term, v.at) == ("n1", 1, 6.0)
 
 
-def test_node_fields(c: Cluster) -> None:
+def test_node_fields(c: Rig) -> None:
     n1, n2 = monitoring_view(c.state).nodes
     assert (n1.name, n1.status, n1.reasons, n1.role) == ("n1", NodeStatus.ONLINE, (),
                                                          "dispatcher/worker")
@@ -82,7 +80,7 @@ def test_node_fields(c: Cluster) -> None:
     assert n1.remote_access and n1.proxy == "no proxy"
 
 
-def test_links_show_both_sides(c: Cluster) -> None:
+def test_links_show_both_sides(c: Rig) -> None:
     b, cc = monitoring_view(c.state).links
     assert (b.linked_runtime_id, b.factory_id, b.status, b.revoked_at) == (
         "lk-b", "factory-b", "Active", None)
@@ -96,7 +94,7 @@ def test_links_show_both_sides(c: Cluster) -> None:
         linked_view(c.state, "lk-z")
 
 
-def test_offline_node_shows_since_when_and_why(c: Cluster) -> None:
+def test_offline_node_shows_since_when_and_why(c: Rig) -> None:
     c.run(60, skip=["n2"])
     v = monitoring_view(c.state)
     n2 = v.nodes[1]
@@ -108,14 +106,14 @@ def test_offline_node_shows_since_when_and_why(c: Cluster) -> None:
     assert "why: missed heartbeats for 30 s" in text
 
 
-def test_limited_node_names_the_check_that_failed(c: Cluster) -> None:
+def test_limited_node_names_the_check_that_failed(c: Rig) -> None:
     c.heartbeat("n2", at=7, control_channel_ok=False)
     n2 = monitoring_view(c.state).nodes[1]
     assert n2.status is NodeStatus.LIMITED and n2.reasons == ("control channel unreachable",)
 
 
 def test_version_status_warns_then_expires() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1")
     c.report("n1", version_released_at=0.0)
     c.heartbeat_all(at=1)
@@ -127,7 +125,7 @@ def test_version_status_warns_then_expires() -> None:
 
 
 def test_a_node_that_never_spoke_has_no_metrics_and_proxy_shows_without_secrets() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1", at=0)
     c.handle(SaveProxySettings("n1", ProxySettings(ProxyMode.CUSTOM, "p.contoso.com", 8080,
                                                    b"enc-u", b"enc-p"), 1.0))
@@ -139,21 +137,21 @@ def test_a_node_that_never_spoke_has_no_metrics_and_proxy_shows_without_secrets(
     assert "enc-" not in text and "last connected never" in text
 
 
-def test_the_view_is_a_pure_query(c: Cluster) -> None:
+def test_the_view_is_a_pure_query(c: Rig) -> None:
     before = c.state.fingerprint()
     render(monitoring_view(c.state))
     assert c.state.fingerprint() == before
 
 
 def test_render_of_an_empty_runtime_says_what_to_do() -> None:
-    c = Cluster()
+    c = Rig()
     v = monitoring_view(c.state)
     assert v.status is RuntimeStatus.NEED_REGISTRATION
     assert "register a node with an auth key" in render(v)
 
 
 def test_last_update_result_success_and_rollback() -> None:
-    c = Cluster()
+    c = Rig()
     c.register_n(2, at=0)
     c.heartbeat_all(at=1)
     assert monitoring_view(c.state).nodes[0].last_update is None

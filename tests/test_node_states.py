@@ -4,7 +4,7 @@ each with a reason a user can act on."""
 from __future__ import annotations
 
 import pytest
-from lifecycle_helpers import Cluster, names
+from rig import Rig, names
 
 from shir.core import (
     Heartbeat,
@@ -23,7 +23,7 @@ from shir.core.snapshot import restore, snapshot_bytes
 
 
 def test_initialize_failed_refuses_work_that_needs_the_node_up() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1", at=0)
     c.tick(30)
     assert c.status("n1") is NodeStatus.INITIALIZE_FAILED
@@ -33,7 +33,7 @@ def test_initialize_failed_refuses_work_that_needs_the_node_up() -> None:
 
 
 def test_a_node_that_spoke_once_goes_offline_not_initialize_failed() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1", at=0)
     c.heartbeat("n1", at=5)
     c.tick(35)
@@ -41,7 +41,7 @@ def test_a_node_that_spoke_once_goes_offline_not_initialize_failed() -> None:
 
 
 def test_a_node_removed_by_offline_expiry_that_speaks_again_needs_registration() -> None:
-    c = Cluster(RuntimeSettings(offline_expiry_s=600))
+    c = Rig(RuntimeSettings(offline_expiry_s=600))
     c.register_n(2)
     c.heartbeat_all(10)
     c.run(700, skip=["n2"])
@@ -59,7 +59,7 @@ def test_a_node_removed_by_offline_expiry_that_speaks_again_needs_registration()
 
 
 def test_a_key_regenerated_before_the_node_registered_means_need_registration() -> None:
-    c = Cluster()
+    c = Rig()
     old = c.key_text(KeyName.KEY1)
     c.regenerate(KeyName.KEY1, at=1)
     err = c.refused(c.register_cmd("n1", key=old, at=2), RegeneratedKey)
@@ -71,14 +71,14 @@ def test_a_key_regenerated_before_the_node_registered_means_need_registration() 
 
 
 def test_refusals_that_do_not_touch_registration_have_no_local_status() -> None:
-    c = Cluster()
+    c = Rig()
     c.register("n1", at=0)
     c.tick(30)
     assert local_status(c.refused(StartUpgrade("n1", "6", 31))) is None
 
 
 def test_removals_are_remembered_boundedly_and_survive_a_snapshot() -> None:
-    c = Cluster(RuntimeSettings(max_nodes=1))
+    c = Rig(RuntimeSettings(max_nodes=1))
     for i in range(MAX_REMEMBERED_REMOVALS + 5):
         c.register(f"x{i}", at=float(2 * i))
         c.remove(f"x{i}", at=float(2 * i + 1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lifecycle_helpers import Cluster, names
+from rig import Rig, names
 
 from shir.core import (
     ProxyMode,
@@ -72,14 +72,11 @@ def test_invalid_settings_are_refused_with_what_to_do(settings: ProxySettings, s
 
 
 @pytest.fixture
-def c() -> Cluster:
-    c = Cluster()
-    c.register("n1")
-    c.heartbeat_all(at=1)
-    return c
+def c() -> Rig:
+    return Rig.online(1)
 
 
-def test_saving_a_change_restarts_the_host_service_of_that_node(c: Cluster) -> None:
+def test_saving_a_change_restarts_the_host_service_of_that_node(c: Rig) -> None:
     s = custom(user=SEALED_USER, password=SEALED_PASSWORD)
     d = handle(c.state, SaveProxySettings("n1", s, 2.0))
     assert names(d.events) == ["ProxySettingsSaved"]
@@ -93,7 +90,7 @@ def test_saving_a_change_restarts_the_host_service_of_that_node(c: Cluster) -> N
         "ProxySettingsSaved"]
 
 
-def test_secrets_appear_only_as_ciphertext_and_never_in_reprs(c: Cluster) -> None:
+def test_secrets_appear_only_as_ciphertext_and_never_in_reprs(c: Rig) -> None:
     s = custom(user=SEALED_USER, password=SEALED_PASSWORD)
     (e,) = c.handle(SaveProxySettings("n1", s, 2.0))
     assert "sealed" not in repr(e) and "<19 bytes encrypted>" in repr(e)
@@ -101,12 +98,12 @@ def test_secrets_appear_only_as_ciphertext_and_never_in_reprs(c: Cluster) -> Non
     assert restore(snapshot_bytes(c.state)) == c.state
 
 
-def test_unknown_node_and_bad_settings_leave_state_unchanged(c: Cluster) -> None:
+def test_unknown_node_and_bad_settings_leave_state_unchanged(c: Rig) -> None:
     c.refused(SaveProxySettings("n9", custom(), 2.0))
     c.refused(SaveProxySettings("n1", custom(port=0), 2.0), InvalidProxySettings)
 
 
-def test_a_new_node_of_the_same_name_starts_without_proxy(c: Cluster) -> None:
+def test_a_new_node_of_the_same_name_starts_without_proxy(c: Rig) -> None:
     c.handle(SaveProxySettings("n1", custom(), 2.0))
     c.remove("n1", at=3)
     c.register("n1", at=4)

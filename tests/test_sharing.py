@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from lifecycle_helpers import Cluster, names
+from rig import Rig, names
+from snapshot_helpers import as_format_4_sees, strip_nodes
 
 from shir.core import (
     AccessRevoked,
@@ -45,28 +46,25 @@ OWNER = Principal("ada@contoso.com", AccessRole.OWNER)
 B = FactoryRef("factory-b", TENANT, "msi-b")
 
 
-def grant(c: Cluster, grantee: FactoryRef = B, by: Principal = OWNER,
+def grant(c: Rig, grantee: FactoryRef = B, by: Principal = OWNER,
           at: float | None = None) -> tuple[object, ...]:
     return c.handle(GrantAccess(SHARED, grantee, by, c.at(at)))
 
 
-def rid(c: Cluster) -> str:
+def rid(c: Rig) -> str:
     rt = c.state.runtime
     assert rt is not None
     return resource_id(rt)
 
 
-def linked(c: Cluster, link: str = "lk-b", factory: str = "factory-b") -> Cluster:
+def linked(c: Rig, link: str = "lk-b", factory: str = "factory-b") -> Rig:
     c.handle(LinkRuntime(link, factory, rid(c), c.now))
     return c
 
 
 @pytest.fixture
-def c() -> Cluster:
-    c = Cluster()
-    c.register("n1")
-    c.heartbeat_all(at=1)
-    return c
+def c() -> Rig:
+    return Rig.online(1)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +81,7 @@ def c() -> Cluster:
     ],
 )
 def test_each_grant_rule_refuses_and_names_itself(
-    c: Cluster, grantee: FactoryRef, by: Principal, error: type[SharingRefused], rule: str,
+    c: Rig, grantee: FactoryRef, by: Principal, error: type[SharingRefused], rule: str,
     hint: str,
 ) -> None:
     err = c.refused(GrantAccess(SHARED, grantee, by, 2.0), error)
@@ -91,19 +89,19 @@ def test_each_grant_rule_refuses_and_names_itself(
     assert f"refused by rule '{rule}'" in str(err) and hint in str(err)
 
 
-def test_inherited_owner_may_grant_and_a_repeat_is_satisfied(c: Cluster) -> None:
+def test_inherited_owner_may_grant_and_a_repeat_is_satisfied(c: Rig) -> None:
     events = c.handle(GrantAccess(SHARED, B, Principal("ops", AccessRole.INHERITED_OWNER), 2.0))
     assert names(events) == ["AccessGranted"]
     assert c.handle(GrantAccess(SHARED, B, OWNER, 3.0)) == ()
     assert list(sharing_state(c.state.model()).grants) == ["factory-b"]
 
 
-def test_grant_names_the_runtimes_own_factory(c: Cluster) -> None:
+def test_grant_names_the_runtimes_own_factory(c: Rig) -> None:
     err = c.refused(GrantAccess(FactoryRef("other", TENANT, "m"), B, OWNER, 2.0))
     assert "belongs to factory 'factory-1'" in str(err)
 
 
-def test_link_needs_the_exact_resource_id_and_a_grant(c: Cluster) -> None:
+def test_link_needs_the_exact_resource_id_and_a_grant(c: Rig) -> None:
     err = c.refused(LinkRuntime("lk-b", "factory-b", rid(c), 2.0), AccessNotGranted)
     assert "must grant it access first" in str(err)
     grant(c, at=2)
@@ -114,7 +112,7 @@ def test_link_needs_the_exact_resource_id_and_a_grant(c: Cluster) -> None:
     c.refused(LinkRuntime("lk-b", "factory-c", rid(c), 4.0))  # the id is taken by factory-b
 
 
-def test_linked_jobs_run_on_the_shared_runtimes_nodes(c: Cluster) -> None:
+def test_linked_jobs_run_on_the_shared_runtimes_nodes(c: Rig) -> None:
     grant(c, at=2)
     linked(c)
     events = c.handle(SubmitLinkedJob("lk-b", "job-1", "key-1", 3.0))
@@ -127,7 +125,7 @@ def test_linked_jobs_run_on_the_shared_runtimes_nodes(c: Cluster) -> None:
     assert (link.submitted, link.jobs) == (1, ("job-1",))
 
 
-def test_revoking_stops_new_work_while_running_jobs_finish(c: Cluster) -> None:
+def test_revoking_stops_new_work_while_running_jobs_finish(c: Rig) -> None:
     grant(c, at=2)
     linked(c)
     c.handle(SubmitLinkedJob("lk-b", "job-1", "key-1", 3.0))
@@ -150,12 +148,12 @@ def test_revoking_stops_new_work_while_running_jobs_finish(c: Cluster) -> None:
         "JobSubmitted", "LinkedJobAccepted"]
 
 
-def test_unknown_link_is_refused(c: Cluster) -> None:
+def test_unknown_link_is_refused(c: Rig) -> None:
     err = c.refused(SubmitLinkedJob("nope", "job-1", "key-1", 2.0), UnknownLink)
     assert "LinkRuntime" in str(err)
 
 
-def test_sharing_events_round_trip_and_survive_a_snapshot(c: Cluster) -> None:
+def test_sharing_events_round_trip_and_survive_a_snapshot(c: Rig) -> None:
     grant(c, at=2)
     linked(c)
     c.handle(SubmitLinkedJob("lk-b", "job-1", "key-1", 3.0))
@@ -165,22 +163,23 @@ def test_sharing_events_round_trip_and_survive_a_snapshot(c: Cluster) -> None:
     assert restore(snapshot_bytes(c.state)) == c.state
 
 
-def test_a_refused_sharing_command_names_no_secret(c: Cluster) -> None:
+def test_a_refused_sharing_command_names_no_secret(c: Rig) -> None:
     err = c.refused(GrantAccess(SHARED, FactoryRef("f", "tenant-z", "m"), OWNER, 2.0))
     assert c.key_text() not in str(err)
 
 
-def test_a_format_3_snapshot_restores_with_nothing_shared(c: Cluster) -> None:
+def test_a_format_3_snapshot_restores_with_nothing_shared(c: Rig) -> None:
     import msgpack
 
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == 4 and body[-3:] == [None, [], []]
-    body[3] = [msgpack.packb(msgpack.unpackb(n)[:-1], use_bin_type=True) for n in body[3]]
+    assert body[0] == 5 and body[-3:] == [None, [], []]
+    strip_nodes(body, 3)
     restored = restore(msgpack.packb([3, *body[1:-3]], use_bin_type=True))
-    assert restored == c.state and sharing_state(restored.model()).links == {}
+    assert restored == as_format_4_sees(c.state)
+    assert sharing_state(restored.model()).links == {}
 
 
-def test_grants_and_links_are_bounded(c: Cluster) -> None:
+def test_grants_and_links_are_bounded(c: Rig) -> None:
     for i in range(MAX_GRANTS):
         grant(c, FactoryRef(f"f{i}", TENANT, f"m{i}"), at=2)
     err = c.refused(GrantAccess(SHARED, FactoryRef("one-more", TENANT, "m"), OWNER, 3.0))
@@ -205,7 +204,7 @@ def test_grants_and_links_are_bounded(c: Cluster) -> None:
         (LinkRuntime("", "factory-b", "/factories/x", 2.0), "linked_runtime_id must be"),
     ],
 )
-def test_malformed_sharing_commands_say_which_field(c: Cluster, command: object,
+def test_malformed_sharing_commands_say_which_field(c: Rig, command: object,
                                                     says: str) -> None:
     err = c.refused(command, InvalidCommand)
     assert says in str(err)

@@ -131,12 +131,14 @@ def test_dask_local_cluster_gives_the_same_hashes_as_the_local_pool(
     assert len({r["pid"] for r in result.records}) == 2  # both worker processes ran batches
 
 
+# local:1 too: with one worker, nothing else holds what it held, and every batch must still run
+@pytest.mark.parametrize("where", ["local:2", "local:1"])
 def test_dask_worker_sigkilled_mid_sweep_loses_no_seed(
-    scenario: Scenario, reference: dict[int, str], tmp_path: Path,
+    scenario: Scenario, reference: dict[int, str], tmp_path: Path, where: str,
 ) -> None:
     _dask()
     batch_fn = functools.partial(kill_once, str(tmp_path / "killed"), 104)
-    result = sweep.sweep(scenario, SEEDS, UNTIL_S, cluster=sweep.parse_cluster("local:2", None),
+    result = sweep.sweep(scenario, SEEDS, UNTIL_S, cluster=sweep.parse_cluster(where, None),
                          batch_size=2, batch_fn=batch_fn)
     assert (tmp_path / "killed").exists()
     assert hashes(result) == reference
@@ -145,6 +147,26 @@ def test_dask_worker_sigkilled_mid_sweep_loses_no_seed(
 
 
 # -- the report ------------------------------------------------------------------------------
+
+
+def test_batches_hand_out_every_seed_in_order_sized_by_run_time() -> None:
+    seeds = list(range(1000))
+    plan = sweep.Batches(seeds, workers=2)
+    sizes, handed = [], []
+    while plan:
+        batch = plan.take()
+        handed += batch
+        sizes.append(len(batch))
+        if len(sizes) == 4:  # results come back: a run takes 10 ms
+            plan.observe([{"wall_s": 0.01}] * 6)
+    assert handed == seeds
+    assert sizes[:4] == [1, 1, 2, 2]  # the first result comes after one run
+    assert max(sizes) == round(sweep.BATCH_S / 0.01)  # then about a second of runs per batch
+    tail = sizes[sizes.index(max(sizes)):]
+    assert tail == sorted(tail, reverse=True)  # shrinking towards the end...
+    assert min(tail[:-1]) == round(sweep.TAIL_BATCH_S / 0.01)  # ...but not to single runs
+    fixed = sweep.Batches(seeds[:7], workers=2, batch_size=3)
+    assert [fixed.take() for _ in range(3)] == [(0, 1, 2), (3, 4, 5), (6,)] and not fixed
 
 
 def test_distribution_is_nearest_rank() -> None:

@@ -1,12 +1,15 @@
-"""A small driver for the lifecycle tests: ``Cluster`` runs one runtime through ``shir.core``.
+"""The one test rig: ``Rig`` runs one runtime through ``shir.core`` as a host would.
 
 It plays the part a real host plays: it keeps the current state handle, the event log, each
 node's session (learned from ``StartSession`` effects, as a node would), and what each node
-reports. The example-based tests and the Hypothesis state machine both drive the core through it.
+reports. The example-based tests and the Hypothesis state machines drive the core through it
+(``credential_helpers.CredCluster`` adds what nodes do with credentials).
 
-    c = Cluster()                      # runtime "rt-1", keys from a seeded generator, t = 0
+    c = Rig()                          # runtime "rt-1", keys from a seeded generator, t = 0
     c.register_n(2)                    # nodes n1, n2 (metrics: version 5.0, all peers reachable)
     c.heartbeat_all(at=10)             # both Online; n1 dispatches in term 1
+    r = Rig.online(2, at=1.0)          # the same in one step
+    r.submit_n(3); r.dispatch()        # jobs j1..j3 queued, then leased by the dispatcher
     err = c.refused(cmd)               # asserts a DomainError and an unchanged fingerprint
 """
 
@@ -14,19 +17,23 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import attrs
 import pytest
 
 from shir.core import (
     AuthKey,
+    CompleteJob,
     CreateRuntime,
     DispatcherChanged,
+    DispatchJobs,
     DomainError,
     FinishUpgrade,
     Heartbeat,
+    JobLeased,
     KeyName,
+    LeaseToken,
     NodeMetrics,
     NodeStatus,
     NodeStatusChanged,
@@ -37,6 +44,7 @@ from shir.core import (
     RuntimeState,
     StartSession,
     StartUpgrade,
+    SubmitJob,
     Tick,
     handle,
     initial,
@@ -68,7 +76,7 @@ def terms(events: Iterable[object]) -> list[tuple[int, str | None]]:
     return [(e.term, e.node) for e in events if isinstance(e, DispatcherChanged)]
 
 
-class Cluster:
+class Rig:
     """One runtime, driven the way a host drives the core. Every field is plain and public."""
 
     def __init__(
@@ -89,12 +97,25 @@ class Cluster:
         self.sessions: dict[str, int] = {}  # what each node believes its session is
         self.reports: dict[str, NodeMetrics] = {}  # what each node reports in its heartbeats
         self.machines: dict[str, str] = {}
+        self.isolated: set[str] = set()  # nodes that report no reachable peer
         self.now = at
         self.create = CreateRuntime(
             runtime_id, "factory-1", "shir-test", self.keys[KeyName.KEY1],
             self.keys[KeyName.KEY2], at, "a test runtime", self.settings,
         )
         self.handle(self.create)
+
+    @classmethod
+    def online(cls, n: int = 2, settings: RuntimeSettings | None = None, *, at: float = 1.0,
+               cores: int = 4, memory_mb: int = 8192, **kw: Any) -> Self:
+        """A runtime with nodes n1..n<n> registered at 0, all Online after one heartbeat at
+        ``at``; n1 dispatches. ``kw`` goes to the constructor (a subclass's options)."""
+        c = cls(settings, **kw)
+        for i in range(1, n + 1):
+            c.register(f"n{i}", cores=cores, memory_mb=memory_mb)
+        c.heartbeat_all(at)
+        assert [c.status(x) for x in c.sessions] == [NodeStatus.ONLINE] * n
+        return c
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -179,8 +200,11 @@ class Cluster:
         return out
 
     def metrics(self, node: str, **changes: Any) -> NodeMetrics:
-        """What ``node`` reports: its standing report, every other node reachable, ``changes``."""
-        changes.setdefault("reachable_peers", tuple(sorted(p for p in self.sessions if p != node)))
+        """What ``node`` reports: its standing report, every other node reachable (none if it
+        is in ``isolated``), ``changes``."""
+        others = tuple(sorted(p for p in self.sessions if p != node))
+        peers = () if node in self.isolated else others
+        changes.setdefault("reachable_peers", peers)
         return attrs.evolve(self.reports[node], **changes)
 
     def report(self, node: str, **changes: Any) -> None:
@@ -195,8 +219,8 @@ class Cluster:
             self.metrics(node, **changes), self.at(at),
         )
 
-    def heartbeat(self, node: str, **kw: Any) -> tuple[object, ...]:
-        return self.handle(self.heartbeat_cmd(node, **kw))
+    def heartbeat(self, node: str, at: float | None = None, **kw: Any) -> tuple[object, ...]:
+        return self.handle(self.heartbeat_cmd(node, at=at, **kw))
 
     def heartbeat_all(
         self, at: float | None = None, *, skip: Sequence[str] = ()
@@ -252,6 +276,43 @@ class Cluster:
         if ok and target is not None:
             self.report(node, version=target, version_released_at=released_at)
         return events
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def submit(self, job: str, key: str | None = None, at: float | None = None,
+               **kw: Any) -> tuple[object, ...]:
+        return self.handle(SubmitJob(job, key or f"key-{job}", self.at(at), **kw))
+
+    def submit_n(self, n: int, prefix: str = "j", **kw: Any) -> list[str]:
+        """Submit jobs <prefix>1..<prefix><n>; return their ids."""
+        jobs = [f"{prefix}{i}" for i in range(1, n + 1)]
+        for j in jobs:
+            self.submit(j, **kw)
+        return jobs
+
+    def dispatch(self, at: float | None = None, *, max_jobs: int | None = None) -> list[JobLeased]:
+        """The dispatcher of the current term dispatches; return the leases it made."""
+        node, term = self.state.dispatcher, self.state.term
+        assert node is not None, "no dispatcher"
+        return of_type(self.handle(DispatchJobs(node, term, self.at(at), max_jobs)), JobLeased)
+
+    def token(self, job: str) -> LeaseToken:
+        lease = self.state.jobs.leases.get(job)
+        assert lease is not None, f"{job} is not leased"
+        return lease.token
+
+    def tokens(self, node: str) -> list[LeaseToken]:
+        return sorted((ls.token for ls in self.state.jobs.leases.values()
+                       if ls.token.node == node), key=lambda t: t.job_id)
+
+    def complete(self, job: str, at: float | None = None) -> tuple[object, ...]:
+        return self.handle(CompleteJob(self.token(job), self.at(at)))
+
+    def queue(self) -> list[str]:
+        """Queued job ids, oldest first (all requirement queues merged by submission order)."""
+        b = self.state.jobs
+        queued = [j for q in b.queues.values() for j in q]
+        return sorted(queued, key=lambda j: b.jobs[j].seq)
 
     # --- reads ------------------------------------------------------------------------------
 

@@ -1,0 +1,382 @@
+"""The copy's Arrow engine: ODBC rows fetched straight into Arrow record batches (arrow-odbc, in
+the ``arrow`` extra) and written by pyarrow, with no Python object per value.
+
+Theory of operation
+-------------------
+pyodbc builds a Python object per value (about 2.6 µs a row on the benchmark's rows) and the
+text encoders turn those objects back into text (1.9 µs more), all under the GIL: that is the
+pyodbc engine's floor (docs/copy.md). arrow-odbc binds column buffers and fills them in Rust;
+:class:`ArrowCsvEncoder` and :class:`ArrowParquetEncoder` turn each batch into bytes with
+Arrow compute kernels and pyarrow's Parquet writer.
+
+:class:`ArrowOdbcSource` stands where an :class:`~shir.adapters.odbc.OdbcSource` does for
+:func:`~shir.adapters.copy.copy_query`: ``read(query)`` executes and returns a stream whose
+``driver_rows()`` yields record batches and whose ``encoder(fmt, options)`` builds the
+format's encoder from the result's Arrow schema, before any row.
+
+Faithful types (checked before the first row; anything else is :class:`NotArrowFaithful`,
+and the ``auto`` engine then runs the query on the pyodbc engine instead):
+
+* integers, text, binary, date, timestamp (psqlODBC hands ``timestamptz`` over as the session's
+  local time, as with pyodbc), time, boolean: as arrow-odbc maps them;
+* numeric: fetched as the driver's text (exact, whatever the declared precision), cast to
+  ``decimal128(p, s)`` for Parquet (a value with more digits than declared is an error);
+* floating point: psqlODBC describes ``double precision`` as ``SQL_FLOAT(17)``, which arrow-odbc
+  maps to float32 (lossy): every float is fetched as float64 instead (exact for ``real`` too).
+
+Memory: arrow-odbc allocates its transit buffer from the columns' declared widths (psqlODBC:
+``text`` 8,190 characters, ``varchar(n)`` n); ``max_bytes_per_batch`` (8 MiB) caps it, so a
+wide row gets fewer rows per fetch (about 200 on the benchmark's rows); the stream joins those
+into compact batches of ``batch_rows`` (actual lengths) for the encoders. The engine sets
+pyarrow's default memory pool to the system allocator (process-wide): pyarrow's own mimalloc
+keeps freed pages, 30-40 MB more peak RSS on the benchmark's copy.
+
+A text or binary value longer than its bound (the declared width, or ``max_text_size`` /
+``max_binary_size``) is an error, never truncated.
+
+Secrets: the connection string lives only in closures (not attributes); arrow-odbc's errors are
+scrubbed with the ODBC adapter's scrubber and name the target, as OdbcSource's do.
+"""
+
+from __future__ import annotations
+
+import array
+import binascii
+import codecs
+import functools
+import itertools
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from shir.adapters.copy_formats import (
+    ENGINES,
+    CsvEncoder,
+    CsvOptions,
+    Encoder,
+    FormatError,
+    UnsupportedType,
+)
+from shir.adapters.copy_parquet import ParquetEncoder
+from shir.adapters.odbc import (
+    ConnectFailed,
+    QueryFailed,
+    _describe_target,
+    _scrubber,
+    parse_connection_string,
+)
+
+__all__ = ["ENGINES", "ArrowOdbcSource", "NotArrowFaithful", "arrow_available"]
+
+ARROW_FORMATS = ("csv", "parquet")  # JSON lines stays on the pyodbc engine's encoder
+DEFAULT_MAX_BYTES_PER_BATCH = 8 * 1024 * 1024
+#: Bound of a binary column whose driver declares none (psqlODBC's ``bytea``): a longer value is
+#: an error (the pyodbc engine has no such bound). Text has the driver's declared width.
+DEFAULT_MAX_BINARY_SIZE = 8190
+
+
+class NotArrowFaithful(UnsupportedType):
+    """The result has a column the Arrow engine cannot carry faithfully."""
+
+
+def arrow_available() -> bool:
+    """Whether the ``arrow`` extra (arrow-odbc and pyarrow) is installed."""
+    try:
+        import arrow_odbc  # noqa: F401
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _modules() -> tuple[Any, Any, Any]:
+    try:
+        import arrow_odbc
+        import pyarrow as pa
+        import pyarrow.compute as pc
+    except ImportError:
+        raise FormatError("the arrow engine needs arrow-odbc: pip install 'shir[arrow]' (or use "
+                          "--engine pyodbc)") from None
+    return arrow_odbc, pa, pc
+
+
+def _fetch_schema(schema: Any, pa: Any, *, decimals_as_text: bool = True) -> Any:
+    """The schema arrow-odbc is told to fetch: numeric as text, every float as float64,
+    fixed-size binary as binary (without ``decimals_as_text``: the schema the copy writes)."""
+    fields = []
+    for f in schema:
+        t = f.type
+        if pa.types.is_decimal(t):
+            t = pa.string() if decimals_as_text else t
+        elif pa.types.is_floating(t):
+            t = pa.float64()
+        elif pa.types.is_fixed_size_binary(t):  # SQLite ODBC's BLOB: values vary in length
+            t = pa.binary()
+        fields.append(pa.field(f.name, t, f.nullable))
+    return pa.schema(fields)
+
+
+def _check_faithful(schema: Any, pa: Any) -> None:
+    ok = (pa.types.is_integer, pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+          pa.types.is_large_binary, pa.types.is_floating, pa.types.is_decimal,
+          pa.types.is_boolean, pa.types.is_date32, pa.types.is_timestamp, pa.types.is_time)
+    for f in schema:
+        if not any(test(f.type) for test in ok):
+            raise NotArrowFaithful(
+                f"column {f.name!r}: arrow-odbc reads it as {f.type}, which the arrow engine "
+                "does not carry; use --engine pyodbc or cast it in the query. Nothing was written."
+            )
+
+
+class ArrowOdbcSource:
+    """An ODBC connection string read through arrow-odbc; see the module docs.
+
+    ``fallback`` (the ``auto`` engine): when the result has a type the Arrow engine does not
+    carry, :func:`~shir.adapters.copy.copy_query` reads the query with ``pyodbc_source()``.
+    """
+
+    def __init__(self, connection_string: str, *, fallback: bool = False,
+                 max_text_size: int | None = None,
+                 max_binary_size: int | None = DEFAULT_MAX_BINARY_SIZE,
+                 max_bytes_per_batch: int = DEFAULT_MAX_BYTES_PER_BATCH) -> None:
+        arrow_odbc, pa, _ = _modules()
+        if pa.default_memory_pool().backend_name != "system":
+            # mimalloc/jemalloc keep freed pages: 30-40 MB more peak RSS on the benchmark's copy
+            pa.set_memory_pool(pa.system_memory_pool())
+        pairs = parse_connection_string(connection_string)
+        scrub = _scrubber(pairs)
+        self.target = _describe_target(pairs)
+        self.fallback = fallback
+        self._cancelled = False
+        target = self.target
+
+        def reader(query: str, batch_rows: int) -> Any:
+            schemas: list[Any] = []
+
+            def fetch_as(schema: Any) -> Any:
+                schemas.append(schema)
+                return _fetch_schema(schema, pa)
+
+            try:
+                reader = arrow_odbc.read_arrow_batches_from_odbc(
+                    query, connection_string, batch_size=batch_rows,
+                    max_bytes_per_batch=max_bytes_per_batch, max_text_size=max_text_size,
+                    max_binary_size=max_binary_size, map_schema=fetch_as,
+                    fetch_concurrently=False)
+            except arrow_odbc.Error as exc:
+                raise _translate(exc, scrub, target) from None
+            return reader, _fetch_schema(schemas[0], pa, decimals_as_text=False)
+
+        def pyodbc_source() -> Any:
+            from shir.adapters.odbc import OdbcSource
+
+            return OdbcSource(connection_string)
+
+        self._reader = reader
+        self.pyodbc_source = pyodbc_source
+        self._scrub = scrub
+
+    def read(self, query: str, *, batch_rows: int = 10_000) -> ArrowStream:
+        """Execute ``query``; raises ConnectFailed, QueryFailed or NotArrowFaithful."""
+        _, pa, _ = _modules()
+        reader, described = self._reader(query, batch_rows)
+        _check_faithful(described, pa)
+        return ArrowStream(reader, described, self._scrub, self.target, batch_rows)
+
+    def cancel(self) -> None:
+        """Nothing to interrupt in flight: the copy stops between batches."""
+        self._cancelled = True
+
+    def __enter__(self) -> ArrowOdbcSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"ArrowOdbcSource({self.target})"
+
+
+def _translate(exc: BaseException, scrub: Callable[[str], str], target: str) -> Exception:
+    """arrow-odbc's error as the ODBC adapter's, scrubbed (its text names no secret here, but
+    a driver may echo connection-string values)."""
+    message = " ".join(scrub(str(a)) for a in exc.args).replace("\n", " ").strip()
+    found = re.search(r"State: ([0-9A-Z]{5})", message)
+    state = found.group(1) if found else None
+    if "SQLDriverConnect" in message:
+        return ConnectFailed(f"cannot connect to {target} [{state or 'no SQLSTATE'}]: {message}",
+                             sqlstate=state, driver_message=message)
+    if "too large to be written into the allocated buffer" in message:
+        return QueryFailed(
+            f"{target}: a text or binary value is longer than the arrow engine's buffer for "
+            f"its column ({message}); raise max_text_size/max_binary_size or use the pyodbc "
+            "engine (--engine pyodbc). Nothing was committed.")
+    return QueryFailed(f"{target}: {message}", sqlstate=state, driver_message=message)
+
+
+class ArrowStream:
+    """The batches of one query (pyarrow RecordBatch) and the encoders that take them."""
+
+    def __init__(self, reader: Any, described: Any, scrub: Callable[[str], str],
+                 target: str, batch_rows: int) -> None:
+        self._reader = reader
+        self._batch_rows = batch_rows
+        self.columns = described  # the driver's types (numeric with precision and scale)
+        self._scrub, self._target = scrub, target
+
+    def driver_rows(self) -> Iterator[Any]:
+        """Record batches of about ``batch_rows`` rows: the transit buffer is sized by declared
+        widths (a few hundred rows of ``text``), so its small batches are joined into compact
+        ones (actual lengths) before the encoders' per-batch work."""
+        arrow_odbc, pa, _ = _modules()
+        pending: list[Any] = []
+        rows = 0
+        try:
+            for batch in self._reader:
+                pending.append(batch)
+                rows += batch.num_rows
+                if rows >= self._batch_rows:
+                    yield _joined(pa, pending)
+                    pending, rows = [], 0
+        except arrow_odbc.Error as exc:
+            raise _translate(exc, self._scrub, self._target) from None
+        if pending:
+            yield _joined(pa, pending)
+
+    def encoder(self, fmt: str, options: CsvOptions | None) -> Encoder:
+        if fmt == "csv":
+            return ArrowCsvEncoder(self.columns, options or CsvOptions())
+        if fmt == "parquet":
+            return ArrowParquetEncoder(self.columns)
+        raise NotArrowFaithful(f"the arrow engine writes {', '.join(ARROW_FORMATS)}, not {fmt}")
+
+    def close(self) -> None:
+        self._reader = iter(())
+
+
+def _joined(pa: Any, batches: list[Any]) -> Any:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+
+
+_B64 = functools.partial(binascii.b2a_base64, newline=False)
+
+
+def _strings(pa: Any, texts: Sequence[bytes]) -> Any:
+    """A string array of UTF-8 ``texts``, built from buffers: converting Python values with
+    ``pa.array`` or ``pa.scalar`` imports pandas when it is installed (about 50 MB)."""
+    offsets = array.array("i", itertools.accumulate(map(len, texts), initial=0))
+    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets.tobytes()),
+                                       pa.py_buffer(b"".join(texts)))
+
+
+class ArrowCsvEncoder(CsvEncoder):
+    """RFC 4180 from record batches, the same bytes as :class:`CsvEncoder` except floats.
+
+    Each column becomes text with Arrow kernels (timestamps and times lose a ``.000000``
+    fraction, as Python's ``str`` does; bytes are base64, the one column turned into Python
+    objects); values that need quoting are quoted; one element-wise join makes the lines.
+    Floats are Arrow's shortest text (``100``, ``-0``, ``0.00001``) where Python's ``repr``
+    writes ``100.0``, ``-0.0``, ``1e-05``: the same double read back.
+    """
+
+    def __init__(self, schema: Any, options: CsvOptions) -> None:
+        _, self._pa, self._pc = _modules()
+        self.options = options
+        self.names = list(schema.names)
+        self._schema = schema
+        self._specials = (options.delimiter, options.quote, "\r", "\n")
+        self._encode = codecs.getincrementalencoder(options.encoding)().encode
+        self._utf8 = codecs.lookup(options.encoding).name == "utf-8"
+        texts = (options.quote, "", options.null, options.delimiter, "\r\n")
+        self._quote, self._empty_text, self._null, self._delimiter, self._crlf = _strings(
+            self._pa, [t.encode() for t in texts])  # scalars, see _strings
+
+    def _column_text(self, column: Any) -> Any:
+        pa, pc = self._pa, self._pc
+        t = column.type
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            text = _strings(pa, [b"" if v is None else _B64(v) for v in column.to_pylist()])
+            if column.null_count:
+                text = pc.if_else(pc.is_valid(column), text, pa.nulls(len(text), pa.string()))
+            return text
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return column
+        text = pc.cast(column, pa.string())
+        if pa.types.is_timestamp(t) or pa.types.is_time(t):
+            text = pc.replace_substring_regex(text, r"\.0{6}$", "")
+        return text
+
+    def encode(self, rows: Any) -> bytes:
+        pc = self._pc
+        o = self.options
+        needs_quote = "[" + "".join("\\" + c if c in "\\]^-" else c
+                                    for c in (o.delimiter, o.quote)) + "\r\n]"
+        texts = []
+        for column in rows.columns:
+            text = self._column_text(column)
+            mask = pc.or_(pc.or_(pc.match_substring_regex(text, needs_quote),
+                                 pc.equal(text, self._empty_text)), pc.equal(text, self._null))
+            if pc.any(mask).as_py():
+                quoted = pc.binary_join_element_wise(
+                    self._quote, pc.replace_substring(text, o.quote, o.quote * 2), self._quote,
+                    self._empty_text)
+                text = pc.if_else(mask, quoted, text)
+            texts.append(text)
+        lines = pc.binary_join_element_wise(*texts, self._delimiter, null_handling="replace",
+                                            null_replacement=o.null)
+        lines = pc.binary_join_element_wise(lines, self._empty_text, self._crlf)  # line + CRLF
+        _, offsets, values = lines.buffers()
+        bounds = memoryview(offsets).cast("i")  # int32 offsets: one past each line's end
+        data = memoryview(values)[bounds[lines.offset]:bounds[lines.offset + len(lines)]]
+        if self._utf8:
+            return data.tobytes()
+        try:
+            return self._encode(str(data, "utf-8"))
+        except UnicodeEncodeError as exc:
+            raise FormatError(
+                f"csv: a text value has a character that {o.encoding} cannot encode "
+                f"({exc.reason}); choose another encoding (e.g. utf-8)") from None
+
+
+class ArrowParquetEncoder(ParquetEncoder):
+    """Record batches -> Parquet row groups (the writer of
+    :class:`~shir.adapters.copy_parquet.ParquetEncoder`): numeric text cast to its declared
+    ``decimal128(p, s)``, a value with more digits an error; row groups of 20,000 rows."""
+
+    def __init__(self, described: Any, *, row_group_rows: int = 20_000) -> None:
+        _, pa, self._pc = _modules()
+        self.names = list(described.names)
+        self._start(pa.schema([pa.field(f.name, f.type) for f in described]), row_group_rows)
+
+    def encode(self, rows: Any) -> bytes:
+        pa, pc = self._pa, self._pc
+        arrays = []
+        for field, column in zip(self._schema, rows.columns, strict=True):
+            if column.type != field.type:
+                try:
+                    column = pc.cast(column, field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise FormatError(
+                        f"parquet: column {field.name!r}: a value does not fit {field.type} "
+                        f"({str(exc).splitlines()[0][:200]})") from None
+            arrays.append(column)
+        return self._add(pa.record_batch(arrays, schema=self._schema))
+
+
+def open_source(connection_string: str, fmt: str, engine: str = "auto") -> Any:
+    """The source the copy reads with: ``arrow`` (arrow-odbc), ``pyodbc``, or ``auto`` (arrow
+    when installed and the format is CSV or Parquet, falling back to pyodbc for a result whose
+    types the arrow engine does not carry)."""
+    if engine not in ENGINES:
+        raise FormatError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "arrow" and fmt not in ARROW_FORMATS:
+        raise FormatError(f"the arrow engine writes {' and '.join(ARROW_FORMATS)}; use "
+                          f"--engine pyodbc for {fmt}")
+    if engine == "arrow" or (engine == "auto" and fmt in ARROW_FORMATS and arrow_available()):
+        return ArrowOdbcSource(connection_string, fallback=engine == "auto")
+    from shir.adapters.odbc import OdbcSource
+
+    return OdbcSource(connection_string)
+
