@@ -122,8 +122,10 @@ class EmbeddedChannel:
     def from_url(cls, url: str, **options: object) -> EmbeddedChannel:
         """A channel on ``sqlite:///PATH``, the path read as ``open_store`` reads it."""
         if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
-            raise ChannelError(
-                f"{url!r} is not an embedded channel URL: write sqlite:///PATH (three slashes, "
+            scheme = url.split(":", 1)[0] if ":" in url else ""
+            shown = f"a {scheme}: URL" if scheme.isalnum() else "that value"  # never the value:
+            raise ChannelError(  # it may be a Service Bus connection string with its key
+                f"{shown} is not an embedded channel URL: write sqlite:///PATH (three slashes, "
                 "then the path of the SQLite file)"
             )
         return cls(url[len("sqlite:///"):], **options)  # type: ignore[arg-type]

@@ -167,6 +167,9 @@ def test_refuses_bad_requests_and_urls(channel: EmbeddedChannel) -> None:
         channel.receive(0, 0)
     with pytest.raises(ChannelError, match="sqlite:///PATH"):
         EmbeddedChannel.from_url("servicebus://x")
+    with pytest.raises(ChannelError) as refused:  # a Service Bus string is not echoed
+        EmbeddedChannel.from_url("Endpoint=sb://ns/;SharedAccessKeyName=R;SharedAccessKey=K3y")
+    assert "K3y" not in str(refused.value)
     assert channel.queue_depth() == 0
 
 
