@@ -26,7 +26,7 @@ def test_failover_on_sqlite(tmp_path: Path) -> None:
 @pytest.mark.services
 def test_failover_on_blob(tmp_path: Path, azurite_connection_string: str) -> None:
     # nodes on several machines share a Blob store; the control channel here is the embedded
-    # one on a local file (Service Bus cannot run on this machine)
+    # one on a local file (the Service Bus channel has its own trial below)
     store = f"{azurite_connection_string};Container=node-e2e-{uuid.uuid4().hex[:12]}"
     result = failover_trial(tmp_path, store, channel=f"sqlite:///{tmp_path}/channel.db")
     assert result["failover_s"] <= 3 * result["offline_after_s"]
