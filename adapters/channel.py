@@ -31,6 +31,7 @@ from shir.core.errors import ShirError
 __all__ = [
     "ChannelError",
     "ControlChannel",
+    "DeadLetter",
     "JobRequest",
     "JobResult",
     "LockLost",
@@ -78,6 +79,16 @@ class JobResult:
     outcome: str  # "completed", "failed" or "dead_lettered"
     detail: str = ""
     at: float = 0.0
+
+
+@attrs.frozen
+class DeadLetter:
+    """A request on the dead-letter queue, and why it is there."""
+
+    request: JobRequest
+    reason: str
+    delivery_count: int
+    at: float  # when it was dead-lettered (embedded) or enqueued (Service Bus), epoch seconds
 
 
 @runtime_checkable

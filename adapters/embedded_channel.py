@@ -37,10 +37,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 
-import attrs
-
 from shir.adapters.channel import (
     ChannelError,
+    DeadLetter,
     JobRequest,
     JobResult,
     LockLost,
@@ -71,16 +70,6 @@ _SCHEMA = (
         message_id TEXT NOT NULL, job_id TEXT NOT NULL, outcome TEXT NOT NULL,
         detail TEXT NOT NULL, at REAL NOT NULL, UNIQUE (message_id, outcome))""",
 )
-
-
-@attrs.frozen
-class DeadLetter:
-    """A request on the dead-letter queue, and why it is there."""
-
-    request: JobRequest
-    reason: str
-    delivery_count: int
-    at: float
 
 
 class EmbeddedChannel:
@@ -134,8 +123,10 @@ class EmbeddedChannel:
     def from_url(cls, url: str, **options: object) -> EmbeddedChannel:
         """A channel on ``sqlite:///PATH``, the path read as ``open_store`` reads it."""
         if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
-            raise ChannelError(
-                f"{url!r} is not an embedded channel URL: write sqlite:///PATH (three slashes, "
+            scheme = url.split(":", 1)[0] if ":" in url else ""
+            shown = f"a {scheme}: URL" if scheme.isalnum() else "that value"  # never the value:
+            raise ChannelError(  # it may be a Service Bus connection string with its key
+                f"{shown} is not an embedded channel URL: write sqlite:///PATH (three slashes, "
                 "then the path of the SQLite file)"
             )
         return cls(url[len("sqlite:///"):], **options)  # type: ignore[arg-type]

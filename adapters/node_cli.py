@@ -71,20 +71,17 @@ class JsonLog:
 
 
 def open_channel(url: str, lock_duration_s: float = 60.0) -> Any:
-    """The control channel ``url`` names (today: the embedded one, ``sqlite:///PATH``).
+    """The control channel ``url`` names (the forms are in :mod:`shir.adapters.channels`).
 
     ``lock_duration_s`` bounds how long a request received by a dispatcher that then died
-    stays invisible; a node host passes its runtime's job lock duration.
+    stays invisible on the embedded channel; a node host passes its runtime's job lock
+    duration. On Service Bus the queue's own lock duration applies.
     """
-    from shir.adapters.channel import ChannelError
-    from shir.adapters.embedded_channel import EmbeddedChannel
+    from shir.adapters.channels import open_channel as open_any
 
-    if url.startswith("sqlite:"):
-        return EmbeddedChannel.from_url(url, lock_duration_s=lock_duration_s)
-    raise ChannelError(
-        "cannot open a control channel from that URL: the embedded channel is sqlite:///PATH "
-        "(the Service Bus channel is not wired into this shir yet)"
-    )
+    if url.strip().startswith("sqlite:"):
+        return open_any(url, lock_duration_s=lock_duration_s)
+    return open_any(url)
 
 
 def cli_errors(prog: str, body: Callable[[], int]) -> int:

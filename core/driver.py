@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from shir.core.decide import answer, decide, effects_of, next_deadline
+from shir.core.errors import DomainError
 from shir.core.state import RuntimeState, fold, initial
 from shir.core.store import (
     AppendOutcomeUnknown,
@@ -82,33 +83,75 @@ class Driver:
         the store may have lost the events and a re-read shows it did: nothing was stored either
         way, and the caller may retry.
         """
+        [outcome] = self._handle((command,))
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
+    def handle_all(self, commands: Sequence[object]) -> list[tuple[object, ...] | DomainError]:
+        """Decide ``commands`` in order and store all their events in one append.
+
+        Group commit: a host with several commands at hand (a dispatcher with a batch of job
+        requests) pays for one durable append instead of one each. Each command is decided on
+        the state its predecessors leave; one the core refuses adds no events and gets its
+        ``DomainError`` in its place of the result, so it holds none of the others back. A
+        conflict decides them all again on the newer state. Returns, per command, what
+        :meth:`handle` would return for it (its effects and answer) or its error; the store's
+        errors are raised as by :meth:`handle`.
+        """
+        return self._handle(tuple(commands))
+
+    def _handle(self, commands: tuple[object, ...]) -> list[tuple[object, ...] | DomainError]:
         for attempt in range(self.max_conflict_retries + 1):
             if attempt:
-                command = _restamped(command, self.state.now)
-            events = decide(self.state, command)
-            if not events:
-                return answer(command, events, self.state)
-            try:
-                self.version = self.store.append(self.stream, events, self.version)
-            except ConcurrencyConflict:
-                # Another writer went first: decide again on what it wrote.
-                self.conflicts += 1
-                self.catch_up()
-                if attempt == self.max_conflict_retries:
-                    raise
-                continue
-            except AppendOutcomeUnknown:
-                # Re-read: the events either landed (fold them from the log) or did not (decide
-                # again next time). Effects follow from what is in the log, never from a guess.
-                self.recoveries += 1
-                landed = tuple(self.catch_up())
-                if not landed:
-                    raise
-                return effects_of(landed, self.state) + answer(command, landed, self.state)
-            self.state = fold(self.state, events)
-            for listener in self.listeners:
-                listener(events)
-            return effects_of(events, self.state) + answer(command, events, self.state)
+                commands = tuple(_restamped(c, self.state.now) for c in commands)
+            state = self.state  # folding spends a state: a copy once a later command needs it
+            copied = False
+            events: list[object] = []
+            pending: tuple[object, ...] = ()  # events not yet folded into ``state``
+            decided: list[tuple[object, ...] | DomainError] = []
+            for command in commands:
+                if pending:
+                    if not copied:
+                        state, copied = state.copy(), True
+                    state = fold(state, pending)
+                try:
+                    pending = tuple(decide(state, command))
+                except DomainError as exc:
+                    decided.append(exc)
+                    pending = ()
+                    continue
+                events.extend(pending)
+                decided.append(pending)
+            if events:
+                try:
+                    self.version = self.store.append(self.stream, events, self.version)
+                except ConcurrencyConflict:
+                    # Another writer went first: decide again on what it wrote.
+                    self.conflicts += 1
+                    self.catch_up()
+                    if attempt == self.max_conflict_retries:
+                        raise
+                    continue
+                except AppendOutcomeUnknown:
+                    # Re-read: the events either landed (fold them from the log) or did not
+                    # (decide again next time). Effects follow from what is in the log, never
+                    # from a guess.
+                    self.recoveries += 1
+                    landed = tuple(self.catch_up())
+                    if not landed:
+                        raise
+                    if len(commands) == 1 and not isinstance(decided[0], DomainError):
+                        decided = [landed]
+                else:
+                    self.state = fold(state, pending)
+                    for listener in self.listeners:
+                        listener(events)
+            return [
+                d if isinstance(d, DomainError)
+                else effects_of(d, self.state) + answer(c, d, self.state)
+                for c, d in zip(commands, decided, strict=True)
+            ]
         raise AssertionError("unreachable")  # pragma: no cover
 
     def deadline(self) -> float | None:

@@ -57,6 +57,10 @@ class ControlChannelContract(abc.ABC):
     def dead_letters(self, channel: ControlChannel) -> list[tuple[str, str]]:
         """``(message_id, reason)`` of every request on the channel's dead-letter queue."""
 
+    def open_peer(self, channel: ControlChannel, tmp_path: Path) -> ControlChannel:
+        """A second channel object (another process's, say) on the same queues as ``channel``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement open_peer")
+
     def advance(self, channel: ControlChannel, seconds: float) -> None:
         """Let ``seconds`` pass for the channel's locks (a real sleep by default)."""
         time.sleep(seconds)
@@ -244,6 +248,76 @@ class ControlChannelContract(abc.ABC):
         assert channel.results("msg-2") == [failed]
         assert channel.results("msg-9") == []
         assert sorted(channel.results(), key=lambda r: r.message_id) == [done, failed]
+
+    def test_results_are_read_back_by_another_channel(
+        self, channel: ControlChannel, tmp_path: Path
+    ) -> None:
+        peer = self.open_peer(channel, tmp_path)  # as `shir job show` in another process
+        try:
+            dead = JobResult("msg-3", "job-3", "dead_lettered", "invalid job: unknown kind", 12.5)
+            failed = JobResult("msg-4", "job-4", "failed", "source refused: ü", 13.0)
+            channel.publish_result(dead)
+            channel.publish_result(failed)
+            peer.publish_result(dead)  # another node published the same outcome
+            assert peer.results("msg-3") == [dead]
+            assert peer.results() == [dead, failed]
+        finally:
+            peer.close()
+
+    # -- several receivers -------------------------------------------------------------------
+
+    def test_a_request_locked_by_one_receiver_is_invisible_to_another(
+        self, channel: ControlChannel, tmp_path: Path
+    ) -> None:
+        peer = self.open_peer(channel, tmp_path)
+        try:
+            channel.send([request(1)])
+            first = self.receive_one(channel)
+            assert peer.receive(5, 0.3) == []
+            self.past_lock(channel)
+            second = self.receive_one(peer)  # the lock ended: the other receiver gets it
+            assert second.request == first.request and second.delivery_count == 2
+            with pytest.raises(LockLost):
+                channel.complete(first.lock_token)
+            peer.complete(second.lock_token)
+            self.assert_empty(channel)
+        finally:
+            peer.close()
+
+    def test_a_redelivered_request_keeps_its_credential(self, channel: ControlChannel) -> None:
+        sent = request(1, credential=b"\x00sealed for the runtime\xff")
+        channel.send([sent])
+        first = self.receive_one(channel)
+        channel.abandon(first.lock_token)
+        again = self.receive_one(channel)
+        assert again.request == sent and again.request.credential == sent.credential
+        channel.complete(again.lock_token)
+
+    def test_only_the_lock_that_was_not_renewed_expires(self, channel: ControlChannel) -> None:
+        channel.send([request(1), request(2)])
+        kept = self.receive_one(channel)
+        lapsed = self.receive_one(channel)
+        for _ in range(3):  # together longer than one lock
+            self.advance(channel, self.lock_duration_s * 0.5)
+            channel.renew(kept.lock_token)
+        again = self.receive_one(channel)
+        assert again.request == lapsed.request and again.delivery_count == 2
+        channel.complete(kept.lock_token)
+        channel.complete(again.lock_token)
+        self.assert_empty(channel)
+
+    def test_many_requests_in_one_send_arrive_once_each(self, channel: ControlChannel) -> None:
+        sent = [request(i) for i in range(60)]
+        channel.send(sent)
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while len(seen) < len(sent) and time.monotonic() < deadline:
+            for r in channel.receive(25, self.receive_wait_s):
+                assert r.request.message_id not in seen, "a request delivered twice"
+                seen.append(r.request.message_id)
+                channel.complete(r.lock_token)
+        assert seen == [r.message_id for r in sent]
+        self.assert_empty(channel)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Fixtures shared by the whole suite: where the loopback services of `scripts/test` listen.
 
-`scripts/test` starts Azurite and PostgreSQL on free loopback ports and exports their addresses.
+`scripts/test` starts Azurite, PostgreSQL and the Service Bus test broker on free loopback ports
+and exports their addresses.
 Run without it, tests that need a service are skipped; with SHIR_REQUIRE_SERVICES=1 (set under
 CI) they fail instead, so a broken set-up can never pass as "all skipped".
 """
@@ -53,3 +54,19 @@ def require_odbc_driver() -> Callable[[str, str], None]:
             unavailable(f"the ODBC driver {{{driver}}} is not installed ({debian_package})")
 
     return require
+
+
+@pytest.fixture(scope="session")
+def servicebus_connection_string() -> str:
+    """Connection string of the Service Bus test broker (tests/sbbroker.py, not Azure)."""
+    return service_env("SHIR_SB_CONNECTION_STRING", "the Service Bus test broker")
+
+
+@pytest.fixture(scope="session")
+def sb_hooks(servicebus_connection_string: str):  # type: ignore[no-untyped-def]
+    """Queues and fault hooks on the test broker (see tests/sbhooks.py)."""
+    from sbhooks import BrokerHooks  # needs azure-servicebus: scripts/test installs shir[azure]
+
+    hooks = BrokerHooks(servicebus_connection_string)
+    yield hooks
+    hooks.close()

@@ -239,9 +239,9 @@ def failover_trial(root: Path, store: str, channel: str | None = None, jobs: int
         if sigstop:
             wait_for(f"{victim} back Online", lambda: (n := c.state().node(victim)) is not None
                      and n.status.value == "Online", 30)
-        from shir.adapters.embedded_channel import EmbeddedChannel
+        from shir.adapters.channels import open_channel
 
-        reply = EmbeddedChannel.from_url(channel or store)
+        reply = open_channel(channel or store)
         try:
             wanted = {f"e2e-{i}" for i in range(jobs)}
             wait_for("every result on the reply queue", lambda: wanted <= {

@@ -11,8 +11,10 @@ that shir's Service Bus adapter can be tested with the real SDK on the wire:
   410 ``com.microsoft:message-lock-lost``.
 - Deliveries carry the lock token (a UUID, ``bytes_le``) as delivery tag and the annotations
   ``x-opt-locked-until``, ``x-opt-sequence-number``, ``x-opt-enqueued-time``.
-- Every outcome is echoed and settled: accepted = complete, released/modified = abandon,
-  modified with undeliverable-here = defer, rejected with ``com.microsoft:dead-letter`` = move to
+- Every outcome is echoed and settled: accepted = complete, modified = abandon (counted as a
+  delivery when ``delivery-failed`` is set, as AMQP says), released = back on the queue without
+  counting the delivery (the SDK releases what arrives between its receive calls), modified with
+  undeliverable-here = defer, rejected with ``com.microsoft:dead-letter`` = move to
   ``<entity>/$DeadLetterQueue``. A settlement of an expired lock is rejected with
   ``com.microsoft:message-lock-lost``.
 - Lock expiry redelivers with the delivery count raised; at the maximum delivery count the
@@ -22,9 +24,13 @@ that shir's Service Bus adapter can be tested with the real SDK on the wire:
   data sections all starting with an AMQP section descriptor.
 - Fault hooks, sent as a message to the entity ``$testhooks`` with application property
   ``hook``: ``drop-connections`` (every other connection is closed with
-  ``amqp:connection:forced``), ``lose-settlements`` (the next ``count`` settlements on
-  ``entity`` are neither applied nor answered), ``expire-locks`` (every lock on ``entity`` ends
-  now), ``configure`` (``entity``'s ``lock-duration-s``, ``max-delivery-count``,
+  ``amqp:connection:forced``), ``detach-links`` (every link on ``entity`` is detached with
+  ``amqp:link:detach-forced``, as Service Bus does to a link idle for 10 minutes),
+  ``lose-settlements`` (the next ``count`` settlements on ``entity`` are neither applied nor
+  answered), ``delay-settlements`` (the next ``count`` are applied and answered ``delay-s``
+  later), ``throttle`` (the next ``count`` sends to ``entity`` are refused with
+  ``com.microsoft:server-busy``), ``expire-locks`` (every lock on ``entity`` ends now),
+  ``configure`` (``entity``'s ``lock-duration-s``, ``max-delivery-count``,
   ``duplicate-detection``, as a namespace's queue settings would be).
 - ``com.microsoft:peek-message`` on ``$management`` (what a reply-queue reader needs).
 
@@ -72,9 +78,27 @@ class Entity:
     locked: dict[uuid.UUID, tuple[Stored, Any]] = field(default_factory=dict)
     deferred: dict[uuid.UUID, Stored] = field(default_factory=dict)
     lose_settlements: int = 0
+    delay_settlements: int = 0
+    delay_s: float = 0.0
+    throttle_sends: int = 0
     lock_ms: int | None = None  # None: the broker's default
     max_deliveries: int | None = None
     seen_ids: set[str] | None = None  # duplicate detection when not None
+
+
+class _Later:
+    """A proton timer task that runs ``action`` once."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def on_timer_task(self, event: Any) -> None:
+        self.action()
+
+
+def _condition(name: str, description: str) -> Condition:
+    # With an info map: the SDK's AMQP layer indexes a close frame's error info unconditionally.
+    return Condition(name, description, {symbol("x-opt-source"): "shir test broker"})
 
 
 def _now_ms() -> int:
@@ -134,6 +158,7 @@ class Broker(MessagingHandler):  # type: ignore[misc]
         self.max_deliveries = max_delivery_count
         self.entities: dict[str, Entity] = {}
         self.seq = 0
+        self.container: Any = None
         self.connections: list[Any] = []
         self.senders: list[Any] = []
         self.tokens: dict[Any, uuid.UUID] = {}
@@ -143,6 +168,7 @@ class Broker(MessagingHandler):  # type: ignore[misc]
 
     # ---- lifecycle -----------------------------------------------------------------------
     def on_start(self, event: Any) -> None:
+        self.container = event.container
         event.container.listen(f"127.0.0.1:{self.port}")
         print(f"PORT {self.port}", flush=True)
         event.container.schedule(0.05, self)
@@ -184,12 +210,18 @@ class Broker(MessagingHandler):  # type: ignore[misc]
             self.senders.remove(event.link)
         event.link.close()
 
+    def on_link_closed(self, event: Any) -> None:
+        # Freed, so that a client re-attaching under the same link name gets a new link.
+        event.link.free()
+
     def on_sendable(self, event: Any) -> None:
         self.pump()
 
     # ---- entities ------------------------------------------------------------------------
-    def requeue(self, ent: Entity, stored: Stored) -> None:
+    def requeue(self, ent: Entity, stored: Stored, counted: bool = True) -> None:
         stored.lock_token = None
+        if not counted:  # released: this delivery does not count against the maximum
+            stored.deliveries -= 1
         limit = ent.max_deliveries or self.max_deliveries
         if stored.deliveries >= limit and not ent.name.endswith(DLQ):
             self.dead_letter(
@@ -281,6 +313,12 @@ class Broker(MessagingHandler):  # type: ignore[misc]
             req = Message()
             req.decode(raw)
             self.management(link, name[: -len("/$management")], req)
+        elif self.entity(name).throttle_sends > 0:
+            self.entity(name).throttle_sends -= 1
+            dlv.local.condition = _condition("com.microsoft:server-busy", "throttled (test hook)")
+            dlv.update(Disposition.REJECTED)
+            dlv.settle()
+            return
         elif name == HOOKS:
             req = Message()
             req.decode(raw)
@@ -352,7 +390,9 @@ class Broker(MessagingHandler):  # type: ignore[misc]
     def apply(self, ent: Entity, stored: Stored, status: str, reason: str, desc: str) -> None:
         if status == "completed":
             return
-        if status == "suspended":
+        if status == "released":
+            self.requeue(ent, stored, counted=False)
+        elif status == "suspended":
             self.dead_letter(ent, stored, reason, desc)
         elif status == "defered":
             if stored.lock_token is not None:
@@ -366,10 +406,17 @@ class Broker(MessagingHandler):  # type: ignore[misc]
         if ent.lose_settlements > 0:
             ent.lose_settlements -= 1
             return
+        if ent.delay_settlements > 0:
+            ent.delay_settlements -= 1
+            self.container.schedule(ent.delay_s, _Later(lambda: self.settle_now(link, dlv, ent)))
+            return
+        self.settle_now(link, dlv, ent)
+
+    def settle_now(self, link: Any, dlv: Any, ent: Entity) -> None:
         token = self.tokens.pop(dlv, None)
         if token is None or token not in ent.locked:
             if not dlv.settled:
-                dlv.local.condition = Condition(LOCK_LOST, "The lock supplied is invalid.")
+                dlv.local.condition = _condition(LOCK_LOST, "The lock supplied is invalid.")
                 dlv.update(Disposition.REJECTED)
             dlv.settle()
             return
@@ -386,6 +433,10 @@ class Broker(MessagingHandler):  # type: ignore[misc]
             dlv.local.condition = None
         elif state == Disposition.MODIFIED and remote.undeliverable:
             self.apply(ent, stored, "defered", "", "")
+        elif state == Disposition.RELEASED or (
+            state == Disposition.MODIFIED and not remote.failed
+        ):
+            self.apply(ent, stored, "released", "", "")
         else:
             self.apply(ent, stored, "abandoned", "", "")
         if not dlv.settled:
@@ -403,10 +454,30 @@ class Broker(MessagingHandler):  # type: ignore[misc]
         if kind == "drop-connections":
             for conn in list(self.connections):
                 if conn != origin:
-                    conn.condition = Condition("amqp:connection:forced", "test hook")
+                    conn.condition = _condition("amqp:connection:forced", "test hook")
                     conn.close()
+        elif kind == "detach-links":
+            for conn in list(self.connections):
+                link = conn.link_head(Endpoint.LOCAL_ACTIVE)
+                while link is not None:
+                    nxt = link.next(Endpoint.LOCAL_ACTIVE)
+                    address = link.remote_source.address if link.is_sender else \
+                        link.remote_target.address
+                    if _entity_of(address) == name:
+                        link.condition = _condition(
+                            "amqp:link:detach-forced", "idle link closed (test hook)"
+                        )
+                        link.close()
+                        if link in self.senders:
+                            self.senders.remove(link)
+                    link = nxt
         elif kind == "lose-settlements":
             self.entity(name).lose_settlements += int(props.get("count", 1))
+        elif kind == "delay-settlements":
+            self.entity(name).delay_settlements += int(props.get("count", 1))
+            self.entity(name).delay_s = float(props.get("delay-s", 1.0))
+        elif kind == "throttle":
+            self.entity(name).throttle_sends += int(props.get("count", 1))
         elif kind == "configure":
             ent = self.entity(name)
             if "lock-duration-s" in props:

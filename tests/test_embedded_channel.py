@@ -42,6 +42,12 @@ class TestEmbeddedChannel(ControlChannelContract):
         assert isinstance(channel, EmbeddedChannel)
         return [(d.request.message_id, d.reason) for d in channel.dead_letters()]
 
+    def open_peer(self, channel: ControlChannel, tmp_path: Path) -> ControlChannel:
+        return EmbeddedChannel(
+            tmp_path / "channel.db", lock_duration_s=self.lock_duration_s,
+            max_delivery_count=self.max_delivery_count, clock=self.clock,
+        )
+
     def advance(self, channel: ControlChannel, seconds: float) -> None:
         self.clock.now += seconds
 
@@ -60,6 +66,9 @@ class TestEmbeddedChannelOnARealClock(ControlChannelContract):
     def dead_letters(self, channel: ControlChannel) -> list[tuple[str, str]]:
         assert isinstance(channel, EmbeddedChannel)
         return [(d.request.message_id, d.reason) for d in channel.dead_letters()]
+
+    def open_peer(self, channel: ControlChannel, tmp_path: Path) -> ControlChannel:
+        return self.make_channel(tmp_path)  # the same file
 
 
 @pytest.fixture
@@ -158,6 +167,9 @@ def test_refuses_bad_requests_and_urls(channel: EmbeddedChannel) -> None:
         channel.receive(0, 0)
     with pytest.raises(ChannelError, match="sqlite:///PATH"):
         EmbeddedChannel.from_url("servicebus://x")
+    with pytest.raises(ChannelError) as refused:  # a Service Bus string is not echoed
+        EmbeddedChannel.from_url("Endpoint=sb://ns/;SharedAccessKeyName=R;SharedAccessKey=K3y")
+    assert "K3y" not in str(refused.value)
     assert channel.queue_depth() == 0
 
 
