@@ -736,7 +736,10 @@ def test_canary_postgresql(pg_parts: dict[str, Any], caplog: pytest.LogCaptureFi
         half = len(password) // 2
         error = refused(lambda: source.read("SELECT (? || ?)::integer", (password[:half],
                         password[half:])), QueryFailed, secrets)  # fmt: skip
-        assert 'invalid input syntax for type integer: "***"' in str(error)
+        # The password is random hex: "invalid input syntax" as a rule, "out of range" when its
+        # leading digits overflow an integer first (PostgreSQL 15 parses digits before checking
+        # the rest). Either way the server quoted the value, and the value is masked.
+        assert re.search(r'(invalid input syntax for type integer: |value )"\*\*\*"', str(error))
         refused(lambda: source.read("SELECT pg_sleep(5)"), QueryTimedOut, secrets)
         with source.read("SELECT 1") as stream:
             assert_clean(repr(stream), secrets, "the stream")
