@@ -42,12 +42,21 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import attrs
+
 from shir.adapters.channel import ChannelError, ControlChannel, JobResult, LockLost
+from shir.adapters.node_credentials import HostCredentials
 from shir.adapters.node_jobs import KINDS, JobContext, JobRun, pack_spec
 from shir.core import commands as cmd
 from shir.core import effects as fx
 from shir.core import effects_of, jobs
 from shir.core import events as ev
+from shir.core.credentials import (
+    DeliverCredential,
+    SaveCredential,
+    SealCredentialFor,
+    credential_status,
+)
 from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
 from shir.core.errors import DomainError, Fenced, ShirError, TimeWentBackwards
 from shir.core.leasing import (
@@ -119,6 +128,7 @@ class NodeHost:
         kinds: dict[str, Callable[[JobContext], None]] = KINDS,
         intranet_address: str | None = None, cert_sha256: str | None = None,
         on_members: Callable[[tuple[Node, ...]], None] | None = None,
+        credentials: HostCredentials | None = None,
     ) -> None:
         self._effects: list[tuple[object, bool]] = []  # (effect, caused by this node's command)
         self.driver = _LogDriver(store, self._on_tail)  # the history's effects are not redone
@@ -137,6 +147,7 @@ class NodeHost:
         self.kinds = kinds
         self.intranet_address, self.cert_sha256 = intranet_address, cert_sha256
         self._on_members = on_members  # told the registered nodes whenever they change
+        self.credentials = credentials
         self.session = 0
         self.term = 0
         self.dispatcher: str | None = None
@@ -251,6 +262,12 @@ class NodeHost:
                 self.log("info", "session", session=effect.session)
         elif isinstance(effect, fx.PublishJobResult):
             self._publish(effect)
+        elif isinstance(effect, SealCredentialFor) and self.credentials is not None:
+            target = self.driver.state.node(effect.to_node)
+            self.credentials.share(effect, target.envelope_key if target else None)
+        elif isinstance(effect, DeliverCredential):
+            # it came over the intranet, and the store holds it already: report it now
+            self._next_hb = 0.0
         elif isinstance(effect, fx.Disconnect) and not self.leaving:
             raise HostExit(1, f"node {me!r} is not part of the runtime: {effect.reason}")
 
@@ -296,8 +313,9 @@ class NodeHost:
             at = max(self.clock(), self.driver.state.now)
             command = cmd.RegisterNode(
                 self._key_text, self.name, self.machine_id, self.cores, self.memory_mb, at,
-                self._metrics(0), intranet_address=self.intranet_address,
-                cert_sha256=self.cert_sha256)
+                self._metrics_now(0), intranet_address=self.intranet_address,
+                cert_sha256=self.cert_sha256,
+                envelope_key=self.credentials.keys.public if self.credentials else None)
             try:
                 effects = self.driver.handle(command)
             except (ConcurrencyConflict, AppendOutcomeUnknown, TimeWentBackwards):
@@ -332,6 +350,8 @@ class NodeHost:
 
     def _serve(self) -> None:
         self._next_hb = self._next_dispatch = 0.0
+        if self.credentials is not None:
+            self.credentials.set_nodes(self.driver.state.nodes)
         self._next_renew = self.clock() + self.driver.state.settings.lock_duration_s / 3
         self._stuck_deadline: float | None = None
         while not self.stop.is_set():
@@ -346,6 +366,12 @@ class NodeHost:
         self.driver.catch_up()
         self._drain_effects()
         self._report_finished()
+        if self.credentials is not None:
+            for share in self.credentials.finished():
+                self.send(share)  # the target took it: the log records the envelope
+            if self.credentials.report_soon.is_set():
+                self.credentials.report_soon.clear()
+                self._next_hb = 0.0
         now = self.clock()
         if now >= self._next_hb:
             self._next_hb = now + self.heartbeat_interval_s()
@@ -373,8 +399,21 @@ class NodeHost:
             return
         self._finished.put(item)  # reported at the top of the next turn
 
+    def _metrics_now(self, running: int) -> NodeMetrics:
+        """The machine's figures, with the credential versions its store holds."""
+        metrics = self._metrics(running)
+        if self.credentials is None:
+            return metrics
+        return attrs.evolve(metrics, credentials=self.credentials.held())
+
     def _heartbeat(self) -> None:
-        metrics = self._metrics(len(self.running))
+        metrics = self._metrics_now(len(self.running))
+        if self.credentials is not None:
+            # a version newer than the runtime's latest was saved on this machine: say so
+            status = credential_status(self.driver.state)
+            for cv in metrics.credentials:
+                if cv.version > (status.latest_version(cv.credential_id) or 0):
+                    self.send(partial(SaveCredential, cv.credential_id, cv.version, self.name))
         self.send(lambda at: cmd.Heartbeat(self.name, self.session, metrics, at))
 
     def _renew(self) -> None:
