@@ -44,9 +44,10 @@ from typing import Any
 
 import attrs
 
+from shir.adapters.carried import carried_ids
 from shir.adapters.channel import ChannelError, ControlChannel, JobResult, LockLost
 from shir.adapters.node_credentials import HostCredentials
-from shir.adapters.node_jobs import KINDS, JobContext, JobRun, pack_spec
+from shir.adapters.node_jobs import KINDS, JobContext, JobRun, credentials_named, pack_spec
 from shir.core import commands as cmd
 from shir.core import effects as fx
 from shir.core import effects_of, jobs
@@ -70,7 +71,7 @@ from shir.core.leasing import (
     SubmitJob,
     UnknownJob,
 )
-from shir.core.model import NodeMetrics
+from shir.core.model import CredentialVersion, NodeMetrics
 from shir.core.state import Node
 from shir.core.store import EventStore, StoreError
 
@@ -508,18 +509,28 @@ class NodeHost:
         for r in received:
             req = r.request
             try:
-                spec = pack_spec(req.kind, req.spec)
-            except ValueError as exc:
+                carried = carried_ids(req.credential)  # checked, not opened
+                spec = pack_spec(req.kind, req.spec, req.credential)
+            except (ValueError, ShirError) as exc:
                 self._settle(r.lock_token, f"bad request: {exc}")
                 continue
             job_id = job_id_for(req.message_id)
-            ok = self.send(partial(SubmitJob, job_id, req.message_id, spec=spec))
+            needs = self._needs(credentials_named(req.kind, req.spec))
+            ok = self.send(partial(SubmitJob, job_id, req.message_id, needs=needs,
+                                   carried=carried, spec=spec))
             if ok:
                 self._settle(r.lock_token, None)  # the job is in the log: durable
             elif ok is None or self.dispatcher != self.name:
                 self._abandon_message(r.lock_token)  # it comes back; the key absorbs repeats
             else:
                 self._settle(r.lock_token, "refused by the runtime (see the node's log)")
+
+    def _needs(self, named: tuple[str, ...]) -> tuple[CredentialVersion, ...]:
+        """The credentials a request names, at the latest versions the log knows: the core
+        gives the job only to a node that holds them (unless the job carries one)."""
+        status = credential_status(self.driver.state)
+        versions = ((cid, status.latest_version(cid)) for cid in sorted(set(named)))
+        return tuple(CredentialVersion(cid, v) for cid, v in versions if v is not None)
 
     def _settle(self, lock_token: str, dead_reason: str | None) -> None:
         assert self.channel is not None
