@@ -84,7 +84,10 @@ def _parse(blob: bytes) -> tuple[str, dict[str, bytes]]:
     if not isinstance(cid, str) or not isinstance(sealed, dict) or not all(
             isinstance(k, str) and isinstance(v, bytes) for k, v in sealed.items()):
         raise BadCarriedCredential("the carried credential's bundle is malformed")
-    return check_credential_id(cid), sealed
+    try:
+        return check_credential_id(cid), sealed
+    except CredentialError as exc:
+        raise BadCarriedCredential(f"the carried credential's bundle is malformed: {exc}") from None
 
 
 def carried_ids(blob: bytes) -> tuple[str, ...]:

@@ -126,18 +126,28 @@ def test_a_credential_saved_on_one_node_reaches_another_which_then_runs_a_job_ne
     assert _leaks(tmp_path, texts, password) == []
 
 
+@pytest.mark.parametrize("over", ["embedded", "servicebus"])
 def test_a_job_carrying_its_credential_runs_on_a_node_that_does_not_hold_it(
-        tmp_path: Path, pg_odbc: str) -> None:
-    source, password = _table(pg_odbc, "cred_carried", 200)
+        tmp_path: Path, pg_odbc: str, over: str, request: pytest.FixtureRequest) -> None:
+    """On the embedded channel, and on Service Bus (the real SDK against tests/sbbroker.py):
+    the request's message carries the sealed bundle."""
+    channel = None
+    if over == "servicebus":
+        hooks = request.getfixturevalue("sb_hooks")
+        queue = hooks.new_queue(lock_duration_s=10.0, max_delivery_count=10)
+        replies = hooks.new_queue(lock_duration_s=60.0, max_delivery_count=10)
+        channel = f"{hooks.connection_string};EntityPath={queue};ReplyQueue={replies}"
+    source, password = _table(pg_odbc, f"cred_carried_{over}", 200)
     out = tmp_path / "out" / "rows.csv"
     out.parent.mkdir()
-    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db", channel) as c:
         c.create(*FAST)
         c.start("a")
         wait_for("a Online", lambda: (n := c.state().node("a")) is not None
                  and n.status.value == "Online", 30)
         submit = ("job", "submit", "--store", c.store_url, "--kind", "copy", "--spec",
-                  _copy_spec(source, "cred_carried", out), "--credential", "pg")
+                  _copy_spec(source, f"cred_carried_{over}", out), "--credential", "pg",
+                  *(("--channel", channel) if channel else ()))
         refused = shir(*submit, "--id", "no-value", check=False,
                        env={"SHIR_JOB_CREDENTIAL": ""})
         assert refused.returncode == 2 and "the value is empty" in refused.stderr
