@@ -13,7 +13,7 @@
 verifiers, so a lost key cannot be shown again, only regenerated. ``job submit`` queues a
 request on the control channel (idempotent by ``--id``, which defaults to a new id and is
 printed); the dispatcher node moves it into the log. With ``--credential ID`` the job carries
-that credential, its value read from ``SHIR_JOB_CREDENTIAL`` or a prompt, sealed for each node
+that credential, its value read from ``SHIR_CREDENTIAL_VALUE`` or a prompt, sealed for each node
 the runtime's log names (:mod:`shir.adapters.carried`). ``status`` reads the log (a live store or
 a recorded one) and prints the runtime, its nodes and its queue.
 """
@@ -33,7 +33,6 @@ from shir.core.errors import ShirError
 __all__ = ["add_job_commands", "add_runtime_commands", "add_status_command"]
 
 STREAM = "runtime"
-CREDENTIAL_ENV = "SHIR_JOB_CREDENTIAL"
 
 
 def add_runtime_commands(subparsers: Any) -> None:
@@ -88,8 +87,8 @@ def add_job_commands(subparsers: Any) -> None:
     submit.add_argument("--count", type=int, default=1,
                         help="queue N requests (ids ID-0..ID-N-1)")
     submit.add_argument("--credential", metavar="ID",
-                        help=f"the job carries credential ID, sealed for each registered node; "
-                             f"its value from {CREDENTIAL_ENV} or a prompt")
+                        help="the job carries credential ID, sealed for each registered node; "
+                             "its value from SHIR_CREDENTIAL_VALUE or a prompt")
     submit.add_argument("--credential-value", metavar="VALUE",
                         help="the value on the command line (other users can see it: "
                              "prefer the environment)")
@@ -237,27 +236,6 @@ def _spec(text: str) -> bytes:
     return json.dumps(data, sort_keys=True).encode()
 
 
-def _credential_value(args: argparse.Namespace) -> bytes:
-    """The secret a job carries: from the environment, a prompt, or (warned) the command line."""
-    import getpass
-    import sys
-
-    if args.credential_value is not None:
-        print(f"shir job submit: warning: other users can see command lines: set "
-              f"{CREDENTIAL_ENV} instead of --credential-value", file=sys.stderr)
-        value = args.credential_value
-    elif os.environ.get(CREDENTIAL_ENV) is not None:
-        value = os.environ[CREDENTIAL_ENV]
-    elif sys.stdin.isatty():
-        value = getpass.getpass(f"Value of credential {args.credential}: ")
-    else:
-        raise ShirError(f"--credential {args.credential}: set {CREDENTIAL_ENV} to its value "
-                        "(or run in a terminal to be asked)")
-    if not value:
-        raise ShirError(f"--credential {args.credential}: the value is empty")
-    return str(value).encode()
-
-
 def _carried(args: argparse.Namespace, params: bytes) -> bytes:
     """The bundle carrying ``--credential``, sealed for each node the runtime's log names."""
     from shir.adapters.carried import seal_for_nodes
@@ -267,7 +245,10 @@ def _carried(args: argparse.Namespace, params: bytes) -> bytes:
     if args.kind == "copy" and args.credential not in credentials_named("copy", params):
         raise ShirError(f"--credential {args.credential}: the copy spec does not name it "
                         "(as 'credential' of the source or of a blob sink)")
-    value = _credential_value(args)
+    from shir.adapters.credentials_cli import read_value
+
+    value = read_value(f"credential {args.credential}", args.credential_value,
+                       "shir job submit")
     state = _driver(args.store).state
     if state.runtime is None:
         raise _no_runtime(args.store)

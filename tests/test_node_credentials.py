@@ -149,9 +149,9 @@ def test_a_job_carrying_its_credential_runs_on_a_node_that_does_not_hold_it(
                   _copy_spec(source, f"cred_carried_{over}", out), "--credential", "pg",
                   *(("--channel", channel) if channel else ()))
         refused = shir(*submit, "--id", "no-value", check=False,
-                       env={"SHIR_JOB_CREDENTIAL": ""})
-        assert refused.returncode == 2 and "the value is empty" in refused.stderr
-        shir(*submit, "--id", "carried", env={"SHIR_JOB_CREDENTIAL": password})
+                       env={"SHIR_CREDENTIAL_VALUE": ""})
+        assert refused.returncode == 2 and "is empty" in refused.stderr
+        shir(*submit, "--id", "carried", env={"SHIR_CREDENTIAL_VALUE": password})
         wait_for("the copy job completed", lambda: c.state().jobs.completed == 1, 60, poll_s=0.3)
         status = shir("status", "--store", c.store_url, "--json").stdout
         shown = shir("job", "show", "--store", c.store_url, "carried").stdout
