@@ -451,6 +451,7 @@ class NodeHost:
                 self.log("warning", "store_error", error=str(exc))
             self._wait(POLL_S)
         self._cancel_all()  # past the bound: leaving gives their leases back at once
+        self._drain_effects()  # the last completions' results are published before leaving
         self.leaving = True
         left = self.send(partial(cmd.LeaveRuntime, self.name, self.session))
         self.log("info", "stopped", left=bool(left))

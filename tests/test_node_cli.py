@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from node_helpers import SHIR, Cluster, cluster, shir, wait_for
 
+from shir.adapters.channel import JobRequest
+from shir.adapters.embedded_channel import EmbeddedChannel
 from shir.adapters.node_host import job_id_for
+from shir.adapters.node_jobs import MAX_KIND
 from shir.adapters.stores import open_store
 from shir.core.commands import RegisterNode
 from shir.core.driver import Driver
@@ -163,6 +166,9 @@ def test_sigterm_drains_running_jobs_and_status_job_show_and_logs_hold_no_key(
         assert (sink / job_id_for("slow")).exists()  # finished before leaving
         shown = shir("job", "show", "--store", c.store_url, "slow").stdout
         assert "completed" in shown and "solo" in shown
+        assert "reply queue      completed at" in shown  # the dispatcher published it
+        record = json.loads(shir("job", "show", "--store", c.store_url, "slow", "--json").stdout)
+        assert [r["outcome"] for r in record["published"]] == ["completed"]
         text = shir("status", "--store", c.store_url).stdout
     node = live["nodes"][0]
     assert live["status"] == "Online" and live["dispatcher"] == "solo" and live["term"] == 1
@@ -178,6 +184,28 @@ def test_sigterm_drains_running_jobs_and_status_job_show_and_logs_hold_no_key(
         if key.startswith("IR@"):
             for part in _secret_parts(key):
                 assert part not in everything
+
+
+def test_job_show_reports_a_request_the_dispatcher_refused(tmp_path: Path) -> None:
+    # a request the runtime refuses for good never reaches the log: it is dead-lettered on the
+    # channel with the reason, and `job show` reads it there
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+        c.create(*FAST)
+        p = shir("job", "submit", "--store", c.store_url, "--kind", "k" * (MAX_KIND + 1),
+                 check=False)
+        assert p.returncode == 2 and "--kind" in p.stderr and "Traceback" not in p.stderr
+        channel = EmbeddedChannel.from_url(c.store_url)
+        try:
+            channel.send([JobRequest("odd", "k" * (MAX_KIND + 1), b"{}")])
+        finally:
+            channel.close()
+        c.start("solo")
+        wait_for("the request refused", lambda: shir(
+            "job", "show", "--store", c.store_url, "odd", check=False).returncode == 0, 20)
+        record = json.loads(shir("job", "show", "--store", c.store_url, "odd", "--json").stdout)
+        assert record["state"] == "refused" and "job kind" in record["reason"]
+        p = shir("job", "show", "--store", c.store_url, "never-sent", check=False)
+        assert p.returncode == 2 and "no job 'never-sent'" in p.stderr
 
 
 def test_status_reads_a_recorded_log(tmp_path: Path) -> None:
