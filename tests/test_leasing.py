@@ -55,6 +55,7 @@ from shir.core import (
     next_deadline,
     scale_advice,
 )
+from shir.core.capacity import requests_wanted
 from shir.core.errors import (
     InvalidCommand,
     RuntimeNotFound,
@@ -306,6 +307,17 @@ def test_max_jobs_and_limits_bound_one_dispatch() -> None:
     assert len(r.dispatch()) == 13  # 8 + 8 slots
     assert r.dispatch() == []
     assert job_stats(r.state).queued == 4
+
+
+def test_the_dispatcher_takes_requests_up_to_the_free_capacity() -> None:
+    r = Rig.online(2)  # 8 + 8 slots
+    assert requests_wanted(r.state, 32) == 16 and requests_wanted(r.state, 5) == 5
+    r.submit_n(10)
+    assert requests_wanted(r.state, 32) == 6  # queued jobs count against the free slots
+    r.dispatch()
+    assert requests_wanted(r.state, 32) == 6  # running ones too
+    r.submit_n(10, prefix="more")
+    assert requests_wanted(r.state, 32) == 0  # full: the rest wait in the channel
 
 
 # --- limits ---------------------------------------------------------------------------------
