@@ -120,13 +120,17 @@ class HostCredentials:
                            if p.name.endswith(".cred"))
         except FileNotFoundError:
             return ()
+        except OSError as exc:  # not a folder, no permission: the node holds nothing usable
+            self.log("warning", "credential_store_unreadable", error=exc.strerror or str(exc))
+            return ()
         out = []
         for cid in names:
             try:
                 version = self.store.version_of(cid)
-            except CredentialError as exc:
+            except (CredentialError, OSError) as exc:
+                reason = str(exc) if isinstance(exc, CredentialError) else exc.strerror
                 self.log("warning", "credential_unreadable", credential=cid[:128],
-                         reason=str(exc))
+                         reason=reason)
                 continue
             if version:
                 out.append(CredentialVersion(cid, version))

@@ -251,3 +251,22 @@ def test_a_spec_carries_its_bundle_in_front_of_kind_and_params() -> None:
         "sink": {"container": "c", "blob": "b", "credential": "st"}}).encode())
     assert named == ("pg", "st")
     assert credentials_named("copy", b"not json") == () == credentials_named("touch", b"{}")
+
+
+def test_an_unreadable_store_holds_nothing_and_says_why(tmp_path: Path) -> None:
+    log = _Log()
+    protector = PortableProtector(tmp_path / "protector.key", machine_id="m")
+    store = LocalCredentialStore(tmp_path / "credentials", protector)
+    creds = HostCredentials("a", NodeKeys.generate(), store, log)
+    assert creds.held() == ()  # no folder yet
+    store.put("pg", 1, CANARY_BYTES)
+    store.put("api", 2, b"k")
+    (tmp_path / "credentials" / "api.cred").write_bytes(b"damaged")
+    assert [(cv.credential_id, cv.version) for cv in creds.held()] == [("pg", 1)]
+    assert log.records[-1]["event"] == "credential_unreadable"
+    assert log.records[-1]["credential"] == "api"
+    other = HostCredentials("b", NodeKeys.generate(),
+                            LocalCredentialStore(tmp_path / "protector.key", protector), log)
+    assert other.held() == ()  # a file, not a folder
+    assert log.records[-1]["event"] == "credential_store_unreadable"
+    assert CANARY_BYTES not in json.dumps(log.records).encode()
