@@ -9,6 +9,8 @@
   the status output, the runtime's store (log and embedded channel), the nodes' credential
   files, or errors.
 
+- a node that cannot take the credential stays Limited and gets no job that needs it.
+
 Tampered and wrong-recipient envelopes: tests/test_node_credentials_parts.py.
 """
 
@@ -162,3 +164,43 @@ def test_a_job_carrying_its_credential_runs_on_a_node_that_does_not_hold_it(
     assert _store(tmp_path / "home-a").version_of("pg") == 0
     assert _leaks(tmp_path, [status, shown, refused.stderr, json.dumps(repr(events))],
                   password) == []
+
+
+def test_a_node_that_cannot_take_the_credential_stays_limited_and_gets_no_job_needing_it(
+        tmp_path: Path, pg_odbc: str) -> None:
+    """b's credential store is unusable (a file where its folder should be): every envelope a
+    sends is refused with the reason, b stays Limited, and the copy jobs that need the
+    credential all run on a, while a job that needs none may run on b."""
+    source, password = _table(pg_odbc, "cred_limited", 50)
+    (tmp_path / "home-b").mkdir()
+    (tmp_path / "home-b" / "credentials").write_bytes(b"not a folder")
+    out = tmp_path / "out"
+    out.mkdir()
+    _store(tmp_path / "home-a").put("pg", 1, password.encode())
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+        c.create(*FAST)
+        c.start("a")
+        wait_for("a Online", lambda: (n := c.state().node("a")) is not None
+                 and n.status.value == "Online", 30)
+        c.start("b")
+        wait_for("b Limited for pg", lambda: (n := c.state().node("b")) is not None
+                 and n.reasons == ("credential pg missing, latest v1",), 30)
+        for i in range(4):
+            shir("job", "submit", "--store", c.store_url, "--kind", "copy", "--spec",
+                 _copy_spec(source, "cred_limited", out / f"{i}.csv"), "--id", f"copy-{i}")
+        shir("job", "submit", "--store", c.store_url, "--kind", "touch", "--param",
+             f"sink={out}", "--param", "seconds=0", "--count", "8", "--id", "touch")
+        wait_for("12 jobs completed", lambda: c.state().jobs.completed == 12, 60, poll_s=0.3)
+        b = c.state().node("b")
+        status = shir("status", "--store", c.store_url).stdout
+        events = list(c.events())
+    assert b is not None and b.status.value == "Limited", b
+    assert "credential pg missing, latest v1" in status
+    ran_on = {e.token.job_id: e.token.node for e in events if isinstance(e, jb.JobCompleted)}
+    assert {ran_on[job_id_for(f"copy-{i}")] for i in range(4)} == {"a"}
+    # b does take work: only the work that needs what it lacks passes it by
+    assert "b" in {ran_on[job_id_for(f"touch-{i}")] for i in range(8)}, ran_on
+    refusals = [r.get("reason", "") for r in c.log_records("a")
+                if r.get("event") == "credential_not_shared"]
+    assert refusals and all("refused" in r and "failed to store it" in r for r in refusals)
+    assert _leaks(tmp_path, [status, json.dumps(repr(events))], password) == []
