@@ -7,8 +7,7 @@
   keep it;
 - the secrets (the database password, random per test run) never appear in the nodes' logs,
   the status output, the runtime's store (log and embedded channel), the nodes' credential
-  files, or errors.
-
+  files, or errors;
 - a node that cannot take the credential stays Limited and gets no job that needs it.
 
 Tampered and wrong-recipient envelopes: tests/test_node_credentials_parts.py.
