@@ -270,3 +270,27 @@ def test_an_unreadable_store_holds_nothing_and_says_why(tmp_path: Path) -> None:
     assert other.held() == ()  # a file, not a folder
     assert log.records[-1]["event"] == "credential_store_unreadable"
     assert CANARY_BYTES not in json.dumps(log.records).encode()
+
+
+def test_a_copy_job_whose_carried_credential_does_not_open_fails_saying_why(
+        tmp_path: Path) -> None:
+    import threading
+
+    from shir.adapters.node_jobs import JobContext, JobFailed, kinds_for
+    from shir.core.jobs import LeaseToken
+
+    keys = node_keys(tmp_path, "ir-1", "a")
+    spec = json.dumps({"source": "Driver={none}", "credential": "pg", "format": "csv",
+                       "query": "SELECT 1", "sink": {"folder": str(tmp_path / "x.csv")}})
+    copy = kinds_for(tmp_path)["copy"]
+    token = LeaseToken("j1", "a", 1, 1)
+    for_b = seal_for_nodes("pg", CANARY_BYTES, "ir-1", {"b": NodeKeys.generate().public})
+    with pytest.raises(JobFailed, match=r"carried credential was refused: .*not for node 'a'"):
+        copy(JobContext(token, spec.encode(), threading.Event(), for_b))
+    doc = msgpack.unpackb(seal_for_nodes("pg", CANARY_BYTES, "ir-1", {"a": keys.public}))
+    box = bytearray(doc["sealed"]["a"])
+    box[-3] ^= 0x10
+    tampered = msgpack.packb({**doc, "sealed": {"a": bytes(box)}})
+    with pytest.raises(JobFailed, match=r"refused: .*failed authentication"):
+        copy(JobContext(token, spec.encode(), threading.Event(), tampered))
+    assert not (tmp_path / "x.csv").exists()
