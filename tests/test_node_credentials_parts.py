@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,8 +99,6 @@ def _store_bytes(node: _Node) -> dict[str, bytes]:
 
 
 def _wait_shared(node: _Node, timeout_s: float = 10.0) -> list[Any]:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if done := node.creds.finished():
@@ -274,8 +274,6 @@ def test_an_unreadable_store_holds_nothing_and_says_why(tmp_path: Path) -> None:
 
 def test_a_copy_job_whose_carried_credential_does_not_open_fails_saying_why(
         tmp_path: Path) -> None:
-    import threading
-
     from shir.adapters.node_jobs import JobContext, JobFailed, kinds_for
     from shir.core.jobs import LeaseToken
 
