@@ -140,7 +140,7 @@ class ClientProxy:
     settings: ProxySettings = ProxySettings()
     user: str = attrs.field(default="", repr=False)
     password: str = attrs.field(default="", repr=False)
-    environ: Mapping[str, str] = attrs.field(factory=dict, repr=False)  # for ``system``
+    environ: Mapping[str, str] = attrs.field(factory=dict, repr=False)  # *_PROXY, for system
 
     def describe(self) -> str:
         """The proxy for messages: mode and address, never a user or password."""
@@ -252,7 +252,8 @@ def client_proxy(
             f"the user or password of the {settings.describe()} cannot be opened on this "
             "machine (sealed elsewhere, or damaged): set the proxy again with shir node proxy"
         ) from None
-    env = dict(os.environ if environ is None else environ)
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if k.lower().endswith("_proxy")}  # nothing else
     return ClientProxy(settings, user, password, env)
 
 

@@ -14,6 +14,10 @@ so a test can say which traffic went through it and with which credentials.
 Bounded: at most ``max_connections`` at once (more are refused), headers at most 64 KiB, every
 socket with a timeout; :meth:`ForwardProxy.stop` closes the listener and every live socket and
 joins the threads. Use it as a context manager.
+
+The proxy tests also share :func:`sealed_custom` (a ``custom`` setting on the loopback proxy,
+sealed and opened as a node host does); their fixtures ``proxy`` (this proxy with ``USER`` and
+``PASSWORD``), ``clean_env`` and ``protector`` are in conftest.py.
 """
 
 from __future__ import annotations
@@ -23,12 +27,25 @@ import contextlib
 import ipaddress
 import socket
 import threading
+import uuid
 from types import TracebackType
+from typing import Any
 
 import attrs
 
+USER = "svc-proxy"
+PASSWORD = "canary-Pr0xy-" + uuid.uuid4().hex  # the proxy tests' canary: only the proxy sees it
 MAX_HEAD = 64 * 1024
 TIMEOUT_S = 30.0
+
+def sealed_custom(protector: Any, port: int, password: str = PASSWORD, user: str = USER) -> Any:
+    """A ``ClientProxy`` for a custom proxy on 127.0.0.1:``port``, its secrets sealed first."""
+    from shir.adapters.proxy import client_proxy, seal_proxy_settings
+    from shir.core.proxy import ProxyMode
+
+    sealed = seal_proxy_settings(protector, ProxyMode.CUSTOM, "127.0.0.1", port, user, password)
+    assert password.encode() not in sealed.password  # sealed, not kept in clear
+    return client_proxy(sealed, protector, environ={})
 
 
 @attrs.frozen
@@ -85,6 +102,15 @@ class ForwardProxy:
     def url(self) -> str:
         """``http://127.0.0.1:PORT`` (no credentials)."""
         return f"http://{self.address}:{self.port}"
+
+    def url_for(self, user: str = USER, password: str = PASSWORD) -> str:
+        """``http://USER:PASSWORD@127.0.0.1:PORT``, as a proxy variable names a proxy."""
+        return f"http://{user}:{password}@{self.address}:{self.port}"
+
+    def name_in_every_variable(self, env: Any) -> None:
+        """Set HTTP(S)_PROXY, upper and lower case, to this proxy on ``env`` (a monkeypatch)."""
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env.setenv(name, self.url_for())
 
     @property
     def seen(self) -> list[Seen]:

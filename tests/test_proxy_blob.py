@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("azure.storage.blob")
 
-from fwdproxy import ForwardProxy, basic
+from fwdproxy import PASSWORD, USER, ForwardProxy, basic, sealed_custom
 
 from shir.adapters.copy_sinks import BlobSink, SinkError, open_blob_service
 from shir.adapters.protect import PortableProtector
@@ -34,35 +34,7 @@ from shir.adapters.stores import open_store
 from shir.core.proxy import ProxyMode, ProxySettings
 from shir.core.store import StoreError
 
-USER = "svc-proxy"
-PASSWORD = "canary-Pr0xy-" + uuid.uuid4().hex  # must never show up anywhere but the proxy
 EVENTS = 5
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-                   "no_proxy", "ALL_PROXY", "all_proxy")
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
-
-
-@pytest.fixture
-def protector(tmp_path: Path) -> PortableProtector:
-    return PortableProtector(tmp_path / "protector.key", machine_id="m", user="svc")
-
-
-@pytest.fixture
-def proxy():
-    with ForwardProxy(USER, PASSWORD) as p:
-        yield p
-
-
-def _custom(protector: PortableProtector, port: int, password: str = PASSWORD) -> ClientProxy:
-    sealed = seal_proxy_settings(protector, ProxyMode.CUSTOM, "127.0.0.1", port, USER, password)
-    assert PASSWORD.encode() not in sealed.password  # sealed, not stored in clear
-    return client_proxy(sealed, protector, environ={})
 
 
 def _store_url(connection_string: str) -> str:
@@ -99,7 +71,7 @@ def test_the_blob_store_goes_through_a_custom_proxy_with_its_credentials(
     azurite_connection_string: str, proxy: ForwardProxy, protector: PortableProtector,
     clean_env: pytest.MonkeyPatch,
 ) -> None:
-    _append_and_read(_store_url(azurite_connection_string), _custom(protector, proxy.port))
+    _append_and_read(_store_url(azurite_connection_string), sealed_custom(protector, proxy.port))
     methods = _through(proxy, azurite_connection_string, basic(USER, PASSWORD))
     assert methods.count("PUT") >= EVENTS  # every append (Append Block) went through it
 
@@ -108,7 +80,7 @@ def test_the_blob_store_goes_through_the_system_proxy_named_by_the_environment(
     azurite_connection_string: str, proxy: ForwardProxy, protector: PortableProtector,
     clean_env: pytest.MonkeyPatch,
 ) -> None:
-    clean_env.setenv("HTTP_PROXY", f"http://{USER}:{PASSWORD}@127.0.0.1:{proxy.port}")
+    clean_env.setenv("HTTP_PROXY", proxy.url_for())
     system = client_proxy(ProxySettings(ProxyMode.SYSTEM), protector)
     assert PASSWORD not in repr(system) and PASSWORD not in system.describe()
     assert system.describe() == f"system proxy 127.0.0.1:{proxy.port}"
@@ -131,8 +103,7 @@ def test_no_proxy_ignores_the_proxy_variables(
     azurite_connection_string: str, proxy: ForwardProxy, protector: PortableProtector,
     clean_env: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        clean_env.setenv(name, f"http://{USER}:{PASSWORD}@127.0.0.1:{proxy.port}")
+    proxy.name_in_every_variable(clean_env)
     _append_and_read(_store_url(azurite_connection_string),
                      client_proxy(ProxySettings(), protector))
     assert proxy.seen == []
@@ -148,7 +119,7 @@ def test_a_wrong_proxy_password_names_the_proxy_never_the_password(
     wrong = "canary-wrong-" + uuid.uuid4().hex
     with pytest.raises(StoreError) as info:
         open_store(_store_url(azurite_connection_string), retry_total=0,
-                   proxy=_custom(protector, proxy.port, password=wrong))
+                   proxy=sealed_custom(protector, proxy.port, wrong))
     message = str(info.value)
     assert f"custom proxy 127.0.0.1:{proxy.port}" in message and "407" in message
     assert "shir node proxy" in message
@@ -156,7 +127,7 @@ def test_a_wrong_proxy_password_names_the_proxy_never_the_password(
     assert proxy.seen and not any(s.allowed for s in proxy.seen)
 
     with pytest.raises(SinkError) as sink_info:
-        _sink(azurite_connection_string, _custom(protector, proxy.port, password=wrong)
+        _sink(azurite_connection_string, sealed_custom(protector, proxy.port, wrong)
               ).open("job-1")
     assert f"custom proxy 127.0.0.1:{proxy.port}" in str(sink_info.value)
     assert "407" in str(sink_info.value) and wrong not in str(sink_info.value)
@@ -169,7 +140,7 @@ def test_an_unreachable_proxy_is_named(
         port = gone.port  # a loopback port nothing listens on once it is stopped
     with pytest.raises(StoreError) as info:
         open_store(_store_url(azurite_connection_string), retry_total=0,
-                   proxy=_custom(protector, port))
+                   proxy=sealed_custom(protector, port))
     message = str(info.value)
     assert f"through the custom proxy 127.0.0.1:{port}" in message and PASSWORD not in message
 
@@ -196,9 +167,9 @@ def test_the_copy_sink_goes_through_the_proxy(
     protector: PortableProtector, clean_env: pytest.MonkeyPatch,
 ) -> None:
     if mode == "custom":
-        cp = _custom(protector, proxy.port)
+        cp = sealed_custom(protector, proxy.port)
     else:
-        clean_env.setenv("HTTP_PROXY", f"http://{USER}:{PASSWORD}@127.0.0.1:{proxy.port}")
+        clean_env.setenv("HTTP_PROXY", proxy.url_for())
         cp = client_proxy(ProxySettings(ProxyMode.SYSTEM), protector)
     sink = _sink(azurite_connection_string, cp)
     data = _write(sink)
@@ -230,7 +201,7 @@ def test_the_home_keeps_the_sealed_setting(tmp_path: Path, protector: PortablePr
 
 
 def test_client_options_for_each_mode(protector: PortableProtector) -> None:
-    custom = _custom(protector, 3128)
+    custom = sealed_custom(protector, 3128)
     assert PASSWORD not in repr(custom) and USER not in repr(custom)
     options = custom.blob_options()
     assert options["use_env_settings"] is False
@@ -266,7 +237,7 @@ def test_a_copy_job_writes_its_blob_sink_through_the_node_proxy(
             "sink": {"container": container, "blob": "out.csv", "credential": "storage"}}
     done = run_copy_job(json.dumps(spec).encode(), job_id="job-px", delivery=1,
                         resolve_credential=store_resolver(store),
-                        proxy=_custom(protector, proxy.port))
+                        proxy=sealed_custom(protector, proxy.port))
     assert done.rows == 3000
     seen = proxy.seen
     _through(proxy, azurite_connection_string, basic(USER, PASSWORD))

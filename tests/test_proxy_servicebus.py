@@ -12,54 +12,26 @@ CONNECT is answered ``502`` and the channel then fails with an error that names 
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("azure.servicebus")
 pytest.importorskip("websocket")
 
-from fwdproxy import ForwardProxy, basic
+from fwdproxy import PASSWORD, USER, ForwardProxy, basic, sealed_custom
 from sbhooks import BrokerHooks
 
 from shir.adapters.channel import ChannelError, JobRequest
 from shir.adapters.channels import open_channel
 from shir.adapters.protect import PortableProtector
-from shir.adapters.proxy import ClientProxy, client_proxy, seal_proxy_settings
+from shir.adapters.proxy import client_proxy
 from shir.adapters.servicebus import ServiceBusChannel
 from shir.core.proxy import ProxyMode, ProxySettings
 
-USER = "svc-proxy"
-PASSWORD = "canary-SbPr0xy-" + uuid.uuid4().hex
 KEY = "canary-SasKey-" + uuid.uuid4().hex
 NAMESPACE = "shir-proxy-test.servicebus.windows.net"
 AZURE = f"Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName=send;SharedAccessKey={KEY}"
 QUICK = {"settle_timeout_s": 2.0, "attempts": 1, "sdk_options": {"retry_total": 0}}
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-                 "no_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
-
-
-@pytest.fixture
-def protector(tmp_path: Path) -> PortableProtector:
-    return PortableProtector(tmp_path / "protector.key", machine_id="m", user="svc")
-
-
-@pytest.fixture
-def proxy():
-    with ForwardProxy(USER, PASSWORD) as p:
-        yield p
-
-
-def _custom(protector: PortableProtector, port: int, password: str = PASSWORD) -> ClientProxy:
-    return client_proxy(
-        seal_proxy_settings(protector, ProxyMode.CUSTOM, "127.0.0.1", port, USER, password),
-        protector, environ={})
 
 
 def _send_fails(channel: ServiceBusChannel) -> str:
@@ -83,7 +55,7 @@ def _connects(proxy: ForwardProxy, auth: str) -> list[str]:
 def test_a_custom_proxy_carries_amqp_over_websockets_to_the_namespace(
     proxy: ForwardProxy, protector: PortableProtector, clean_env: pytest.MonkeyPatch,
 ) -> None:
-    cp = _custom(protector, proxy.port)
+    cp = sealed_custom(protector, proxy.port)
     assert cp.servicebus_options(NAMESPACE)["http_proxy"]["proxy_port"] == proxy.port
     channel = open_channel(AZURE, proxy=cp, **QUICK)
     assert isinstance(channel, ServiceBusChannel)
@@ -96,7 +68,7 @@ def test_a_refused_proxy_password_is_named_never_shown(
     proxy: ForwardProxy, protector: PortableProtector, clean_env: pytest.MonkeyPatch,
 ) -> None:
     wrong = "canary-wrong-" + uuid.uuid4().hex
-    channel = ServiceBusChannel(AZURE, proxy=_custom(protector, proxy.port, wrong), **QUICK)
+    channel = ServiceBusChannel(AZURE, proxy=sealed_custom(protector, proxy.port, wrong), **QUICK)
     message = _send_fails(channel)
     assert wrong not in message
     assert f"custom proxy 127.0.0.1:{proxy.port}" in message and "407" in message
@@ -107,7 +79,7 @@ def test_a_refused_proxy_password_is_named_never_shown(
 def test_the_system_proxy_is_the_one_the_environment_names(
     proxy: ForwardProxy, protector: PortableProtector, clean_env: pytest.MonkeyPatch,
 ) -> None:
-    clean_env.setenv("HTTPS_PROXY", f"http://{USER}:{PASSWORD}@127.0.0.1:{proxy.port}")
+    clean_env.setenv("HTTPS_PROXY", proxy.url_for())
     system = client_proxy(ProxySettings(ProxyMode.SYSTEM), protector)
     _send_fails(ServiceBusChannel(AZURE, proxy=system, **QUICK))
     _connects(proxy, basic(USER, PASSWORD))
@@ -121,8 +93,7 @@ def test_no_proxy_talks_to_the_broker_directly_despite_the_variables(
     sb_hooks: BrokerHooks, proxy: ForwardProxy, protector: PortableProtector,
     clean_env: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        clean_env.setenv(name, f"http://{USER}:{PASSWORD}@127.0.0.1:{proxy.port}")
+    proxy.name_in_every_variable(clean_env)
     queue = sb_hooks.new_queue(5.0, 3)
     channel = ServiceBusChannel(sb_hooks.connection_string, queue=queue,
                                 reply_queue=sb_hooks.new_queue(60, 10),
