@@ -70,7 +70,11 @@ def _password(args: argparse.Namespace) -> str:
     if from_env is not None:
         return from_env
     if args.user and sys.stdin.isatty():
-        return getpass.getpass(f"Password of proxy user {args.user} (empty: none): ")
+        try:
+            return getpass.getpass(f"Password of proxy user {args.user} (empty: none): ")
+        except EOFError:  # Ctrl-D, or input closed: nothing is saved
+            raise ShirError(f"no password read; set {PASSWORD_ENV}, or type it (empty for "
+                            "none)") from None
     return ""
 
 
