@@ -500,7 +500,7 @@ class NodeHost:
         self._drain_effects()  # the last completions' results are published before leaving
         if self.restart_to is not None:
             # a restart, as the product's host service does it: the node stays registered
-            # (with its proxy setting); leases cut short above expire and are redelivered
+            # (with its proxy setting); leases cut short above end when it registers again
             self.log("info", "stopped", left=False, restart=True)
             return 0
         self.leaving = True
