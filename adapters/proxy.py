@@ -119,8 +119,11 @@ def load_home_proxy(home: Path) -> ProxySettings:
 def save_home_proxy(home: Path, settings: ProxySettings) -> None:
     """Keep ``settings`` (sealed) in ``home``, replacing the file whole (mode 0600)."""
     check_proxy(settings)
-    Path(home).mkdir(parents=True, exist_ok=True)
-    write_file_atomically(Path(home) / HOME_FILE, encode_value(settings))
+    try:
+        Path(home).mkdir(parents=True, exist_ok=True)
+        write_file_atomically(Path(home) / HOME_FILE, encode_value(settings))
+    except OSError as exc:
+        raise ProxyError(f"cannot keep the proxy setting in {home}: {exc.strerror}") from None
 
 
 # --- options for the Azure clients -------------------------------------------------------------
