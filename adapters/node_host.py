@@ -287,6 +287,8 @@ class NodeHost:
         wanted = saved_proxy(self.driver.state, self.name)
         if wanted is None or wanted == self.proxy or self.restart_to == wanted:
             return  # the clients already use it: a restart would change nothing
+        if self.draining and self.restart_to is None:
+            return  # stopping for good (SIGTERM): the next start reads the home, and the log
         self.restart_to = wanted
         self.log("info", "restart_wanted", reason=reason, proxy=wanted.describe())
         self.stop.set()

@@ -189,3 +189,9 @@ def test_the_host_follows_the_log_and_brings_its_machines_setting_to_a_new_regis
     assert fresh.restart_to is None and not fresh.stop.is_set()
     names = [type(e).__name__ for e in cli.store.read("runtime")]
     assert "NodeLeft" not in names and names.count("ProxySettingsSaved") == 2
+    fresh.draining = True  # stopping for good (SIGTERM): a change seen now is not a restart
+    cli.catch_up()
+    cli.handle(SaveProxySettings("n1", a, cli.state.now + 1))
+    fresh.driver.catch_up()
+    fresh._drain_effects()
+    assert fresh.restart_to is None
