@@ -43,10 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from shir.adapters.backup import NodeIdentity, load_identity, save_identity
+from shir.adapters.carried import carried_ids
+from shir.adapters.channel import JobRequest
 from shir.adapters.credentials_cli import DataDir
 from shir.adapters.credstore import LocalCredentialStore
 from shir.adapters.envelope import NodeKeys, open_envelope, seal
 from shir.adapters.intranet_wire import EnvelopeMessage
+from shir.adapters.node_jobs import credentials_named
 from shir.adapters.protect import (
     CredentialError,
     IdentityConflict,
@@ -55,14 +58,32 @@ from shir.adapters.protect import (
     TamperedCiphertext,
     UnknownSender,
 )
-from shir.core.credentials import SealCredentialFor, ShareCredential
+from shir.core.credentials import (
+    SaveCredential,
+    SealCredentialFor,
+    ShareCredential,
+    credential_status,
+)
 from shir.core.errors import ShirError
 from shir.core.model import CredentialVersion
+from shir.core.state import RuntimeState
 
-__all__ = ["HostCredentials", "node_keys"]
+__all__ = ["HostCredentials", "node_keys", "request_credentials"]
 
 Log = Callable[..., None]
 SendEnvelope = Callable[[str, EnvelopeMessage], None]
+
+
+def request_credentials(state: RuntimeState, request: JobRequest,
+                        ) -> tuple[tuple[CredentialVersion, ...], tuple[str, ...]]:
+    """(needs, carried) of a job request: the credentials its spec names, at the latest versions
+    the log knows (the core gives the job only to a node holding them), and the one it carries
+    (checked, not opened; the core then needs no node to hold it)."""
+    status = credential_status(state)
+    named = sorted(set(credentials_named(request.kind, request.spec)))
+    versions = ((cid, status.latest_version(cid)) for cid in named)
+    needs = tuple(CredentialVersion(cid, v) for cid, v in versions if v is not None)
+    return needs, carried_ids(request.credential)
 
 
 def node_keys(home: Path, runtime_id: str, node_name: str) -> NodeKeys:
@@ -142,6 +163,14 @@ class HostCredentials:
         keys = {n.name: n.envelope_key for n in nodes if n.envelope_key is not None}
         with self._lock:
             self._senders = keys
+
+    def saves(self, state: RuntimeState, held: Iterable[CredentialVersion],
+              ) -> list[Callable[[float], SaveCredential]]:
+        """``SaveCredential`` (to stamp) for each version ``held`` here that is newer than the
+        runtime's latest: a user saved it on this machine."""
+        status = credential_status(state)
+        return [partial(SaveCredential, cv.credential_id, cv.version, self.name) for cv in held
+                if cv.version > (status.latest_version(cv.credential_id) or 0)]
 
     # -- holder: seal and send ----------------------------------------------------------------
 

@@ -18,15 +18,22 @@ elsewhere). Each turn of its loop it reads the clock and:
    log (``SubmitJob``, idempotency key = message id) and settles each message only after the
    append is durable, and sends ``DispatchJobs`` when the core says ``DispatchWanted``.
 
-Credentials (:mod:`shir.adapters.node_credentials`): each heartbeat reports the versions this
-machine's store holds, after ``SaveCredential`` for any newer than the runtime's latest; on
-``SealCredentialFor`` the host has the version sealed for the target and sent over the intranet,
-and records ``ShareCredential`` once the target took it; an envelope received, or
-``DeliverCredential``, brings the next heartbeat forward. As dispatcher it queues a request with
-the credentials its spec names (``needs``) and the one it carries (``carried``).
+Credentials (:mod:`shir.adapters.node_credentials`, which says how): heartbeats report the
+store's versions, after ``SaveCredential`` for newer ones; ``SealCredentialFor`` has a version
+sealed and sent over the intranet, then ``ShareCredential`` recorded; requests are queued with
+the credentials they name (``needs``) and carry (``carried``).
 
 SIGTERM drains: running jobs may finish (bounded), new deliveries are abandoned, then the node
 sends ``LeaveRuntime`` and its remaining leases go back to the queue at once.
+
+Proxy: the host is built with the proxy setting its clients use (``proxy``: the machine's, kept
+in its home). When the log holds another one for this node (at registration, or a
+``RestartHostService`` addressed to it) the host restarts as the product's host service does:
+it drains like SIGTERM but does not leave (the node stays registered, and its proxy setting in
+the log with it), and :attr:`NodeHost.restart_to` names the setting to start again with
+(:mod:`shir.adapters.node_cli` reopens every client with it). A node that registers anew has no
+setting saved in the log: the host saves its machine's own (``SaveProxySettings``), as it sends
+its concurrency limit.
 
 Everything this host does with the core goes through :meth:`NodeHost.send`, and everything the
 core tells it comes through :meth:`_carry_out` (effects, including the reply a ``Fenced``
@@ -51,21 +58,15 @@ from typing import Any
 
 import attrs
 
-from shir.adapters.carried import carried_ids
 from shir.adapters.channel import ChannelError, ControlChannel, JobResult, LockLost
-from shir.adapters.node_credentials import HostCredentials
-from shir.adapters.node_jobs import KINDS, JobContext, JobRun, credentials_named, pack_spec
+from shir.adapters.node_credentials import HostCredentials, request_credentials
+from shir.adapters.node_jobs import KINDS, JobContext, JobRun, pack_spec
 from shir.core import commands as cmd
 from shir.core import effects as fx
 from shir.core import effects_of, jobs
 from shir.core import events as ev
 from shir.core.capacity import requests_wanted
-from shir.core.credentials import (
-    DeliverCredential,
-    SaveCredential,
-    SealCredentialFor,
-    credential_status,
-)
+from shir.core.credentials import DeliverCredential, SealCredentialFor
 from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
 from shir.core.errors import DomainError, Fenced, ShirError, TimeWentBackwards
 from shir.core.leasing import (
@@ -79,7 +80,8 @@ from shir.core.leasing import (
     SubmitJob,
     UnknownJob,
 )
-from shir.core.model import CredentialVersion, NodeMetrics
+from shir.core.model import NodeMetrics
+from shir.core.proxy import ProxySettings, RestartHostService, SaveProxySettings, saved_proxy
 from shir.core.state import Node
 from shir.core.store import EventStore, StoreError
 
@@ -91,6 +93,7 @@ _SEND_TRIES = 6
 MAX_REQUESTS_PER_TURN = 32  # job requests taken per loop turn (and per append), at most
 DISPATCH_POLL_S = 5.0  # the dispatcher also dispatches this often without being asked
 _MEMBERSHIP_EVENTS = (ev.NodeRegistered, ev.NodeRemoved, ev.NodeLeft)
+NO_PROXY = ProxySettings()
 
 
 class _LogDriver(Driver):
@@ -139,6 +142,7 @@ class NodeHost:
         intranet_address: str | None = None, cert_sha256: str | None = None,
         on_members: Callable[[tuple[Node, ...]], None] | None = None,
         credentials: HostCredentials | None = None,
+        proxy: ProxySettings = NO_PROXY,
     ) -> None:
         self._effects: list[tuple[object, bool]] = []  # (effect, caused by this node's command)
         self.driver = _LogDriver(store, self._on_tail)  # the history's effects are not redone
@@ -170,6 +174,8 @@ class NodeHost:
         self.stop = threading.Event()
         self.draining = False
         self.leaving = False
+        self.proxy = proxy  # the setting this process's clients were built with
+        self.restart_to: ProxySettings | None = None  # set: stop, stay registered, start again
 
     # -- the one door to the core -------------------------------------------------------------
 
@@ -290,6 +296,19 @@ class NodeHost:
             self._next_hb = 0.0
         elif isinstance(effect, fx.Disconnect) and not self.leaving:
             raise HostExit(1, f"node {me!r} is not part of the runtime: {effect.reason}")
+        elif isinstance(effect, RestartHostService):
+            self._follow_proxy(effect.reason)
+
+    def _follow_proxy(self, reason: str) -> None:
+        """Restart when the log's proxy setting for this node is not the one in use."""
+        wanted = saved_proxy(self.driver.state, self.name)
+        if wanted is None or wanted == self.proxy or self.restart_to == wanted:
+            return  # the clients already use it: a restart would change nothing
+        if self.draining and self.restart_to is None:
+            return  # stopping for good (SIGTERM): the next start reads the home, and the log
+        self.restart_to = wanted
+        self.log("info", "restart_wanted", reason=reason, proxy=wanted.describe())
+        self.stop.set()
 
     def _refused(self, command: object, exc: DomainError) -> None:
         what = type(command).__name__
@@ -351,6 +370,12 @@ class NodeHost:
                  term=self.term, dispatcher=self.dispatcher)
         if self._limit_option is not None:
             self.send(partial(SetConcurrencyLimit, self.name, self._limit_option))
+        if saved_proxy(self.driver.state, self.name) is None:
+            if self.proxy != NO_PROXY:  # a new registration: the machine's own setting
+                self.send(partial(SaveProxySettings, self.name, self.proxy))
+        else:
+            self._follow_proxy("the log holds another proxy setting for this node")
+        self._drain_effects()
 
     def heartbeat_interval_s(self) -> float:
         """The runtime's heartbeat interval, or the host's shorter one."""
@@ -358,7 +383,10 @@ class NodeHost:
         return min(runtime_s, self._hb_option) if self._hb_option else runtime_s
 
     def run(self) -> int:
-        """Register, then serve until :attr:`stop` is set; drain and return the exit code."""
+        """Register, then serve until :attr:`stop` is set; drain and return the exit code.
+
+        When :attr:`restart_to` is set on return, the caller starts the host again with it.
+        """
         try:
             self.register()
             self._serve()
@@ -428,12 +456,9 @@ class NodeHost:
 
     def _heartbeat(self) -> None:
         metrics = self._metrics_now(len(self.running))
-        if self.credentials is not None:
-            # a version newer than the runtime's latest was saved on this machine: say so
-            status = credential_status(self.driver.state)
-            for cv in metrics.credentials:
-                if cv.version > (status.latest_version(cv.credential_id) or 0):
-                    self.send(partial(SaveCredential, cv.credential_id, cv.version, self.name))
+        if self.credentials is not None:  # versions saved on this machine that the log lacks
+            for save in self.credentials.saves(self.driver.state, metrics.credentials):
+                self.send(save)
         self.send(lambda at: cmd.Heartbeat(self.name, self.session, metrics, at))
 
     def _renew(self) -> None:
@@ -511,6 +536,11 @@ class NodeHost:
             self._wait(POLL_S)
         self._cancel_all()  # past the bound: leaving gives their leases back at once
         self._drain_effects()  # the last completions' results are published before leaving
+        if self.restart_to is not None:
+            # a restart, as the product's host service does it: the node stays registered
+            # (with its proxy setting); leases cut short above end when it registers again
+            self.log("info", "stopped", left=False, restart=True)
+            return 0
         self.leaving = True
         left = self.send(partial(cmd.LeaveRuntime, self.name, self.session))
         self.log("info", "stopped", left=bool(left))
@@ -534,12 +564,11 @@ class NodeHost:
         for r in received:
             req = r.request
             try:
-                carried = carried_ids(req.credential)  # checked, not opened
+                needs, carried = request_credentials(self.driver.state, req)
                 spec = pack_spec(req.kind, req.spec, req.credential)
             except (ValueError, ShirError) as exc:
                 self._settle(r.lock_token, f"bad request: {exc}")
                 continue
-            needs = self._needs(credentials_named(req.kind, req.spec))
             makes.append(partial(SubmitJob, job_id_for(req.message_id), req.message_id,
                                  needs=needs, carried=carried, spec=spec))
             taken.append(r)
@@ -552,13 +581,6 @@ class NodeHost:
                 self._abandon_message(r.lock_token)  # it comes back; the key absorbs repeats
             else:
                 self._settle(r.lock_token, "refused by the runtime (see the node's log)")
-
-    def _needs(self, named: tuple[str, ...]) -> tuple[CredentialVersion, ...]:
-        """The credentials a request names, at the latest versions the log knows: the core
-        gives the job only to a node that holds them (unless the job carries one)."""
-        status = credential_status(self.driver.state)
-        versions = ((cid, status.latest_version(cid)) for cid in sorted(set(named)))
-        return tuple(CredentialVersion(cid, v) for cid, v in versions if v is not None)
 
     def _settle(self, lock_token: str, dead_reason: str | None) -> None:
         assert self.channel is not None

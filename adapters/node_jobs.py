@@ -32,16 +32,18 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from shir.core.errors import ShirError
 from shir.core.jobs import LeaseToken
 
+if TYPE_CHECKING:
+    from shir.adapters.proxy import ClientProxy
+
 __all__ = ["KINDS", "JobContext", "JobFailed", "JobRun", "credentials_named", "kinds_for",
-           "pack_spec", "split_carried",
-           "unpack_spec"]
+           "pack_spec", "split_carried", "unpack_spec"]
 
 MAX_KIND = 64
 
@@ -156,13 +158,16 @@ def _touch(ctx: JobContext) -> None:
 KINDS: dict[str, Callable[[JobContext], None]] = {"touch": _touch}
 
 
-def kinds_for(home: Path) -> dict[str, Callable[[JobContext], None]]:
+def kinds_for(
+    home: Path, proxy: ClientProxy | None = None,
+) -> dict[str, Callable[[JobContext], None]]:
     """The kinds a node host with this home runs: ``touch`` and ``copy``.
 
     ``copy`` is the copy activity (:mod:`shir.adapters.copy_job`); the credentials its spec
     names are read from this machine's credential store (``HOME/credentials``, the data dir of
     ``shir credentials``), opened when a copy runs, except one the job carries: that one is
-    opened with the node's key (``HOME/identity.node``) and used for this job only.
+    opened with the node's key (``HOME/identity.node``) and used for this job only. Its Blob
+    sink goes through ``proxy`` (the node's proxy).
     """
 
     def copy(ctx: JobContext) -> None:
@@ -190,7 +195,7 @@ def kinds_for(home: Path) -> dict[str, Callable[[JobContext], None]]:
 
         try:
             run_copy_job(ctx.params, job_id=ctx.token.job_id, delivery=ctx.token.delivery,
-                         resolve_credential=resolve, cancel=ctx.cancelled)
+                         resolve_credential=resolve, cancel=ctx.cancelled, proxy=proxy)
         except CopyJobError as exc:
             raise JobFailed(str(exc)) from None  # its message holds no password or key
 
