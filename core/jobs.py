@@ -362,8 +362,7 @@ def _job_leased(m: Any, e: JobLeased) -> None:
         del b.queues[job.requirement]
     job.deliveries = e.token.delivery
     b._lease(e.token, e.expires_at)
-    if m.due is not None and e.expires_at < m.due:
-        m.due = e.expires_at
+    m.jobs_moved(e.expires_at)
 
 
 def _lease_renewed(m: Any, e: LeaseRenewed) -> None:
@@ -371,8 +370,7 @@ def _lease_renewed(m: Any, e: LeaseRenewed) -> None:
     lease = b.leases[e.token.job_id]
     lease.expires_at = e.expires_at
     heapq.heappush(b.expiry_heap, (e.expires_at, e.token.job_id, e.token.delivery))
-    if m.due is not None and e.expires_at < m.due:
-        m.due = e.expires_at
+    m.jobs_moved(e.expires_at)
 
 
 def _job_completed(m: Any, e: JobCompleted) -> None:

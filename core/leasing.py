@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 
+from shir.core import events as ev
 from shir.core.effects import AnnounceDispatcher, DeliverJob, PublishJobResult, StopJob
 from shir.core.errors import Fenced, InvalidCommand, StaleTerm
 from shir.core.jobs import (
@@ -528,5 +529,8 @@ def end_leases(s: Model, at: float) -> tuple[Events, float | None]:
     return out, b.next_expiry()
 
 
-RULES: tuple[TimedRule, ...] = (TimedRule("leases", end_leases, moved_by_jobs=True),)
+# Besides its leases (job events), it reads which nodes are Offline or gone.
+RULES: tuple[TimedRule, ...] = (TimedRule("leases", end_leases, moved_by_jobs=True, reads=frozenset({
+    ev.RuntimeCreated, ev.NodeStatusChanged, ev.NodeRemoved, ev.NodeLeft,
+})),)
 EVOLVE = JOB_EVOLVE  # the job events' handlers live with the job book (shir.core.jobs)
