@@ -530,7 +530,8 @@ def end_leases(s: Model, at: float) -> tuple[Events, float | None]:
 
 
 # Besides its leases (job events), it reads which nodes are Offline or gone.
-RULES: tuple[TimedRule, ...] = (TimedRule("leases", end_leases, moved_by_jobs=True, reads=frozenset({
-    ev.RuntimeCreated, ev.NodeStatusChanged, ev.NodeRemoved, ev.NodeLeft,
-})),)
+_READS = frozenset({ev.RuntimeCreated, ev.NodeStatusChanged, ev.NodeRemoved, ev.NodeLeft})
+RULES: tuple[TimedRule, ...] = (
+    TimedRule("leases", end_leases, moved_by_jobs=True, reads=_READS),
+)
 EVOLVE = JOB_EVOLVE  # the job events' handlers live with the job book (shir.core.jobs)

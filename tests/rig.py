@@ -158,7 +158,7 @@ class Rig:
             d = handle(self.state, command)
         except DomainError as err:
             if self.check_caches:
-                assert expected is type(err), f"{command!r}: cached {err!r}, from scratch {expected}"
+                assert expected is type(err), f"{command!r}: {err!r}; from scratch {expected}"
             raise
         if self.check_caches:
             assert d.events == expected, f"{command!r}: cached {d.events}, from scratch {expected}"
