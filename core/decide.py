@@ -128,7 +128,8 @@ def timed(m: Model, at: float, *, jobs_only: bool = False) -> tuple[Model, Event
     """
     check_time(m, at)
     out: Events = []
-    if not _due(m, at):
+    due = m.due
+    if (due is not None and at < due) or not _due(m, at):
         return (m if jobs_only else m.scratch()), out
     s = m.scratch()
     settle(s, at, out)
@@ -136,16 +137,10 @@ def timed(m: Model, at: float, *, jobs_only: bool = False) -> tuple[Model, Event
 
 
 class _Composed:
-    """The :class:`~shir.core.kernel.Decider` every handler gets: this module's functions,
-    looked up when called (so a test may patch them)."""
+    """The :class:`~shir.core.kernel.Decider` every handler gets: this module's functions."""
 
-    @staticmethod
-    def timed(m: Model, at: float, *, jobs_only: bool = False) -> tuple[Model, Events]:
-        return timed(m, at, jobs_only=jobs_only)
-
-    @staticmethod
-    def settle(s: Model, at: float, out: Events) -> None:
-        settle(s, at, out)
+    timed = staticmethod(timed)
+    settle = staticmethod(settle)
 
 
 _DECIDER = _Composed()
