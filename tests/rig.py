@@ -79,11 +79,12 @@ def terms(events: Iterable[object]) -> list[tuple[int, str | None]]:
 
 
 def recomputed(state: RuntimeState) -> RuntimeState:
-    """A copy of ``state`` without the core's derived caches: every timed rule dirty, no node
-    status derived yet (what a fresh fold of the log starts from)."""
+    """A copy of ``state`` without the core's derived caches: every timed rule dirty, and made
+    dirty again by any lifecycle event (whatever it reads), no node status derived yet."""
     copy = state.copy()
     m = copy.model()
-    m.dirty = (1 << len(m.rules)) - 1
+    m.dirty = m.wild = (1 << len(m.rules)) - 1
+    m.marks = {}
     m.due = None
     m.rule_due = [math.inf] * len(m.rules)
     m.status_memo = {}
