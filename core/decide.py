@@ -183,13 +183,9 @@ def _refresh(m: Model, at: float) -> float:
 
 
 def _due(m: Model, at: float) -> bool:
-    """Is any rule due at ``at``? (If not, settling would find nothing to do.)"""
-    due = m.due
-    if due is not None and at < due:
-        return False
-    if m.runtime is None:
-        return False
-    return _refresh(m, at) <= at
+    """Is any rule due at ``at``? (If not, settling would find nothing to do.) ``timed``
+    first compares ``at`` with ``m.due``, which answers most decisions."""
+    return m.runtime is not None and _refresh(m, at) <= at
 
 
 # --- effects and answers ---------------------------------------------------------------------

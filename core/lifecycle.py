@@ -563,6 +563,8 @@ def derive_statuses(s: Model, at: float) -> tuple[Events, float | None]:
     c = context(s, at)
     facts = c.facts()
     memo = s.status_memo
+    if len(memo) > len(s.nodes):  # bounded by the nodes there are: forget removed ones
+        s.status_memo = memo = {k: v for k, v in memo.items() if k in s.nodes}
     out: Events = []
     nxt = NEVER
     for n in s.nodes.values():
