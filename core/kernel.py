@@ -142,7 +142,7 @@ class Node:
             self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
             self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
             self.offline_since, self.upgrading_to, self.warned_version, self.intranet_address,
-            self.cert_sha256, self.last_update, self.live_since,
+            self.cert_sha256, self.last_update, self.live_since, self.envelope_key,
         )
 
 
