@@ -20,13 +20,20 @@ import io
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
 import pyodbc
 
-from shir.adapters.copy_formats import CsvOptions, FormatError, decoder_for, read_records
+from shir.adapters.copy_formats import (
+    CsvOptions,
+    FormatError,
+    decoder_for,
+    naive_utc,
+    read_records,
+)
+from shir.adapters.copy_zones import use_utc
 from shir.adapters.odbc import OdbcError, OdbcSource, QueryFailed
 from shir.core.errors import ShirError
 
@@ -93,6 +100,7 @@ def load_file(
     if not _IDENTIFIER.fullmatch(table):
         raise LoadError(f"table {table!r}: expected a name like orders or sales.orders")
     _ensure_marker(source)
+    use_utc(source)  # timestamptz values are bound as UTC wall time
     conn = source._connection  # the load needs one transaction across statements
     cursor = conn.cursor()
     committed = False
@@ -124,11 +132,12 @@ def load_file(
             targets = [by_name[n.lower()] for n in names]
         else:
             targets = columns
-        decoders = [_as_is if typed else decoder_for(t) for _, t in targets]
+        decoders = [_binding(t, typed) for _, t in targets]
         sql = (f"INSERT INTO {table} ({', '.join(n for n, _ in targets)}) VALUES "
                f"({', '.join('?' for _ in targets)})")
         fast = _fast_executemany_ok(source)
         cursor.fast_executemany = fast
+        cursor.setinputsizes([_INPUT_SIZES.get(t) for _, t in targets])
         rows = 0
         batch: list[Sequence[Any]] = []
         for n, record in enumerate(records, start=1):
@@ -147,6 +156,7 @@ def load_file(
         if batch:
             _insert(cursor, sql, batch, source, table)
             rows += len(batch)
+        cursor.setinputsizes(None)  # the rows' sizes; not the marker's
         cursor.execute(
             f"INSERT INTO {MARKER_TABLE} (job_id, table_name, row_count, loaded_at) "
             "VALUES (?, ?, ?, ?)", job_id, table, rows, dt.datetime.now(dt.UTC).isoformat(),
@@ -170,6 +180,28 @@ def load_file(
 
 def _as_is(value: Any) -> Any:
     return value
+
+
+# Bound with their fraction of a second: with fast_executemany, pyodbc sizes a timestamp
+# parameter from the driver's description (psqlODBC: no fraction) and drops the microseconds;
+# a time is bound as text, as ODBC's time struct has no fraction at all.
+_INPUT_SIZES = {dt.datetime: (pyodbc.SQL_TYPE_TIMESTAMP, 26, 6),
+                dt.time: (pyodbc.SQL_WVARCHAR, 32, 0)}
+
+
+def _time_text(value: Any) -> str:
+    return (value if isinstance(value, dt.time) else dt.time.fromisoformat(value)).isoformat()
+
+
+def _binding(python_type: type, typed: bool) -> Callable[[Any], Any]:
+    """How a field read from the file is bound for a column of ``python_type``: parsed from
+    text (CSV, JSON lines) or as read (Parquet); a timestamp with a zone as UTC wall time (the
+    session is in UTC), a time as its ISO text."""
+    if python_type is dt.time:
+        return _time_text
+    if typed:
+        return naive_utc if issubclass(python_type, dt.datetime) else _as_is
+    return decoder_for(python_type)
 
 
 def _seekable(binary: io.RawIOBase | io.BufferedIOBase) -> Any:
