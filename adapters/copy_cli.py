@@ -5,8 +5,11 @@
     shir copy --source ODBC --query SQL --sink SINK --format csv|jsonl|parquet [--job-id ID]
     shir copy --from SINK --format csv|jsonl|parquet --to ODBC --table NAME [--job-id ID]
 
-SINK is a local path, a ``file://`` URL, or ``blob`` / a storage connection string together
-with ``--container`` and ``--blob`` (``blob`` reads the connection string from
+SINK is a local path, a ``file://`` URL, a Blob URL with a SAS token
+(``https://ACCOUNT.blob.core.windows.net/CONTAINER/BLOB?SAS``; Azurite's
+``http://127.0.0.1:PORT/ACCOUNT/CONTAINER/BLOB?SAS``), ``env:NAME`` (any of these, read from the
+environment variable NAME), or ``blob`` / a storage connection string together with
+``--container`` and ``--blob`` (``blob`` reads the connection string from
 ``SHIR_BLOB_CONNECTION_STRING``). The ODBC password comes from ``SHIR_ODBC_PASSWORD`` when the
 connection string has none; one given on the command line works, with a warning. Without
 ``--job-id`` the job id is a digest of the command's source, query and sink, so running the
@@ -39,8 +42,8 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument("--source", help="ODBC connection string to read from")
     p.add_argument("--query", help="the SELECT to copy (give it an ORDER BY to resume exactly)")
-    p.add_argument("--sink", help="where to write: path, file:// URL, 'blob' or a connection "
-                                  "string")
+    p.add_argument("--sink", help="where to write: path, file:// URL, Blob URL with SAS, "
+                                  "env:NAME, 'blob' or a connection string")
     p.add_argument("--from", dest="from_", metavar="SINK", help="the file or blob to load")
     p.add_argument("--to", help="ODBC connection string to load into")
     p.add_argument("--table", help="the table to load into")
@@ -79,9 +82,25 @@ def _with_password(conn: str, what: str) -> str:
     return conn
 
 
-def _sink(spec: str, args: argparse.Namespace) -> Any:
+def _sink(spec: str, args: argparse.Namespace, *, option: str = "--sink",
+          permissions: str = "rw") -> Any:
     from shir.adapters.copy_sinks import BlobSink, FolderSink, open_blob_service
 
+    if spec.startswith("env:"):  # kept off the command line, where other users can read it
+        name = spec[4:]
+        spec = os.environ.get(name, "")
+        if not spec:
+            raise ValueError(f"{option} env:{name}: the environment variable {name} is empty "
+                             "or not set")
+    elif spec.lower().startswith(("http://", "https://")) and "sig=" in spec.lower():
+        print(f"shir copy: warning: the SAS token in {option} is visible to other users in the "
+              f"process list (it is never printed or logged): {option} env:NAME reads the URL "
+              "from an environment variable instead", file=sys.stderr)
+    if spec.lower().startswith(("http://", "https://")):
+        if args.container or args.blob:
+            raise ValueError(f"{option}: a Blob URL names its container and blob; leave out "
+                             "--container and --blob")
+        return BlobSink.from_url(spec, permissions=permissions)
     if spec == "blob" or "accountname=" in spec.lower() or "blobendpoint=" in spec.lower():
         if not (args.container and args.blob):
             raise ValueError("a Blob sink needs --container and --blob")
@@ -150,12 +169,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.from_ is not None:
             if not (args.to and args.table):
                 return _fail("a load takes --from, --to and --table")
-            sink = _sink(args.from_, args)
+            sink = _sink(args.from_, args, option="--from", permissions="r")
             job = args.job_id or hashlib.sha256(
                 "\0".join((sink.describe(), args.to, args.table, args.format)).encode()
             ).hexdigest()[:32]
             if isinstance(sink, BlobSink):
-                stream: Any = ChunkReader(sink.client().download_blob().chunks())
+                stream: Any = ChunkReader(sink.download())
             else:
                 try:
                     stream = open(sink.path, "rb")  # noqa: SIM115 - closed below

@@ -10,7 +10,9 @@ Two directions:
 * load: ``{"from": SINK, "format": ..., "target": ODBC, "table": NAME}``
 
 ``SINK`` is ``{"folder": "/abs/path/file.csv"}`` or ``{"container": C, "blob": B,
-"credential": ID}`` where credential ``ID`` holds the storage connection string. The ODBC
+"credential": ID}`` where credential ``ID`` holds the storage connection string; or
+``{"blob": B, "credential": ID}`` with a container SAS URL in ``ID``, or ``{"credential": ID}``
+with a blob SAS URL (the token stays in the credential store, never in the spec). The ODBC
 connection strings carry no password; ``"credential": ID`` beside them names the credential
 whose plaintext is the password. Options: ``"csv": {"delimiter", "quote", "encoding", "null",
 "header"}``, ``"part_size_bytes"``, ``"batch_rows"``.
@@ -140,14 +142,36 @@ def _sink(value: Any, key: str) -> SinkSpec:
         if not path.startswith("/"):
             raise _bad(f"{key!r}: the folder path must be absolute")
         return SinkSpec(path=path)
-    return SinkSpec(container=_text(value, "container", limit=63),
-                    blob=_text(value, "blob", limit=1024),
+    return SinkSpec(container=_text(value, "container", required=False, limit=63),
+                    blob=_text(value, "blob", required=False, limit=1024),
                     credential=_credential_id(value, "credential") or _need(key))
 
 
 def _need(key: str) -> str:
     raise _bad(f"{key!r}: a blob needs 'credential', the id of the credential holding the "
-               "storage connection string")
+               "storage connection string or a SAS URL")
+
+
+def blob_sink(spec: SinkSpec, secret: str, *, permissions: str,
+              metadata: Mapping[str, str] | None = None) -> Any:
+    """The :class:`~shir.adapters.copy_sinks.BlobSink` of a blob sink spec whose credential's
+    plaintext is ``secret``: a storage connection string (with ``container`` and ``blob``), a
+    container SAS URL (with ``blob``) or a blob SAS URL (alone)."""
+    from shir.adapters.copy_sinks import BlobSink, BlobUrl, open_blob_service
+
+    if not secret.lower().startswith(("http://", "https://")):
+        if not (spec.container and spec.blob):
+            raise _bad("a blob whose credential is a connection string needs 'container' and "
+                       "'blob'")
+        return BlobSink(open_blob_service(secret), spec.container, spec.blob, metadata=metadata)
+    url = BlobUrl.parse(secret)
+    if spec.container or (url.blob and spec.blob):
+        raise _bad(f"credential {spec.credential!r} is a SAS URL that names the container"
+                   f"{' and the blob' if url.blob else ''}: leave those out of the spec")
+    if not (url.blob or spec.blob):
+        raise _bad(f"credential {spec.credential!r} is a container SAS URL: give 'blob'")
+    return BlobSink.from_url(attrs.evolve(url, blob=url.blob or spec.blob),
+                             permissions=permissions, metadata=metadata)
 
 
 def _no_password(conn: str, key: str) -> str:
@@ -258,7 +282,7 @@ def run_copy_job(
     from shir.adapters.copy_arrow import open_source
     from shir.adapters.copy_formats import CsvOptions, FormatError
     from shir.adapters.copy_load import LoadError
-    from shir.adapters.copy_sinks import BlobSink, FolderSink, SinkError, open_blob_service
+    from shir.adapters.copy_sinks import FolderSink, SinkError
     from shir.adapters.odbc import (
         ConnectFailed,
         ConnectionLost,
@@ -282,9 +306,9 @@ def run_copy_job(
             sink: Any = FolderSink(spec.sink.path)
         else:
             assert spec.sink.credential is not None
-            service = open_blob_service(_resolve(resolve_credential, spec.sink.credential))
-            sink = BlobSink(service, spec.sink.container or "", spec.sink.blob or "",
-                            metadata={"shir_delivery": str(delivery)})
+            sink = blob_sink(spec.sink, _resolve(resolve_credential, spec.sink.credential),
+                             permissions="rw" if spec.direction == "out" else "r",
+                             metadata={"shir_delivery": str(delivery)})
         opened = (open_source(conn, spec.format, spec.engine) if spec.direction == "out"
                   else OdbcSource(conn))
         with opened as odbc:
@@ -325,7 +349,6 @@ def _transient(exc: Any) -> bool:
 def _load(odbc: Any, sink: Any, spec: CopyJobSpec, options: Any, job_id: str,
           cancel: threading.Event | None) -> Any:
     from shir.adapters.copy_load import ChunkReader, load_file
-    from shir.adapters.copy_sinks import SinkError
 
     if cancel is not None and cancel.is_set():
         raise CopyJobError("cancelled", "the lease was lost before the load began",
@@ -337,13 +360,7 @@ def _load(odbc: Any, sink: Any, spec: CopyJobSpec, options: Any, job_id: str,
             raise CopyJobError("sink", f"{sink.describe()}: cannot read it: {exc.strerror}"
                                ) from None
     else:
-        from azure.core.exceptions import AzureError
-
-        try:
-            stream = ChunkReader(sink.client().download_blob().chunks())
-        except AzureError as exc:
-            raise SinkError(f"{sink.describe()}: cannot read it: {type(exc).__name__}"
-                            ) from None
+        stream = ChunkReader(sink.download())
     with stream:
         return load_file(odbc, spec.table or "", stream, spec.format, job_id,
                          csv_options=options, batch_rows=min(spec.batch_rows, 50_000))
