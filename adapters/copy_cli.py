@@ -4,6 +4,7 @@
 
     shir copy --source ODBC --query SQL --sink SINK --format csv|jsonl|parquet [--job-id ID]
     shir copy --from SINK --format csv|jsonl|parquet --to ODBC --table NAME [--job-id ID]
+    shir copy --source ODBC --query SQL --staging CONTAINER --to ODBC --table NAME [--format F]
 
 SINK is a local path, a ``file://`` URL, a Blob URL with a SAS token
 (``https://ACCOUNT.blob.core.windows.net/CONTAINER/BLOB?SAS``; Azurite's
@@ -13,8 +14,11 @@ environment variable NAME), or ``blob`` / a storage connection string together w
 ``SHIR_BLOB_CONNECTION_STRING``). The ODBC password comes from ``SHIR_ODBC_PASSWORD`` when the
 connection string has none; one given on the command line works, with a warning. Without
 ``--job-id`` the job id is a digest of the command's source, query and sink, so running the
-same command again resumes or is a no-op. Exit codes: 0 done, 2 bad input or a failure (the
-message names the part at fault; nothing was committed).
+same command again resumes or is a no-op. A staged copy goes from the query through one blob in
+the ``--staging`` container (deleted once loaded: ``shir.adapters.copy_staged``) into the table.
+``--transaction-rows N`` makes a load commit every N rows, resumable. Exit codes: 0 done, 2 bad
+input or a failure (the message names the part at fault; nothing was committed, or, loading in
+several transactions, the rows of the committed ones, which a retry goes on from).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+import attrs
 
 __all__ = ["add_commands"]
 
@@ -47,7 +54,14 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--from", dest="from_", metavar="SINK", help="the file or blob to load")
     p.add_argument("--to", help="ODBC connection string to load into")
     p.add_argument("--table", help="the table to load into")
-    p.add_argument("--format", required=True, choices=("csv", "jsonl", "parquet"))
+    p.add_argument("--staging", metavar="CONTAINER",
+                   help="staged copy (--source/--query to --to/--table): the interim Blob "
+                        "container: a container URL with SAS (sp=rwd), env:NAME, or 'blob' / a "
+                        "connection string with --container")
+    p.add_argument("--format", choices=("csv", "jsonl", "parquet"),
+                   help="the file format (required; a staged copy's default: parquet)")
+    p.add_argument("--transaction-rows", type=int, metavar="N",
+                   help="a load commits every N rows (resumable; default: one transaction)")
     p.add_argument("--engine", default="auto", choices=("auto", "arrow", "pyodbc"),
                    help="how rows are fetched: arrow (arrow-odbc, shir[arrow]; CSV and "
                         "Parquet), pyodbc, or auto (arrow when installed; default)")
@@ -83,8 +97,10 @@ def _with_password(conn: str, what: str) -> str:
 
 
 def _sink(spec: str, args: argparse.Namespace, *, option: str = "--sink",
-          permissions: str = "rw") -> Any:
-    from shir.adapters.copy_sinks import BlobSink, FolderSink, open_blob_service
+          permissions: str = "rw", staged: Callable[[str], str] | None = None) -> Any:
+    """The sink ``spec`` names; ``staged`` (a staging container): the blob's name from the
+    URL's path prefix."""
+    from shir.adapters.copy_sinks import BlobSink, BlobUrl, FolderSink, open_blob_service
 
     if spec.startswith("env:"):  # kept off the command line, where other users can read it
         name = spec[4:]
@@ -100,17 +116,25 @@ def _sink(spec: str, args: argparse.Namespace, *, option: str = "--sink",
         if args.container or args.blob:
             raise ValueError(f"{option}: a Blob URL names its container and blob; leave out "
                              "--container and --blob")
-        return BlobSink.from_url(spec, permissions=permissions)
+        url = BlobUrl.parse(spec)
+        if staged is not None:
+            url = attrs.evolve(url, blob=staged(url.blob))
+        return BlobSink.from_url(url, permissions=permissions)
     if spec == "blob" or "accountname=" in spec.lower() or "blobendpoint=" in spec.lower():
-        if not (args.container and args.blob):
-            raise ValueError("a Blob sink needs --container and --blob")
+        blob = args.blob if staged is None else staged("")
+        if not (args.container and blob):
+            raise ValueError(f"{option}: a Blob sink needs --container"
+                             f"{' and --blob' if staged is None else ''}")
         conn = os.environ.get(BLOB_ENV, "") if spec == "blob" else spec
         if not conn:
-            raise ValueError(f"--sink blob: set {BLOB_ENV} to the storage connection string")
+            raise ValueError(f"{option} blob: set {BLOB_ENV} to the storage connection string")
         if spec != "blob" and "accountkey=" in spec.lower():
             print(f"shir copy: warning: the Blob connection string holds a key; set {BLOB_ENV} "
-                  "and pass --sink blob instead", file=sys.stderr)
-        return BlobSink(open_blob_service(conn), args.container, args.blob)
+                  f"and pass {option} blob instead", file=sys.stderr)
+        return BlobSink(open_blob_service(conn), args.container, blob)
+    if staged is not None:
+        raise ValueError(f"{option}: expected a container URL with a SAS token, env:NAME, or "
+                         "'blob' / a storage connection string with --container")
     if spec.startswith("file://"):
         return FolderSink(unquote(urlparse(spec).path))
     return FolderSink(Path(spec))
@@ -131,6 +155,41 @@ def _progress(args: argparse.Namespace) -> Any:
     return show
 
 
+def _run_staged(args: argparse.Namespace, options: Any) -> int:
+    """--source/--query -> the staging container -> --to/--table (errors raise)."""
+    from shir.adapters.copy_arrow import open_source
+    from shir.adapters.copy_staged import staged_blob_name, staged_copy
+    from shir.adapters.odbc import OdbcSource
+
+    if not (args.source and args.query and args.to and args.table) or args.sink or args.from_:
+        return _fail("a staged copy takes --source, --query, --staging, --to and --table "
+                     "(not --sink/--from)")
+    fmt = args.format or "parquet"
+    job = args.job_id or hashlib.sha256("\0".join(
+        ("staged", args.source, args.query, args.to, args.table, fmt)).encode()
+    ).hexdigest()[:32]
+    staging = _sink(args.staging, args, option="--staging", permissions="rwd",
+                    staged=lambda prefix: staged_blob_name(job, fmt, prefix))
+    with open_source(_with_password(args.source, "--source"), fmt, args.engine) as source, \
+            OdbcSource(_with_password(args.to, "--to")) as target:
+        done = staged_copy(source, args.query, staging, target, args.table, fmt, job,
+                           csv_options=options, progress=_progress(args),
+                           transaction_rows=args.transaction_rows,
+                           part_size_bytes=args.part_size_kib * 1024)
+    if _progress(args):
+        print(file=sys.stderr)
+    if done.skipped:
+        print(f"job {job}: already loaded into {args.table}; nothing to do")
+    else:
+        print(f"staged copy: {done.loaded_rows} rows into {args.table} through "
+              f"{staging.describe()} in {done.elapsed_s:.1f} s"
+              + ("" if done.staged_rows else " (the staged blob of an earlier attempt)"))
+    if not done.cleaned_up:
+        print(f"shir copy: warning: the staged blob {staging.describe()} was not deleted; the "
+              "next run of this command deletes it", file=sys.stderr)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         from shir.adapters.copy import copy_query
@@ -145,6 +204,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         options = CsvOptions(delimiter=args.delimiter, quote=args.quote, encoding=args.encoding,
                              null=args.null, header=not args.no_header)
+        if args.staging is not None:
+            return _run_staged(args, options)
+        if args.format is None:
+            return _fail("--format is required (csv, jsonl or parquet)")
         if args.source is not None:
             if not (args.query and args.sink) or args.from_ or args.to:
                 return _fail("copy out takes --source, --query and --sink (not --from/--to)")
@@ -182,12 +245,14 @@ def _run(args: argparse.Namespace) -> int:
                     return _fail(f"{sink.describe()}: cannot read it: {exc.strerror}")
             with OdbcSource(_with_password(args.to, "--to")) as target:
                 loaded = load_file(target, args.table, stream, args.format, job,
-                                   csv_options=options)
+                                   csv_options=options, transaction_rows=args.transaction_rows)
             stream.close()
             if loaded.skipped:
                 print(f"job {job}: already loaded into {args.table}; nothing to do")
             else:
-                print(f"loaded {loaded.rows} rows into {args.table}")
+                resumed = (f" (resumed after the {loaded.resumed_from} rows an earlier attempt "
+                           "committed)" if loaded.resumed_from else "")
+                print(f"loaded {loaded.rows} rows into {args.table}{resumed}")
             return 0
         return _fail("give --source/--query/--sink to copy out, or --from/--to/--table to load")
     except (ShirError, ValueError) as exc:

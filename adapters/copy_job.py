@@ -15,15 +15,18 @@ Two directions:
 with a blob SAS URL (the token stays in the credential store, never in the spec). The ODBC
 connection strings carry no password; ``"credential": ID`` beside them names the credential
 whose plaintext is the password. Options: ``"csv": {"delimiter", "quote", "encoding", "null",
-"header"}``, ``"part_size_bytes"``, ``"batch_rows"``.
+"header"}``, ``"part_size_bytes"``, ``"batch_rows"``; a load's ``"transaction_rows"`` (commit
+every that many rows, resumable; default: one transaction).
 
 :func:`run_copy_job` resolves each credential through the caller's ``resolve_credential`` (the
 node's credential store: :func:`store_resolver`), runs :func:`~shir.adapters.copy.copy_query`
 or :func:`~shir.adapters.copy_load.load_file` with the **job id** as the idempotency key, so a
 redelivery of the same job (any delivery number) resumes the staged blocks, finds the output
-committed and does nothing, or finds the load's marker and inserts nothing: never a duplicate.
+committed and does nothing, or finds the load's marker and inserts nothing (or, loading in
+several transactions, goes on after the rows committed): never a duplicate.
 The delivery number goes into the committed blob's metadata, for the record. ``cancel`` (the
-lease was lost) stops the copy and commits nothing.
+lease was lost) stops the copy and commits nothing; it stops a load between batches, rolling
+back the transaction in progress.
 
 Every failure is a :class:`CopyJobError` naming the part at fault (``spec``, ``credential``,
 ``source``, ``target``, ``format``, ``sink``, ``cancelled``) and whether a redelivery may
@@ -93,6 +96,7 @@ class CopyJobSpec:
     part_size_bytes: int = 8 * 1024 * 1024
     batch_rows: int = 10_000
     engine: str = "auto"
+    transaction_rows: int | None = None
 
     @property
     def direction(self) -> str:
@@ -225,10 +229,13 @@ def parse_copy_spec(raw: bytes | str | Mapping[str, Any]) -> CopyJobSpec:
                            sink=_sink(raw.get("sink"), "sink"), query=_text(raw, "query"),
                            engine=engine, **common)
     if "table" in raw:
+        per_txn = (None if raw.get("transaction_rows") is None
+                   else _int(raw, "transaction_rows", 0, 1, 1_000_000_000))
         return CopyJobSpec(odbc=_no_password(_text(raw, "target") or "", "target"),
                            odbc_credential=_credential_id(raw, "credential"),
                            sink=_sink(raw.get("from"), "from"),
-                           table=_text(raw, "table", limit=400), **common)
+                           table=_text(raw, "table", limit=400), transaction_rows=per_txn,
+                           **common)
     raise _bad("a copy job needs 'query' (copy out) or 'table' (load)")
 
 
@@ -281,7 +288,7 @@ def run_copy_job(
     from shir.adapters.copy import CopyCancelled, copy_query
     from shir.adapters.copy_arrow import open_source
     from shir.adapters.copy_formats import CsvOptions, FormatError
-    from shir.adapters.copy_load import LoadError
+    from shir.adapters.copy_load import LoadCancelled, LoadError
     from shir.adapters.copy_sinks import FolderSink, SinkError
     from shir.adapters.odbc import (
         ConnectFailed,
@@ -324,7 +331,7 @@ def run_copy_job(
             return CopyJobResult(loaded.rows, 0, loaded.skipped)
     except CopyJobError:
         raise
-    except CopyCancelled as exc:
+    except (CopyCancelled, LoadCancelled) as exc:
         raise CopyJobError("cancelled", str(exc), retryable=True) from None
     except (ConnectFailed, ConnectionLost) as exc:
         raise CopyJobError(odbc_part, str(exc), retryable=_transient(exc)) from None
@@ -363,4 +370,5 @@ def _load(odbc: Any, sink: Any, spec: CopyJobSpec, options: Any, job_id: str,
         stream = ChunkReader(sink.download())
     with stream:
         return load_file(odbc, spec.table or "", stream, spec.format, job_id,
-                         csv_options=options, batch_rows=min(spec.batch_rows, 50_000))
+                         csv_options=options, batch_rows=min(spec.batch_rows, 50_000),
+                         transaction_rows=spec.transaction_rows, cancel=cancel)

@@ -202,7 +202,7 @@ def _is_ip(host: str) -> bool:
 
 
 _SAS_SIG = re.compile(r"(?i)(sig(?:=|%3D))[^&\s'\"<>]+")
-_NEEDS = {"r": "read", "w": "write"}
+_NEEDS = {"r": "read", "w": "write", "d": "delete"}
 
 
 def scrub_sas(text: str) -> str:
@@ -298,6 +298,38 @@ class BlobSink:
     def client(self) -> Any:
         return self._containers.get_blob_client(self.blob)
 
+    def committed_by(self, job_id: str) -> int | None:
+        """The row count of the blob when job ``job_id`` committed it, else None."""
+        from azure.core.exceptions import AzureError
+
+        try:
+            return self._committed_by(self.client(), job_id)
+        except AzureError as exc:
+            raise SinkError(f"{self.describe()}: the service refused: {_reason(exc)}") from None
+
+    @staticmethod
+    def _committed_by(client: Any, job_id: str) -> int | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            metadata = client.get_blob_properties().metadata
+        except ResourceNotFoundError:
+            return None
+        if metadata.get("shir_job_id") != job_id:
+            return None
+        return int(metadata.get("shir_rows") or 0)
+
+    def delete(self) -> None:
+        """Delete the blob (one that does not exist is fine); a refusal is a SinkError."""
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        try:
+            self.client().delete_blob()
+        except ResourceNotFoundError:
+            pass
+        except AzureError as exc:
+            raise SinkError(f"{self.describe()}: cannot delete it: {_reason(exc)}") from None
+
     def download(self) -> Iterator[bytes]:
         """The blob's bytes in chunks (a load's input); a refusal is a :class:`SinkError`."""
         from azure.core.exceptions import AzureError
@@ -315,12 +347,8 @@ class BlobSink:
             if self.create_container:
                 with contextlib.suppress(ResourceExistsError):
                     self._containers.create_container()
-            try:
-                props = client.get_blob_properties()
-                if props.metadata.get("shir_job_id") == job_id:
-                    return _DoneWriter()
-            except ResourceNotFoundError:
-                pass
+            if self._committed_by(client, job_id):
+                return _DoneWriter()
             try:
                 _, uncommitted = client.get_block_list("uncommitted")
                 staged = {b.id for b in uncommitted}

@@ -97,7 +97,7 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 def test_copy_out_and_load_back_through_sas_urls_shows_no_signature(
-    pg, pg_odbc: str, sas: Sas, all_logs: pytest.LogCaptureFixture, capsys: Any,
+    pg, pg_odbc: str, sas: Sas, all_logs: pytest.LogCaptureFixture, capsys: Any,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     c, table = pg
@@ -106,7 +106,8 @@ def test_copy_out_and_load_back_through_sas_urls_shows_no_signature(
     assert main(["copy", "--source", pg_odbc, "--query", query, "--sink", sink_url,
                  "--format", "csv", "--quiet"]) == 0
     out = capsys.readouterr()
-    assert "copied 4 rows" in out.out and f"devstoreaccount1/{sas.container}/out/rows.csv" in out.out
+    assert "copied 4 rows" in out.out
+    assert f"devstoreaccount1/{sas.container}/out/rows.csv" in out.out
     assert "SAS token in --sink is visible" in out.err  # on the command line: warned
     props = sas.blob("out/rows.csv").get_blob_properties()
     assert props.metadata["shir_rows"] == "4"
@@ -124,9 +125,10 @@ def test_copy_out_and_load_back_through_sas_urls_shows_no_signature(
     assert "SAS" not in out2.err
     assert _differences(c, table, f"{table}_back") == 0
     sink = BlobSink.from_url(sink_url)
+    reprs = repr(sink) + repr(BlobUrl.parse(sink_url))
     for where, text in [("stdout", out.out + out2.out), ("stderr", out.err + out2.err),
-                        ("logs", all_logs.text), ("repr", repr(sink) + repr(BlobUrl.parse(sink_url))),
-                        ("describe", sink.describe()), ("attributes", repr(vars(sink)))]:
+                        ("logs", all_logs.text), ("repr", reprs), ("describe", sink.describe()),
+                        ("attributes", repr(vars(sink)))]:
         sas.assert_not_in(text, where)
     assert len(all_logs.records) > 0  # the SDK did log its requests: they were searched
 
@@ -204,7 +206,7 @@ def test_blob_url_parsing() -> None:
 
 
 def test_a_copy_job_takes_sas_urls_from_the_credential_store(
-    pg, pg_odbc: str, sas: Sas, tmp_path: Any, all_logs: pytest.LogCaptureFixture
+    pg, pg_odbc: str, sas: Sas, tmp_path: Any, all_logs: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:
     from shir.adapters.copy_job import CopyJobError, run_copy_job, store_resolver
     from shir.adapters.credstore import LocalCredentialStore
