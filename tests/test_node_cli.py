@@ -226,18 +226,39 @@ def test_status_reads_a_recorded_log(tmp_path: Path) -> None:
 
 def test_a_node_killed_with_sigkill_restarts_on_its_home(tmp_path: Path) -> None:
     # the kernel drops the home lock of a killed host: no stale lock, and the same machine
-    # (the id kept in its home) registers again as the same node
+    # (the id kept in its home) registers again as the same node; the job its old process ran
+    # is given back at once, not after its 60 s lock
+    sink = tmp_path / "sink"
+    sink.mkdir()
     with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
-        c.create(*FAST)
+        c.create("--heartbeat-interval", "0.5", "--missed-heartbeats", "3",
+                 "--lock-duration", "60")
         first = c.start("a")
         wait_for("a Online", lambda: _registered(c, "a"), 20)
+        shir("job", "submit", "--store", c.store_url, "--kind", "touch", "--param",
+             f"sink={sink}", "--param", "seconds=30", "--id", "long")
+        wait_for("the job started", lambda: any(
+            r.get("event") == "job_started" for r in c.log_records("a")), 20)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
+        killed_at = time.monotonic()
         c.start("a")
         wait_for("a registered again", lambda: sum(
             r.get("event") == "registered" for r in c.log_records("a")) == 2, 20)
         state = c.state()
         assert [n.name for n in state.nodes] == ["a"] and state.dispatcher == "a"
+
+        def redelivered() -> bool:
+            shown = json.loads(shir("job", "show", "--store", c.store_url, "long",
+                                    "--json").stdout)
+            return shown.get("delivery") == 2
+
+        wait_for("the job delivered again", redelivered, 20)
+        assert time.monotonic() - killed_at < 30  # well inside the 60 s lock
+        history = json.loads(shir("job", "show", "--store", c.store_url, "long",
+                                  "--json").stdout)["history"]
+        assert [h["event"] for h in history] == ["submitted", "leased", "released", "leased"]
+        assert "started again" in history[2]["detail"]
 
 
 def test_a_non_member_is_refused_on_the_intranet_port(tmp_path: Path) -> None:
