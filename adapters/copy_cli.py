@@ -60,7 +60,7 @@ def add_commands(subparsers: Any) -> None:
                         "connection string with --container")
     p.add_argument("--format", choices=("csv", "jsonl", "parquet"),
                    help="the file format (required; a staged copy's default: parquet)")
-    p.add_argument("--transaction-rows", type=int, metavar="N",
+    p.add_argument("--transaction-rows", type=_positive, metavar="N",
                    help="a load commits every N rows (resumable; default: one transaction)")
     p.add_argument("--engine", default="auto", choices=("auto", "arrow", "pyodbc"),
                    help="how rows are fetched: arrow (arrow-odbc, shir[arrow]; CSV and "
@@ -76,6 +76,16 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--part-size-kib", type=int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(handler=_run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rows above 0, got {text!r}")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -176,17 +186,20 @@ def _run_staged(args: argparse.Namespace, options: Any) -> int:
                            csv_options=options, progress=_progress(args),
                            transaction_rows=args.transaction_rows,
                            part_size_bytes=args.part_size_kib * 1024)
-    if _progress(args):
-        print(file=sys.stderr)
-    if done.skipped:
-        print(f"job {job}: already loaded into {args.table}; nothing to do")
-    else:
-        print(f"staged copy: {done.loaded_rows} rows into {args.table} through "
-              f"{staging.describe()} in {done.elapsed_s:.1f} s"
-              + ("" if done.staged_rows else " (the staged blob of an earlier attempt)"))
     if not done.cleaned_up:
         print(f"shir copy: warning: the staged blob {staging.describe()} was not deleted; the "
               "next run of this command deletes it", file=sys.stderr)
+    earlier = "" if done.staged_rows else " (the staged blob of an earlier attempt)"
+    return _report(args, done.skipped, f"job {job}: already loaded into {args.table}; nothing to "
+                   "do", f"staged copy: {done.loaded_rows} rows into {args.table} through "
+                   f"{staging.describe()} in {done.elapsed_s:.1f} s{earlier}")
+
+
+def _report(args: argparse.Namespace, skipped: bool, nothing_to_do: str, done: str) -> int:
+    """End the progress line, say what the run did; exit code 0."""
+    if _progress(args):
+        print(file=sys.stderr)
+    print(nothing_to_do if skipped else done)
     return 0
 
 
@@ -221,14 +234,11 @@ def _run(args: argparse.Namespace) -> int:
                 result = copy_query(source, args.query, sink, args.format, job,
                                     csv_options=options, progress=_progress(args),
                                     part_size_bytes=args.part_size_kib * 1024)
-            if _progress(args):
-                print(file=sys.stderr)
-            if result.skipped:
-                print(f"job {job}: already copied to {sink.describe()}; nothing to do")
-            else:
-                print(f"copied {result.rows} rows ({result.bytes} bytes, {result.parts} parts) "
-                      f"to {sink.describe()} in {result.elapsed_s:.1f} s, md5 {result.md5_hex}")
-            return 0
+            return _report(args, result.skipped,
+                           f"job {job}: already copied to {sink.describe()}; nothing to do",
+                           f"copied {result.rows} rows ({result.bytes} bytes, {result.parts} "
+                           f"parts) to {sink.describe()} in {result.elapsed_s:.1f} s, md5 "
+                           f"{result.md5_hex}")
         if args.from_ is not None:
             if not (args.to and args.table):
                 return _fail("a load takes --from, --to and --table")

@@ -174,7 +174,7 @@ def blob_sink(spec: SinkSpec, secret: str, *, permissions: str,
                    f"{' and the blob' if url.blob else ''}: leave those out of the spec")
     if not (url.blob or spec.blob):
         raise _bad(f"credential {spec.credential!r} is a container SAS URL: give 'blob'")
-    return BlobSink.from_url(attrs.evolve(url, blob=url.blob or spec.blob),
+    return BlobSink.from_url(attrs.evolve(url, blob=url.blob or spec.blob or ""),
                              permissions=permissions, metadata=metadata)
 
 

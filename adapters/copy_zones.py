@@ -93,7 +93,8 @@ def instant_columns(source: OdbcSource, query: str) -> frozenset[int] | None:
     """
     if not is_postgresql(source):
         return frozenset()
-    inner = f"SELECT * FROM ({_TRAILING.sub('', query)}) AS shir_q LIMIT 0"
+    # the line break ends a trailing "-- comment" of the query before the parenthesis
+    inner = f"SELECT * FROM ({_TRAILING.sub('', query)}\n) AS shir_q LIMIT 0"
     try:
         with source.read(inner) as probe:
             count = len(probe.columns)

@@ -46,6 +46,23 @@ def _command(pg_odbc: str, blob: str, engine: str) -> list[str]:
             "--engine", engine]
 
 
+def _kill_once(proc: subprocess.Popen[bytes], ready: Any, rng: random.Random, *,
+               max_delay_s: float, timeout_s: float) -> None:
+    """SIGKILL ``proc`` a random moment (up to ``max_delay_s``) after ``ready()`` first holds,
+    or when ``timeout_s`` passed; nothing if it exited first. Waits for it."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                time.sleep(rng.uniform(0, max_delay_s))
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def trial(pg_odbc: str, blob_conn: str, name: str, reference: bytes,
           rng: random.Random, engine: str = "auto") -> dict[str, Any]:
     """One trial of ``shir copy --engine ENGINE`` (auto: arrow when arrow-odbc is installed);
@@ -58,22 +75,14 @@ def trial(pg_odbc: str, blob_conn: str, name: str, reference: bytes,
         "copy-kill", name)
     proc = subprocess.Popen(_command(pg_odbc, name, engine), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    staged = 0
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                staged = len(client.get_block_list("uncommitted")[1])
-            except ResourceNotFoundError:
-                staged = 0
-            if staged >= 1:
-                time.sleep(rng.uniform(0, 0.2))
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+
+    def staged() -> bool:
+        try:
+            return len(client.get_block_list("uncommitted")[1]) >= 1
+        except ResourceNotFoundError:
+            return False
+
+    _kill_once(proc, staged, rng, max_delay_s=0.2, timeout_s=30)
     killed = proc.returncode == -signal.SIGKILL
     visible = True
     try:
@@ -139,19 +148,13 @@ def load_trial(pg_odbc: str, path: str, rows: int, name: str, rng: random.Random
                           job).fetchone()
         return (0, False) if found is None else (int(found[0]), found[1] is not None)
 
+    def one_committed() -> bool:
+        with contextlib.suppress(pyodbc.Error):  # the marker table may not exist yet
+            return marker()[0] >= transaction_rows
+        return False
+
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(pyodbc.Error):  # the marker table may not exist yet
-                if marker()[0] >= transaction_rows:
-                    time.sleep(rng.uniform(0, 0.5))
-                    break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    _kill_once(proc, one_committed, rng, max_delay_s=0.5, timeout_s=60)
     committed, done = marker()
     in_table = c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     assert in_table == committed, (f"{name}: {in_table} rows in the table after the kill, the "

@@ -294,3 +294,15 @@ def test_progress_is_reported_and_a_cancel_commits_nothing(pg_odbc: str, tmp_pat
                           "c", progress=seen.append)
     assert done.rows == 30_000 and seen[-1].rows == 30_000 and seen[-1].rows_per_s > 0
     assert out.read_bytes().count(b"\r\n") >= 30_001
+
+
+def test_timestamptz_columns_are_found_whatever_the_query_looks_like(pg_odbc: str) -> None:
+    from shir.adapters.copy_zones import instant_columns
+
+    with OdbcSource(pg_odbc) as src:
+        assert instant_columns(src, "SELECT now() AS a, 1 AS a -- same names, a comment") == {0}
+        assert instant_columns(
+            src, "WITH x AS (SELECT now()::timestamp AS t, now() AS z) SELECT * FROM x "
+                 "ORDER BY 1;  ") == {1}
+        assert instant_columns(src, "SELECT 1 AS n") == frozenset()
+        assert instant_columns(src, "SELECT 1; SELECT now()") is None  # cannot be wrapped
