@@ -8,6 +8,11 @@ Two directions:
 
 * out: ``{"source": ODBC, "query": SQL, "sink": SINK, "format": "csv"|"jsonl"|"parquet"}``
 * load: ``{"from": SINK, "format": ..., "target": ODBC, "table": NAME}``
+* staged (:mod:`shir.adapters.copy_staged`): ``{"source": ODBC, "query": SQL, "staging":
+  CONTAINER, "target": ODBC, "target_credential": ID, "table": NAME, "format": ...}``, where
+  ``CONTAINER`` is ``{"container": C, "credential": ID}`` (a connection string) or
+  ``{"credential": ID}`` (a container SAS URL with ``sp=rwd``), with an optional ``"blob"``:
+  a path prefix for the staged blob
 
 ``SINK`` is ``{"folder": "/abs/path/file.csv"}`` or ``{"container": C, "blob": B,
 "credential": ID}`` where credential ``ID`` holds the storage connection string; or
@@ -97,9 +102,14 @@ class CopyJobSpec:
     batch_rows: int = 10_000
     engine: str = "auto"
     transaction_rows: int | None = None
+    staging: SinkSpec | None = None  #: a staged copy's interim container
+    target: str | None = None  #: a staged copy's target connection string, without password
+    target_credential: str | None = None
 
     @property
     def direction(self) -> str:
+        if self.staging is not None:
+            return "staged"
         return "out" if self.query is not None else "load"
 
 
@@ -217,6 +227,25 @@ def parse_copy_spec(raw: bytes | str | Mapping[str, Any]) -> CopyJobSpec:
     common = {"format": fmt, "csv": csv,
               "part_size_bytes": _int(raw, "part_size_bytes", 8 << 20, 64 << 10, 256 << 20),
               "batch_rows": _int(raw, "batch_rows", 10_000, 1, 1_000_000)}
+    per_txn = (None if raw.get("transaction_rows") is None
+               else _int(raw, "transaction_rows", 0, 1, 1_000_000_000))
+    if "staging" in raw:
+        if "sink" in raw or "from" in raw:
+            raise _bad("a staged copy takes 'source', 'query', 'staging', 'target' and "
+                       "'table' (not 'sink' or 'from')")
+        engine = raw.get("engine", "auto")
+        if engine not in ENGINES:
+            raise _bad(f"'engine' must be one of {', '.join(ENGINES)}")
+        staging = _sink(raw.get("staging"), "staging")
+        if staging.path is not None:
+            raise _bad("'staging' must be a Blob container, not a folder")
+        return CopyJobSpec(odbc=_no_password(_text(raw, "source") or "", "source"),
+                           odbc_credential=_credential_id(raw, "credential"),
+                           sink=staging, staging=staging, query=_text(raw, "query"),
+                           target=_no_password(_text(raw, "target") or "", "target"),
+                           target_credential=_credential_id(raw, "target_credential"),
+                           table=_text(raw, "table", limit=400), engine=engine,
+                           transaction_rows=per_txn, **common)
     if "query" in raw:
         if "from" in raw or "table" in raw:
             raise _bad("give 'source', 'query' and 'sink' (out) or 'from', 'target' and "
@@ -229,8 +258,6 @@ def parse_copy_spec(raw: bytes | str | Mapping[str, Any]) -> CopyJobSpec:
                            sink=_sink(raw.get("sink"), "sink"), query=_text(raw, "query"),
                            engine=engine, **common)
     if "table" in raw:
-        per_txn = (None if raw.get("transaction_rows") is None
-                   else _int(raw, "transaction_rows", 0, 1, 1_000_000_000))
         return CopyJobSpec(odbc=_no_password(_text(raw, "target") or "", "target"),
                            odbc_credential=_credential_id(raw, "credential"),
                            sink=_sink(raw.get("from"), "from"),
@@ -285,37 +312,59 @@ def run_copy_job(
     batch of a copy out. Raises :class:`CopyJobError`; nothing is committed then.
     """
     spec = params if isinstance(params, CopyJobSpec) else parse_copy_spec(params)
-    from shir.adapters.copy import CopyCancelled, copy_query
+    from shir.adapters.copy import copy_query
     from shir.adapters.copy_arrow import open_source
     from shir.adapters.copy_formats import CsvOptions, FormatError
-    from shir.adapters.copy_load import LoadCancelled, LoadError
-    from shir.adapters.copy_sinks import FolderSink, SinkError
+    from shir.adapters.copy_sinks import FolderSink
+    from shir.adapters.copy_staged import StagedCopyError, staged_blob_name, staged_copy
     from shir.adapters.odbc import (
-        ConnectFailed,
-        ConnectionLost,
         OdbcError,
         OdbcSource,
         format_connection_string,
         parse_connection_string,
     )
 
-    odbc_part = "source" if spec.direction == "out" else "target"
+    odbc_part = "target" if spec.direction == "load" else "source"
     try:
         options = CsvOptions(**spec.csv)
     except (FormatError, TypeError) as exc:
         raise CopyJobError("spec", f"'csv': {exc}") from None
-    conn = spec.odbc
-    if spec.odbc_credential is not None:
-        password = _resolve(resolve_credential, spec.odbc_credential)
-        conn = format_connection_string({**parse_connection_string(conn), "Pwd": password})
+
+    def with_password(conn: str, credential: str | None) -> str:
+        if credential is None:
+            return conn
+        password = _resolve(resolve_credential, credential)
+        return format_connection_string({**parse_connection_string(conn), "Pwd": password})
+
+    conn = with_password(spec.odbc, spec.odbc_credential)
     try:
         if spec.sink.path is not None:
             sink: Any = FolderSink(spec.sink.path)
         else:
             assert spec.sink.credential is not None
-            sink = blob_sink(spec.sink, _resolve(resolve_credential, spec.sink.credential),
-                             permissions="rw" if spec.direction == "out" else "r",
+            sink_spec = spec.sink
+            if spec.direction == "staged":  # the staged blob's name: from the job id
+                sink_spec = attrs.evolve(sink_spec, blob=staged_blob_name(
+                    job_id, spec.format, sink_spec.blob or ""))
+            sink = blob_sink(sink_spec, _resolve(resolve_credential, spec.sink.credential),
+                             permissions={"out": "rw", "load": "r"}.get(spec.direction, "rwd"),
                              metadata={"shir_delivery": str(delivery)})
+        if spec.direction == "staged":
+            assert spec.target is not None
+            target = with_password(spec.target, spec.target_credential)
+            try:
+                opened_target = OdbcSource(target)
+            except OdbcError as exc:
+                raise _job_error(exc, "target", str(exc)) from None
+            with opened_target, open_source(conn, spec.format, spec.engine) as odbc:
+                del conn, target
+                staged = staged_copy(odbc, spec.query or "", sink, opened_target,
+                                     spec.table or "", spec.format, job_id, csv_options=options,
+                                     progress=progress, cancel=cancel,
+                                     transaction_rows=spec.transaction_rows,
+                                     part_size_bytes=spec.part_size_bytes,
+                                     batch_rows=spec.batch_rows)
+            return CopyJobResult(staged.loaded_rows, 0, staged.skipped)
         opened = (open_source(conn, spec.format, spec.engine) if spec.direction == "out"
                   else OdbcSource(conn))
         with opened as odbc:
@@ -331,18 +380,34 @@ def run_copy_job(
             return CopyJobResult(loaded.rows, 0, loaded.skipped)
     except CopyJobError:
         raise
-    except (CopyCancelled, LoadCancelled) as exc:
-        raise CopyJobError("cancelled", str(exc), retryable=True) from None
-    except (ConnectFailed, ConnectionLost) as exc:
-        raise CopyJobError(odbc_part, str(exc), retryable=_transient(exc)) from None
-    except OdbcError as exc:
-        raise CopyJobError(odbc_part, str(exc)) from None
-    except LoadError as exc:
-        raise CopyJobError("target", str(exc)) from None
-    except FormatError as exc:
-        raise CopyJobError("format", str(exc)) from None
-    except SinkError as exc:
-        raise CopyJobError("sink", str(exc), retryable=True) from None
+    except StagedCopyError as exc:  # the hop's own error says which part; the message, the hop
+        raise _job_error(exc.cause, "source" if exc.hop == "stage" else "target", str(exc)
+                         ) from None
+    except ShirError as exc:
+        raise _job_error(exc, odbc_part, str(exc)) from None
+
+
+def _job_error(exc: BaseException, odbc_part: str, message: str) -> CopyJobError:
+    """The :class:`CopyJobError` of an adapter's error (``odbc_part``: which database)."""
+    from shir.adapters.copy import CopyCancelled
+    from shir.adapters.copy_formats import FormatError
+    from shir.adapters.copy_load import LoadCancelled, LoadError
+    from shir.adapters.copy_sinks import SinkError
+    from shir.adapters.odbc import ConnectFailed, ConnectionLost, OdbcError
+
+    if isinstance(exc, CopyCancelled | LoadCancelled):
+        return CopyJobError("cancelled", message, retryable=True)
+    if isinstance(exc, ConnectFailed | ConnectionLost):
+        return CopyJobError(odbc_part, message, retryable=_transient(exc))
+    if isinstance(exc, OdbcError):
+        return CopyJobError(odbc_part, message)
+    if isinstance(exc, LoadError):
+        return CopyJobError("target", message)
+    if isinstance(exc, FormatError):
+        return CopyJobError("format", message)
+    if isinstance(exc, SinkError):
+        return CopyJobError("sink", message, retryable=True)
+    raise exc
 
 
 def _transient(exc: Any) -> bool:

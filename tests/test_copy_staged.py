@@ -141,3 +141,39 @@ def test_staged_copy_between_sqlite_databases(
             src.read("SELECT * FROM t ORDER BY id"))
     with pytest.raises(SinkError):
         next(staging.download())
+
+
+def test_a_staged_copy_job_runs_once_per_job_id_and_names_a_failed_hop(
+    pg, pg_odbc: str, azurite_connection_string: str, tmp_path: Path  # noqa: F811
+) -> None:
+    from shir.adapters.copy_job import CopyJobError, run_copy_job, store_resolver
+    from shir.adapters.credstore import LocalCredentialStore
+    from shir.adapters.odbc import format_connection_string, parse_connection_string
+    from shir.adapters.protect import PortableProtector
+
+    c, table = pg
+    store = LocalCredentialStore(tmp_path / "credentials",
+                                 PortableProtector(tmp_path / "key", machine_id="m", user="svc"))
+    pairs = parse_connection_string(pg_odbc)
+    store.put("pg", 1, pairs.pop("pwd").encode())
+    store.put("storage", 1, azurite_connection_string.encode())
+    odbc = format_connection_string(pairs)
+    container = "staging-" + uuid.uuid4().hex[:8]
+    spec = {"source": odbc, "credential": "pg", "query": f"SELECT * FROM {table} ORDER BY id",
+            "staging": {"container": container, "credential": "storage"}, "target": odbc,
+            "target_credential": "pg", "table": f"{table}_back", "format": "parquet"}
+    resolve = store_resolver(store)
+    c.execute(f"ALTER TABLE {table}_back ADD CONSTRAINT small CHECK (id < 4)")
+    with pytest.raises(CopyJobError) as failed:
+        run_copy_job(spec, job_id=f"job-{table}", delivery=1, resolve_credential=resolve)
+    assert failed.value.part == "target" and "hop 2 of 2" in str(failed.value)
+    assert c.execute(f"SELECT count(*) FROM {table}_back").fetchone()[0] == 0
+    c.execute(f"ALTER TABLE {table}_back DROP CONSTRAINT small")
+    done = run_copy_job(spec, job_id=f"job-{table}", delivery=2, resolve_credential=resolve)
+    assert done.rows == 4 and not done.skipped
+    assert run_copy_job(spec, job_id=f"job-{table}", delivery=3,
+                        resolve_credential=resolve).skipped
+    assert _differences(c, table, f"{table}_back") == 0
+    service = open_blob_service(azurite_connection_string)
+    assert _staged_blobs(service, container) == []
+    service.delete_container(container)
