@@ -60,7 +60,7 @@ def add_commands(subparsers: Any) -> None:
                         "connection string with --container")
     p.add_argument("--format", choices=("csv", "jsonl", "parquet"),
                    help="the file format (required; a staged copy's default: parquet)")
-    p.add_argument("--transaction-rows", type=_positive, metavar="N",
+    p.add_argument("--transaction-rows", type=int, metavar="N",
                    help="a load commits every N rows (resumable; default: one transaction)")
     p.add_argument("--engine", default="auto", choices=("auto", "arrow", "pyodbc"),
                    help="how rows are fetched: arrow (arrow-odbc, shir[arrow]; CSV and "
@@ -76,16 +76,6 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--part-size-kib", type=int, default=8192, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(handler=_run)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of rows above 0, got {text!r}")
-    return value
 
 
 def _fail(message: str) -> int:
@@ -217,6 +207,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         options = CsvOptions(delimiter=args.delimiter, quote=args.quote, encoding=args.encoding,
                              null=args.null, header=not args.no_header)
+        if args.transaction_rows is not None and args.transaction_rows < 1:
+            return _fail(f"--transaction-rows {args.transaction_rows}: give a number of rows "
+                         "above 0")
         if args.staging is not None:
             return _run_staged(args, options)
         if args.format is None:

@@ -229,13 +229,13 @@ def parse_copy_spec(raw: bytes | str | Mapping[str, Any]) -> CopyJobSpec:
               "batch_rows": _int(raw, "batch_rows", 10_000, 1, 1_000_000)}
     per_txn = (None if raw.get("transaction_rows") is None
                else _int(raw, "transaction_rows", 0, 1, 1_000_000_000))
+    engine = raw.get("engine", "auto")
+    if engine not in ENGINES:
+        raise _bad(f"'engine' must be one of {', '.join(ENGINES)}")
     if "staging" in raw:
         if "sink" in raw or "from" in raw:
             raise _bad("a staged copy takes 'source', 'query', 'staging', 'target' and "
                        "'table' (not 'sink' or 'from')")
-        engine = raw.get("engine", "auto")
-        if engine not in ENGINES:
-            raise _bad(f"'engine' must be one of {', '.join(ENGINES)}")
         staging = _sink(raw.get("staging"), "staging")
         if staging.path is not None:
             raise _bad("'staging' must be a Blob container, not a folder")
@@ -250,9 +250,6 @@ def parse_copy_spec(raw: bytes | str | Mapping[str, Any]) -> CopyJobSpec:
         if "from" in raw or "table" in raw:
             raise _bad("give 'source', 'query' and 'sink' (out) or 'from', 'target' and "
                        "'table' (load), not both")
-        engine = raw.get("engine", "auto")
-        if engine not in ENGINES:
-            raise _bad(f"'engine' must be one of {', '.join(ENGINES)}")
         return CopyJobSpec(odbc=_no_password(_text(raw, "source") or "", "source"),
                            odbc_credential=_credential_id(raw, "credential"),
                            sink=_sink(raw.get("sink"), "sink"), query=_text(raw, "query"),

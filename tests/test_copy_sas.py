@@ -11,6 +11,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -205,24 +206,34 @@ def test_blob_url_parsing() -> None:
         BlobSink.from_url("https://acct.blob.core.windows.net/c?sp=rw&sig=s")
 
 
-def test_a_copy_job_takes_sas_urls_from_the_credential_store(
-    pg, pg_odbc: str, sas: Sas, tmp_path: Any, all_logs: pytest.LogCaptureFixture  # noqa: F811
-) -> None:
-    from shir.adapters.copy_job import CopyJobError, run_copy_job, store_resolver
+def node_credentials(folder: Path, pg_odbc: str, **secrets: str) -> tuple[Any, str]:
+    """A node's credential store holding the database password as ``pg`` and ``secrets``;
+    returns (its resolver, the connection string without the password)."""
+    from shir.adapters.copy_job import store_resolver
     from shir.adapters.credstore import LocalCredentialStore
     from shir.adapters.odbc import format_connection_string, parse_connection_string
     from shir.adapters.protect import PortableProtector
 
-    c, table = pg
-    store = LocalCredentialStore(tmp_path / "credentials",
-                                 PortableProtector(tmp_path / "key", machine_id="m", user="svc"))
+    store = LocalCredentialStore(folder / "credentials",
+                                 PortableProtector(folder / "key", machine_id="m", user="svc"))
     pairs = parse_connection_string(pg_odbc)
     store.put("pg", 1, pairs.pop("pwd").encode())
-    store.put("landing", 1, sas.container_url("rw").encode())  # a container SAS: blob in spec
-    store.put("rows", 1, sas.blob_url("job/rows.parquet", "r").encode())  # a blob SAS alone
-    store.put("ro", 1, sas.container_url("r").encode())
-    odbc = format_connection_string(pairs)
-    resolve = store_resolver(store)
+    for name, secret in secrets.items():
+        store.put(name, 1, secret.encode())
+    return store_resolver(store), format_connection_string(pairs)
+
+
+def test_a_copy_job_takes_sas_urls_from_the_credential_store(
+    pg, pg_odbc: str, sas: Sas, tmp_path: Path, all_logs: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    from shir.adapters.copy_job import CopyJobError, run_copy_job
+
+    c, table = pg
+    resolve, odbc = node_credentials(
+        tmp_path, pg_odbc,
+        landing=sas.container_url("rw"),  # a container SAS: the blob's name in the spec
+        rows=sas.blob_url("job/rows.parquet", "r"),  # a blob SAS alone
+        ro=sas.container_url("r"))
     out = {"source": odbc, "credential": "pg", "query": f"SELECT * FROM {table} ORDER BY id",
            "format": "parquet", "sink": {"blob": "job/rows.parquet", "credential": "landing"}}
     assert run_copy_job(out, job_id=f"sas-{table}", delivery=1, resolve_credential=resolve

@@ -12,7 +12,7 @@ pytest.importorskip("pyodbc")
 pytest.importorskip("azure.storage.blob")
 
 from test_copy import _differences, pg  # noqa: F401 - pg: the fixture
-from test_copy_sas import Sas, sas  # noqa: F401 - sas: the fixture
+from test_copy_sas import Sas, node_credentials, sas  # noqa: F401 - sas: the fixture
 
 from shir.adapters.cli import main
 from shir.adapters.copy_load import is_loaded
@@ -146,23 +146,14 @@ def test_staged_copy_between_sqlite_databases(
 def test_a_staged_copy_job_runs_once_per_job_id_and_names_a_failed_hop(
     pg, pg_odbc: str, azurite_connection_string: str, tmp_path: Path  # noqa: F811
 ) -> None:
-    from shir.adapters.copy_job import CopyJobError, run_copy_job, store_resolver
-    from shir.adapters.credstore import LocalCredentialStore
-    from shir.adapters.odbc import format_connection_string, parse_connection_string
-    from shir.adapters.protect import PortableProtector
+    from shir.adapters.copy_job import CopyJobError, run_copy_job
 
     c, table = pg
-    store = LocalCredentialStore(tmp_path / "credentials",
-                                 PortableProtector(tmp_path / "key", machine_id="m", user="svc"))
-    pairs = parse_connection_string(pg_odbc)
-    store.put("pg", 1, pairs.pop("pwd").encode())
-    store.put("storage", 1, azurite_connection_string.encode())
-    odbc = format_connection_string(pairs)
+    resolve, odbc = node_credentials(tmp_path, pg_odbc, storage=azurite_connection_string)
     container = "staging-" + uuid.uuid4().hex[:8]
     spec = {"source": odbc, "credential": "pg", "query": f"SELECT * FROM {table} ORDER BY id",
             "staging": {"container": container, "credential": "storage"}, "target": odbc,
             "target_credential": "pg", "table": f"{table}_back", "format": "parquet"}
-    resolve = store_resolver(store)
     c.execute(f"ALTER TABLE {table}_back ADD CONSTRAINT small CHECK (id < 4)")
     with pytest.raises(CopyJobError) as failed:
         run_copy_job(spec, job_id=f"job-{table}", delivery=1, resolve_credential=resolve)
