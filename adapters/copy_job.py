@@ -43,11 +43,14 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from shir.core.errors import ShirError
+
+if TYPE_CHECKING:
+    from shir.adapters.proxy import ClientProxy
 
 __all__ = [
     "CopyJobError",
@@ -167,17 +170,20 @@ def _need(key: str) -> str:
 
 
 def blob_sink(spec: SinkSpec, secret: str, *, permissions: str,
-              metadata: Mapping[str, str] | None = None) -> Any:
+              metadata: Mapping[str, str] | None = None, proxy: ClientProxy | None = None
+              ) -> Any:
     """The :class:`~shir.adapters.copy_sinks.BlobSink` of a blob sink spec whose credential's
     plaintext is ``secret``: a storage connection string (with ``container`` and ``blob``), a
-    container SAS URL (with ``blob``) or a blob SAS URL (alone)."""
+    container SAS URL (with ``blob``) or a blob SAS URL (alone); through ``proxy`` (the
+    node's) when given."""
     from shir.adapters.copy_sinks import BlobSink, BlobUrl, open_blob_service
 
     if not secret.lower().startswith(("http://", "https://")):
         if not (spec.container and spec.blob):
             raise _bad("a blob whose credential is a connection string needs 'container' and "
                        "'blob'")
-        return BlobSink(open_blob_service(secret), spec.container, spec.blob, metadata=metadata)
+        return BlobSink(open_blob_service(secret, proxy), spec.container, spec.blob,
+                        metadata=metadata, via=proxy.describe() if proxy is not None else "")
     url = BlobUrl.parse(secret)
     if spec.container or (url.blob and spec.blob):
         raise _bad(f"credential {spec.credential!r} is a SAS URL that names the container"
@@ -185,7 +191,7 @@ def blob_sink(spec: SinkSpec, secret: str, *, permissions: str,
     if not (url.blob or spec.blob):
         raise _bad(f"credential {spec.credential!r} is a container SAS URL: give 'blob'")
     return BlobSink.from_url(attrs.evolve(url, blob=url.blob or spec.blob or ""),
-                             permissions=permissions, metadata=metadata)
+                             permissions=permissions, metadata=metadata, proxy=proxy)
 
 
 def _no_password(conn: str, key: str) -> str:
@@ -302,8 +308,12 @@ def run_copy_job(
     resolve_credential: Callable[[str], str],
     progress: Callable[[Any], None] | None = None,
     cancel: threading.Event | None = None,
+    proxy: ClientProxy | None = None,
 ) -> CopyJobResult:
     """Run one delivery of the ``copy`` job ``job_id``; see the module docs.
+
+    ``proxy`` is the node's proxy, applied to a Blob sink's client (ODBC sources are on the
+    private network: no proxy applies to them).
 
     ``progress`` gets :class:`~shir.adapters.copy.Progress` (rows, bytes, elapsed_s) per
     batch of a copy out. Raises :class:`CopyJobError`; nothing is committed then.
@@ -345,7 +355,7 @@ def run_copy_job(
                     job_id, spec.format, sink_spec.blob or ""))
             sink = blob_sink(sink_spec, _resolve(resolve_credential, spec.sink.credential),
                              permissions={"out": "rw", "load": "r"}.get(spec.direction, "rwd"),
-                             metadata={"shir_delivery": str(delivery)})
+                             metadata={"shir_delivery": str(delivery)}, proxy=proxy)
         if spec.direction == "staged":
             assert spec.target is not None
             target = with_password(spec.target, spec.target_credential)

@@ -37,12 +37,15 @@ import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import attrs
 
 from shir.core.errors import ShirError
+
+if TYPE_CHECKING:
+    from shir.adapters.proxy import ClientProxy
 
 __all__ = [
     "BlobSink",
@@ -141,14 +144,16 @@ class _FolderWriter(SinkWriter):
             self.temp.unlink()
 
 
-def open_blob_service(connection_string: str) -> Any:
-    """A ``BlobServiceClient`` from a connection string; a bad one is a :class:`SinkError`."""
+def open_blob_service(connection_string: str, proxy: ClientProxy | None = None) -> Any:
+    """A ``BlobServiceClient`` from a connection string, through ``proxy`` when given (the
+    node's); a bad string is a :class:`SinkError`."""
     try:
         from azure.storage.blob import BlobServiceClient
     except ImportError:
         raise SinkError("Blob sinks need azure-storage-blob: pip install 'shir[azure]'") from None
     try:
-        return BlobServiceClient.from_connection_string(connection_string)
+        return BlobServiceClient.from_connection_string(
+            connection_string, **(proxy.blob_options() if proxy is not None else {}))
     except (ValueError, TypeError):
         raise SinkError("Blob sink: the connection string is not a storage connection string "
                         "(expected AccountName=...;AccountKey=...; content not shown)") from None
@@ -249,16 +254,18 @@ def check_permissions(url: BlobUrl, needed: str, what: str) -> None:
 class BlobSink:
     """A block blob ``container/blob``; ``max_parallel`` parts upload at a time. ``metadata``
     is recorded on the blob at the commit, beside the job id and the row count. Built from a
-    service client, or from a Blob URL with a SAS token (:meth:`from_url`)."""
+    service client, or from a Blob URL with a SAS token (:meth:`from_url`). ``via`` names the
+    proxy the client goes through (``ClientProxy.describe()``), for errors."""
 
     def __init__(self, service: Any, container: str, blob: str, *, max_parallel: int = 4,
-                 create_container: bool = True, metadata: Mapping[str, str] | None = None
-                 ) -> None:
+                 create_container: bool = True, metadata: Mapping[str, str] | None = None,
+                 via: str = "") -> None:
         self._init(service.get_container_client(container), blob, max_parallel=max_parallel,
-                   create_container=create_container, metadata=metadata)
+                   create_container=create_container, metadata=metadata, via=via)
 
     def _init(self, containers: Any, blob: str, *, max_parallel: int = 4,
-              create_container: bool = True, metadata: Mapping[str, str] | None = None) -> None:
+              create_container: bool = True, metadata: Mapping[str, str] | None = None,
+              via: str = "") -> None:
         self._containers = containers
         self.account_name: str = containers.account_name
         self.container: str = containers.container_name
@@ -266,24 +273,28 @@ class BlobSink:
         self.max_parallel = max_parallel
         self.create_container = create_container
         self.metadata = dict(metadata or {})
+        self.via = via
 
     @classmethod
     def from_url(cls, url: str | BlobUrl, *, permissions: str = "rw", max_parallel: int = 4,
-                 metadata: Mapping[str, str] | None = None, **client_options: Any) -> BlobSink:
+                 metadata: Mapping[str, str] | None = None, proxy: ClientProxy | None = None,
+                 **client_options: Any) -> BlobSink:
         """The blob a URL names, with the URL's SAS token as its credential (never shown: not
         in :meth:`describe`, the repr or an error). ``permissions`` the SAS must grant (a sink
         needs ``rw``: it reads what an earlier attempt left; a load needs ``r``) is checked
         before any request. The container must exist (a SAS cannot create it).
-        ``client_options`` go to the SDK's client (``retry_total``, ``connection_timeout``...)."""
+        ``proxy``: the node's, as for :func:`open_blob_service`. ``client_options`` go to the
+        SDK's client (``retry_total``, ``connection_timeout``...)."""
         from azure.storage.blob import ContainerClient
 
         parsed = url if isinstance(url, BlobUrl) else BlobUrl.parse(url)
         _guard_logs()
+        options = {**(proxy.blob_options() if proxy is not None else {}), **client_options}
         containers = ContainerClient(parsed.account_url, parsed.container, credential=parsed.sas,
-                                     **client_options)
+                                     **options)
         sink = cls.__new__(cls)
         sink._init(containers, parsed.blob, max_parallel=max_parallel, create_container=False,
-                   metadata=metadata)
+                   metadata=metadata, via=proxy.describe() if proxy is not None else "")
         if not parsed.blob:
             raise SinkError(f"{sink.describe()}: the URL names a container, not a blob")
         check_permissions(parsed, permissions, sink.describe())
@@ -291,6 +302,9 @@ class BlobSink:
 
     def describe(self) -> str:
         return f"Blob sink {self.account_name}/{self.container}/{self.blob}"
+
+    def _refused(self, doing: str, exc: Exception) -> SinkError:
+        return SinkError(f"{self.describe()}: {doing}: {_reason(exc, self.via)}")
 
     def __repr__(self) -> str:
         return f"<{self.describe()}>"
@@ -305,7 +319,7 @@ class BlobSink:
         try:
             return self._committed_by(self.client(), job_id)
         except AzureError as exc:
-            raise SinkError(f"{self.describe()}: the service refused: {_reason(exc)}") from None
+            raise self._refused("the service refused", exc) from None
 
     @staticmethod
     def _committed_by(client: Any, job_id: str) -> int | None:
@@ -328,7 +342,7 @@ class BlobSink:
         except ResourceNotFoundError:
             pass
         except AzureError as exc:
-            raise SinkError(f"{self.describe()}: cannot delete it: {_reason(exc)}") from None
+            raise self._refused("cannot delete it", exc) from None
 
     def download(self) -> Iterator[bytes]:
         """The blob's bytes in chunks (a load's input); a refusal is a :class:`SinkError`."""
@@ -337,7 +351,7 @@ class BlobSink:
         try:
             return self.client().download_blob().chunks()  # type: ignore[no-any-return]
         except AzureError as exc:
-            raise SinkError(f"{self.describe()}: cannot read it: {_reason(exc)}") from None
+            raise self._refused("cannot read it", exc) from None
 
     def open(self, job_id: str) -> SinkWriter:
         from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
@@ -355,7 +369,7 @@ class BlobSink:
             except ResourceNotFoundError:
                 staged = set()
         except AzureError as exc:
-            raise SinkError(f"{self.describe()}: the service refused: {_reason(exc)}") from None
+            raise self._refused("the service refused", exc) from None
         return _BlobWriter(self, client, _job_tag(job_id), job_id, staged)
 
 
@@ -373,11 +387,23 @@ _HINTS = {
 }
 
 
-def _reason(exc: Exception) -> str:
-    """The service's refusal in one line, without any SAS signature."""
+def _reason(exc: Exception, via: str = "") -> str:
+    """The service's refusal in one line, without any SAS signature or proxy credentials;
+    ``via``: the proxy the client goes through (its refusals are named)."""
+    from azure.core.exceptions import ServiceRequestError
+
+    from shir.adapters.proxy import proxy_refused, redact_userinfo
+
+    if via and proxy_refused(exc):
+        return (f"the {via} refused this node's proxy credentials (HTTP 407 Proxy "
+                "Authentication Required): set its user and password again with shir node "
+                "proxy (they are not shown here)")
     code = getattr(exc, "error_code", None)
     status = getattr(exc, "status_code", None)
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = redact_userinfo(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+    if via and isinstance(exc, ServiceRequestError):
+        return scrub_sas(f"could not connect through the {via} ({text[:200]}): check its "
+                         "address and port (shir node proxy) and that it is running")
     hint = _HINTS.get(str(code))
     if hint:
         text = f"{hint} ({text[:160]})"
@@ -431,7 +457,7 @@ class _BlobWriter(SinkWriter):
             self.client.stage_block(block_id, data, length=len(data), validate_content=False)
         except AzureError as exc:
             self._error = SinkError(f"{self.sink.describe()}: staging a block failed: "
-                                    f"{_reason(exc)}")
+                                    f"{_reason(exc, self.sink.via)}")
             raise self._error from None
 
     def _drain(self) -> None:
@@ -455,7 +481,7 @@ class _BlobWriter(SinkWriter):
             )
         except AzureError as exc:
             raise SinkError(f"{self.sink.describe()}: committing the blob failed: "
-                            f"{_reason(exc)}") from None
+                            f"{_reason(exc, self.sink.via)}") from None
 
     def abort(self) -> None:
         # Staged blocks stay uncommitted (invisible; the service drops them after a week) so a
