@@ -3,6 +3,7 @@
 Commands (each returns an exit code: 0 done, 2 bad input, with the reason on stderr)::
 
     shir credentials init    --data-dir D --runtime-id R --node-name N
+    shir credentials set     --data-dir D --credential-id C [--version N]
     shir credentials backup  --data-dir D --out FILE [--force] [--kdf-memory-kib ...]
     shir credentials restore --data-dir D FILE
     shir credentials encrypt --runtime-public-key FILE_OR_BASE64 --runtime-id R
@@ -11,6 +12,11 @@ Commands (each returns an exit code: 0 done, 2 bad input, with the reason on std
 A data directory holds ``identity.node`` (the node identity, protected with the machine's
 protector), ``node.pub`` (the node's public key in base64: what ``encrypt`` needs),
 ``credentials/`` (the :class:`LocalCredentialStore`) and, off Windows, ``protector.key``.
+
+``set`` saves a credential on this machine: the value comes from ``SHIR_CREDENTIAL_VALUE`` or a
+prompt, and is stored as the next version (or ``--version N``). A node host running on this data
+directory (its ``--home``) notices it at its next heartbeat and syncs it to the runtime's other
+nodes (:mod:`shir.adapters.node_credentials`).
 
 Backup passwords come from the environment variable ``SHIR_BACKUP_PASSWORD`` or, when it is
 unset and a terminal is attached, from a prompt; never from the command line, where other
@@ -58,9 +64,10 @@ from shir.adapters.protect import (
     write_file_atomically,
 )
 
-__all__ = ["PASSWORD_ENV", "DataDir", "add_commands", "main"]
+__all__ = ["PASSWORD_ENV", "VALUE_ENV", "DataDir", "add_commands", "main", "read_value"]
 
 PASSWORD_ENV = "SHIR_BACKUP_PASSWORD"
+VALUE_ENV = "SHIR_CREDENTIAL_VALUE"
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -104,6 +111,37 @@ def _read_password(*, confirm: bool) -> str:
     if confirm and getpass.getpass("Repeat the password: ") != password:
         raise MissingPassword("the two passwords differ; run the command again")
     return password
+
+
+def read_value(what: str, command_line: str | None = None, prog: str = "shir") -> bytes:
+    """A credential's value: from the command line (with a warning: other users can see it),
+    else :data:`VALUE_ENV`, else a prompt when a terminal is attached."""
+    if command_line is not None:
+        print(f"{prog}: warning: other users can see command lines: set {VALUE_ENV} instead",
+              file=sys.stderr)
+        value = command_line
+    elif os.environ.get(VALUE_ENV) is not None:
+        value = os.environ[VALUE_ENV]
+    elif sys.stdin.isatty():
+        value = getpass.getpass(f"Value of {what}: ")
+    else:
+        raise MissingPassword(f"no value for {what}: set {VALUE_ENV}, or run in a terminal to "
+                              "be asked")
+    if not value:
+        raise MissingPassword(f"the value of {what} is empty")
+    return value.encode("utf-8")
+
+
+def _cmd_set(args: argparse.Namespace) -> int:
+    data = DataDir(args.data_dir)
+    check_credential_id(args.credential_id)
+    store = data.store(data.protector())
+    held = store.version_of(args.credential_id)
+    version = held + 1 if args.version is None else args.version
+    value = read_value(f"credential {args.credential_id}")
+    store.put(args.credential_id, version, value)
+    print(f"saved credential {args.credential_id!r} v{version} in {data.credentials_dir}")
+    return 0
 
 
 def _parse_public_key(value: str) -> bytes:
@@ -244,6 +282,16 @@ def add_commands(subparsers: Any) -> None:
     init.add_argument("--runtime-id", required=True, help="the runtime this node belongs to")
     init.add_argument("--node-name", required=True, help="this node's name in the runtime")
     init.set_defaults(handler=_guarded("init", _cmd_init))
+
+    save = commands.add_parser(
+        "set", help="save a credential on this machine (synced by a running node host)",
+        description=f"The value comes from {VALUE_ENV} or a prompt, never the command line.")
+    save.add_argument("--data-dir", required=True, type=Path,
+                      help="the node's data directory (its --home)")
+    save.add_argument("--credential-id", required=True, help="the credential's id")
+    save.add_argument("--version", type=int,
+                      help="the version to save (default: the one held here + 1)")
+    save.set_defaults(handler=_guarded("set", _cmd_set))
 
     backup = commands.add_parser(
         "backup",

@@ -192,7 +192,9 @@ def _serve(name: str, key: str, config: Any, home: Path, machine: str, log: Json
 def _serve_once(name: str, key: str, config: Any, home: Path, machine: str, log: JsonLog,
                 proxy: Any, current: list[Any], stopping: threading.Event) -> tuple[int, Any]:
     """One life of the host service: (exit code, the proxy setting to restart with or None)."""
+    from shir.adapters.credentials_cli import DataDir
     from shir.adapters.node_config import SystemLoad
+    from shir.adapters.node_credentials import HostCredentials, node_keys
     from shir.adapters.node_host import NodeHost
     from shir.adapters.node_jobs import kinds_for
     from shir.adapters.stores import describe_store_url, open_store
@@ -223,6 +225,8 @@ def _serve_once(name: str, key: str, config: Any, home: Path, machine: str, log:
             from shir.adapters.intranet import directory_from_nodes
 
             intranet.set_peers(directory_from_nodes(nodes))
+        if host.credentials is not None:
+            host.credentials.set_nodes(nodes)
 
     host = NodeHost(
         store=store, channel=None, key_text=key, name=name, machine_id=machine,
@@ -231,13 +235,19 @@ def _serve_once(name: str, key: str, config: Any, home: Path, machine: str, log:
         concurrency_limit=config.concurrency_limit, drain_timeout_s=config.drain_timeout_s,
         on_members=on_members, kinds=kinds_for(home, proxy), proxy=proxy.settings,
     )
+    runtime = host.driver.state.runtime
+    if runtime is not None:  # else register() says there is no runtime in the store
+        data = DataDir(home)
+        host.credentials = HostCredentials(
+            name, node_keys(home, runtime.runtime_id, name), data.store(data.protector()), log)
     channel = None
     try:
         channel = host.channel = open_channel(
             channel_url, lock_duration_s=host.driver.state.settings.lock_duration_s,
             proxy=proxy)
         if config.remote_access:
-            intranet = _open_intranet(name, home, config, host.heartbeat_interval_s(), log)
+            intranet = _open_intranet(name, home, config, host.heartbeat_interval_s(), log,
+                                      host.credentials)
             host.intranet_address = intranet.address
             host.cert_sha256 = intranet.identity.fingerprint
         log("info", "starting", store=describe_store_url(config.store), home=str(home),
@@ -272,8 +282,10 @@ class _IntranetLog(logging.Handler):
         self._log(level, "intranet", message=record.getMessage())
 
 
-def _open_intranet(name: str, home: Path, config: Any, heartbeat_s: float, log: JsonLog) -> Any:
-    """Listen on the intranet port with this machine's certificate (made on first use)."""
+def _open_intranet(name: str, home: Path, config: Any, heartbeat_s: float, log: JsonLog,
+                   credentials: Any) -> Any:
+    """Listen on the intranet port with this machine's certificate (made on first use); it
+    carries credential envelopes to and from ``credentials`` (a ``HostCredentials``)."""
     from shir.adapters.intranet import Intranet
     from shir.adapters.intranet_tls import load_or_create_identity
 
@@ -284,6 +296,9 @@ def _open_intranet(name: str, home: Path, config: Any, heartbeat_s: float, log: 
     identity = load_or_create_identity(home, name)
     # Peers are checked at least as often as heartbeats report them.
     intranet = Intranet(name, identity, host=config.intranet_host, port=config.intranet_port,
-                        check_interval_s=min(5.0, heartbeat_s))
+                        check_interval_s=min(5.0, heartbeat_s),
+                        on_envelope=credentials.receive if credentials is not None else None)
     intranet.start()
+    if credentials is not None:
+        credentials.send_envelope = intranet.send_envelope
     return intranet

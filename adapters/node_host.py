@@ -18,6 +18,11 @@ elsewhere). Each turn of its loop it reads the clock and:
    log (``SubmitJob``, idempotency key = message id) and settles each message only after the
    append is durable, and sends ``DispatchJobs`` when the core says ``DispatchWanted``.
 
+Credentials (:mod:`shir.adapters.node_credentials`, which says how): heartbeats report the
+store's versions, after ``SaveCredential`` for newer ones; ``SealCredentialFor`` has a version
+sealed and sent over the intranet, then ``ShareCredential`` recorded; requests are queued with
+the credentials they name (``needs``) and carry (``carried``).
+
 SIGTERM drains: running jobs may finish (bounded), new deliveries are abandoned, then the node
 sends ``LeaveRuntime`` and its remaining leases go back to the queue at once.
 
@@ -51,13 +56,17 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+import attrs
+
 from shir.adapters.channel import ChannelError, ControlChannel, JobResult, LockLost
+from shir.adapters.node_credentials import HostCredentials, request_credentials
 from shir.adapters.node_jobs import KINDS, JobContext, JobRun, pack_spec
 from shir.core import commands as cmd
 from shir.core import effects as fx
 from shir.core import effects_of, jobs
 from shir.core import events as ev
 from shir.core.capacity import requests_wanted
+from shir.core.credentials import DeliverCredential, SealCredentialFor
 from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
 from shir.core.errors import DomainError, Fenced, ShirError, TimeWentBackwards
 from shir.core.leasing import (
@@ -132,6 +141,7 @@ class NodeHost:
         kinds: dict[str, Callable[[JobContext], None]] = KINDS,
         intranet_address: str | None = None, cert_sha256: str | None = None,
         on_members: Callable[[tuple[Node, ...]], None] | None = None,
+        credentials: HostCredentials | None = None,
         proxy: ProxySettings = NO_PROXY,
     ) -> None:
         self._effects: list[tuple[object, bool]] = []  # (effect, caused by this node's command)
@@ -151,6 +161,7 @@ class NodeHost:
         self.kinds = kinds
         self.intranet_address, self.cert_sha256 = intranet_address, cert_sha256
         self._on_members = on_members  # told the registered nodes whenever they change
+        self.credentials = credentials
         self.session = 0
         self.term = 0
         self.dispatcher: str | None = None
@@ -277,6 +288,12 @@ class NodeHost:
                 self.log("info", "session", session=effect.session)
         elif isinstance(effect, fx.PublishJobResult):
             self._publish(effect)
+        elif isinstance(effect, SealCredentialFor) and self.credentials is not None:
+            target = self.driver.state.node(effect.to_node)
+            self.credentials.share(effect, target.envelope_key if target else None)
+        elif isinstance(effect, DeliverCredential):
+            # it came over the intranet, and the store holds it already: report it now
+            self._next_hb = 0.0
         elif isinstance(effect, fx.Disconnect) and not self.leaving:
             raise HostExit(1, f"node {me!r} is not part of the runtime: {effect.reason}")
         elif isinstance(effect, RestartHostService):
@@ -335,8 +352,9 @@ class NodeHost:
             at = max(self.clock(), self.driver.state.now)
             command = cmd.RegisterNode(
                 self._key_text, self.name, self.machine_id, self.cores, self.memory_mb, at,
-                self._metrics(0), intranet_address=self.intranet_address,
-                cert_sha256=self.cert_sha256)
+                self._metrics_now(0), intranet_address=self.intranet_address,
+                cert_sha256=self.cert_sha256,
+                envelope_key=self.credentials.keys.public if self.credentials else None)
             try:
                 effects = self.driver.handle(command)
             except (ConcurrencyConflict, AppendOutcomeUnknown, TimeWentBackwards):
@@ -380,6 +398,8 @@ class NodeHost:
 
     def _serve(self) -> None:
         self._next_hb = self._next_dispatch = 0.0
+        if self.credentials is not None:
+            self.credentials.set_nodes(self.driver.state.nodes)
         self._next_renew = self.clock() + self.driver.state.settings.lock_duration_s / 3
         self._stuck_deadline: float | None = None
         while not self.stop.is_set():
@@ -394,6 +414,12 @@ class NodeHost:
         self.driver.catch_up()
         self._drain_effects()
         self._report_finished()
+        if self.credentials is not None:
+            for share in self.credentials.finished():
+                self.send(share)  # the target took it: the log records the envelope
+            if self.credentials.report_soon.is_set():
+                self.credentials.report_soon.clear()
+                self._next_hb = 0.0
         now = self.clock()
         if now >= self._next_hb:
             self._next_hb = now + self.heartbeat_interval_s()
@@ -421,8 +447,18 @@ class NodeHost:
             return
         self._finished.put(item)  # reported at the top of the next turn
 
+    def _metrics_now(self, running: int) -> NodeMetrics:
+        """The machine's figures, with the credential versions its store holds."""
+        metrics = self._metrics(running)
+        if self.credentials is None:
+            return metrics
+        return attrs.evolve(metrics, credentials=self.credentials.held())
+
     def _heartbeat(self) -> None:
-        metrics = self._metrics(len(self.running))
+        metrics = self._metrics_now(len(self.running))
+        if self.credentials is not None:  # versions saved on this machine that the log lacks
+            for save in self.credentials.saves(self.driver.state, metrics.credentials):
+                self.send(save)
         self.send(lambda at: cmd.Heartbeat(self.name, self.session, metrics, at))
 
     def _renew(self) -> None:
@@ -528,12 +564,13 @@ class NodeHost:
         for r in received:
             req = r.request
             try:
-                spec = pack_spec(req.kind, req.spec)
-            except ValueError as exc:
+                needs, carried = request_credentials(self.driver.state, req)
+                spec = pack_spec(req.kind, req.spec, req.credential)
+            except (ValueError, ShirError) as exc:
                 self._settle(r.lock_token, f"bad request: {exc}")
                 continue
             makes.append(partial(SubmitJob, job_id_for(req.message_id), req.message_id,
-                                 spec=spec))
+                                 needs=needs, carried=carried, spec=spec))
             taken.append(r)
         if not makes:
             return

@@ -1,7 +1,12 @@
 """Job kinds a node host can run, and the worker thread that runs one delivery.
 
 A job's ``spec`` in the log is ``KIND`` + NUL + the kind's parameters (bytes the factory side
-encoded; never a secret). A kind is a function ``run(ctx)`` that returns when the work is done,
+encoded; never a secret). A job that carries a credential has it in front, as ciphertext sealed
+for each node (:mod:`shir.adapters.carried`): NUL + its length (u32, big-endian) + the bundle +
+``KIND`` + NUL + parameters. A kind is never empty, so the leading NUL tells the two apart (and
+an older node, finding kind ``''``, refuses the job instead of misreading it).
+
+A kind is a function ``run(ctx)`` that returns when the work is done,
 raises :class:`JobFailed` (or any exception) when it failed, and returns early when
 ``ctx.cancelled`` is set (its lease ended: whatever it would report is refused).
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import threading
 import uuid
 from collections.abc import Callable
@@ -36,7 +42,8 @@ from shir.core.jobs import LeaseToken
 if TYPE_CHECKING:
     from shir.adapters.proxy import ClientProxy
 
-__all__ = ["KINDS", "JobContext", "JobFailed", "JobRun", "kinds_for", "pack_spec", "unpack_spec"]
+__all__ = ["KINDS", "JobContext", "JobFailed", "JobRun", "credentials_named", "kinds_for",
+           "pack_spec", "split_carried", "unpack_spec"]
 
 MAX_KIND = 64
 
@@ -52,18 +59,48 @@ class JobContext:
     token: LeaseToken
     params: bytes
     cancelled: threading.Event
+    carried: bytes = b""  # the credential bundle the job carries (ciphertext), if any
 
 
-def pack_spec(kind: str, params: bytes) -> bytes:
-    """The job spec kept in the log for ``kind`` with ``params``."""
+_CARRIED_LEN = struct.Struct(">I")
+
+
+def pack_spec(kind: str, params: bytes, carried: bytes = b"") -> bytes:
+    """The job spec kept in the log for ``kind`` with ``params`` (and a ``carried`` bundle)."""
     if not kind or len(kind) > MAX_KIND or "\0" in kind:
         raise ValueError(f"job kind must be 1-{MAX_KIND} characters without NUL")
-    return kind.encode() + b"\0" + params
+    head = b"\0" + _CARRIED_LEN.pack(len(carried)) + carried if carried else b""
+    return head + kind.encode() + b"\0" + params
+
+
+def split_carried(spec: bytes) -> tuple[bytes, bytes]:
+    """(the carried bundle or b"", the rest of the spec: kind + NUL + params)."""
+    if not spec.startswith(b"\0") or len(spec) < 1 + _CARRIED_LEN.size:
+        return b"", spec
+    (n,) = _CARRIED_LEN.unpack_from(spec, 1)
+    start = 1 + _CARRIED_LEN.size
+    if n > len(spec) - start:  # bounded by the spec itself: a bad length is a bad spec
+        return b"", spec
+    return spec[start:start + n], spec[start + n:]
+
+
+def credentials_named(kind: str, params: bytes) -> tuple[str, ...]:
+    """The ids of the credentials a job of ``kind`` with ``params`` reads (a copy's); () when
+    it names none or its parameters do not parse (it fails on its node, saying why)."""
+    if kind != "copy":
+        return ()
+    from shir.adapters.copy_job import CopyJobError, parse_copy_spec
+
+    try:
+        spec = parse_copy_spec(params)
+    except CopyJobError:
+        return ()
+    return tuple(c for c in (spec.odbc_credential, spec.sink.credential) if c is not None)
 
 
 def unpack_spec(spec: bytes) -> tuple[str, bytes]:
-    """(kind, params) of a job spec; kind '' when the spec has none."""
-    kind, sep, params = spec.partition(b"\0")
+    """(kind, params) of a job spec (a carried bundle skipped); kind '' when it has none."""
+    kind, sep, params = split_carried(spec)[1].partition(b"\0")
     if not sep:
         return "", spec
     return kind.decode("utf-8", "replace"), params
@@ -128,19 +165,37 @@ def kinds_for(
 
     ``copy`` is the copy activity (:mod:`shir.adapters.copy_job`); the credentials its spec
     names are read from this machine's credential store (``HOME/credentials``, the data dir of
-    ``shir credentials``), opened when a copy runs. Its Blob sink goes through ``proxy`` (the
-    node's proxy).
+    ``shir credentials``), opened when a copy runs, except one the job carries: that one is
+    opened with the node's key (``HOME/identity.node``) and used for this job only. Its Blob
+    sink goes through ``proxy`` (the node's proxy).
     """
 
     def copy(ctx: JobContext) -> None:
+        from shir.adapters.backup import load_identity
+        from shir.adapters.carried import open_carried
         from shir.adapters.copy_job import CopyJobError, run_copy_job, store_resolver
         from shir.adapters.credentials_cli import DataDir
+        from shir.adapters.protect import CredentialError
 
         data = DataDir(home)
+        protector = data.protector()
+        from_store = store_resolver(data.store(protector))
+        carried: dict[str, bytes] = {}
+        if ctx.carried:
+            try:
+                me = load_identity(data.identity_file, protector)
+                carried = open_carried(ctx.carried, me.node_name, me.keys, me.runtime_id)
+            except CredentialError as exc:  # names the credential and the node, never a secret
+                raise JobFailed(f"the job's carried credential was refused: {exc}") from None
+
+        def resolve(credential_id: str) -> str:
+            if credential_id in carried:
+                return carried[credential_id].decode("utf-8")
+            return from_store(credential_id)
+
         try:
             run_copy_job(ctx.params, job_id=ctx.token.job_id, delivery=ctx.token.delivery,
-                         resolve_credential=store_resolver(data.store(data.protector())),
-                         cancel=ctx.cancelled, proxy=proxy)
+                         resolve_credential=resolve, cancel=ctx.cancelled, proxy=proxy)
         except CopyJobError as exc:
             raise JobFailed(str(exc)) from None  # its message holds no password or key
 
@@ -158,11 +213,12 @@ class JobRun:
                  kinds: dict[str, Callable[[JobContext], None]] = KINDS) -> None:
         self.token = token
         self.cancelled = threading.Event()
+        carried, _ = split_carried(spec)
         kind, params = unpack_spec(spec)
         self.kind = kind
         self._kinds = kinds
         self._run = kinds.get(kind)
-        self._ctx = JobContext(token, params, self.cancelled)
+        self._ctx = JobContext(token, params, self.cancelled, carried)
         self._done = done
         self.thread = threading.Thread(target=self._main, name=f"job-{token.job_id}", daemon=True)
 

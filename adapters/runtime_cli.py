@@ -5,13 +5,16 @@
     shir runtime create --store STORE --name NAME [--factory NAME] [--json]
     shir runtime regenerate-key --store STORE key1|key2
     shir job submit --store STORE [--channel URL] --kind KIND [--param K=V ...] [--id KEY]
+                    [--credential ID]
     shir job show --store STORE ID
     shir status --store STORE [--json] [--detail] [--watch [S] [--count N]]
 
 ``runtime create`` prints the runtime's two auth keys once; the store keeps only salted
 verifiers, so a lost key cannot be shown again, only regenerated. ``job submit`` queues a
 request on the control channel (idempotent by ``--id``, which defaults to a new id and is
-printed); the dispatcher node moves it into the log. ``status`` reads the log (a live store or
+printed); the dispatcher node moves it into the log. With ``--credential ID`` the job carries
+that credential, its value read from ``SHIR_CREDENTIAL_VALUE`` or a prompt, sealed for each node
+the runtime's log names (:mod:`shir.adapters.carried`). ``status`` reads the log (a live store or
 a recorded one) and prints the runtime, its nodes and its queue.
 """
 
@@ -83,6 +86,12 @@ def add_job_commands(subparsers: Any) -> None:
     submit.add_argument("--id", help="idempotency key (default: a new one, printed)")
     submit.add_argument("--count", type=int, default=1,
                         help="queue N requests (ids ID-0..ID-N-1)")
+    submit.add_argument("--credential", metavar="ID",
+                        help="the job carries credential ID, sealed for each registered node; "
+                             "its value from SHIR_CREDENTIAL_VALUE or a prompt")
+    submit.add_argument("--credential-value", metavar="VALUE",
+                        help="the value on the command line (other users can see it: "
+                             "prefer the environment)")
     submit.set_defaults(handler=lambda a: cli_errors("shir job submit", lambda: _submit(a)))
     show = jcmds.add_parser("show", help="what became of a job (by id or idempotency key)")
     show.add_argument("--store", required=True)
@@ -227,6 +236,30 @@ def _spec(text: str) -> bytes:
     return json.dumps(data, sort_keys=True).encode()
 
 
+def _carried(args: argparse.Namespace, params: bytes) -> bytes:
+    """The bundle carrying ``--credential``, sealed for each node the runtime's log names."""
+    from shir.adapters.carried import seal_for_nodes
+    from shir.adapters.node_jobs import credentials_named, pack_spec
+    from shir.core.leasing import MAX_SPEC_BYTES
+
+    if args.kind == "copy" and args.credential not in credentials_named("copy", params):
+        raise ShirError(f"--credential {args.credential}: the copy spec does not name it "
+                        "(as 'credential' of the source or of a blob sink)")
+    from shir.adapters.credentials_cli import read_value
+
+    value = read_value(f"credential {args.credential}", args.credential_value,
+                       "shir job submit")
+    state = _driver(args.store).state
+    if state.runtime is None:
+        raise _no_runtime(args.store)
+    keys = {n.name: n.envelope_key for n in state.nodes if n.envelope_key is not None}
+    bundle = seal_for_nodes(args.credential, value, state.runtime.runtime_id, keys)
+    if len(pack_spec(args.kind, params, bundle)) > MAX_SPEC_BYTES:
+        raise ShirError(f"the parameters and the carried credential take more than "
+                        f"{MAX_SPEC_BYTES} bytes: shorten them")
+    return bundle
+
+
 def _submit(args: argparse.Namespace) -> int:
     from shir.adapters.channel import JobRequest
 
@@ -248,11 +281,12 @@ def _submit(args: argparse.Namespace) -> int:
         from shir.adapters.copy_job import parse_copy_spec
 
         parse_copy_spec(params)
+    carried = _carried(args, params) if args.credential else b""
     ids = [base] if args.count == 1 else [f"{base}-{i}" for i in range(args.count)]
     channel = open_channel(_channel_url(args))
     try:
         for i in range(0, len(ids), 500):
-            channel.send([JobRequest(m, args.kind, params) for m in ids[i:i + 500]])
+            channel.send([JobRequest(m, args.kind, params, carried) for m in ids[i:i + 500]])
     finally:
         channel.close()
     for m in ids:

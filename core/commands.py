@@ -60,6 +60,9 @@ class RegisterNode:
     # of its intranet TLS certificate: kept in the log, so peers pin each other through it.
     intranet_address: str | None = None
     cert_sha256: str | None = None
+    # The node's X25519 public key (raw bytes) for credential envelopes: a holder seals a
+    # credential version for it (``shir.core.credentials``). Public; never the private half.
+    envelope_key: bytes | None = None
 
 
 @attrs.frozen

@@ -57,11 +57,16 @@ def _v1_to_v2(fields: list[Any]) -> list[Any]:  # v2 added intranet_address, cer
     return [*fields, None, None]
 
 
-@event("node_registered", version=2, upcasters={1: _v1_to_v2})
+def _v2_to_v3(fields: list[Any]) -> list[Any]:  # v3 added envelope_key
+    return [*fields, None]
+
+
+@event("node_registered", version=3, upcasters={1: _v1_to_v2, 2: _v2_to_v3})
 @attrs.frozen
 class NodeRegistered:
-    """A machine joined the runtime as a node; peers reach it at ``intranet_address`` and pin
-    its intranet certificate by ``cert_sha256`` (both None when it gave none)."""
+    """A machine joined the runtime as a node; peers reach it at ``intranet_address``, pin
+    its intranet certificate by ``cert_sha256``, and seal credentials for it with its X25519
+    public key ``envelope_key`` (each None when it gave none)."""
 
     node: str
     machine_id: str
@@ -72,6 +77,7 @@ class NodeRegistered:
     at: float
     intranet_address: str | None = None
     cert_sha256: str | None = None
+    envelope_key: bytes | None = None
 
 
 @event("node_left")

@@ -123,6 +123,7 @@ class Node:
     # when it last became live (first heartbeat, or rejoining after silence): a peer's
     # reachability report taken before then says nothing about it
     live_since: float | None = None
+    envelope_key: bytes | None = None  # its X25519 public key for credential envelopes, if said
 
     def clone(self) -> Node:
         """An independent copy (the fields themselves are immutable values)."""
@@ -131,7 +132,7 @@ class Node:
             self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
             self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
             self.offline_since, self.upgrading_to, self.warned_version, self.intranet_address,
-            self.cert_sha256, self.last_update, self.live_since,
+            self.cert_sha256, self.last_update, self.live_since, self.envelope_key,
         )
 
     def facts(self) -> tuple[Any, ...]:
@@ -141,7 +142,7 @@ class Node:
             self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
             self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
             self.offline_since, self.upgrading_to, self.warned_version, self.intranet_address,
-            self.cert_sha256, self.last_update, self.live_since,
+            self.cert_sha256, self.last_update, self.live_since, self.envelope_key,
         )
 
 

@@ -110,7 +110,8 @@ def _auth_key_regenerated(m: Model, e: ev.AuthKeyRegenerated) -> None:
 
 def _node_registered(m: Model, e: ev.NodeRegistered) -> None:
     m.nodes[e.node] = Node(e.node, m.next_seq, e.machine_id, e.cores, e.memory_mb, e.at, e.metrics,
-                           intranet_address=e.intranet_address, cert_sha256=e.cert_sha256)
+                           intranet_address=e.intranet_address, cert_sha256=e.cert_sha256,
+                           envelope_key=e.envelope_key)
     m.next_seq += 1
     if e.node in m.removed:
         m.removed = {k: v for k, v in m.removed.items() if k != e.node}
@@ -272,6 +273,19 @@ _HOST_PORT = re.compile(
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
+_ENVELOPE_KEY_BYTES = 32  # a raw X25519 public key
+
+
+def _check_envelope_key(key: object) -> bytes | None:
+    if key is not None and not (isinstance(key, bytes) and len(key) == _ENVELOPE_KEY_BYTES):
+        size = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
+        raise InvalidCommand(
+            f"envelope_key must be the node's raw {_ENVELOPE_KEY_BYTES}-byte X25519 public key, "
+            f"got {size}"
+        )
+    return key
+
+
 def _check_intranet(c: cmd.RegisterNode) -> tuple[str | None, str | None]:
     """Validate the node's intranet address and certificate fingerprint (lower-cased)."""
     address, cert = c.intranet_address, c.cert_sha256
@@ -300,6 +314,7 @@ def _register_node(m: Model, c: cmd.RegisterNode, k: Decider) -> Events:
     check_name("node name", c.node)
     check_name("machine_id", c.machine_id)
     address, cert = _check_intranet(c)
+    envelope_key = _check_envelope_key(c.envelope_key)
     if not (isinstance(c.cores, int) and c.cores >= 1):
         raise InvalidCommand(f"cores must be a positive integer, got {c.cores!r}")
     if not (isinstance(c.memory_mb, int) and c.memory_mb >= 1):
@@ -313,6 +328,12 @@ def _register_node(m: Model, c: cmd.RegisterNode, k: Decider) -> Events:
                     f"node {c.node!r} is registered with intranet address "
                     f"{existing.intranet_address!r} and certificate {existing.cert_sha256!r:.20}; "
                     f"this registration gives {address!r:.80} and {cert!r:.20}: remove the "
+                    "node, then register it again"
+                )
+            if existing.envelope_key != envelope_key:
+                raise InvalidCommand(
+                    f"node {c.node!r} is registered with another envelope key than this "
+                    "registration gives (its machine's node identity changed): remove the "
                     "node, then register it again"
                 )
             return _restarted(m, c.node, c.at, k)  # already registered: satisfied
@@ -344,7 +365,8 @@ def _register_node(m: Model, c: cmd.RegisterNode, k: Decider) -> Events:
         )
     s, out = k.timed(m, c.at)
     emit(s, out, ev.NodeRegistered(
-        c.node, c.machine_id, c.cores, c.memory_mb, key_name, c.metrics, c.at, address, cert
+        c.node, c.machine_id, c.cores, c.memory_mb, key_name, c.metrics, c.at, address, cert,
+        envelope_key,
     ))
     k.settle(s, c.at, out)
     return out

@@ -6,8 +6,8 @@ after ``version``. The simulator checks "snapshot + tail == full replay" on ever
 
 The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state,
 3 the nodes' intranet address and certificate fingerprint, 4 the sharing state, proxy
-settings, the latest removals and each node's last update; older snapshots still restore, with
-none); a newer format is refused with
+settings, the latest removals and each node's last update, 5 each node's ``live_since``, 6 each
+node's ``envelope_key``; older snapshots still restore, with none); a newer format is refused with
 :class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with ``CorruptRecord``.
 """
 
@@ -29,9 +29,10 @@ from shir.core.state import Node, RuntimeInfo, RuntimeState, initial
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
-FORMAT = 5
-# 3 added the nodes' intranet_address and cert_sha256, 4 see above, 5 the nodes' live_since
-_READABLE = (1, 2, 3, 4, 5)
+FORMAT = 6
+# 3 added the nodes' intranet_address and cert_sha256, 4 see above, 5 the nodes' live_since,
+# 6 the nodes' envelope_key
+_READABLE = (1, 2, 3, 4, 5, 6)
 
 for _cls in (RuntimeInfo, Node, Job, Lease):
     register_value(_cls)
@@ -112,6 +113,8 @@ def _restore(body: list[Any]) -> RuntimeState:
         if body[0] < 4:  # nor last_update
             raw = msgpack.packb([*msgpack.unpackb(raw), ""], use_bin_type=True)
         if body[0] < 5:  # nor live_since (unknown: then every report counts, as before)
+            raw = msgpack.packb([*msgpack.unpackb(raw), None], use_bin_type=True)
+        if body[0] < 6:  # nor envelope_key (none: no node can seal a credential for it)
             raw = msgpack.packb([*msgpack.unpackb(raw), None], use_bin_type=True)
         node = decode_value(Node, raw)
         m.nodes[node.name] = node

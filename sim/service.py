@@ -15,6 +15,7 @@ checks) lives in ``shir.sim.world``.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -150,8 +151,12 @@ class ServiceHost:
         key = self.w.keys[spec.key]
         node.key_generation = key.generation
         metrics = node.metrics()
+        # a fake public key, derived from the name so that runs stay deterministic (the sim's
+        # envelopes are fakes too: nothing is sealed for it)
+        envelope_key = hashlib.sha256(f"sim envelope key {spec.name}".encode()).digest()
         self.send(node.name, SERVICE, HB, lambda at: cmd.RegisterNode(
-            key.text, spec.name, f"machine-{spec.name}", spec.cores, spec.memory_mb, at, metrics))
+            key.text, spec.name, f"machine-{spec.name}", spec.cores, spec.memory_mb, at, metrics,
+            envelope_key=envelope_key))
 
     def presented_generation(self, node: str) -> int | None:
         """The generation of the key ``node`` presented when it registered (for the checks)."""

@@ -8,7 +8,8 @@ from shir.core.snapshot import restore, snapshot_bytes
 from shir.core.state import RuntimeState
 
 # Node fields each format added at the end of a node record, newest last.
-NODE_FIELDS_SINCE = {3: 2, 4: 1, 5: 1}  # intranet_address + cert_sha256, last_update, live_since
+# intranet_address + cert_sha256, last_update, live_since, envelope_key
+NODE_FIELDS_SINCE = {3: 2, 4: 1, 5: 1, 6: 1}
 
 
 def node_fields_after(fmt: int) -> int:
@@ -22,8 +23,22 @@ def strip_nodes(body: list, fmt: int) -> None:
     body[3] = [msgpack.packb(msgpack.unpackb(n)[:-cut], use_bin_type=True) for n in body[3]]
 
 
-def as_format_4_sees(state: RuntimeState) -> RuntimeState:
-    """``state`` as a snapshot of format 4 or older restores it: live_since unknown (None)."""
+def as_older_format_sees(state: RuntimeState, fmt: int) -> RuntimeState:
+    """``state`` as a snapshot of format ``fmt`` restores it: what newer formats added to node
+    records is unknown (live_since None from format 4 down, envelope_key None from 5 down)."""
     body = msgpack.unpackb(snapshot_bytes(state), raw=False)
-    body[3] = [msgpack.packb([*msgpack.unpackb(n)[:-1], None], use_bin_type=True) for n in body[3]]
+    defaults = {5: None, 6: None}  # live_since, envelope_key: the last node fields, in order
+    unknown = [f for f in defaults if f > fmt]
+    records = []
+    for n in body[3]:
+        fields = msgpack.unpackb(n)
+        for f in unknown:
+            fields[len(fields) - len(defaults) + list(defaults).index(f)] = defaults[f]
+        records.append(msgpack.packb(fields, use_bin_type=True))
+    body[3] = records
     return restore(msgpack.packb(body, use_bin_type=True))
+
+
+def as_format_4_sees(state: RuntimeState) -> RuntimeState:
+    """``state`` as a snapshot of format 4 or older restores it."""
+    return as_older_format_sees(state, 4)

@@ -336,3 +336,29 @@ def test_init_refuses_a_name_the_core_would_refuse(
                        *(x for item in names.items() for x in item))
     assert code == 2 and f"invalid {flag}" in err and "1-128 printable characters" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_set_saves_the_next_version_from_the_environment(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from shir.adapters.credentials_cli import VALUE_ENV
+
+    data_dir = str(tmp_path / "home")
+    monkeypatch.setenv(VALUE_ENV, CANARY)
+    code, out, err = run(capsys, "set", "--data-dir", data_dir, "--credential-id", "pg")
+    assert (code, err) == (0, "") and "'pg' v1" in out
+    monkeypatch.setenv(VALUE_ENV, "second")
+    assert run(capsys, "set", "--data-dir", data_dir, "--credential-id", "pg")[0] == 0
+    store = DataDir(Path(data_dir)).store(DataDir(Path(data_dir)).protector())
+    assert store.get("pg") == (2, b"second")
+    code, out, err = run(capsys, "set", "--data-dir", data_dir, "--credential-id", "pg",
+                         "--version", "1")
+    assert code == 2 and "refusing to go back to version 1" in err
+    monkeypatch.setenv(VALUE_ENV, "")
+    code, out, err = run(capsys, "set", "--data-dir", data_dir, "--credential-id", "pg")
+    assert code == 2 and "is empty" in err
+    monkeypatch.delenv(VALUE_ENV)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    code, out, err = run(capsys, "set", "--data-dir", data_dir, "--credential-id", "pg")
+    assert code == 2 and f"set {VALUE_ENV}" in err
+    assert store.get("pg") == (2, b"second") and CANARY not in out + err

@@ -51,7 +51,7 @@ from shir.core.errors import (
     TimeWentBackwards,
     UnknownNode,
 )
-from shir.core.snapshot import restore, snapshot_bytes
+from shir.core.snapshot import FORMAT, restore, snapshot_bytes
 
 ON, LIM, OFF, INIT = (NodeStatus.ONLINE, NodeStatus.LIMITED, NodeStatus.OFFLINE,
                       NodeStatus.INITIALIZING)
@@ -556,7 +556,7 @@ def test_snapshot_round_trips_the_credential_state_and_the_tail_replays() -> Non
 def test_a_format_1_snapshot_restores_with_no_credential_state() -> None:
     c = online(2)
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == 5 and body[-5:] == [[], [], None, [], []]  # no sharing, proxy, removal
+    assert body[0] == FORMAT and body[-5:] == [[], [], None, [], []]  # no sharing, proxy, removal
     # format 1 had no credential state, and its nodes no intranet address, certificate, last
     # update or live_since
     strip_nodes(body, 1)

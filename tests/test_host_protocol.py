@@ -5,10 +5,11 @@ docs/architecture.md ("The host protocol") is the contract these tests hold the 
 
 from __future__ import annotations
 
+import attrs
 import msgpack
 import pytest
 from rig import Rig, of_type
-from snapshot_helpers import as_format_4_sees, strip_nodes
+from snapshot_helpers import as_format_4_sees, as_older_format_sees, strip_nodes
 
 from shir.core import (
     EVERY_NODE,
@@ -211,16 +212,59 @@ def test_a_bad_intranet_address_or_fingerprint_is_refused(address: str | None,
     assert len(str(info.value)) < 400  # bounded: a long input is not echoed whole
 
 
-def test_a_version_1_node_registered_record_still_decodes() -> None:
+def test_version_1_and_2_node_registered_records_still_decode() -> None:
     c = Rig()
-    c.handle(_register(c, "10.0.0.5:8060", CERT))
+    c.handle(attrs.evolve(_register(c, "10.0.0.5:8060", CERT), envelope_key=KEY))
     (registered,) = of_type(c.log, NodeRegistered)
     tag, version, fields = msgpack.unpackb(encode(registered), raw=False)
-    assert (tag, version) == ("node_registered", 2) == (spec_for(NodeRegistered).tag, 2)
-    old = msgpack.packb([tag, 1, fields[:-2]], use_bin_type=True)
-    upcast = decode(old)
-    assert (upcast.intranet_address, upcast.cert_sha256) == (None, None)
-    assert upcast.node == registered.node and upcast.at == registered.at
+    assert (tag, version) == ("node_registered", 3) == (spec_for(NodeRegistered).tag, 3)
+    v1 = decode(msgpack.packb([tag, 1, fields[:-3]], use_bin_type=True))
+    assert (v1.intranet_address, v1.cert_sha256, v1.envelope_key) == (None, None, None)
+    assert v1.node == registered.node and v1.at == registered.at
+    v2 = decode(msgpack.packb([tag, 2, fields[:-1]], use_bin_type=True))
+    assert (v2.intranet_address, v2.envelope_key) == ("10.0.0.5:8060", None)
+
+
+# --- the envelope key: what a holder seals a credential for -----------------------------------
+
+KEY = bytes(range(32))
+
+
+def test_a_node_registers_its_envelope_key() -> None:
+    c = Rig()
+    c.handle(attrs.evolve(_register(c, None, None), envelope_key=KEY))
+    node = c.state.node("n1")
+    assert node is not None and node.envelope_key == KEY
+    (registered,) = of_type(c.log, NodeRegistered)
+    assert registered.envelope_key == KEY
+    assert restore(snapshot_bytes(c.state)) == c.state
+    assert fold(initial(), c.log) == c.state
+    again = handle(c.state, attrs.evolve(_register(c, None, None), envelope_key=KEY))
+    assert again.events == ()  # the same registration: satisfied
+    with pytest.raises(InvalidCommand, match=r"another envelope key.*remove the node"):
+        handle(c.state, attrs.evolve(_register(c, None, None), envelope_key=bytes(32)))
+    with pytest.raises(InvalidCommand, match="another envelope key"):
+        handle(c.state, _register(c, None, None))  # none, after one
+
+
+@pytest.mark.parametrize("key", [b"", bytes(31), bytes(33), "k" * 32, bytearray(32)])
+def test_an_envelope_key_of_the_wrong_size_or_type_is_refused(key: object) -> None:
+    c = Rig()
+    with pytest.raises(InvalidCommand, match="envelope_key must be the node's raw 32-byte"):
+        handle(c.state, attrs.evolve(_register(c, None, None), envelope_key=key))
+    assert c.state.node("n1") is None
+
+
+def test_a_format_5_snapshot_restores_nodes_without_an_envelope_key() -> None:
+    c = Rig()
+    c.handle(attrs.evolve(_register(c, None, None), envelope_key=KEY))
+    body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
+    body[0] = 5
+    strip_nodes(body, 5)
+    restored = restore(msgpack.packb(body, use_bin_type=True))
+    assert restored == as_older_format_sees(c.state, 5)
+    node = restored.node("n1")
+    assert node is not None and node.envelope_key is None
 
 
 def test_a_format_2_snapshot_restores_nodes_without_an_intranet_identity() -> None:

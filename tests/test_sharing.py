@@ -38,7 +38,7 @@ from shir.core.sharing import (
     resource_id,
     sharing_state,
 )
-from shir.core.snapshot import restore, snapshot_bytes
+from shir.core.snapshot import FORMAT, restore, snapshot_bytes
 
 TENANT = "tenant-a"
 SHARED = FactoryRef("factory-1", TENANT, "msi-1")
@@ -172,7 +172,7 @@ def test_a_format_3_snapshot_restores_with_nothing_shared(c: Rig) -> None:
     import msgpack
 
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == 5 and body[-3:] == [None, [], []]
+    assert body[0] == FORMAT and body[-3:] == [None, [], []]
     strip_nodes(body, 3)
     restored = restore(msgpack.packb([3, *body[1:-3]], use_bin_type=True))
     assert restored == as_format_4_sees(c.state)
