@@ -56,7 +56,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--null", default="", help="text of NULL in CSV (default: empty)")
     p.add_argument("--no-header", action="store_true")
-    p.add_argument("--part-size-kib", type=int, default=8192, help=argparse.SUPPRESS)
+    p.add_argument("--part-size-kib", type=int, help=argparse.SUPPRESS)  # tests: small parts
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(handler=_run)
 
@@ -114,7 +114,7 @@ def _progress(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        from shir.adapters.copy import copy_query
+        from shir.adapters.copy import DEFAULT_PART_SIZE_BYTES, copy_query
         from shir.adapters.copy_arrow import open_source
         from shir.adapters.copy_formats import CsvOptions
         from shir.adapters.copy_load import ChunkReader, load_file
@@ -138,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
             with opened as source:
                 result = copy_query(source, args.query, sink, args.format, job,
                                     csv_options=options, progress=_progress(args),
-                                    part_size_bytes=args.part_size_kib * 1024)
+                                    part_size_bytes=(args.part_size_kib or 0) * 1024
+                                    or DEFAULT_PART_SIZE_BYTES)
             if _progress(args):
                 print(file=sys.stderr)
             if result.skipped:
