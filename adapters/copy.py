@@ -47,9 +47,9 @@ from shir.core.errors import ShirError
 
 __all__ = ["CopyCancelled", "CopyResult", "Progress", "copy_query", "part_size"]
 
-#: The first parts' size. Memory holds about ``(max_parallel + 1)`` parts (those uploading and the
-#: one being gathered): 4 MiB parts cost 9-12 MB less peak RSS than 8 MiB on the benchmark's
-#: copy, at no measurable cost in speed on loopback (docs/copy.md).
+#: The first parts' size. Memory holds up to ``max_parallel + 1`` parts (those uploading and the
+#: one being gathered): 4 MiB parts peaked 7-9 MB lower than 8 MiB on the benchmark's copy,
+#: at no measurable cost in speed on loopback (docs/copy.md).
 DEFAULT_PART_SIZE_BYTES = 4 * 1024 * 1024
 #: A block blob holds at most 50,000 blocks: the part size doubles every this many parts (4 MiB
 #: parts reach 39 GiB, 8 MiB the next 78 GiB, ... so 50,000 parts hold 1.2 TiB), keeping memory

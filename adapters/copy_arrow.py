@@ -76,7 +76,7 @@ from shir.adapters.odbc import (
 __all__ = ["ENGINES", "ArrowOdbcSource", "NotArrowFaithful", "arrow_available"]
 
 ARROW_FORMATS = ("csv", "parquet")  # JSON lines stays on the pyodbc engine's encoder
-#: arrow-odbc's transit buffer: 4 MiB peaks 4 MB lower than 8 MiB at the same speed (docs/copy.md)
+#: arrow-odbc's transit buffer: 4 MiB peaks up to 4 MB lower than 8 MiB, same CPU (docs/copy.md)
 DEFAULT_MAX_BYTES_PER_BATCH = 4 * 1024 * 1024
 #: glibc's mmap threshold while the arrow engine runs; see :func:`_fix_mmap_threshold`.
 MMAP_THRESHOLD_BYTES = 1024 * 1024
@@ -221,7 +221,7 @@ def _fix_mmap_threshold() -> None:
     buffers come from the heap arenas of the five threads a copy runs, and 13-15 MB of freed
     memory stays resident in them (``mallinfo2`` at the peak of the benchmark's copy). A fixed
     threshold gives every block of 1 MiB or more back to the system when it is freed: 6-8 MB
-    less peak RSS for 3-5% more client CPU (page faults on fresh mappings; 256 KiB saved 1-2 MB
+    less peak RSS for 2-5% more client CPU (page faults on fresh mappings; 256 KiB saved 1-2 MB
     more for 5-9% more CPU; docs/copy.md).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -56,7 +56,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--null", default="", help="text of NULL in CSV (default: empty)")
     p.add_argument("--no-header", action="store_true")
-    p.add_argument("--part-size-kib", type=int, help=argparse.SUPPRESS)  # tests: small parts
+    p.add_argument("--part-size-kib", type=int, metavar="KIB",
+                   help="size of the parts (Blob blocks) in KiB: default 4096, doubling every "
+                        "10,000 parts; up to 5 parts are held in memory at once")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(handler=_run)
 
@@ -126,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         options = CsvOptions(delimiter=args.delimiter, quote=args.quote, encoding=args.encoding,
                              null=args.null, header=not args.no_header)
+        if args.part_size_kib is not None and not 64 <= args.part_size_kib <= 256 * 1024:
+            return _fail("--part-size-kib must be between 64 and 262144 (256 MiB)")
         if args.source is not None:
             if not (args.query and args.sink) or args.from_ or args.to:
                 return _fail("copy out takes --source, --query and --sink (not --from/--to)")
@@ -138,8 +142,9 @@ def _run(args: argparse.Namespace) -> int:
             with opened as source:
                 result = copy_query(source, args.query, sink, args.format, job,
                                     csv_options=options, progress=_progress(args),
-                                    part_size_bytes=(args.part_size_kib or 0) * 1024
-                                    or DEFAULT_PART_SIZE_BYTES)
+                                    part_size_bytes=DEFAULT_PART_SIZE_BYTES
+                                    if args.part_size_kib is None
+                                    else args.part_size_kib * 1024)
             if _progress(args):
                 print(file=sys.stderr)
             if result.skipped:

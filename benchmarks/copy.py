@@ -213,7 +213,7 @@ def main() -> None:
         steps.append("pandas")
     else:
         print(json.dumps({"name": "pandas read_sql->to_csv->upload_blob",
-                          "skipped": "pandas is not installed (pip install pandas)"}))
+                          "skipped": "pandas is not installed (pip install 'shir[bench]')"}))
     if args.steps:
         steps = [s for s in steps if s in args.steps.split(",")]
     copies = [s for s in steps if s.startswith(("copy-", "arrow-")) and s != "arrow-drain"]
