@@ -38,7 +38,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -48,6 +48,7 @@ from shir.core import commands as cmd
 from shir.core import effects as fx
 from shir.core import effects_of, jobs
 from shir.core import events as ev
+from shir.core.capacity import requests_wanted
 from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
 from shir.core.errors import DomainError, Fenced, ShirError, TimeWentBackwards
 from shir.core.leasing import (
@@ -70,6 +71,7 @@ __all__ = ["HostExit", "NodeHost", "job_id_for"]
 Log = Callable[..., None]
 POLL_S = 0.1  # how often the log is read for other writers' events
 _SEND_TRIES = 6
+MAX_REQUESTS_PER_TURN = 32  # job requests taken per loop turn (and per append), at most
 DISPATCH_POLL_S = 5.0  # the dispatcher also dispatches this often without being asked
 _MEMBERSHIP_EVENTS = (ev.NodeRegistered, ev.NodeRemoved, ev.NodeLeft)
 
@@ -160,30 +162,40 @@ class NodeHost:
         fresh stamp; None means the store could not be written this turn (nothing was decided:
         the caller may try again later).
         """
-        command: object = None
+        [ok] = self.send_all([make])
+        return ok
+
+    def send_all(self, makes: Sequence[Callable[[float], object]]) -> list[bool | None]:
+        """:meth:`send` for several commands stored in one append (group commit): what each
+        would have returned alone. A batch of job requests pays one durable write, so a burst
+        of requests does not starve the other nodes' heartbeats of the store."""
+        commands: list[object] = []
         for _ in range(_SEND_TRIES):
-            command = make(max(self.clock(), self.driver.state.now))
+            at = max(self.clock(), self.driver.state.now)
+            commands = [make(at) for make in makes]
             try:
-                effects = self.driver.handle(command)
+                outcomes = self.driver.handle_all(commands)
             except (ConcurrencyConflict, AppendOutcomeUnknown, TimeWentBackwards):
                 self.driver.catch_up()
                 continue
-            except Fenced as exc:  # the sender (this node) is stale: the reply catches it up
-                self._refused(command, exc)
-                self._effects.append((exc.reply, True))
-                return False
-            except DomainError as exc:
-                self._refused(command, exc)
-                return False
             except StoreError as exc:
                 # busy, unreachable, throttled: this turn is lost, the next one tries again
-                self.log("warning", "store_error", command=type(command).__name__,
+                self.log("warning", "store_error", command=type(commands[0]).__name__,
                          error=str(exc))
-                return None
-            self._effects.extend((e, True) for e in effects)
-            return True
-        self.log("warning", "command_retries_exhausted", command=type(command).__name__)
-        return None
+                return [None] * len(commands)
+            done: list[bool | None] = []
+            for command, outcome in zip(commands, outcomes, strict=True):
+                if isinstance(outcome, DomainError):
+                    self._refused(command, outcome)
+                    if isinstance(outcome, Fenced):  # the sender (this node) is stale: the
+                        self._effects.append((outcome.reply, True))  # reply catches it up
+                    done.append(False)
+                else:
+                    self._effects.extend((e, True) for e in outcome)
+                    done.append(True)
+            return done
+        self.log("warning", "command_retries_exhausted", command=type(commands[0]).__name__)
+        return [None] * len(commands)
 
     def _on_tail(self, events: list[object]) -> None:
         # Events read from the log (other writers'): their effects, some of them for this node.
@@ -451,6 +463,7 @@ class NodeHost:
                 self.log("warning", "store_error", error=str(exc))
             self._wait(POLL_S)
         self._cancel_all()  # past the bound: leaving gives their leases back at once
+        self._drain_effects()  # the last completions' results are published before leaving
         self.leaving = True
         left = self.send(partial(cmd.LeaveRuntime, self.name, self.session))
         self.log("info", "stopped", left=bool(left))
@@ -458,14 +471,19 @@ class NodeHost:
 
     # -- dispatcher duties --------------------------------------------------------------------
 
-    def _pull_requests(self, max_count: int = 8) -> None:
+    def _pull_requests(self) -> None:
         if self.channel is None:
             return
+        wanted = requests_wanted(self.driver.state, MAX_REQUESTS_PER_TURN)
+        if not wanted:
+            return
         try:
-            received = self.channel.receive(max_count, 0.0)
+            received = self.channel.receive(wanted, 0.0)
         except ChannelError as exc:
             self.log("warning", "channel_error", doing="receive", error=str(exc))
             return
+        # One append for the whole batch; each message settled only after it.
+        makes, taken = [], []
         for r in received:
             req = r.request
             try:
@@ -473,8 +491,12 @@ class NodeHost:
             except ValueError as exc:
                 self._settle(r.lock_token, f"bad request: {exc}")
                 continue
-            job_id = job_id_for(req.message_id)
-            ok = self.send(partial(SubmitJob, job_id, req.message_id, spec=spec))
+            makes.append(partial(SubmitJob, job_id_for(req.message_id), req.message_id,
+                                 spec=spec))
+            taken.append(r)
+        if not makes:
+            return
+        for r, ok in zip(taken, self.send_all(makes), strict=True):
             if ok:
                 self._settle(r.lock_token, None)  # the job is in the log: durable
             elif ok is None or self.dispatcher != self.name:

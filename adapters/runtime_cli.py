@@ -238,6 +238,12 @@ def _submit(args: argparse.Namespace) -> int:
     params = _spec(args.spec) if args.spec is not None else _params(args.param)
     if args.spec is not None and args.param:
         raise ShirError("give the parameters with --spec or with --param, not both")
+    from shir.adapters.node_jobs import pack_spec
+
+    try:  # refuse what the dispatcher would dead-letter, before it is queued
+        pack_spec(args.kind, params)
+    except ValueError as exc:
+        raise ShirError(f"--kind: {exc}") from None
     if args.kind == "copy":  # refuse a bad copy spec here, before it is queued
         from shir.adapters.copy_job import parse_copy_spec
 
@@ -255,6 +261,58 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    """What became of one job: its history in the log, and what the control channel says of it
+    (results on the reply queue; the dead-letter queue for a request the runtime refused, which
+    never reaches the log)."""
+    info, history = _job_in_log(args)
+    channel = None
+    if args.channel or args.store.startswith("sqlite:"):
+        channel = open_channel(_channel_url(args))
+    published: list[dict[str, Any]] = []
+    try:
+        if channel is not None:
+            message_id = info.get("idempotency_key", args.id)
+            published = [{"outcome": r.outcome, "at": r.at, "detail": r.detail}
+                         for r in channel.results(message_id)]
+            if not info:
+                refused = [d for d in channel.dead_letters() if d.request.message_id == args.id]
+                if refused:
+                    info = {"idempotency_key": args.id, "state": "refused",
+                            "reason": refused[-1].reason}
+    finally:
+        if channel is not None:
+            channel.close()
+    if not info and published:  # the log was trimmed or is another runtime's: say what we know
+        info = {"idempotency_key": args.id, "state": published[-1]["outcome"]}
+    if not info:
+        raise ShirError(f"no job {args.id!r} in this runtime's log: a request the dispatcher "
+                        "has not taken yet waits in the control channel (shir status shows "
+                        "the queue)")
+    info["history"] = history
+    if channel is not None:
+        info["published"] = published
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    for k, v in info.items():
+        if k not in ("history", "published"):
+            print(f"{k:16} {v}")
+    for h in history:
+        extra = f" on {h['node']} (delivery {h['delivery']})" if "node" in h else ""
+        detail = f": {h['detail']}" if h.get("detail") else ""
+        print(f"  {_clock(h['at'])} {h['event']}{extra}{detail}")
+    if channel is not None:
+        print("reply queue      " + (", ".join(
+            f"{r['outcome']} at {_clock(r['at'])}" for r in published) or "nothing published yet"))
+    return 0
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+def _job_in_log(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The job's current state and history from the runtime's log ({} if it is not there)."""
     from shir.adapters.node_host import job_id_for
     from shir.core import jobs
 
@@ -278,23 +336,7 @@ def _show(args: argparse.Namespace) -> int:
         info["node"], info["delivery"], info["term"] = token.node, token.delivery, token.term
         history.append({"at": e.at, "event": name, "node": token.node,
                         "delivery": token.delivery, "detail": getattr(e, "detail", "")})
-    if not info:
-        raise ShirError(f"no job {args.id!r} in this runtime's log: a request the dispatcher "
-                        "has not taken yet waits in the control channel (shir status shows "
-                        "the queue)")
-    info["history"] = history
-    if args.json:
-        print(json.dumps(info))
-    else:
-        for k, v in info.items():
-            if k != "history":
-                print(f"{k:16} {v}")
-        for h in history:
-            extra = f" on {h['node']} (delivery {h['delivery']})" if "node" in h else ""
-            detail = f": {h['detail']}" if h.get("detail") else ""
-            print(f"  {time.strftime('%H:%M:%S', time.localtime(h['at']))} "
-                  f"{h['event']}{extra}{detail}")
-    return 0
+    return info, history
 
 
 # -- status -----------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from shir.core.kernel import RuntimeState
 from shir.core.leasing import LIMIT_RANGE, limit_of
 from shir.core.model import NodeStatus
 
-__all__ = ["JobStats", "ScaleAdvice", "ScaleThresholds", "job_stats", "scale_advice"]
+__all__ = ["JobStats", "ScaleAdvice", "ScaleThresholds", "job_stats", "requests_wanted",
+           "scale_advice"]
 
 
 @attrs.frozen
@@ -40,6 +41,15 @@ def job_stats(state: RuntimeState) -> JobStats:
     )
     return JobStats(b.queued(), len(b.leases), b.submitted, b.completed, b.dead_lettered,
                     b.released, cap)
+
+
+def requests_wanted(state: RuntimeState, most: int) -> int:
+    """How many job requests the dispatcher should take from the control channel now, at most
+    ``most``: the runtime's free capacity, less what already waits in the log. The rest wait
+    in the channel (Service Bus keeps them, unlocked, for whichever node dispatches next)
+    instead of piling up in the log faster than nodes can run them."""
+    st = job_stats(state)
+    return max(0, min(most, st.capacity - st.running - st.queued))
 
 
 @attrs.frozen

@@ -314,7 +314,7 @@ def _register_node(m: Model, c: cmd.RegisterNode, k: Decider) -> Events:
                     f"this registration gives {address!r:.80} and {cert!r:.20}: remove the "
                     "node, then register it again"
                 )
-            return []  # already registered: satisfied
+            return _restarted(m, c.node, c.at, k)  # already registered: satisfied
         raise NodeNameTaken(
             f"node name {c.node!r} is taken by machine {existing.machine_id!r}; "
             "choose another name or remove that node first"
@@ -346,6 +346,22 @@ def _register_node(m: Model, c: cmd.RegisterNode, k: Decider) -> Events:
         c.node, c.machine_id, c.cores, c.memory_mb, key_name, c.metrics, c.at, address, cert
     ))
     k.settle(s, c.at, out)
+    return out
+
+
+def _restarted(m: Model, node: str, at: float, k: Decider) -> Events:
+    """A registered node registering again from its machine: its host started anew (one host
+    runs per machine), so the jobs its old process held died with it. Their leases end now
+    and the jobs go back to the queue, instead of waiting out their locks."""
+    if not m.jobs.node_leases.get(node):
+        return []
+    s, out = k.timed(m, at)
+    held = sorted(s.jobs.node_leases.get(node, ())) if node in s.nodes else []
+    why = f"node {node} started again (registered anew from its machine)"
+    for e in [lease_end(s, s.jobs.leases[j], ReleaseReason.NODE_LOST, why, at)
+              for j in held if j not in s.pending]:
+        emit(s, out, e)
+    k.settle(s, at, out)
     return out
 
 

@@ -55,6 +55,7 @@ from shir.core import (
     next_deadline,
     scale_advice,
 )
+from shir.core.capacity import requests_wanted
 from shir.core.errors import (
     InvalidCommand,
     RuntimeNotFound,
@@ -306,6 +307,17 @@ def test_max_jobs_and_limits_bound_one_dispatch() -> None:
     assert len(r.dispatch()) == 13  # 8 + 8 slots
     assert r.dispatch() == []
     assert job_stats(r.state).queued == 4
+
+
+def test_the_dispatcher_takes_requests_up_to_the_free_capacity() -> None:
+    r = Rig.online(2)  # 8 + 8 slots
+    assert requests_wanted(r.state, 32) == 16 and requests_wanted(r.state, 5) == 5
+    r.submit_n(10)
+    assert requests_wanted(r.state, 32) == 6  # queued jobs count against the free slots
+    r.dispatch()
+    assert requests_wanted(r.state, 32) == 6  # running ones too
+    r.submit_n(10, prefix="more")
+    assert requests_wanted(r.state, 32) == 0  # full: the rest wait in the channel
 
 
 # --- limits ---------------------------------------------------------------------------------
@@ -598,6 +610,23 @@ def test_a_removed_node_loses_its_leases() -> None:
     assert of_type(events, JobReleased) == [
         JobReleased(lost, ReleaseReason.NODE_LOST, "node n2 was removed", 3.0)]
     assert placed(r.dispatch()) == [("j2", "n1")]
+
+
+def test_a_node_registering_again_from_its_machine_loses_the_leases_of_its_old_process() -> None:
+    # one host per machine: a registration of a registered node from its own machine means its
+    # host started anew, so the jobs its old process ran are given back now, not after the lock
+    r = Rig.online(2)
+    r.submit_n(2)
+    r.dispatch()
+    lost = r.token("j2")
+    events = r.handle(r.register_cmd("n2", at=3.0))
+    assert of_type(events, JobReleased) == [JobReleased(
+        lost, ReleaseReason.NODE_LOST, "node n2 started again (registered anew from its machine)",
+        3.0)]
+    assert r.status("n2") is NodeStatus.ONLINE  # still a member, same session
+    assert [j for j, _n in placed(r.dispatch())] == ["j2"]  # its new process may take it
+    assert r.token("j2").delivery == 2
+    assert r.handle(r.register_cmd("n2", at=4.0)) == ()  # nothing held: satisfied as before
 
 
 def test_a_node_back_from_hibernation_is_fenced() -> None:

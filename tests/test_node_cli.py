@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from node_helpers import SHIR, Cluster, cluster, shir, wait_for
 
+from shir.adapters.channel import JobRequest
+from shir.adapters.embedded_channel import EmbeddedChannel
 from shir.adapters.node_host import job_id_for
+from shir.adapters.node_jobs import MAX_KIND
 from shir.adapters.stores import open_store
 from shir.core.commands import RegisterNode
 from shir.core.driver import Driver
@@ -163,6 +166,9 @@ def test_sigterm_drains_running_jobs_and_status_job_show_and_logs_hold_no_key(
         assert (sink / job_id_for("slow")).exists()  # finished before leaving
         shown = shir("job", "show", "--store", c.store_url, "slow").stdout
         assert "completed" in shown and "solo" in shown
+        assert "reply queue      completed at" in shown  # the dispatcher published it
+        record = json.loads(shir("job", "show", "--store", c.store_url, "slow", "--json").stdout)
+        assert [r["outcome"] for r in record["published"]] == ["completed"]
         text = shir("status", "--store", c.store_url).stdout
     node = live["nodes"][0]
     assert live["status"] == "Online" and live["dispatcher"] == "solo" and live["term"] == 1
@@ -178,6 +184,28 @@ def test_sigterm_drains_running_jobs_and_status_job_show_and_logs_hold_no_key(
         if key.startswith("IR@"):
             for part in _secret_parts(key):
                 assert part not in everything
+
+
+def test_job_show_reports_a_request_the_dispatcher_refused(tmp_path: Path) -> None:
+    # a request the runtime refuses for good never reaches the log: it is dead-lettered on the
+    # channel with the reason, and `job show` reads it there
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+        c.create(*FAST)
+        p = shir("job", "submit", "--store", c.store_url, "--kind", "k" * (MAX_KIND + 1),
+                 check=False)
+        assert p.returncode == 2 and "--kind" in p.stderr and "Traceback" not in p.stderr
+        channel = EmbeddedChannel.from_url(c.store_url)
+        try:
+            channel.send([JobRequest("odd", "k" * (MAX_KIND + 1), b"{}")])
+        finally:
+            channel.close()
+        c.start("solo")
+        wait_for("the request refused", lambda: shir(
+            "job", "show", "--store", c.store_url, "odd", check=False).returncode == 0, 20)
+        record = json.loads(shir("job", "show", "--store", c.store_url, "odd", "--json").stdout)
+        assert record["state"] == "refused" and "job kind" in record["reason"]
+        p = shir("job", "show", "--store", c.store_url, "never-sent", check=False)
+        assert p.returncode == 2 and "no job 'never-sent'" in p.stderr
 
 
 def test_status_reads_a_recorded_log(tmp_path: Path) -> None:
@@ -198,18 +226,39 @@ def test_status_reads_a_recorded_log(tmp_path: Path) -> None:
 
 def test_a_node_killed_with_sigkill_restarts_on_its_home(tmp_path: Path) -> None:
     # the kernel drops the home lock of a killed host: no stale lock, and the same machine
-    # (the id kept in its home) registers again as the same node
+    # (the id kept in its home) registers again as the same node; the job its old process ran
+    # is given back at once, not after its 60 s lock
+    sink = tmp_path / "sink"
+    sink.mkdir()
     with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
-        c.create(*FAST)
+        c.create("--heartbeat-interval", "0.5", "--missed-heartbeats", "3",
+                 "--lock-duration", "60")
         first = c.start("a")
         wait_for("a Online", lambda: _registered(c, "a"), 20)
+        shir("job", "submit", "--store", c.store_url, "--kind", "touch", "--param",
+             f"sink={sink}", "--param", "seconds=30", "--id", "long")
+        wait_for("the job started", lambda: any(
+            r.get("event") == "job_started" for r in c.log_records("a")), 20)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
+        killed_at = time.monotonic()
         c.start("a")
         wait_for("a registered again", lambda: sum(
             r.get("event") == "registered" for r in c.log_records("a")) == 2, 20)
         state = c.state()
         assert [n.name for n in state.nodes] == ["a"] and state.dispatcher == "a"
+
+        def redelivered() -> bool:
+            shown = json.loads(shir("job", "show", "--store", c.store_url, "long",
+                                    "--json").stdout)
+            return shown.get("delivery") == 2
+
+        wait_for("the job delivered again", redelivered, 20)
+        assert time.monotonic() - killed_at < 30  # well inside the 60 s lock
+        history = json.loads(shir("job", "show", "--store", c.store_url, "long",
+                                  "--json").stdout)["history"]
+        assert [h["event"] for h in history] == ["submitted", "leased", "released", "leased"]
+        assert "started again" in history[2]["detail"]
 
 
 def test_a_non_member_is_refused_on_the_intranet_port(tmp_path: Path) -> None:

@@ -9,11 +9,12 @@ dispatcher within three offline-detection periods, the continued node's late wor
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
-from node_helpers import failover_trial
+from node_helpers import failover_trial, shir
 from sbhooks import BrokerHooks
 
 
@@ -53,3 +54,8 @@ def test_failover_over_service_bus(tmp_path: Path, sb_hooks: BrokerHooks) -> Non
         assert ch.queue_depth() == 0 and ch.dead_letters() == []
     assert sorted(r.message_id for r in published) == sorted(f"e2e-{i}" for i in range(200))
     assert {r.outcome for r in published} == {"completed"}
+    # what a user types: `job show` reads the same reply queue through the SDK
+    shown = json.loads(shir("job", "show", "--store", f"sqlite:///{tmp_path}/runtime.db",
+                            "--channel", channel, "e2e-7", "--json").stdout)
+    assert shown["state"] == "completed"
+    assert [r["outcome"] for r in shown["published"]] == ["completed"]
