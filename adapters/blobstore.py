@@ -125,6 +125,7 @@ from shir.adapters.framing import (
     scan,
     snapshot_frame,
 )
+from shir.adapters.proxy import proxy_refused, redact_userinfo
 from shir.core.store import (
     AppendOutcomeUnknown,
     ConcurrencyConflict,
@@ -268,6 +269,7 @@ def _snapshot_blob(stream: str) -> str:
 def _redact(text: str) -> str:
     """The first line of an SDK message, shortened, with anything that looks secret removed."""
     line = text.strip().splitlines()[0] if text.strip() else ""
+    line = redact_userinfo(line)  # a proxy URL's user and password
     return _SECRET_LOOKING.sub(r"\1=(redacted)", line)[:200]
 
 
@@ -318,11 +320,13 @@ class BlobEventStore:
     host uses (account key, SAS, Entra ID); the container is created on the first write if it
     is missing. :meth:`from_connection_string` builds one from a connection string.
     ``segment_max_appends`` (10,000 by default, at most the service's 50,000) is how many
-    appends a segment takes before it is sealed.
+    appends a segment takes before it is sealed. ``via`` names the proxy the client goes
+    through (``ClientProxy.describe()``), for errors; empty when it connects directly.
     """
 
     def __init__(
-        self, container: ContainerClient, *, segment_max_appends: int = DEFAULT_SEGMENT_APPENDS
+        self, container: ContainerClient, *, segment_max_appends: int = DEFAULT_SEGMENT_APPENDS,
+        via: str = "",
     ) -> None:
         if type(segment_max_appends) is not int or not (
             1 <= segment_max_appends <= MAX_BLOCKS_PER_BLOB
@@ -340,6 +344,7 @@ class BlobEventStore:
         self._has_credential = container.credential is not None or "sig=" in parts.query
         _guard_transport_logs()
         self._segment_max_appends = segment_max_appends
+        self._via = via
         self._mutex = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._closed = False
@@ -347,11 +352,13 @@ class BlobEventStore:
     @classmethod
     def from_connection_string(
         cls, connection_string: str, container: str, *,
-        segment_max_appends: int = DEFAULT_SEGMENT_APPENDS, **client_options: Any,
+        segment_max_appends: int = DEFAULT_SEGMENT_APPENDS, via: str = "",
+        **client_options: Any,
     ) -> BlobEventStore:
         """A store on ``container`` of the account that ``connection_string`` names.
 
-        ``client_options`` go to the SDK client (``retry_total``, ``connection_timeout``...).
+        ``client_options`` go to the SDK client (``retry_total``, ``connection_timeout``,
+        ``proxies``...); ``via`` is as in the constructor.
         """
         _check_container_name(container)
         try:
@@ -362,7 +369,7 @@ class BlobEventStore:
             raise InvalidConnectionString(_describe_bad_connection_string(connection_string)) \
                 from None
         return cls(service.get_container_client(container),
-                   segment_max_appends=segment_max_appends)
+                   segment_max_appends=segment_max_appends, via=via)
 
     def __repr__(self) -> str:
         return f"BlobEventStore(endpoint={self._endpoint!r}, container={self._name!r})"
@@ -940,7 +947,19 @@ class BlobEventStore:
         """Raise a :class:`BlobServiceError` for ``exc`` that names no secret."""
         where = f"{self._endpoint}/{self._name}"
         status, code = _status(exc), _code(exc)
-        if isinstance(exc, ServiceRequestError):
+        if self._via and proxy_refused(exc):
+            message = (
+                f"{where}: the {self._via} refused this node's proxy credentials while trying "
+                f"to {doing} (HTTP 407 Proxy Authentication Required): set the proxy's user "
+                "and password again with shir node proxy (they are not shown here)"
+            )
+        elif self._via and isinstance(exc, ServiceRequestError):
+            message = (
+                f"could not reach the Blob endpoint {self._endpoint} through the {self._via} "
+                f"to {doing} ({_redact(str(exc))}): check the proxy's address and port "
+                "(shir node proxy), that it is running, and that it lets this endpoint through"
+            )
+        elif isinstance(exc, ServiceRequestError):
             message = (
                 f"could not reach the Blob endpoint {self._endpoint} to {doing} "
                 f"({_redact(str(exc))}): check BlobEndpoint (or AccountName and EndpointSuffix) "

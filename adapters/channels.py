@@ -112,7 +112,8 @@ def open_channel(url: str, **options: Any) -> ControlChannel:
     """The control channel that ``url`` names (see the module doc for the forms).
 
     ``options`` go to the channel's constructor (``lock_duration_s`` for the embedded one;
-    ``settle_timeout_s``, ``attempts``, ``sdk_options`` for Service Bus).
+    ``settle_timeout_s``, ``attempts``, ``sdk_options``, ``proxy`` for Service Bus). A
+    ``proxy`` (the node's) applies to Service Bus only: the embedded channel is a local file.
     """
     if not isinstance(url, str) or not url.strip():
         raise ChannelError(f"no control channel given: name one as {_FORMS}")
@@ -120,6 +121,7 @@ def open_channel(url: str, **options: Any) -> ControlChannel:
     if url.startswith("sqlite:"):
         from shir.adapters.embedded_channel import EmbeddedChannel
 
+        options.pop("proxy", None)
         return EmbeddedChannel.from_url(url, **options)
     if url.startswith("servicebus:"):
         from shir.adapters.servicebus import ServiceBusChannel

@@ -33,12 +33,15 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from shir.adapters.copy import DEFAULT_PART_SIZE_BYTES
 from shir.core.errors import ShirError
+
+if TYPE_CHECKING:
+    from shir.adapters.proxy import ClientProxy
 
 __all__ = [
     "CopyJobError",
@@ -249,8 +252,12 @@ def run_copy_job(
     resolve_credential: Callable[[str], str],
     progress: Callable[[Any], None] | None = None,
     cancel: threading.Event | None = None,
+    proxy: ClientProxy | None = None,
 ) -> CopyJobResult:
     """Run one delivery of the ``copy`` job ``job_id``; see the module docs.
+
+    ``proxy`` is the node's proxy, applied to a Blob sink's client (ODBC sources are on the
+    private network: no proxy applies to them).
 
     ``progress`` gets :class:`~shir.adapters.copy.Progress` (rows, bytes, elapsed_s) per
     batch of a copy out. Raises :class:`CopyJobError`; nothing is committed then.
@@ -284,9 +291,10 @@ def run_copy_job(
             sink: Any = FolderSink(spec.sink.path)
         else:
             assert spec.sink.credential is not None
-            service = open_blob_service(_resolve(resolve_credential, spec.sink.credential))
+            service = open_blob_service(_resolve(resolve_credential, spec.sink.credential), proxy)
             sink = BlobSink(service, spec.sink.container or "", spec.sink.blob or "",
-                            metadata={"shir_delivery": str(delivery)})
+                            metadata={"shir_delivery": str(delivery)},
+                            via=proxy.describe() if proxy is not None else "")
         opened = (open_source(conn, spec.format, spec.engine) if spec.direction == "out"
                   else OdbcSource(conn))
         with opened as odbc:

@@ -36,9 +36,12 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shir.core.errors import ShirError
+
+if TYPE_CHECKING:
+    from shir.adapters.proxy import ClientProxy
 
 __all__ = ["BlobSink", "FolderSink", "SinkError", "SinkWriter", "open_blob_service"]
 
@@ -128,14 +131,16 @@ class _FolderWriter(SinkWriter):
             self.temp.unlink()
 
 
-def open_blob_service(connection_string: str) -> Any:
-    """A ``BlobServiceClient`` from a connection string; a bad one is a :class:`SinkError`."""
+def open_blob_service(connection_string: str, proxy: ClientProxy | None = None) -> Any:
+    """A ``BlobServiceClient`` from a connection string, through ``proxy`` when given (the
+    node's); a bad string is a :class:`SinkError`."""
     try:
         from azure.storage.blob import BlobServiceClient
     except ImportError:
         raise SinkError("Blob sinks need azure-storage-blob: pip install 'shir[azure]'") from None
     try:
-        return BlobServiceClient.from_connection_string(connection_string)
+        return BlobServiceClient.from_connection_string(
+            connection_string, **(proxy.blob_options() if proxy is not None else {}))
     except (ValueError, TypeError):
         raise SinkError("Blob sink: the connection string is not a storage connection string "
                         "(expected AccountName=...;AccountKey=...; content not shown)") from None
@@ -143,15 +148,17 @@ def open_blob_service(connection_string: str) -> Any:
 
 class BlobSink:
     """A block blob ``container/blob``; ``max_parallel`` parts upload at a time. ``metadata``
-    is recorded on the blob at the commit, beside the job id and the row count."""
+    is recorded on the blob at the commit, beside the job id and the row count. ``via`` names
+    the proxy ``service`` goes through (``ClientProxy.describe()``), for errors."""
 
     def __init__(self, service: Any, container: str, blob: str, *, max_parallel: int = 4,
-                 create_container: bool = True, metadata: Mapping[str, str] | None = None
-                 ) -> None:
+                 create_container: bool = True, metadata: Mapping[str, str] | None = None,
+                 via: str = "") -> None:
         self.service, self.container, self.blob = service, container, blob
         self.max_parallel = max_parallel
         self.create_container = create_container
         self.metadata = dict(metadata or {})
+        self.via = via
 
     def describe(self) -> str:
         return f"Blob sink {self.service.account_name}/{self.container}/{self.blob}"
@@ -179,14 +186,26 @@ class BlobSink:
             except ResourceNotFoundError:
                 staged = set()
         except AzureError as exc:
-            raise SinkError(f"{self.describe()}: the service refused: {_reason(exc)}") from None
+            raise SinkError(f"{self.describe()}: the service refused: "
+                            f"{_reason(exc, self.via)}") from None
         return _BlobWriter(self, client, _job_tag(job_id), job_id, staged)
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception, via: str = "") -> str:
+    from azure.core.exceptions import ServiceRequestError
+
+    from shir.adapters.proxy import proxy_refused, redact_userinfo
+
+    if via and proxy_refused(exc):
+        return (f"the {via} refused this node's proxy credentials (HTTP 407 Proxy "
+                "Authentication Required): set its user and password again with shir node "
+                "proxy (they are not shown here)")
     code = getattr(exc, "error_code", None)
     status = getattr(exc, "status_code", None)
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = redact_userinfo(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+    if via and isinstance(exc, ServiceRequestError):
+        return (f"could not connect through the {via} ({text[:200]}): check its address and "
+                "port (shir node proxy) and that it is running")
     return f"{code or type(exc).__name__} (HTTP {status}): {text[:200]}" if status else text[:200]
 
 
@@ -238,7 +257,7 @@ class _BlobWriter(SinkWriter):
             self.client.stage_block(block_id, data, length=len(data), validate_content=False)
         except AzureError as exc:
             self._error = SinkError(f"{self.sink.describe()}: staging a block failed: "
-                                    f"{_reason(exc)}")
+                                    f"{_reason(exc, self.sink.via)}")
             raise self._error from None
 
     def _drain(self) -> None:
@@ -262,7 +281,7 @@ class _BlobWriter(SinkWriter):
             )
         except AzureError as exc:
             raise SinkError(f"{self.sink.describe()}: committing the blob failed: "
-                            f"{_reason(exc)}") from None
+                            f"{_reason(exc, self.sink.via)}") from None
 
     def abort(self) -> None:
         # Staged blocks stay uncommitted (invisible; the service drops them after a week) so a

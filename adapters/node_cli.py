@@ -70,18 +70,19 @@ class JsonLog:
                 pass  # a closed stderr must not stop the node
 
 
-def open_channel(url: str, lock_duration_s: float = 60.0) -> Any:
+def open_channel(url: str, lock_duration_s: float = 60.0, proxy: Any = None) -> Any:
     """The control channel ``url`` names (the forms are in :mod:`shir.adapters.channels`).
 
     ``lock_duration_s`` bounds how long a request received by a dispatcher that then died
     stays invisible on the embedded channel; a node host passes its runtime's job lock
-    duration. On Service Bus the queue's own lock duration applies.
+    duration. On Service Bus the queue's own lock duration applies, and ``proxy`` (a
+    :class:`~shir.adapters.proxy.ClientProxy`, the node's) is how its client connects.
     """
     from shir.adapters.channels import open_channel as open_any
 
     if url.strip().startswith("sqlite:"):
         return open_any(url, lock_duration_s=lock_duration_s)
-    return open_any(url)
+    return open_any(url, proxy=proxy)
 
 
 def cli_errors(prog: str, body: Callable[[], int]) -> int:
@@ -97,7 +98,7 @@ def cli_errors(prog: str, body: Callable[[], int]) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add ``node run`` to an ``add_subparsers()`` result."""
+    """Add ``node run`` and ``node proxy`` to an ``add_subparsers()`` result."""
     node = subparsers.add_parser("node", help="run a node of a self-hosted runtime",
                                  description="Run this machine as a node of a runtime.")
     cmds = node.add_subparsers(dest="node_command", metavar="COMMAND")
@@ -125,6 +126,9 @@ def add_commands(subparsers: Any) -> None:
                      help="override this node's concurrent-job limit")
     run.add_argument("--log-level", help="debug, info, warning or error (default info)")
     run.set_defaults(handler=lambda args: cli_errors("shir node run", lambda: _run(args)))
+    from shir.adapters.proxy_cli import add_proxy_command
+
+    add_proxy_command(cmds)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -157,13 +161,44 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(name: str, key: str, config: Any, home: Path, machine: str, log: JsonLog) -> int:
+    """Serve until stopped; a proxy change restarts the host in this process (see docs/node.md):
+    every client is closed and opened again with the setting the log gave, kept in the home."""
+    from shir.adapters.protect import default_protector
+    from shir.adapters.proxy import client_proxy, load_home_proxy, save_home_proxy
+
+    protector = default_protector(home)
+    stopping = threading.Event()  # SIGTERM or SIGINT: no restart after this
+    current: list[Any] = []  # the host serving now, for the signal handler
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log("info", "signal", signal=signal.Signals(signum).name)
+        stopping.set()
+        for host in current:
+            host.restart_to = None  # a stop asked for during a restart's drain is a stop
+            host.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while True:
+        proxy = client_proxy(load_home_proxy(home), protector)
+        code, restart_to = _serve_once(name, key, config, home, machine, log, proxy, current,
+                                       stopping)
+        if restart_to is None or stopping.is_set():
+            return code
+        save_home_proxy(home, restart_to)  # the store may be reachable only through it
+        log("info", "restarting", proxy=restart_to.describe())
+
+
+def _serve_once(name: str, key: str, config: Any, home: Path, machine: str, log: JsonLog,
+                proxy: Any, current: list[Any], stopping: threading.Event) -> tuple[int, Any]:
+    """One life of the host service: (exit code, the proxy setting to restart with or None)."""
     from shir.adapters.node_config import SystemLoad
     from shir.adapters.node_host import NodeHost
     from shir.adapters.node_jobs import kinds_for
     from shir.adapters.stores import describe_store_url, open_store
     from shir.core.model import NodeMetrics
 
-    store = open_store(config.store, create=False)
+    store = open_store(config.store, create=False, proxy=proxy)
     channel_url = config.channel
     if channel_url is None:
         if not config.store.startswith("sqlite:"):
@@ -194,28 +229,26 @@ def _serve(name: str, key: str, config: Any, home: Path, machine: str, log: Json
         metrics=metrics, cores=os.cpu_count() or 1, memory_mb=max(1, total_mb), log=log,
         heartbeat_interval_s=config.heartbeat_interval_s,
         concurrency_limit=config.concurrency_limit, drain_timeout_s=config.drain_timeout_s,
-        on_members=on_members, kinds=kinds_for(home),
+        on_members=on_members, kinds=kinds_for(home, proxy), proxy=proxy.settings,
     )
     channel = None
     try:
         channel = host.channel = open_channel(
-            channel_url, lock_duration_s=host.driver.state.settings.lock_duration_s)
+            channel_url, lock_duration_s=host.driver.state.settings.lock_duration_s,
+            proxy=proxy)
         if config.remote_access:
             intranet = _open_intranet(name, home, config, host.heartbeat_interval_s(), log)
             host.intranet_address = intranet.address
             host.cert_sha256 = intranet.identity.fingerprint
         log("info", "starting", store=describe_store_url(config.store), home=str(home),
             pid=os.getpid(), version=version, remote_access=config.remote_access,
-            intranet_address=host.intranet_address)
-
-        def on_signal(signum: int, _frame: Any) -> None:
-            log("info", "signal", signal=signal.Signals(signum).name)
+            intranet_address=host.intranet_address, proxy=proxy.describe())
+        current[:] = [host]
+        if stopping.is_set():  # signalled while the previous life was closing
             host.stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        return host.run()
+        return host.run(), host.restart_to
     finally:
+        current.clear()
         if intranet is not None:
             intranet.stop()
         if channel is not None:

@@ -21,6 +21,15 @@ elsewhere). Each turn of its loop it reads the clock and:
 SIGTERM drains: running jobs may finish (bounded), new deliveries are abandoned, then the node
 sends ``LeaveRuntime`` and its remaining leases go back to the queue at once.
 
+Proxy: the host is built with the proxy setting its clients use (``proxy``: the machine's, kept
+in its home). When the log holds another one for this node (at registration, or a
+``RestartHostService`` addressed to it) the host restarts as the product's host service does:
+it drains like SIGTERM but does not leave (the node stays registered, and its proxy setting in
+the log with it), and :attr:`NodeHost.restart_to` names the setting to start again with
+(:mod:`shir.adapters.node_cli` reopens every client with it). A node that registers anew has no
+setting saved in the log: the host saves its machine's own (``SaveProxySettings``), as it sends
+its concurrency limit.
+
 Everything this host does with the core goes through :meth:`NodeHost.send`, and everything the
 core tells it comes through :meth:`_carry_out` (effects, including the reply a ``Fenced``
 refusal carries): those are the only places that know the protocol. The host decides nothing
@@ -63,6 +72,7 @@ from shir.core.leasing import (
     UnknownJob,
 )
 from shir.core.model import NodeMetrics
+from shir.core.proxy import ProxySettings, RestartHostService, SaveProxySettings, saved_proxy
 from shir.core.state import Node
 from shir.core.store import EventStore, StoreError
 
@@ -74,6 +84,7 @@ _SEND_TRIES = 6
 MAX_REQUESTS_PER_TURN = 32  # job requests taken per loop turn (and per append), at most
 DISPATCH_POLL_S = 5.0  # the dispatcher also dispatches this often without being asked
 _MEMBERSHIP_EVENTS = (ev.NodeRegistered, ev.NodeRemoved, ev.NodeLeft)
+NO_PROXY = ProxySettings()
 
 
 class _LogDriver(Driver):
@@ -121,6 +132,7 @@ class NodeHost:
         kinds: dict[str, Callable[[JobContext], None]] = KINDS,
         intranet_address: str | None = None, cert_sha256: str | None = None,
         on_members: Callable[[tuple[Node, ...]], None] | None = None,
+        proxy: ProxySettings = NO_PROXY,
     ) -> None:
         self._effects: list[tuple[object, bool]] = []  # (effect, caused by this node's command)
         self.driver = _LogDriver(store, self._on_tail)  # the history's effects are not redone
@@ -151,6 +163,8 @@ class NodeHost:
         self.stop = threading.Event()
         self.draining = False
         self.leaving = False
+        self.proxy = proxy  # the setting this process's clients were built with
+        self.restart_to: ProxySettings | None = None  # set: stop, stay registered, start again
 
     # -- the one door to the core -------------------------------------------------------------
 
@@ -265,6 +279,19 @@ class NodeHost:
             self._publish(effect)
         elif isinstance(effect, fx.Disconnect) and not self.leaving:
             raise HostExit(1, f"node {me!r} is not part of the runtime: {effect.reason}")
+        elif isinstance(effect, RestartHostService):
+            self._follow_proxy(effect.reason)
+
+    def _follow_proxy(self, reason: str) -> None:
+        """Restart when the log's proxy setting for this node is not the one in use."""
+        wanted = saved_proxy(self.driver.state, self.name)
+        if wanted is None or wanted == self.proxy or self.restart_to == wanted:
+            return  # the clients already use it: a restart would change nothing
+        if self.draining and self.restart_to is None:
+            return  # stopping for good (SIGTERM): the next start reads the home, and the log
+        self.restart_to = wanted
+        self.log("info", "restart_wanted", reason=reason, proxy=wanted.describe())
+        self.stop.set()
 
     def _refused(self, command: object, exc: DomainError) -> None:
         what = type(command).__name__
@@ -325,6 +352,12 @@ class NodeHost:
                  term=self.term, dispatcher=self.dispatcher)
         if self._limit_option is not None:
             self.send(partial(SetConcurrencyLimit, self.name, self._limit_option))
+        if saved_proxy(self.driver.state, self.name) is None:
+            if self.proxy != NO_PROXY:  # a new registration: the machine's own setting
+                self.send(partial(SaveProxySettings, self.name, self.proxy))
+        else:
+            self._follow_proxy("the log holds another proxy setting for this node")
+        self._drain_effects()
 
     def heartbeat_interval_s(self) -> float:
         """The runtime's heartbeat interval, or the host's shorter one."""
@@ -332,7 +365,10 @@ class NodeHost:
         return min(runtime_s, self._hb_option) if self._hb_option else runtime_s
 
     def run(self) -> int:
-        """Register, then serve until :attr:`stop` is set; drain and return the exit code."""
+        """Register, then serve until :attr:`stop` is set; drain and return the exit code.
+
+        When :attr:`restart_to` is set on return, the caller starts the host again with it.
+        """
         try:
             self.register()
             self._serve()
@@ -464,6 +500,11 @@ class NodeHost:
             self._wait(POLL_S)
         self._cancel_all()  # past the bound: leaving gives their leases back at once
         self._drain_effects()  # the last completions' results are published before leaving
+        if self.restart_to is not None:
+            # a restart, as the product's host service does it: the node stays registered
+            # (with its proxy setting); leases cut short above end when it registers again
+            self.log("info", "stopped", left=False, restart=True)
+            return 0
         self.leaving = True
         left = self.send(partial(cmd.LeaveRuntime, self.name, self.session))
         self.log("info", "stopped", left=bool(left))

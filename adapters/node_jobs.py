@@ -26,12 +26,15 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from shir.core.errors import ShirError
 from shir.core.jobs import LeaseToken
+
+if TYPE_CHECKING:
+    from shir.adapters.proxy import ClientProxy
 
 __all__ = ["KINDS", "JobContext", "JobFailed", "JobRun", "kinds_for", "pack_spec", "unpack_spec"]
 
@@ -118,12 +121,15 @@ def _touch(ctx: JobContext) -> None:
 KINDS: dict[str, Callable[[JobContext], None]] = {"touch": _touch}
 
 
-def kinds_for(home: Path) -> dict[str, Callable[[JobContext], None]]:
+def kinds_for(
+    home: Path, proxy: ClientProxy | None = None,
+) -> dict[str, Callable[[JobContext], None]]:
     """The kinds a node host with this home runs: ``touch`` and ``copy``.
 
     ``copy`` is the copy activity (:mod:`shir.adapters.copy_job`); the credentials its spec
     names are read from this machine's credential store (``HOME/credentials``, the data dir of
-    ``shir credentials``), opened when a copy runs.
+    ``shir credentials``), opened when a copy runs. Its Blob sink goes through ``proxy`` (the
+    node's proxy).
     """
 
     def copy(ctx: JobContext) -> None:
@@ -134,7 +140,7 @@ def kinds_for(home: Path) -> dict[str, Callable[[JobContext], None]]:
         try:
             run_copy_job(ctx.params, job_id=ctx.token.job_id, delivery=ctx.token.delivery,
                          resolve_credential=store_resolver(data.store(data.protector())),
-                         cancel=ctx.cancelled)
+                         cancel=ctx.cancelled, proxy=proxy)
         except CopyJobError as exc:
             raise JobFailed(str(exc)) from None  # its message holds no password or key
 

@@ -60,6 +60,7 @@ from shir.adapters.channel import (
     LockLost,
     ReceivedRequest,
 )
+from shir.adapters.proxy import ClientProxy, proxy_refused
 from shir.adapters.servicebus_messages import (
     CONTENT_TYPE,
     MALFORMED_REASON,
@@ -95,7 +96,9 @@ class ServiceBusChannel:
     the request queue. ``settle_timeout_s`` bounds the wait for the broker to confirm one
     settlement (the SDK waits 60 s by default); ``attempts``, ``backoff_s`` and
     ``backoff_max_s`` shape the retries of transient failures; ``sdk_options`` go to
-    ``ServiceBusClient.from_connection_string`` (``retry_backoff_factor``, ``http_proxy``...).
+    ``ServiceBusClient.from_connection_string`` (``retry_backoff_factor``...). ``proxy`` is the
+    node's proxy: when one applies, the client speaks AMQP over WebSockets through it (port
+    443 through ``CONNECT``), and errors name it.
     """
 
     def __init__(
@@ -103,7 +106,7 @@ class ServiceBusChannel:
         reply_queue: str = DEFAULT_REPLY_QUEUE, settle_timeout_s: float = 10.0,
         attempts: int = 4, backoff_s: float = 0.2, backoff_max_s: float = 5.0,
         result_ttl_s: float = 7 * 86400.0, sdk_options: Mapping[str, Any] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = time.sleep, proxy: ClientProxy | None = None,
     ) -> None:
         try:
             from azure.servicebus import ServiceBusClient
@@ -121,6 +124,10 @@ class ServiceBusChannel:
             if k in ("sharedaccesskey", "sharedaccesssignature")
         )
         self.namespace = settings["endpoint"][len("sb://"):].strip("/")
+        through = proxy.servicebus_options(self.namespace) if proxy is not None else {}
+        self._via = proxy.describe() if proxy is not None and through else ""
+        if proxy is not None:  # its password is scrubbed from SDK text like the key
+            self._keys += tuple(Secret(s) for s in proxy.secrets())
         self.queue = queue or settings.get("entitypath") or DEFAULT_QUEUE
         self.reply_queue = reply_queue
         if type(attempts) is not int or attempts < 1 or not settle_timeout_s > 0:
@@ -128,7 +135,7 @@ class ServiceBusChannel:
                 f"attempts must be an int >= 1 and settle_timeout_s > 0, got {attempts!r} and "
                 f"{settle_timeout_s!r}"
             )
-        options = dict(sdk_options or {})
+        options = {**(sdk_options or {}), **through}
         if options.pop("logging_enable", False):
             raise ChannelError(
                 "logging_enable (the SDK's network trace) would log the namespace's token: "
@@ -237,6 +244,7 @@ class ServiceBusChannel:
                     "this delivery"
                 ) from None
             except (ServiceBusAuthenticationError, ServiceBusAuthorizationError) as exc:
+                self._check_proxy(exc, where)
                 raise ChannelError(
                     f"Service Bus {where}: not authorized ({self._scrub(str(exc))}); check the "
                     "key name and key (or the SAS) and that the policy has Send and Listen"
@@ -256,6 +264,7 @@ class ServiceBusChannel:
                 # with an unknown outcome: the SDK retried already; back off and try again.
                 # A namespace never reached is a wrong address, not a passing fault: the SDK's
                 # own retries were enough to say so.
+                self._check_proxy(exc, where)
                 last = f"{type(exc).__name__}: {self._scrub(str(exc))}"
                 if not self._reached and not isinstance(exc, ServiceBusServerBusyError):
                     break
@@ -274,10 +283,22 @@ class ServiceBusChannel:
             if deadline is not None and time.monotonic() + pause > deadline:
                 break
             self._sleep(pause)
+        reach = (f"through the {self._via} (check its address and port with shir node proxy, "
+                 f"and that it lets {self.namespace}:443 through)" if self._via
+                 else "from this machine (outbound 5671 or 443)")
         raise ChannelError(
             f"Service Bus {where} failed after {attempt} attempt(s): {last}; check that the "
-            "namespace is reachable from this machine (outbound 5671 or 443), then retry"
+            f"namespace is reachable {reach}, then retry"
         )
+
+    def _check_proxy(self, exc: BaseException, where: str) -> None:
+        """Raise a :class:`ChannelError` naming the proxy when it refused its credentials."""
+        if self._via and proxy_refused(exc):
+            raise ChannelError(
+                f"Service Bus {where}: the {self._via} refused this node's proxy credentials "
+                "(HTTP 407 Proxy Authentication Required): set its user and password again "
+                "with shir node proxy (they are not shown here)"
+            ) from None
 
     def _reset_handlers(self) -> None:
         """Drop the SDK's senders and receivers (after one shut down); locks held are lost."""

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from shir.core.store import EventStore, StoreError
+
+if TYPE_CHECKING:
+    from shir.adapters.proxy import ClientProxy
 
 __all__ = ["DEFAULT_CONTAINER", "StoreUrlError", "describe_store_url", "open_store"]
 
@@ -74,7 +77,7 @@ def describe_store_url(url: str) -> str:
 
 def open_store(
     url: str, *, create: bool = True, container: str = DEFAULT_CONTAINER,
-    check_reachable: bool = True, **options: Any,
+    check_reachable: bool = True, proxy: ClientProxy | None = None, **options: Any,
 ) -> EventStore:
     """The event store that ``url`` names (see the module doc for the forms).
 
@@ -82,7 +85,8 @@ def open_store(
     node joining a runtime). ``check_reachable`` makes one request to a Blob endpoint so that a
     wrong address or credential fails here, with a message, not at the first append.
     ``options`` go to the store's constructor (``busy_timeout_s``, ``fsync``,
-    ``segment_max_appends``, SDK client options...).
+    ``segment_max_appends``, SDK client options...). ``proxy`` is the node's proxy, applied to
+    a Blob store's client (a SQLite or file store is local: no proxy applies).
     """
     if not isinstance(url, str) or not url.strip():
         raise StoreUrlError(f"no store given: name one as {_FORMS}")
@@ -91,9 +95,12 @@ def open_store(
         return _open_sqlite(url, create, options)
     if url.startswith("file:"):
         return _open_file(url, create, options)
-    if _is_connection_string(url):
+    connection_string = _is_connection_string(url)
+    scheme = "" if connection_string else urlsplit(url).scheme.lower()
+    if proxy is not None and (connection_string or scheme in ("http", "https")):
+        options = {**proxy.blob_options(), **options, "via": proxy.describe()}
+    if connection_string:
         return _open_blob_connection_string(url, create, container, check_reachable, options)
-    scheme = urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
         return _open_blob_url(url, create, container, check_reachable, options)
     shown = f"scheme {scheme + '://'!r}" if scheme else "a value with no scheme"
@@ -180,7 +187,7 @@ def _open_blob_url(
 
 
 def _store_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: options.pop(k) for k in ("segment_max_appends",) if k in options}
+    return {k: options.pop(k) for k in ("segment_max_appends", "via") if k in options}
 
 
 def _blob_module() -> Any:

@@ -35,7 +35,17 @@ import attrs
 from shir.core.codec import event, value
 from shir.core.effects import Recipient, to_node
 from shir.core.errors import InvalidCommand
-from shir.core.kernel import Decider, Events, Handler, Model, TimedRule, emit, node_of, runtime_of
+from shir.core.kernel import (
+    Decider,
+    Events,
+    Handler,
+    Model,
+    RuntimeState,
+    TimedRule,
+    emit,
+    node_of,
+    runtime_of,
+)
 
 __all__ = [
     "DECIDE",
@@ -51,6 +61,7 @@ __all__ = [
     "SaveProxySettings",
     "check_proxy",
     "proxy_of",
+    "saved_proxy",
 ]
 
 MAX_SECRET_BYTES = 4096  # ciphertext of a user name or password: far above any real one
@@ -213,13 +224,23 @@ EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
 }
 
 
-def proxy_of(m: Model, node: str) -> ProxySettings:
-    """The proxy setting in force on ``node`` (no proxy until one is saved)."""
+def _saved_in(m: Model, node: str) -> ProxySettings | None:
     n = m.nodes.get(node)
     if n is None:
-        return ProxySettings()
-    saved: ProxySettings = m.proxies.get((node, n.seq), ProxySettings())
+        return None
+    saved: ProxySettings | None = m.proxies.get((node, n.seq))
     return saved
+
+
+def saved_proxy(state: RuntimeState, node: str) -> ProxySettings | None:
+    """The setting saved for ``node``'s current registration; None when none was (a node that
+    registers anew starts with none saved: its host brings the machine's own setting)."""
+    return _saved_in(state.model(), node)
+
+
+def proxy_of(m: Model, node: str) -> ProxySettings:
+    """The proxy setting in force on ``node`` (no proxy until one is saved)."""
+    return _saved_in(m, node) or ProxySettings()
 
 
 def _save(m: Model, c: SaveProxySettings, k: Decider) -> Events:

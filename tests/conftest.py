@@ -70,3 +70,32 @@ def sb_hooks(servicebus_connection_string: str):  # type: ignore[no-untyped-def]
     hooks = BrokerHooks(servicebus_connection_string)
     yield hooks
     hooks.close()
+
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                   "no_proxy", "ALL_PROXY", "all_proxy")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No proxy variable set (a proxy test sets the ones it wants on the monkeypatch)."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def protector(tmp_path):  # type: ignore[no-untyped-def]
+    """A portable protector with its key in the test's folder (the machine's, for a test)."""
+    from shir.adapters.protect import PortableProtector
+
+    return PortableProtector(tmp_path / "protector.key", machine_id="m", user="svc")
+
+
+@pytest.fixture
+def proxy():  # type: ignore[no-untyped-def]
+    """The test forward proxy (tests/fwdproxy.py) demanding its USER and PASSWORD."""
+    from fwdproxy import PASSWORD, USER, ForwardProxy
+
+    with ForwardProxy(USER, PASSWORD) as p:
+        yield p

@@ -615,18 +615,21 @@ def test_a_removed_node_loses_its_leases() -> None:
 def test_a_node_registering_again_from_its_machine_loses_the_leases_of_its_old_process() -> None:
     # one host per machine: a registration of a registered node from its own machine means its
     # host started anew, so the jobs its old process ran are given back now, not after the lock
-    r = Rig.online(2)
+    r = Rig.online(3)
     r.submit_n(2)
     r.dispatch()
+    holders = r.state.jobs.node_leases
     lost = r.token("j2")
-    events = r.handle(r.register_cmd("n2", at=3.0))
+    busy = lost.node
+    idle = next(n for n in ("n1", "n2", "n3") if not holders.get(n))
+    events = r.handle(r.register_cmd(busy, at=3.0))
     assert of_type(events, JobReleased) == [JobReleased(
-        lost, ReleaseReason.NODE_LOST, "node n2 started again (registered anew from its machine)",
-        3.0)]
-    assert r.status("n2") is NodeStatus.ONLINE  # still a member, same session
+        lost, ReleaseReason.NODE_LOST,
+        f"node {busy} started again (registered anew from its machine)", 3.0)]
+    assert r.status(busy) is NodeStatus.ONLINE  # still a member, same session
     assert [j for j, _n in placed(r.dispatch())] == ["j2"]  # its new process may take it
     assert r.token("j2").delivery == 2
-    assert r.handle(r.register_cmd("n2", at=4.0)) == ()  # nothing held: satisfied as before
+    assert r.handle(r.register_cmd(idle, at=4.0)) == ()  # nothing held: satisfied as before
 
 
 def test_a_node_back_from_hibernation_is_fenced() -> None:

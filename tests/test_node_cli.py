@@ -251,13 +251,14 @@ def test_a_node_killed_with_sigkill_restarts_on_its_home(tmp_path: Path) -> None
         def redelivered() -> bool:
             shown = json.loads(shir("job", "show", "--store", c.store_url, "long",
                                     "--json").stdout)
-            return shown.get("delivery") == 2
+            return shown.get("delivery", 0) >= 2
 
         wait_for("the job delivered again", redelivered, 20)
         assert time.monotonic() - killed_at < 30  # well inside the 60 s lock
         history = json.loads(shir("job", "show", "--store", c.store_url, "long",
                                   "--json").stdout)["history"]
-        assert [h["event"] for h in history] == ["submitted", "leased", "released", "leased"]
+        # (on a loaded machine the new process may miss heartbeats and lose it again later)
+        assert [h["event"] for h in history[:4]] == ["submitted", "leased", "released", "leased"]
         assert "started again" in history[2]["detail"]
 
 

@@ -15,7 +15,7 @@ from shir.core import (
     handle,
 )
 from shir.core.codec import decode, encode
-from shir.core.proxy import InvalidProxySettings, check_proxy, proxy_of
+from shir.core.proxy import InvalidProxySettings, check_proxy, proxy_of, saved_proxy
 from shir.core.snapshot import restore, snapshot_bytes
 
 SEALED_USER = b"SHP\x01sealed-user"
@@ -104,10 +104,16 @@ def test_unknown_node_and_bad_settings_leave_state_unchanged(c: Rig) -> None:
 
 
 def test_a_new_node_of_the_same_name_starts_without_proxy(c: Rig) -> None:
+    assert saved_proxy(c.state, "n1") is None  # nothing saved: its host brings the machine's
     c.handle(SaveProxySettings("n1", custom(), 2.0))
+    assert saved_proxy(c.state, "n1") == custom()
+    c.handle(SaveProxySettings("n1", ProxySettings(), 2.5))
+    assert saved_proxy(c.state, "n1") == ProxySettings()  # saved as none: not "nothing saved"
     c.remove("n1", at=3)
+    assert saved_proxy(c.state, "n1") is None
     c.register("n1", at=4)
     assert proxy_of(c.state.model(), "n1") == ProxySettings()
+    assert saved_proxy(c.state, "n1") is None
 
 
 def test_a_host_seals_the_secrets_and_only_it_can_open_them(tmp_path: Path) -> None:
