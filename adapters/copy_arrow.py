@@ -76,7 +76,8 @@ from shir.adapters.odbc import (
 __all__ = ["ENGINES", "ArrowOdbcSource", "NotArrowFaithful", "arrow_available"]
 
 ARROW_FORMATS = ("csv", "parquet")  # JSON lines stays on the pyodbc engine's encoder
-#: arrow-odbc's transit buffer: 4 MiB peaks up to 4 MB lower than 8 MiB, same CPU (docs/copy.md)
+#: arrow-odbc's transit buffer: 4 MiB peaks 3-6 MB lower than 8 MiB for about 4% more client CPU
+#: (twice the fetches and joins; docs/copy.md)
 DEFAULT_MAX_BYTES_PER_BATCH = 4 * 1024 * 1024
 #: glibc's mmap threshold while the arrow engine runs; see :func:`_fix_mmap_threshold`.
 MMAP_THRESHOLD_BYTES = 1024 * 1024
