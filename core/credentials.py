@@ -59,7 +59,7 @@ from typing import Any
 import attrs
 
 from shir.core.codec import event, value
-from shir.core.effects import Recipient, Role
+from shir.core.effects import Recipient, to_node
 from shir.core.errors import DomainError, InvalidCommand, NodeOffline
 from shir.core.kernel import (
     Decider,
@@ -222,7 +222,7 @@ class SealCredentialFor:
     @property
     def to(self) -> Recipient:
         """The holder that seals."""
-        return Recipient(Role.NODE, self.from_node)
+        return to_node(self.from_node)
 
 
 @attrs.frozen
@@ -238,7 +238,7 @@ class DeliverCredential:
     @property
     def to(self) -> Recipient:
         """The node that receives the envelope."""
-        return Recipient(Role.NODE, self.to_node)
+        return to_node(self.to_node)
 
 
 # --- state -------------------------------------------------------------------------------------

@@ -69,6 +69,11 @@ RULES: tuple[TimedRule, ...] = (
 DISPATCH_TRIGGERS = lifecycle.DISPATCH_TRIGGERS | leasing.DISPATCH_TRIGGERS
 
 
+def current_rules() -> tuple[TimedRule, ...]:
+    """``RULES`` as they are now (a test may patch them): the rules a new state settles."""
+    return RULES
+
+
 # --- deciding --------------------------------------------------------------------------------
 
 def decide(state: RuntimeState, command: object) -> tuple[object, ...]:
@@ -91,13 +96,27 @@ def decide(state: RuntimeState, command: object) -> tuple[object, ...]:
 
 
 def settle(s: Model, at: float, out: Events) -> None:
-    """Emit what every timed rule finds due at ``at``, in order, on the scratch model ``s``."""
+    """Emit what the timed rules find due at ``at``, in order, on the scratch model ``s``.
+
+    A rule runs only when its due time has come or a fact it reads changed since it last found
+    nothing (``TimedRule.reads``); any other rule would find nothing.
+    """
     if s.runtime is None:
         return
-    for rule in RULES:
-        events, _next = rule.due(s, at)
-        for e in events:
-            emit(s, out, e)
+    dues = s.rule_due
+    for i, rule in enumerate(s.rules):
+        bit = 1 << i
+        if not s.dirty & bit and dues[i] > at:
+            continue
+        events, nxt = rule.due(s, at)
+        if events:
+            for e in events:
+                emit(s, out, e)
+            s.dirty |= bit  # what it emitted changes what it reads: look again next time
+            s.due = None
+        else:
+            dues[i] = NEVER if nxt is None else nxt
+            s.dirty &= ~bit
 
 
 def timed(m: Model, at: float, *, jobs_only: bool = False) -> tuple[Model, Events]:
@@ -109,7 +128,8 @@ def timed(m: Model, at: float, *, jobs_only: bool = False) -> tuple[Model, Event
     """
     check_time(m, at)
     out: Events = []
-    if not _due(m, at):
+    due = m.due
+    if (due is not None and at < due) or not _due(m, at):
         return (m if jobs_only else m.scratch()), out
     s = m.scratch()
     settle(s, at, out)
@@ -117,16 +137,10 @@ def timed(m: Model, at: float, *, jobs_only: bool = False) -> tuple[Model, Event
 
 
 class _Composed:
-    """The :class:`~shir.core.kernel.Decider` every handler gets: this module's functions,
-    looked up when called (so a test may patch ``RULES``)."""
+    """The :class:`~shir.core.kernel.Decider` every handler gets: this module's functions."""
 
-    @staticmethod
-    def timed(m: Model, at: float, *, jobs_only: bool = False) -> tuple[Model, Events]:
-        return timed(m, at, jobs_only=jobs_only)
-
-    @staticmethod
-    def settle(s: Model, at: float, out: Events) -> None:
-        settle(s, at, out)
+    timed = staticmethod(timed)
+    settle = staticmethod(settle)
 
 
 _DECIDER = _Composed()
@@ -136,37 +150,42 @@ _DECIDER = _Composed()
 
 def next_deadline(state: RuntimeState) -> float | None:
     """When the next timeout falls due: send ``Tick(at=deadline)`` then. None if nothing waits."""
-    return _deadline(state.model())
-
-
-def _due_of(rule: TimedRule, m: Model) -> float:
-    events, nxt = rule.due(m, m.now)
-    if events:  # due now (a rule that only time triggers, such as a sync to re-request)
-        return m.now
-    return NEVER if nxt is None else nxt
-
-
-def _deadline(m: Model) -> float | None:
+    m = state.model()
     if m.runtime is None:
         return None
-    cached = m.node_due  # the rules job events cannot move, cached until a lifecycle event
-    if cached is None or cached <= m.now:
-        cached = m.node_due = min(
-            (_due_of(r, m) for r in RULES if not r.moved_by_jobs), default=NEVER
-        )
-    due = min((_due_of(r, m) for r in RULES if r.moved_by_jobs), default=NEVER)
-    due = min(due, cached)
+    for i in m.job_rules:  # job events only lowered their bounds: make them exact
+        m.dirty |= 1 << i
+    due = _refresh(m, m.now)
     return None if due == NEVER else due
 
 
+def _refresh(m: Model, at: float) -> float:
+    """Bring the rules' due times up to date as far as ``at``; return the earliest.
+
+    A dirty rule, or one whose (lower-bound) due time is at or before ``at``, is asked again
+    at ``m.now`` (a rule that finds something due then is due at ``m.now``). Only caches change
+    (``rule_due``, ``dirty``, ``due``): the model means the same.
+    """
+    dues = m.rule_due
+    dirty = m.dirty
+    for i, rule in enumerate(m.rules):
+        if dirty & 1 << i or dues[i] <= at:
+            events, nxt = rule.due(m, m.now)
+            if events:
+                dues[i] = m.now
+            else:
+                dues[i] = NEVER if nxt is None else nxt
+                dirty &= ~(1 << i)
+    m.dirty = dirty
+    due = min(dues, default=NEVER)
+    m.due = None if dirty else due
+    return due
+
+
 def _due(m: Model, at: float) -> bool:
-    """Is any rule due at ``at``? (If not, settling would find nothing to do.)"""
-    due = m.due
-    if due is not None and at < due:
-        return False
-    deadline = _deadline(m)
-    m.due = NEVER if deadline is None else deadline  # a cache; the meaning is unchanged
-    return deadline is not None and deadline <= at
+    """Is any rule due at ``at``? (If not, settling would find nothing to do.) ``timed``
+    first compares ``at`` with ``m.due``, which answers most decisions."""
+    return m.runtime is not None and _refresh(m, at) <= at
 
 
 # --- effects and answers ---------------------------------------------------------------------

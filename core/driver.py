@@ -83,10 +83,22 @@ class Driver:
         the store may have lost the events and a re-read shows it did: nothing was stored either
         way, and the caller may retry.
         """
-        [outcome] = self._handle((command,))
-        if isinstance(outcome, DomainError):
-            raise outcome
-        return outcome
+        # One command is the common case (every message a host receives): the same steps as
+        # ``handle_all``, without its per-command bookkeeping.
+        for attempt in range(self.max_conflict_retries + 1):
+            if attempt:
+                command = _restamped(command, self.state.now)
+            events = decide(self.state, command)
+            if events:
+                try:
+                    landed = self._store(events, self.state, events, attempt)
+                except _DecideAgain:
+                    continue
+                if landed is not None:
+                    events = landed
+            state = self.state
+            return effects_of(events, state) + answer(command, events, state)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def handle_all(self, commands: Sequence[object]) -> list[tuple[object, ...] | DomainError]:
         """Decide ``commands`` in order and store all their events in one append.
@@ -125,28 +137,13 @@ class Driver:
                 decided.append(pending)
             if events:
                 try:
-                    self.version = self.store.append(self.stream, events, self.version)
-                except ConcurrencyConflict:
-                    # Another writer went first: decide again on what it wrote.
-                    self.conflicts += 1
-                    self.catch_up()
-                    if attempt == self.max_conflict_retries:
-                        raise
+                    landed = self._store(events, state, pending, attempt)
+                except _DecideAgain:
                     continue
-                except AppendOutcomeUnknown:
-                    # Re-read: the events either landed (fold them from the log) or did not
-                    # (decide again next time). Effects follow from what is in the log, never
-                    # from a guess.
-                    self.recoveries += 1
-                    landed = tuple(self.catch_up())
-                    if not landed:
-                        raise
-                    if len(commands) == 1 and not isinstance(decided[0], DomainError):
-                        decided = [landed]
-                else:
-                    self.state = fold(state, pending)
-                    for listener in self.listeners:
-                        listener(events)
+                if landed is not None and len(commands) == 1 and (
+                    not isinstance(decided[0], DomainError)
+                ):
+                    decided = [landed]
             return [
                 d if isinstance(d, DomainError)
                 else effects_of(d, self.state) + answer(c, d, self.state)
@@ -154,9 +151,42 @@ class Driver:
             ]
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _store(self, events: Sequence[object], state: RuntimeState, tail: tuple[object, ...],
+               attempt: int) -> tuple[object, ...] | None:
+        """Append ``events`` (decided on ``state`` plus ``tail``) and fold them.
+
+        Returns None when they were stored as decided, and the events read back when the
+        store could not say and a re-read shows they landed. Raises ``_DecideAgain`` when
+        another writer went first (this driver caught up with it).
+        """
+        try:
+            self.version = self.store.append(self.stream, events, self.version)
+        except ConcurrencyConflict:
+            self.conflicts += 1
+            self.catch_up()
+            if attempt == self.max_conflict_retries:
+                raise
+            raise _DecideAgain from None
+        except AppendOutcomeUnknown:
+            # Re-read: the events either landed (fold them from the log) or did not (decide
+            # again next time). Effects follow from what is in the log, never from a guess.
+            self.recoveries += 1
+            landed = tuple(self.catch_up())
+            if not landed:
+                raise
+            return landed
+        self.state = fold(state, tail)
+        for listener in self.listeners:
+            listener(events)
+        return None
+
     def deadline(self) -> float | None:
         """When the core next needs a ``Tick``."""
         return next_deadline(self.state)
+
+
+class _DecideAgain(Exception):
+    """Another writer appended first: decide again on the newer state."""
 
 
 def _restamped(command: object, now: float) -> object:

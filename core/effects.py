@@ -27,6 +27,7 @@ from three places, and nowhere else:
 from __future__ import annotations
 
 import enum
+import functools
 
 import attrs
 
@@ -68,8 +69,9 @@ EVERY_NODE = Recipient(Role.EVERY_NODE)
 FACTORY = Recipient(Role.FACTORY)
 
 
+@functools.lru_cache(maxsize=256)
 def to_node(name: str) -> Recipient:
-    """The recipient ``name`` (one node)."""
+    """The recipient ``name`` (one node). Cached: every effect's ``to`` is one of a few."""
     return Recipient(Role.NODE, name)
 
 
@@ -88,7 +90,7 @@ class AnnounceDispatcher:
     @property
     def to(self) -> Recipient:
         """Every node, or the one it answers."""
-        return EVERY_NODE if self.to_node is None else Recipient(Role.NODE, self.to_node)
+        return EVERY_NODE if self.to_node is None else to_node(self.to_node)
 
 
 @attrs.frozen
@@ -102,7 +104,7 @@ class StartSession:
     @property
     def to(self) -> Recipient:
         """The node."""
-        return Recipient(Role.NODE, self.node)
+        return to_node(self.node)
 
 
 @attrs.frozen
@@ -115,7 +117,7 @@ class Disconnect:
     @property
     def to(self) -> Recipient:
         """The node."""
-        return Recipient(Role.NODE, self.node)
+        return to_node(self.node)
 
 
 @attrs.frozen
@@ -132,7 +134,7 @@ class DeliverJob:
     @property
     def to(self) -> Recipient:
         """The node the job was leased to."""
-        return Recipient(Role.NODE, self.token.node)
+        return to_node(self.token.node)
 
 
 @attrs.frozen
@@ -145,7 +147,7 @@ class StopJob:
     @property
     def to(self) -> Recipient:
         """The node that held the lease."""
-        return Recipient(Role.NODE, self.token.node)
+        return to_node(self.token.node)
 
 
 @attrs.frozen
@@ -159,7 +161,7 @@ class DispatchWanted:
     @property
     def to(self) -> Recipient:
         """The dispatcher."""
-        return Recipient(Role.NODE, self.node)
+        return to_node(self.node)
 
 
 @attrs.frozen

@@ -336,7 +336,7 @@ class JobBook:
 
 def _job_submitted(m: Any, e: JobSubmitted) -> None:
     b: JobBook = m.jobs
-    req = requirement_of(e.needs, e.carried)
+    req = requirement_of(e.needs, e.carried) if e.needs else ()
     b.jobs[e.job_id] = Job(e.job_id, e.idempotency_key, req, e.carried, e.size_mb, e.at, b.next_seq,
                            spec=e.spec)
     b.next_seq += 1
@@ -346,7 +346,8 @@ def _job_submitted(m: Any, e: JobSubmitted) -> None:
         q = b.queues[req] = deque()
     q.append(e.job_id)
     b.submitted += 1
-    b.prune_recent(e.at)
+    if e.at - b.pruned_at >= b.window_s / 16:  # prune_recent's own test, without the call
+        b.prune_recent(e.at)
 
 
 def _job_leased(m: Any, e: JobLeased) -> None:
@@ -362,8 +363,7 @@ def _job_leased(m: Any, e: JobLeased) -> None:
         del b.queues[job.requirement]
     job.deliveries = e.token.delivery
     b._lease(e.token, e.expires_at)
-    if m.due is not None and e.expires_at < m.due:
-        m.due = e.expires_at
+    m.jobs_moved(e.expires_at)
 
 
 def _lease_renewed(m: Any, e: LeaseRenewed) -> None:
@@ -371,8 +371,7 @@ def _lease_renewed(m: Any, e: LeaseRenewed) -> None:
     lease = b.leases[e.token.job_id]
     lease.expires_at = e.expires_at
     heapq.heappush(b.expiry_heap, (e.expires_at, e.token.job_id, e.token.delivery))
-    if m.due is not None and e.expires_at < m.due:
-        m.due = e.expires_at
+    m.jobs_moved(e.expires_at)
 
 
 def _job_completed(m: Any, e: JobCompleted) -> None:
@@ -382,7 +381,8 @@ def _job_completed(m: Any, e: JobCompleted) -> None:
     b.recent[e.idempotency_key] = (e.token, e.at)
     b.recent_jobs[e.token.job_id] = e.token
     b.completed += 1
-    b.prune_recent(e.at)
+    if e.at - b.pruned_at >= b.window_s / 16:
+        b.prune_recent(e.at)
 
 
 def _job_released(m: Any, e: JobReleased) -> None:

@@ -22,6 +22,7 @@ imports no concern, so no concern imports another's private names to share these
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -133,6 +134,16 @@ class Node:
             self.cert_sha256, self.last_update, self.live_since,
         )
 
+    def facts(self) -> tuple[Any, ...]:
+        """Every field, as a tuple: equal tuples, the same node record (a test checks that no
+        field is left out)."""
+        return (
+            self.name, self.seq, self.machine_id, self.cores, self.memory_mb, self.registered_at,
+            self.metrics, self.last_seen_at, self.session, self.status, self.reasons,
+            self.offline_since, self.upgrading_to, self.warned_version, self.intranet_address,
+            self.cert_sha256, self.last_update, self.live_since,
+        )
+
 
 class Model:
     """The mutable body behind :class:`RuntimeState`: the concerns' handlers and rules only.
@@ -142,13 +153,31 @@ class Model:
     """
 
     __slots__ = (
-        "credentials", "dispatcher", "due", "evolve", "gen", "jobs", "keys", "next_seq",
-        "node_due", "nodes", "now", "pending", "proxies", "removed", "runtime", "sharing", "syncs",
-        "term",
+        "credentials", "dirty", "dispatcher", "due", "evolve", "gen", "job_rules", "jobs", "keys",
+        "marks", "next_seq", "nodes", "now", "pending", "proxies", "removed", "rule_due", "rules",
+        "runtime", "sharing", "status_memo", "syncs", "term", "wild",
     )
 
-    def __init__(self, evolve: Mapping[type, Callable[[Model, Any], None]]) -> None:
+    def __init__(self, evolve: Mapping[type, Callable[[Model, Any], None]],
+                 rules: tuple[TimedRule, ...] = ()) -> None:
         self.evolve = evolve
+        # The timed rules (``shir.core.decide.RULES`` when the state was made) and what settling
+        # them needs to skip the ones with nothing to do: derived, never persisted (a restored
+        # or copied model starts with every rule dirty and recomputes).
+        self.rules = rules
+        self.marks, self.wild = _marks(rules)
+        self.job_rules = tuple(i for i, r in enumerate(rules) if r.moved_by_jobs)
+        # A lower bound of each rule's next due time (NEVER: none), valid while its bit in
+        # ``dirty`` is clear. A lifecycle event sets the bits of the rules that read it
+        # (``TimedRule.reads``); a job event only lowers the bounds of ``moved_by_jobs`` rules.
+        self.rule_due = [NEVER] * len(rules)
+        self.dirty = (1 << len(rules)) - 1
+        # The earliest of ``rule_due``, or None when a rule is dirty: most decisions compare
+        # one float and settle nothing.
+        self.due: float | None = None
+        # Status derivation, per node: (its facts, the runtime-wide facts, until when the
+        # derivation holds) when it last found no change (``lifecycle.derive_statuses``).
+        self.status_memo: dict[str, tuple[tuple[Any, ...], tuple[Any, ...], float]] = {}
         self.gen = 0
         self.runtime: RuntimeInfo | None = None
         self.keys: dict[KeyName, KeyVerifier] = {}
@@ -162,12 +191,6 @@ class Model:
         # Job events are never applied to a scratch model (the job book is shared, and copying
         # a long queue per decision would make assignment cost grow with the queue).
         self.pending: set[str] = set()
-        # Cached earliest due time of the timed rules that job events cannot move (statuses,
-        # versions, expiry, syncs); None: recompute. Job traffic never pays for it.
-        self.node_due: float | None = None
-        # A lower bound of the next deadline of any kind; None: recompute. Lease events only
-        # lower it (job handlers), lifecycle events clear it: most decisions compare one float.
-        self.due: float | None = None
         # Credentials (shir.core.credentials): the latest version of each, and the outstanding
         # syncs by (credential, node). Copy-on-write: handlers rebind them, never change them in
         # place, so scratch models can share them.
@@ -194,7 +217,19 @@ class Model:
         m.keys = dict(self.keys)
         m.nodes = {name: n.clone() for name, n in self.nodes.items()}
         m.pending = set()
+        m.rule_due = list(self.rule_due)
+        m.status_memo = dict(self.status_memo)
         return m
+
+    def jobs_moved(self, at: float) -> None:
+        """A job event may make the ``moved_by_jobs`` rules due at ``at`` (a lease's expiry):
+        lower their bounds (called by the job handlers, ``shir.core.jobs``)."""
+        if self.due is not None and at < self.due:
+            self.due = at
+        dues = self.rule_due
+        for i in self.job_rules:
+            if at < dues[i]:
+                dues[i] = at
 
 
 class RuntimeState:
@@ -331,18 +366,19 @@ def apply(m: Model, events: Iterable[object]) -> None:
     """Apply events to a model in place (``decide`` uses it on scratch models)."""
     table = m.evolve
     now = m.now
-    lifecycle = False
+    dirty = m.dirty
     for e in events:
         t = type(e)
         table[t](m, e)
         if t not in _JOB_EVENTS:
-            lifecycle = True
+            dirty |= m.marks.get(t, m.wild)
         at = e.at  # type: ignore[attr-defined]
         if at > now:
             now = at
     m.now = now
-    if lifecycle:
-        m.node_due = m.due = None
+    if dirty != m.dirty:
+        m.dirty = dirty
+        m.due = None
 
 
 # --- helpers the concerns' decisions share --------------------------------------------------
@@ -430,12 +466,30 @@ Rule = Callable[[Model, float], tuple[Events, "float | None"]]
 @attrs.frozen
 class TimedRule:
     """One timed rule of a concern: ``due(model, at)`` returns the events due at ``at`` and the
-    rule's next due time (None: none). ``moved_by_jobs``: job events can move that time (its
-    due time is then not cached across job traffic)."""
+    rule's next due time (None: none): it must find nothing before that time while the facts
+    it reads stay the same.
+
+    ``reads``: the (non-job) event types whose facts it reads; None: any. A decision settles
+    the rule only when one of them was applied since it last found nothing, or its due time
+    has come. ``moved_by_jobs``: job events can make it due (a new lease's expiry).
+    """
 
     name: str
     due: Rule
     moved_by_jobs: bool = False
+    reads: frozenset[type] | None = None
+
+
+@functools.lru_cache(maxsize=8)
+def _marks(rules: tuple[TimedRule, ...]) -> tuple[dict[type, int], int]:
+    """Which rules each event type dirties (a bit per rule), and the bits of the rules that
+    read every event (``reads=None``)."""
+    wild = sum(1 << i for i, r in enumerate(rules) if r.reads is None)
+    marks: dict[type, int] = {}
+    for i, r in enumerate(rules):
+        for t in r.reads or ():
+            marks[t] = marks.get(t, wild) | 1 << i
+    return marks, wild
 
 
 class Decider(Protocol):

@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 
+from shir.core import events as ev
 from shir.core.effects import AnnounceDispatcher, DeliverJob, PublishJobResult, StopJob
 from shir.core.errors import Fenced, InvalidCommand, StaleTerm
 from shir.core.jobs import (
@@ -210,10 +211,13 @@ def concurrency_limit(state: RuntimeState, node: str) -> int:
 # --- decisions ---------------------------------------------------------------------------------
 
 def _submit(m: Model, c: SubmitJob, k: Decider) -> Events:
-    runtime_of(m)
-    for what, v in (("job_id", c.job_id), ("idempotency_key", c.idempotency_key)):
-        if not isinstance(v, str) or not v or len(v) > 256:
-            raise InvalidCommand(f"{what} must be 1-256 characters, got {v!r:.60}")
+    rt = runtime_of(m)
+    job_id, key = c.job_id, c.idempotency_key
+    if not (type(job_id) is str and 0 < len(job_id) <= 256
+            and type(key) is str and 0 < len(key) <= 256):
+        for what, v in (("job_id", job_id), ("idempotency_key", key)):
+            if not isinstance(v, str) or not v or len(v) > 256:
+                raise InvalidCommand(f"{what} must be 1-256 characters, got {v!r:.60}")
     if not (isinstance(c.size_mb, (int, float)) and c.size_mb >= 0):
         raise InvalidCommand(f"size_mb must be >= 0, got {c.size_mb!r}")
     if not isinstance(c.spec, bytes) or len(c.spec) > MAX_SPEC_BYTES:
@@ -229,7 +233,7 @@ def _submit(m: Model, c: SubmitJob, k: Decider) -> Events:
     done = b.recent.get(c.idempotency_key)
     if c.idempotency_key in b.active_keys or (
         # ``recent`` is pruned only when job events are folded: judge the window by ``c.at``
-        done is not None and c.at - done[1] < runtime_of(m).settings.duplicate_window_s
+        done is not None and c.at - done[1] < rt.settings.duplicate_window_s
     ):
         return []  # a duplicate: the key is queued, running or recently done
     if c.job_id in b.jobs:
@@ -374,7 +378,8 @@ def _renew(m: Model, c: RenewLease, k: Decider) -> Events:
     runtime_of(m)
     _live_lease(m, c.token, "renew")
     s, out = k.timed(m, c.at, jobs_only=True)
-    _live_lease(s, c.token, "renew")  # settling may have ended it
+    if out:
+        _live_lease(s, c.token, "renew")  # settling may have ended it
     expires = c.at + runtime_of(s).settings.lock_duration_s
     emit(s, out, LeaseRenewed(c.token, expires, c.at))
     return out
@@ -402,7 +407,8 @@ def _complete(m: Model, c: CompleteJob, k: Decider) -> Events:
         return []  # completed with this very token: satisfied, no second effect
     _live_lease(m, c.token, "complete")
     s, out = k.timed(m, c.at, jobs_only=True)
-    _live_lease(s, c.token, "complete")
+    if out:
+        _live_lease(s, c.token, "complete")  # settling may have ended it
     emit(s, out, JobCompleted(c.token, b.jobs[c.token.job_id].idempotency_key, c.at))
     return out
 
@@ -528,5 +534,9 @@ def end_leases(s: Model, at: float) -> tuple[Events, float | None]:
     return out, b.next_expiry()
 
 
-RULES: tuple[TimedRule, ...] = (TimedRule("leases", end_leases, moved_by_jobs=True),)
+# Besides its leases (job events), it reads which nodes are Offline or gone.
+_READS = frozenset({ev.RuntimeCreated, ev.NodeStatusChanged, ev.NodeRemoved, ev.NodeLeft})
+RULES: tuple[TimedRule, ...] = (
+    TimedRule("leases", end_leases, moved_by_jobs=True, reads=_READS),
+)
 EVOLVE = JOB_EVOLVE  # the job events' handlers live with the job book (shir.core.jobs)

@@ -48,6 +48,7 @@ from shir.core.jobs import ConcurrencyLimitSet, ReleaseReason
 from shir.core.kernel import (
     DAY_S,
     MAX_REMEMBERED_REMOVALS,
+    NEVER,
     Decider,
     Events,
     Handler,
@@ -548,24 +549,40 @@ def expire_offline_nodes(s: Model, at: float) -> tuple[Events, float | None]:
 
 
 def derive_statuses(s: Model, at: float) -> tuple[Events, float | None]:
-    """Re-derive every node's status from its facts (``rules.STATUS_RULES``)."""
+    """Re-derive the status of each node whose facts changed (``rules.STATUS_RULES``).
+
+    A node's derivation depends on its own record, the runtime-wide facts (``rules.Context``
+    without the time) and the time only through its next due time; while none of these has
+    changed since it last found the node's status right, it is not derived again
+    (``Model.status_memo``, a cache a test compares with deriving every node).
+    """
     rt = s.runtime
     if rt is None or not s.nodes:
         return [], None
     settings = rt.settings
     c = context(s, at)
+    facts = c.facts()
+    memo = s.status_memo
+    if len(memo) > len(s.nodes):  # bounded by the nodes there are: forget removed ones
+        s.status_memo = memo = {k: v for k, v in memo.items() if k in s.nodes}
     out: Events = []
-    nxt: float | None = None
+    nxt = NEVER
     for n in s.nodes.values():
+        own = n.facts()
+        seen = memo.get(n.name)
+        if seen is not None and at < seen[2] and seen[1] == facts and seen[0] == own:
+            nxt = min(nxt, seen[2])
+            continue
         status, reasons = derive_status(n, c)
-        if status is not n.status or reasons != n.reasons:
+        changed = status is not n.status or reasons != n.reasons
+        if changed:
             if status is not n.status and not is_allowed(n.status, status):
                 raise AssertionError(f"unlisted transition {n.status} -> {status}")
             out.append(ev.NodeStatusChanged(n.name, status, reasons, at))
-        due: float | None = None
+        due = NEVER
         if n.upgrading_to is None:
-            seen = n.registered_at if n.last_seen_at is None else n.last_seen_at
-            silent_at = first_at(seen, settings.offline_after_s)
+            last = n.registered_at if n.last_seen_at is None else n.last_seen_at
+            silent_at = first_at(last, settings.offline_after_s)
             if n.status not in DOWN or silent_at > at:
                 due = silent_at
             released = n.metrics.version_released_at
@@ -574,10 +591,11 @@ def derive_statuses(s: Model, at: float) -> tuple[Events, float | None]:
             if released is not None:
                 expires = released + settings.version_lifetime_days * DAY_S
                 if expires > at:
-                    due = expires if due is None else min(due, expires)
-        if due is not None:
-            nxt = due if nxt is None else min(nxt, due)
-    return out, nxt
+                    due = min(due, expires)
+        if not changed:
+            memo[n.name] = (own, facts, due)
+        nxt = min(nxt, due)
+    return out, None if nxt == NEVER else nxt
 
 
 def warn_expiring_versions(s: Model, at: float) -> tuple[Events, float | None]:
@@ -619,7 +637,9 @@ def choose_the_dispatcher(s: Model, at: float) -> tuple[Events, float | None]:
 
 
 RULES: tuple[TimedRule, ...] = (
-    TimedRule("offline auto-expiry", expire_offline_nodes),
+    TimedRule("offline auto-expiry", expire_offline_nodes, reads=frozenset({
+        ev.RuntimeCreated, ev.NodeRegistered, ev.NodeRemoved, ev.NodeLeft, ev.NodeStatusChanged,
+    })),
     TimedRule("node statuses", derive_statuses),
     TimedRule("version-expiry warnings", warn_expiring_versions),
     TimedRule("dispatcher", choose_the_dispatcher),

@@ -65,6 +65,15 @@ class Context:
     # (credential id, latest version) of every saved credential, by id (shir.core.credentials)
     latest_credentials: tuple[tuple[str, int], ...] = ()
 
+    def facts(self) -> tuple[object, ...]:
+        """Everything but the time, as a tuple: status derivations made with equal facts agree
+        (until a node's own due time)."""
+        return (
+            self.offline_after_s, self.version_lifetime_s, self.majority_version,
+            self.majority_config, self.live_nodes, tuple(self.live_since.items()),
+            self.latest_credentials,
+        )
+
 
 Check = Callable[[Node, Context], "str | None"]
 

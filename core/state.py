@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shir.core.decide import EVOLVE
+from shir.core.decide import EVOLVE, current_rules
 from shir.core.kernel import (
     FIRST_HEARTBEAT_PENDING,
     Model,
@@ -36,7 +36,7 @@ __all__ = [
 
 def initial() -> RuntimeState:
     """The state before any event: no runtime, no nodes, term 0."""
-    return RuntimeState(Model(EVOLVE))
+    return RuntimeState(Model(EVOLVE, current_rules()))
 
 
 def fold(state: RuntimeState, events: Iterable[object]) -> RuntimeState:

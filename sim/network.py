@@ -44,6 +44,9 @@ class Network:
         spec = self.w.scenario.network
         rng = self.rng
         delay = spec.latency_s + rng.random() * spec.jitter_s
+        if not self.message_faults:
+            self.w.later(delay, deliver)
+            return
         copies = 1
         for f in self.message_faults:
             if f.node is not None and f.node not in (src, dst):

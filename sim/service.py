@@ -108,27 +108,29 @@ class ServiceHost:
         """Send ``effect`` to the recipient it names (the factory side's are for the workload,
         which learns outcomes from the log itself)."""
         to: fx.Recipient = effect.to  # type: ignore[attr-defined]
-        if to.role is fx.Role.NODE:
-            names: Sequence[str] = (to.node,)  # type: ignore[assignment]
-        elif to.role is fx.Role.EVERY_NODE:
-            names = self.w.node_names
+        role = to.role
+        if role is fx.Role.NODE:
+            self._send_to(to.node, effect)  # type: ignore[arg-type]
+        elif role is fx.Role.EVERY_NODE:
+            for name in self.w.node_names:
+                self._send_to(name, effect)
         else:
             self.w.surface.to_factory(effect)  # linked factories hear theirs (shir.sim.surface)
+
+    def _send_to(self, name: str, effect: object) -> None:
+        node = self.w.nodes.get(name)
+        if node is None:
             return
+        # Transport batching, not a decision: the same message to the same node again within
+        # the coalescing window is sent once (a burst of DispatchWanted, mostly).
         now = self.w.env.now
+        key = (name, type(effect))
         sent = self._last_sent
-        for name in names:
-            node = self.w.nodes.get(name)
-            if node is None:
-                continue
-            # Transport batching, not a decision: the same message to the same node again within
-            # the coalescing window is sent once (a burst of DispatchWanted, mostly).
-            key = (name, type(effect))
-            last = sent.get(key)
-            if last is not None and last[0] == effect and now - last[1] < NUDGE_COALESCE_S:
-                continue
-            sent[key] = (effect, now)
-            self.w.net.send(SERVICE, name, CONTROL, partial(node.receive, effect))
+        last = sent.get(key)
+        if last is not None and now - last[1] < NUDGE_COALESCE_S and last[0] == effect:
+            return
+        sent[key] = (effect, now)
+        self.w.net.send(SERVICE, name, CONTROL, partial(node.receive, effect))
 
     def send(self, src: str, dst: str, channel: str, make: Callable[..., Any]) -> None:
         """Send a message; towards the service ``make(at)`` builds the command on arrival."""

@@ -193,10 +193,8 @@ class World:
 
     # -- scheduling helpers (callbacks, not processes)
     def later(self, delay: float, fn: Callable[[], object]) -> None:
-        def fire(_event: object) -> None:
-            fn()
-
-        self.env.timeout(max(0.0, delay)).callbacks.append(fire)
+        # The timeout carries ``fn`` as its value: no closure per message.
+        self.env.timeout(delay if delay > 0.0 else 0.0, fn).callbacks.append(_call_value)
 
     def at(self, when: float, fn: Callable[[], object]) -> None:
         self.later(when - self.env.now, fn)
@@ -382,6 +380,10 @@ class World:
             join_refused={n: why for n, why in self.join_refused.items()
                           if self.driver.state.node(n) is None},
         )
+
+
+def _call_value(event: Any) -> None:
+    event.value()
 
 
 def run(scenario: Scenario, seed: int | None = None, until_s: float | None = None) -> RunResult:

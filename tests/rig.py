@@ -15,6 +15,7 @@ reports. The example-based tests and the Hypothesis state machines drive the cor
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any, Self
@@ -46,6 +47,7 @@ from shir.core import (
     StartUpgrade,
     SubmitJob,
     Tick,
+    decide,
     handle,
     initial,
     next_deadline,
@@ -76,6 +78,19 @@ def terms(events: Iterable[object]) -> list[tuple[int, str | None]]:
     return [(e.term, e.node) for e in events if isinstance(e, DispatcherChanged)]
 
 
+def recomputed(state: RuntimeState) -> RuntimeState:
+    """A copy of ``state`` without the core's derived caches: every timed rule dirty, and made
+    dirty again by any lifecycle event (whatever it reads), no node status derived yet."""
+    copy = state.copy()
+    m = copy.model()
+    m.dirty = m.wild = (1 << len(m.rules)) - 1
+    m.marks = {}
+    m.due = None
+    m.rule_due = [math.inf] * len(m.rules)
+    m.status_memo = {}
+    return copy
+
+
 class Rig:
     """One runtime, driven the way a host drives the core. Every field is plain and public."""
 
@@ -86,6 +101,7 @@ class Rig:
         runtime_id: str = "rt-1",
         seed: int = 0,
         at: float = 0.0,
+        check_caches: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.runtime_id = runtime_id
@@ -99,6 +115,7 @@ class Rig:
         self.machines: dict[str, str] = {}
         self.isolated: set[str] = set()  # nodes that report no reachable peer
         self.now = at
+        self.check_caches = check_caches
         self.create = CreateRuntime(
             runtime_id, "factory-1", "shir-test", self.keys[KeyName.KEY1],
             self.keys[KeyName.KEY2], at, "a test runtime", self.settings,
@@ -126,8 +143,27 @@ class Rig:
         )
 
     def handle(self, command: Any) -> tuple[object, ...]:
-        """Run one command; keep the new state, log and effects; return its events."""
-        d = handle(self.state, command)
+        """Run one command; keep the new state, log and effects; return its events.
+
+        With ``check_caches`` set, the core's derived caches (which rules may be due, node
+        statuses already derived) must change nothing: the command decided on a copy whose
+        caches are dropped gives the same events (or the same refusal), and so does
+        ``next_deadline`` afterwards.
+        """
+        if self.check_caches:
+            try:
+                expected: object = decide(recomputed(self.state), command)
+            except DomainError as err:
+                expected = type(err)
+        try:
+            d = handle(self.state, command)
+        except DomainError as err:
+            if self.check_caches:
+                assert expected is type(err), f"{command!r}: {err!r}; from scratch {expected}"
+            raise
+        if self.check_caches:
+            assert d.events == expected, f"{command!r}: cached {d.events}, from scratch {expected}"
+            assert next_deadline(d.state) == next_deadline(recomputed(d.state))
         self.state = d.state
         self.log.extend(d.events)
         self.effects.extend(d.effects)

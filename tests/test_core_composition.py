@@ -13,6 +13,7 @@ import ast
 import importlib
 from pathlib import Path
 
+import attrs
 import pytest
 from rig import Rig
 
@@ -177,3 +178,40 @@ def test_a_change_decide_would_emit_that_is_not_listed_is_caught(
     with pytest.raises(AssertionError,
                        match=r"unlisted transition NodeStatus\.ONLINE -> NodeStatus\.OFFLINE"):
         c.run(60.0, skip=["n2"])  # n2 falls silent: Online -> Offline, no longer listed
+
+
+# --- incremental settling ---------------------------------------------------------------------
+
+def test_the_status_memo_sees_every_fact_a_derivation_reads() -> None:
+    # ``lifecycle.derive_statuses`` skips a node whose facts and runtime-wide facts are equal to
+    # those of its last derivation: a field left out of either would let a stale status stand.
+    c = Rig.online(2, at=1.0)
+    m = c.state.model()
+    node = m.nodes["n1"]
+    assert node.facts() == attrs.astuple(node, recurse=False)
+    ctx = rules.context(m, m.now)
+    everything_but_now = attrs.astuple(ctx, recurse=False)[1:]
+    assert attrs.fields(rules.Context)[0].name == "now"
+    assert ctx.facts() == tuple(
+        tuple(v.items()) if isinstance(v, dict) else v for v in everything_but_now
+    )
+
+
+def test_a_rule_is_marked_for_settling_only_by_the_events_it_reads() -> None:
+    c = Rig.online(2, at=1.0)
+    names = [r.name for r in c.state.model().rules]
+    bit = {name: 1 << i for i, name in enumerate(names)}
+    composed.next_deadline(c.state)
+    assert c.state.model().dirty == 0  # every rule found nothing since the last change
+    c.submit_n(2)
+    assert {e.token.node for e in c.dispatch()} == {"n1", "n2"}
+    m = c.state.model()
+    assert m.dirty == 0  # job events only lower the lease rule's due time, to the new lease's
+    assert m.rule_due[names.index("leases")] == m.jobs.next_expiry()
+    c.heartbeat_all(5.0)  # a heartbeat changes a node's facts, not which nodes are Offline
+    m = c.state.model()
+    assert m.dirty & bit["node statuses"]
+    assert not m.dirty & (bit["leases"] | bit["offline auto-expiry"])
+    events = c.run(40.0, skip=["n2"])  # n2 falls silent: the lease rule must look again
+    lost = [e for e in events if type(e).__name__ == "JobReleased"]
+    assert [(e.token.node, e.reason.value) for e in lost] == [("n2", "node_lost")]

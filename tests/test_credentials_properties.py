@@ -70,7 +70,7 @@ steps = st.lists(step, min_size=8, max_size=40)
 
 class Run:
     def __init__(self) -> None:
-        self.c = CredCluster.online(3, cooperative=True)
+        self.c = CredCluster.online(3, cooperative=True, check_caches=True)
         self.jobs = 0
 
     def registered(self, node: str) -> bool:

@@ -101,7 +101,7 @@ class World:
     ``rig.Rig`` keeps the state, log, effects and sessions; this adds what nodes know and do."""
 
     def __init__(self) -> None:
-        self.rig = Rig(SETTINGS, runtime_id="rt-p", seed=11)
+        self.rig = Rig(SETTINGS, runtime_id="rt-p", seed=11, check_caches=True)
         self.awake = dict.fromkeys(NODES, True)
         self.creds = dict.fromkeys(NODES, 2)  # the version of DB each node holds
         self.held: dict[str, list[LeaseToken]] = {n: [] for n in NODES}  # what each node runs

@@ -97,6 +97,7 @@ class Lifecycle(RuleBasedStateMachine):
                 offline_expiry_s=expiry, version_warning_days=warning_days, max_nodes=max_nodes
             ),
             seed=seed,
+            check_caches=True,
         )
         self.asleep: set[str] = set()
         self.old_keys: list[str] = []
