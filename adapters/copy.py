@@ -125,12 +125,12 @@ def copy_query(
 
     fallback = contextlib.ExitStack()  # the pyodbc source the auto engine falls back to
     try:
-        stream = source.read(query, batch_rows=batch_rows)
+        stream = _read(source, query, batch_rows)
     except UnsupportedType:  # the Arrow engine's NotArrowFaithful, before any row
         if not getattr(source, "fallback", False):
             raise
         source = fallback.enter_context(source.pyodbc_source())
-        stream = source.read(query, batch_rows=batch_rows)
+        stream = _read(source, query, batch_rows)
     try:
         with_encoder = getattr(stream, "encoder", None)  # the Arrow engine's own encoders
         encoder = (with_encoder(fmt, csv_options) if with_encoder is not None
@@ -223,6 +223,18 @@ def part_size(first_bytes: int, part: int) -> int:
     :data:`PARTS_PER_SIZE` parts, at most :data:`MAX_PART_SIZE_BYTES` (or ``first_bytes`` if
     larger). A function of the part number only, so a retried job cuts the same parts."""
     return max(first_bytes, min(first_bytes << (part // PARTS_PER_SIZE), MAX_PART_SIZE_BYTES))
+
+
+def _read(source: Any, query: str, batch_rows: int) -> Any:
+    """The source's stream of ``query``; a pyodbc source's ``timestamptz`` columns as instants
+    (the arrow engine does that in its own ``read``)."""
+    from shir.adapters.odbc import OdbcSource
+
+    if isinstance(source, OdbcSource):
+        from shir.adapters.copy_zones import read_instants
+
+        return read_instants(source, query, batch_rows)
+    return source.read(query, batch_rows=batch_rows)
 
 
 def _flush(writer: SinkWriter, pending: bytearray, parts: int, md5: Any) -> int:

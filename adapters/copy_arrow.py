@@ -17,8 +17,10 @@ format's encoder from the result's Arrow schema, before any row.
 Faithful types (checked before the first row; anything else is :class:`NotArrowFaithful`,
 and the ``auto`` engine then runs the query on the pyodbc engine instead):
 
-* integers, text, binary, date, timestamp (psqlODBC hands ``timestamptz`` over as the session's
-  local time, as with pyodbc), time, boolean: as arrow-odbc maps them;
+* integers, text, binary, date, timestamp, time, boolean: as arrow-odbc maps them; on
+  PostgreSQL the connection's ``TimeZone`` is UTC and a ``timestamptz`` column is written as
+  ``timestamp[us, tz=UTC]`` (:mod:`shir.adapters.copy_zones` asks the server which, on a
+  pyodbc connection), with ``+00:00`` in CSV;
 * numeric: fetched as the driver's text (exact, whatever the declared precision), cast to
   ``decimal128(p, s)`` for Parquet (a value with more digits than declared is an error);
 * floating point: psqlODBC describes ``double precision`` as ``SQL_FLOAT(17)``, which arrow-odbc
@@ -65,6 +67,7 @@ from shir.adapters.copy_formats import (
     UnsupportedType,
 )
 from shir.adapters.copy_parquet import ParquetEncoder, system_allocator_first
+from shir.adapters.copy_zones import utc_connection_string, zoned_arrow_schema
 from shir.adapters.odbc import (
     ConnectFailed,
     QueryFailed,
@@ -158,6 +161,7 @@ class ArrowOdbcSource:
             # (mimalloc/jemalloc keep freed pages: 30-40 MB more peak RSS on the benchmark's copy)
             pa.set_memory_pool(pa.system_memory_pool())
         _fix_mmap_threshold()
+        connection_string = utc_connection_string(connection_string)  # timestamptz as UTC
         pairs = parse_connection_string(connection_string)
         scrub = _scrubber(pairs)
         self.target = _describe_target(pairs)
@@ -196,6 +200,7 @@ class ArrowOdbcSource:
         _, pa, _ = _modules()
         reader, described = self._reader(query, batch_rows)
         _check_faithful(described, pa)
+        described = zoned_arrow_schema(described, self.pyodbc_source, query)
         return ArrowStream(reader, described, self._scrub, self.target, batch_rows)
 
     def cancel(self) -> None:
@@ -326,9 +331,9 @@ class ArrowCsvEncoder(CsvEncoder):
         self._specials = (options.delimiter, options.quote, "\r", "\n")
         self._encode = codecs.getincrementalencoder(options.encoding)().encode
         self._utf8 = codecs.lookup(options.encoding).name == "utf-8"
-        texts = (options.quote, "", options.null, options.delimiter, "\r\n")
-        self._quote, self._empty_text, self._null, self._delimiter, self._crlf = _strings(
-            self._pa, [t.encode() for t in texts])  # scalars, see _strings
+        texts = (options.quote, "", options.null, options.delimiter, "\r\n", "+00:00")
+        (self._quote, self._empty_text, self._null, self._delimiter, self._crlf,
+         self._utc) = _strings(self._pa, [t.encode() for t in texts])  # scalars, see _strings
 
     def _column_text(self, column: Any) -> Any:
         pa, pc = self._pa, self._pc
@@ -351,8 +356,10 @@ class ArrowCsvEncoder(CsvEncoder):
         needs_quote = "[" + "".join("\\" + c if c in "\\]^-" else c
                                     for c in (o.delimiter, o.quote)) + "\r\n]"
         texts = []
-        for column in rows.columns:
+        for column, field in zip(rows.columns, self._schema, strict=True):
             text = self._column_text(column)
+            if getattr(field.type, "tz", None):  # an instant, in UTC: its offset after it
+                text = pc.binary_join_element_wise(text, self._empty_text, self._utc)
             mask = pc.or_(pc.or_(pc.match_substring_regex(text, needs_quote),
                                  pc.equal(text, self._empty_text)), pc.equal(text, self._null))
             if pc.any(mask).as_py():

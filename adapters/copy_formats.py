@@ -67,6 +67,7 @@ __all__ = [
     "UnsupportedType",
     "decoder_for",
     "make_encoder",
+    "naive_utc",
     "read_records",
 ]
 
@@ -190,6 +191,9 @@ _JSON_FORMS: dict[type, _Form] = {
     bytes: _Form((*_B64, _JSON_QUOTE), _NULL_BYTES, unique=False),
     str: _Form((json.encoder.encode_basestring,), _NULL_TEXT, unique=False),
 }
+# A timestamp column of instants (Column.time_zone "UTC": naive values in UTC) gets its offset.
+_CSV_ZONED = _Form((str, "%s+00:00".__mod__))
+_JSON_ZONED = _Form((dt.datetime.isoformat, '"%s+00:00"'.__mod__), dt.datetime.min, unique=False)
 # The characters each kind's CSV text can hold (None: anything): a column whose alphabet misses
 # the delimiter and the quote never needs quoting, so it is never scanned.
 _ALPHABET: dict[type, str | None] = {
@@ -198,6 +202,17 @@ _ALPHABET: dict[type, str | None] = {
     dt.datetime: "-+:. 0123456789", dt.date: "-0123456789", dt.time: "-+:.0123456789",
     bytes: "+/=0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", str: None,
 }
+
+
+def _zoned(column: Any, kind: type) -> bool:
+    """Whether ``column`` holds instants (see ``Column.time_zone``), which get their offset."""
+    zone = getattr(column, "time_zone", None)
+    if zone is None or kind is not dt.datetime:
+        return False
+    if zone != "UTC":
+        raise UnsupportedType(f"column {column.name!r}: timestamps in zone {zone!r}; the copy "
+                              "writes instants in UTC only")
+    return True
 
 
 class Encoder:
@@ -236,7 +251,7 @@ class CsvEncoder(Encoder):
         specials = {options.delimiter, options.quote, "\r", "\n"}
         for c in columns:
             kind = _kind(c.name, c.python_type, "csv")
-            self._forms.append(_CSV_FORMS.get(kind))
+            self._forms.append(_CSV_ZONED if _zoned(c, kind) else _CSV_FORMS.get(kind))
             alphabet = _ALPHABET[kind]
             self._scan.append(alphabet is None or any(ch in alphabet for ch in specials))
         self._specials = tuple(specials)
@@ -301,7 +316,8 @@ class JsonLinesEncoder(Encoder):
     def __init__(self, columns: Sequence[Any]) -> None:
         self.names = tuple(c.name for c in columns)
         self._kinds = [_kind(c.name, c.python_type, "jsonl") for c in columns]
-        self._forms = [_JSON_FORMS[k] for k in self._kinds]
+        self._forms = [_JSON_ZONED if _zoned(c, k) else _JSON_FORMS[k]
+                       for c, k in zip(columns, self._kinds, strict=True)]
         fields = ",".join(json.dumps(n, ensure_ascii=False).replace("%", "%%") + ":%s"
                           for n in self.names)
         self._template = "{" + fields + "}"
@@ -346,8 +362,16 @@ def _parse_bool(v: str | bool) -> bool:
     raise ValueError(f"not a boolean: {v!r}")
 
 
+def naive_utc(value: Any) -> Any:
+    """A ``datetime`` with an offset as UTC wall time without ``tzinfo`` (what pyodbc binds: it
+    drops ``tzinfo``; the load's PostgreSQL session is in UTC); anything else unchanged."""
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
 def _parse_datetime(v: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(v)
+    return naive_utc(dt.datetime.fromisoformat(v))  # type: ignore[no-any-return]
 
 
 _DECODERS: dict[type, Callable[[Any], Any]] = {

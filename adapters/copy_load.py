@@ -6,10 +6,23 @@ Theory of operation
 unknown table fails here, before any row is read), converts each field to the type of its
 column (see :func:`shir.adapters.copy_formats.decoder_for`), and inserts the rows in batches of
 parameterised ``INSERT`` statements (pyodbc ``fast_executemany`` where the driver takes it,
-plain ``executemany`` otherwise), all inside **one transaction**. The same transaction writes
-the job id into a marker table (``shir_load_marker``, created if missing), whose primary key
-is the job id: a retried load finds its marker and does nothing, and two racing loads of one
-job cannot both commit. A failure anywhere rolls everything back: no partial load is visible.
+plain ``executemany`` otherwise), by default all inside **one transaction**. The same
+transaction writes the job's row into a marker table (``shir_load_marker``, created if
+missing), whose primary key is the job id: a retried load finds its marker and does nothing,
+and two racing loads of one job cannot both commit. A failure anywhere rolls everything back:
+no partial load is visible.
+
+**Several transactions** (``transaction_rows``, for files too large to load in one): every
+``transaction_rows`` rows are committed together with the marker row's ``row_count`` (how many
+records of the file are in) and ``loaded_at`` NULL (not done); the last transaction sets
+``loaded_at``. A retry (after a failure, a cancel, or the process killed) reads the marker,
+skips that many records of the file and goes on, so no row is missing and none is doubled. The
+marker only moves from the count the attempt read (``UPDATE ... WHERE row_count = ?``): a
+second attempt running at the same time fails instead. What this gives up: readers see the
+rows committed so far while the load runs, and after a failure until a retry completes.
+
+Cancel: the job's event is looked at after every batch; the transaction in progress is rolled
+back (:class:`LoadCancelled`).
 """
 
 from __future__ import annotations
@@ -17,35 +30,59 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
+import itertools
+import math
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
 import pyodbc
 
-from shir.adapters.copy_formats import CsvOptions, FormatError, decoder_for, read_records
+from shir.adapters.copy_formats import (
+    CsvOptions,
+    FormatError,
+    decoder_for,
+    naive_utc,
+    read_records,
+)
+from shir.adapters.copy_zones import use_utc
 from shir.adapters.odbc import OdbcError, OdbcSource, QueryFailed
 from shir.core.errors import ShirError
 
-__all__ = ["MARKER_TABLE", "ChunkReader", "LoadError", "LoadResult", "load_file"]
+__all__ = [
+    "MARKER_TABLE",
+    "ChunkReader",
+    "LoadCancelled",
+    "LoadError",
+    "LoadResult",
+    "is_loaded",
+    "load_file",
+]
 
 MARKER_TABLE = "shir_load_marker"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 
 
 class LoadError(ShirError):
-    """The load could not run; nothing was committed."""
+    """The load could not run; its transaction in progress was rolled back."""
+
+
+class LoadCancelled(LoadError):
+    """The load was cancelled (the job's cancel event) between two batches."""
 
 
 @attrs.frozen
 class LoadResult:
-    """Rows inserted (0 and ``skipped`` when this job id had been loaded before)."""
+    """Rows inserted (0 and ``skipped`` when this job id had been loaded before);
+    ``resumed_from``: rows an earlier attempt had committed, which this one skipped."""
 
     rows: int
     skipped: bool = False
+    resumed_from: int = 0
 
 
 class ChunkReader(io.RawIOBase):
@@ -78,6 +115,18 @@ def _ensure_marker(source: OdbcSource) -> None:
         )
 
 
+def is_loaded(source: OdbcSource, job_id: str) -> bool:
+    """Whether the load of ``job_id`` into ``source``'s database has finished (its marker row
+    says so); False too when no load ever ran there (no marker table)."""
+    try:
+        with source.read(f"SELECT loaded_at FROM {MARKER_TABLE} WHERE job_id = ?",
+                         (job_id,)) as rows:
+            found = [r for batch in rows for r in batch]
+    except QueryFailed:
+        return False
+    return bool(found) and found[0][0] is not None
+
+
 def load_file(
     source: OdbcSource,
     table: str,
@@ -87,12 +136,24 @@ def load_file(
     *,
     csv_options: CsvOptions | None = None,
     batch_rows: int = 5_000,
+    transaction_rows: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> LoadResult:
     """Insert the rows of ``binary`` (``fmt`` csv, jsonl or parquet) into ``table`` once per job
-    id. A Parquet stream that cannot seek (a Blob download) is spooled to a temporary file."""
+    id. A Parquet stream that cannot seek (a Blob download) is spooled to a temporary file.
+
+    ``transaction_rows`` None (the default): one transaction, all or nothing. A number: a commit
+    every that many rows, each with the job's marker row saying how many rows are in; a retry
+    skips that many records of the file and goes on (the file must be the same). ``cancel`` is
+    looked at between batches: the transaction in progress is rolled back and
+    :class:`LoadCancelled` raised.
+    """
     if not _IDENTIFIER.fullmatch(table):
         raise LoadError(f"table {table!r}: expected a name like orders or sales.orders")
+    if transaction_rows is not None and transaction_rows < 1:
+        raise LoadError(f"transaction_rows must be at least 1, got {transaction_rows}")
     _ensure_marker(source)
+    use_utc(source)  # timestamptz values are bound as UTC wall time
     conn = source._connection  # the load needs one transaction across statements
     cursor = conn.cursor()
     committed = False
@@ -104,8 +165,8 @@ def load_file(
                 f"{source.target}: table {table} does not exist or cannot be read"
             ) from None
         columns = [(d[0], d[1]) for d in cursor.description]
-        cursor.execute(f"SELECT 1 FROM {MARKER_TABLE} WHERE job_id = ?", job_id)
-        if cursor.fetchone() is not None:
+        marker = _Marker(cursor, job_id, table)
+        if marker.done:
             return LoadResult(0, skipped=True)
         typed = fmt == "parquet"  # Parquet values come typed; text formats are parsed
         names: tuple[str, ...] | None
@@ -124,14 +185,32 @@ def load_file(
             targets = [by_name[n.lower()] for n in names]
         else:
             targets = columns
-        decoders = [_as_is if typed else decoder_for(t) for _, t in targets]
+        decoders = [_binding(t, typed) for _, t in targets]
         sql = (f"INSERT INTO {table} ({', '.join(n for n, _ in targets)}) VALUES "
                f"({', '.join('?' for _ in targets)})")
-        fast = _fast_executemany_ok(source)
-        cursor.fast_executemany = fast
-        rows = 0
+        resumed = marker.rows
+        if resumed and sum(1 for _ in itertools.islice(records, resumed)) < resumed:
+            raise LoadError(f"the file has fewer records than the {resumed} an earlier attempt "
+                            f"of job {job_id!r} loaded: it changed since; nothing more was "
+                            "loaded")
+        per_txn = transaction_rows or math.inf
+        cursor.fast_executemany = _fast_executemany_ok(source)
+        sizes = [_INPUT_SIZES.get(t) for _, t in targets]
+        in_txn = 0
         batch: list[Sequence[Any]] = []
-        for n, record in enumerate(records, start=1):
+
+        def flush() -> None:
+            nonlocal in_txn
+            cursor.setinputsizes(sizes)
+            _insert(cursor, sql, batch, source, table)
+            in_txn += len(batch)
+            batch.clear()
+            if cancel is not None and cancel.is_set():
+                raise LoadCancelled(f"the load into {table} was cancelled; its transaction in "
+                                    f"progress was rolled back ({marker.rows} rows of earlier "
+                                    "transactions stay committed for a retry)")
+
+        for n, record in enumerate(records, start=resumed + 1):
             if len(record) != len(decoders):
                 raise LoadError(f"record {n}: {len(record)} fields, the table takes "
                                 f"{len(decoders)}")
@@ -140,26 +219,24 @@ def load_file(
                               zip(decoders, record, strict=True)])
             except (ValueError, TypeError, ArithmeticError) as exc:
                 raise LoadError(f"record {n}: a field does not fit its column ({exc})") from None
-            if len(batch) >= batch_rows:
-                _insert(cursor, sql, batch, source, table)
-                rows += len(batch)
-                batch.clear()
+            if len(batch) >= min(batch_rows, per_txn - in_txn):
+                flush()
+            if in_txn >= per_txn:  # a full transaction: commit it with the marker
+                marker.advance(in_txn, done=False)
+                conn.commit()
+                in_txn = 0
         if batch:
-            _insert(cursor, sql, batch, source, table)
-            rows += len(batch)
-        cursor.execute(
-            f"INSERT INTO {MARKER_TABLE} (job_id, table_name, row_count, loaded_at) "
-            "VALUES (?, ?, ?, ?)", job_id, table, rows, dt.datetime.now(dt.UTC).isoformat(),
-        )
+            flush()
+        marker.advance(in_txn, done=True)
         conn.commit()
         committed = True
-        return LoadResult(rows)
+        return LoadResult(marker.rows - resumed, resumed_from=resumed)
     except pyodbc.Error as exc:
         state = exc.args[0] if exc.args else "?"
-        raise LoadError(f"{source.target}: loading into {table} failed [{state}]; nothing "
-                        "was committed") from None
+        raise LoadError(f"{source.target}: loading into {table} failed [{state}]; the "
+                        "transaction in progress was rolled back") from None
     except FormatError as exc:
-        raise LoadError(f"{exc}; nothing was committed") from None
+        raise LoadError(f"{exc}; the transaction in progress was rolled back") from None
     finally:
         if not committed:
             with contextlib.suppress(pyodbc.Error):
@@ -168,8 +245,66 @@ def load_file(
             cursor.close()
 
 
+class _Marker:
+    """The job's row in the marker table: how many rows are in, and whether the load is done
+    (``loaded_at`` set). Advanced in the transaction of the rows it counts, and only from the
+    count this attempt read: a second attempt running at once fails instead of double-counting.
+    """
+
+    def __init__(self, cursor: Any, job_id: str, table: str) -> None:
+        self._cursor, self.job_id, self.table = cursor, job_id, table
+        cursor.execute(f"SELECT row_count, loaded_at FROM {MARKER_TABLE} WHERE job_id = ?",
+                       job_id)
+        row = cursor.fetchone()
+        self._exists = row is not None
+        self.rows = int(row[0] or 0) if row is not None else 0
+        self.done = row is not None and row[1] is not None
+
+    def advance(self, rows: int, *, done: bool) -> None:
+        cursor = self._cursor
+        cursor.setinputsizes(None)  # the rows' parameter sizes are not the marker's
+        total = self.rows + rows
+        loaded_at = dt.datetime.now(dt.UTC).isoformat() if done else None
+        if not self._exists:  # the primary key: a racing attempt's insert fails
+            cursor.execute(f"INSERT INTO {MARKER_TABLE} (job_id, table_name, row_count, "
+                           "loaded_at) VALUES (?, ?, ?, ?)", self.job_id, self.table, total,
+                           loaded_at)
+        else:
+            cursor.execute(f"UPDATE {MARKER_TABLE} SET row_count = ?, loaded_at = ? WHERE "
+                           "job_id = ? AND row_count = ? AND loaded_at IS NULL", total,
+                           loaded_at, self.job_id, self.rows)
+            if cursor.rowcount != 1:
+                raise LoadError(f"another attempt of job {self.job_id!r} loaded rows into "
+                                f"{self.table} meanwhile; this one rolled back: retry it")
+        self._exists = True
+        self.rows = total
+        self.done = done
+
+
 def _as_is(value: Any) -> Any:
     return value
+
+
+# Bound with their fraction of a second: with fast_executemany, pyodbc sizes a timestamp
+# parameter from the driver's description (psqlODBC: no fraction) and drops the microseconds;
+# a time is bound as text, as ODBC's time struct has no fraction at all.
+_INPUT_SIZES = {dt.datetime: (pyodbc.SQL_TYPE_TIMESTAMP, 26, 6),
+                dt.time: (pyodbc.SQL_WVARCHAR, 32, 0)}
+
+
+def _time_text(value: Any) -> str:
+    return (value if isinstance(value, dt.time) else dt.time.fromisoformat(value)).isoformat()
+
+
+def _binding(python_type: type, typed: bool) -> Callable[[Any], Any]:
+    """How a field read from the file is bound for a column of ``python_type``: parsed from
+    text (CSV, JSON lines) or as read (Parquet); a timestamp with a zone as UTC wall time (the
+    session is in UTC), a time as its ISO text."""
+    if python_type is dt.time:
+        return _time_text
+    if typed:
+        return naive_utc if issubclass(python_type, dt.datetime) else _as_is
+    return decoder_for(python_type)
 
 
 def _seekable(binary: io.RawIOBase | io.BufferedIOBase) -> Any:
@@ -205,7 +340,7 @@ def _insert(cursor: Any, sql: str, batch: list[Sequence[Any]], source: OdbcSourc
         state = exc.args[0] if exc.args else "?"
         message = str(exc.args[1] if len(exc.args) > 1 else exc)[:300]
         raise LoadError(f"{source.target}: inserting into {table} failed [{state}]: "
-                        f"{message}; nothing was committed") from None
+                        f"{message}; the transaction in progress was rolled back") from None
 
 
 _ = OdbcError

@@ -17,9 +17,9 @@ own (``pyarrow._parquet``): ``pyarrow.parquet`` would import ``pyarrow.fs`` too 
 Types, faithfully: integer -> int64; numeric -> decimal128(precision, scale) (decimal256 above
 38 digits; the driver's precision and scale, so a value with more digits than its column
 declares is a :class:`~shir.adapters.copy_formats.FormatError`); float -> float64; text ->
-string; bytes -> binary; boolean -> bool; timestamp -> timestamp[us] (no zone: psqlODBC hands
-``timestamptz`` over as the session's local time); date -> date32; time -> time64[us]; uuid ->
-string. NULL is Parquet's null.
+string; bytes -> binary; boolean -> bool; timestamp -> timestamp[us], and a column of instants
+(``Column.time_zone``, PostgreSQL ``timestamptz``: :mod:`shir.adapters.copy_zones`) ->
+timestamp[us, tz=UTC]; date -> date32; time -> time64[us]; uuid -> string. NULL is Parquet's null.
 
 Reading (:func:`read_parquet_records`) needs a seekable file (the footer is at the end): the
 load spools a Blob download into a temporary file first.
@@ -82,6 +82,8 @@ def arrow_type(column: Any) -> Any:
                 "cast it in the query (e.g. CAST(x AS NUMERIC(18,4))). Nothing was written."
             )
         return (pa.decimal128 if precision <= 38 else pa.decimal256)(precision, scale)
+    if kind is dt.datetime and getattr(column, "time_zone", None):
+        return pa.timestamp("us", tz=column.time_zone)  # naive values are read as UTC
     return {
         bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string(),
         bytes: pa.binary(), dt.datetime: pa.timestamp("us"), dt.date: pa.date32(),

@@ -30,20 +30,35 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import ipaddress
+import logging
 import os
+import re
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import attrs
 
 from shir.core.errors import ShirError
 
 if TYPE_CHECKING:
     from shir.adapters.proxy import ClientProxy
 
-__all__ = ["BlobSink", "FolderSink", "SinkError", "SinkWriter", "open_blob_service"]
+__all__ = [
+    "BlobSink",
+    "BlobUrl",
+    "FolderSink",
+    "SinkError",
+    "SinkWriter",
+    "check_permissions",
+    "open_blob_service",
+    "scrub_sas",
+]
 
 
 class SinkError(ShirError):
@@ -146,25 +161,199 @@ def open_blob_service(connection_string: str, proxy: ClientProxy | None = None) 
                         "(expected AccountName=...;AccountKey=...; content not shown)") from None
 
 
+@attrs.frozen(repr=False)
+class BlobUrl:
+    """A Blob or container URL split into what the SDK takes: ``account_url`` (with the account
+    in the path for Azurite's ``http://127.0.0.1:PORT/ACCOUNT``), ``container``, ``blob`` ("" for
+    a container URL) and the SAS token (``None`` without one). Its repr shows no token."""
+
+    account_url: str
+    container: str
+    blob: str
+    sas: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> BlobUrl:
+        """Split ``https://ACCOUNT.blob.core.windows.net/CONTAINER[/BLOB][?SAS]`` (or the
+        path-style form on an IP address or localhost); raises :class:`SinkError`."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.scheme not in ("http", "https") or not host:
+            raise SinkError("Blob URL: expected https://ACCOUNT.blob.core.windows.net/CONTAINER/"
+                            "BLOB?SAS (content not shown)")
+        path = parts.path.lstrip("/")
+        base = f"{parts.scheme}://{parts.netloc}"
+        if host == "localhost" or _is_ip(host):  # Azurite, path-style: the account comes first
+            account, _, path = path.partition("/")
+            base += "/" + account
+        container, _, blob = path.partition("/")
+        if not container:
+            raise SinkError(f"Blob URL {base}: it names no container")
+        return cls(base, unquote(container), unquote(blob), parts.query or None)
+
+    def permissions(self) -> str | None:
+        """The SAS token's ``sp`` (None: no token, or a token that does not say)."""
+        return dict(parse_qsl(self.sas or "")).get("sp")
+
+    def __repr__(self) -> str:
+        token = "***" if self.sas else None
+        return f"BlobUrl({self.account_url}/{self.container}/{self.blob}, sas={token})"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+_SAS_SIG = re.compile(r"(?i)(sig(?:=|%3D))[^&\s'\"<>]+")
+_NEEDS = {"r": "read", "w": "write", "d": "delete"}
+
+
+def scrub_sas(text: str) -> str:
+    """``text`` with every SAS signature (``sig=...``) replaced by ``***``."""
+    return _SAS_SIG.sub(r"\1***", text)
+
+
+class _ScrubSasFilter(logging.Filter):
+    """Rewrites a log record without SAS signatures (urllib3 logs each request's full URL at
+    DEBUG; the SDK redacts its own, this is the guard for any other)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "sig=" in text.lower() or "sig%3d" in text.lower():
+            record.msg, record.args = scrub_sas(text), None
+        return True
+
+
+_SCRUB_FILTER = _ScrubSasFilter()
+# Loggers that write request URLs; a filter applies to the records of its own logger only.
+_URL_LOGGERS = ("urllib3.connectionpool", "azure.core.pipeline.policies.http_logging_policy")
+
+
+def _guard_logs() -> None:
+    for name in _URL_LOGGERS:
+        logger = logging.getLogger(name)
+        if _SCRUB_FILTER not in logger.filters:
+            logger.addFilter(_SCRUB_FILTER)
+
+
+def check_permissions(url: BlobUrl, needed: str, what: str) -> None:
+    """Refuse, before any request, a SAS token whose ``sp`` lacks a permission in ``needed``."""
+    granted = url.permissions()
+    if granted is None:
+        return
+    missing = [_NEEDS[p] for p in needed if p not in granted]
+    if missing:
+        raise SinkError(
+            f"{what}: the SAS token does not grant {' or '.join(missing)} permission (it grants "
+            f"sp={granted}; this needs {' and '.join(_NEEDS[p] for p in needed)}: sp={needed}); "
+            "nothing was written")
+
+
 class BlobSink:
     """A block blob ``container/blob``; ``max_parallel`` parts upload at a time. ``metadata``
-    is recorded on the blob at the commit, beside the job id and the row count. ``via`` names
-    the proxy ``service`` goes through (``ClientProxy.describe()``), for errors."""
+    is recorded on the blob at the commit, beside the job id and the row count. Built from a
+    service client, or from a Blob URL with a SAS token (:meth:`from_url`). ``via`` names the
+    proxy the client goes through (``ClientProxy.describe()``), for errors."""
 
     def __init__(self, service: Any, container: str, blob: str, *, max_parallel: int = 4,
                  create_container: bool = True, metadata: Mapping[str, str] | None = None,
                  via: str = "") -> None:
-        self.service, self.container, self.blob = service, container, blob
+        self._init(service.get_container_client(container), blob, max_parallel=max_parallel,
+                   create_container=create_container, metadata=metadata, via=via)
+
+    def _init(self, containers: Any, blob: str, *, max_parallel: int = 4,
+              create_container: bool = True, metadata: Mapping[str, str] | None = None,
+              via: str = "") -> None:
+        self._containers = containers
+        self.account_name: str = containers.account_name
+        self.container: str = containers.container_name
+        self.blob = blob
         self.max_parallel = max_parallel
         self.create_container = create_container
         self.metadata = dict(metadata or {})
         self.via = via
 
+    @classmethod
+    def from_url(cls, url: str | BlobUrl, *, permissions: str = "rw", max_parallel: int = 4,
+                 metadata: Mapping[str, str] | None = None, proxy: ClientProxy | None = None,
+                 **client_options: Any) -> BlobSink:
+        """The blob a URL names, with the URL's SAS token as its credential (never shown: not
+        in :meth:`describe`, the repr or an error). ``permissions`` the SAS must grant (a sink
+        needs ``rw``: it reads what an earlier attempt left; a load needs ``r``) is checked
+        before any request. The container must exist (a SAS cannot create it).
+        ``proxy``: the node's, as for :func:`open_blob_service`. ``client_options`` go to the
+        SDK's client (``retry_total``, ``connection_timeout``...)."""
+        from azure.storage.blob import ContainerClient
+
+        parsed = url if isinstance(url, BlobUrl) else BlobUrl.parse(url)
+        _guard_logs()
+        options = {**(proxy.blob_options() if proxy is not None else {}), **client_options}
+        containers = ContainerClient(parsed.account_url, parsed.container, credential=parsed.sas,
+                                     **options)
+        sink = cls.__new__(cls)
+        sink._init(containers, parsed.blob, max_parallel=max_parallel, create_container=False,
+                   metadata=metadata, via=proxy.describe() if proxy is not None else "")
+        if not parsed.blob:
+            raise SinkError(f"{sink.describe()}: the URL names a container, not a blob")
+        check_permissions(parsed, permissions, sink.describe())
+        return sink
+
     def describe(self) -> str:
-        return f"Blob sink {self.service.account_name}/{self.container}/{self.blob}"
+        return f"Blob sink {self.account_name}/{self.container}/{self.blob}"
+
+    def _refused(self, doing: str, exc: Exception) -> SinkError:
+        return SinkError(f"{self.describe()}: {doing}: {_reason(exc, self.via)}")
+
+    def __repr__(self) -> str:
+        return f"<{self.describe()}>"
 
     def client(self) -> Any:
-        return self.service.get_blob_client(self.container, self.blob)
+        return self._containers.get_blob_client(self.blob)
+
+    def committed_by(self, job_id: str) -> int | None:
+        """The row count of the blob when job ``job_id`` committed it, else None."""
+        from azure.core.exceptions import AzureError
+
+        try:
+            return self._committed_by(self.client(), job_id)
+        except AzureError as exc:
+            raise self._refused("the service refused", exc) from None
+
+    @staticmethod
+    def _committed_by(client: Any, job_id: str) -> int | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            metadata = client.get_blob_properties().metadata
+        except ResourceNotFoundError:
+            return None
+        if metadata.get("shir_job_id") != job_id:
+            return None
+        return int(metadata.get("shir_rows") or 0)
+
+    def delete(self) -> None:
+        """Delete the blob (one that does not exist is fine); a refusal is a SinkError."""
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        try:
+            self.client().delete_blob()
+        except ResourceNotFoundError:
+            pass
+        except AzureError as exc:
+            raise self._refused("cannot delete it", exc) from None
+
+    def download(self) -> Iterator[bytes]:
+        """The blob's bytes in chunks (a load's input); a refusal is a :class:`SinkError`."""
+        from azure.core.exceptions import AzureError
+
+        try:
+            return self.client().download_blob().chunks()  # type: ignore[no-any-return]
+        except AzureError as exc:
+            raise self._refused("cannot read it", exc) from None
 
     def open(self, job_id: str) -> SinkWriter:
         from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
@@ -173,25 +362,36 @@ class BlobSink:
         try:
             if self.create_container:
                 with contextlib.suppress(ResourceExistsError):
-                    self.service.get_container_client(self.container).create_container()
-            try:
-                props = client.get_blob_properties()
-                if props.metadata.get("shir_job_id") == job_id:
-                    return _DoneWriter()
-            except ResourceNotFoundError:
-                pass
+                    self._containers.create_container()
+            if self._committed_by(client, job_id):
+                return _DoneWriter()
             try:
                 _, uncommitted = client.get_block_list("uncommitted")
                 staged = {b.id for b in uncommitted}
             except ResourceNotFoundError:
                 staged = set()
         except AzureError as exc:
-            raise SinkError(f"{self.describe()}: the service refused: "
-                            f"{_reason(exc, self.via)}") from None
+            raise self._refused("the service refused", exc) from None
         return _BlobWriter(self, client, _job_tag(job_id), job_id, staged)
 
 
+# What a refusal means for a copy, by the service's error code.
+_HINTS = {
+    "AuthorizationPermissionMismatch": "the SAS token does not grant the permission this needs "
+                                       "(a sink needs read and write, a load read)",
+    "AuthorizationFailure": "the SAS token was refused: expired, not yet valid, or for "
+                            "another blob or container",
+    "AuthenticationFailed": "the SAS token or key was refused: expired, not yet valid, or "
+                            "signed for another resource",
+    "AuthorizationResourceTypeMismatch": "the SAS token is not valid for this kind of resource",
+    "BlobNotFound": "the blob does not exist",
+    "ContainerNotFound": "the container does not exist (a SAS cannot create it)",
+}
+
+
 def _reason(exc: Exception, via: str = "") -> str:
+    """The service's refusal in one line, without any SAS signature or proxy credentials;
+    ``via``: the proxy the client goes through (its refusals are named)."""
     from azure.core.exceptions import ServiceRequestError
 
     from shir.adapters.proxy import proxy_refused, redact_userinfo
@@ -204,9 +404,13 @@ def _reason(exc: Exception, via: str = "") -> str:
     status = getattr(exc, "status_code", None)
     text = redact_userinfo(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
     if via and isinstance(exc, ServiceRequestError):
-        return (f"could not connect through the {via} ({text[:200]}): check its address and "
-                "port (shir node proxy) and that it is running")
-    return f"{code or type(exc).__name__} (HTTP {status}): {text[:200]}" if status else text[:200]
+        return scrub_sas(f"could not connect through the {via} ({text[:200]}): check its "
+                         "address and port (shir node proxy) and that it is running")
+    hint = _HINTS.get(str(code))
+    if hint:
+        text = f"{hint} ({text[:160]})"
+    return scrub_sas(f"{code or type(exc).__name__} (HTTP {status}): {text[:300]}" if status
+                     else text[:200])
 
 
 class _DoneWriter(SinkWriter):

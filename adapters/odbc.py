@@ -353,6 +353,9 @@ class Column:
     ``bytearray`` and the values are ``bytes``). ``size`` is the
     driver's column size (characters for text, digits of precision for exact numbers),
     ``scale`` the digits after the point; ``nullable`` is None when the driver does not know.
+    ``time_zone``: for a timestamp column whose values are instants, the zone they are in
+    (``"UTC"``, set by the copy for PostgreSQL ``timestamptz``: :mod:`shir.adapters.copy_zones`);
+    None for wall-clock timestamps and whenever it is not known (the driver does not say).
     """
 
     name: str
@@ -360,6 +363,7 @@ class Column:
     size: int | None
     scale: int | None
     nullable: bool | None
+    time_zone: str | None = None
 
 
 @attrs.frozen

@@ -25,16 +25,45 @@ from shir.adapters.odbc import Column, OdbcSource, sqlite_connection_string
 pytestmark = pytest.mark.services
 
 TYPES = ("id int PRIMARY KEY, s text, n numeric(18,4), ts timestamp, tz timestamptz, b bytea, "
-         "d date, f double precision, ok boolean, big bigint, v varchar(20)")
+         "d date, f double precision, ok boolean, big bigint, v varchar(20), t time")
 ROWS = """
 (1, 'a,"b"' || chr(10) || 'c;|', 12345678901234.5678, '2024-01-02 03:04:05.123456',
- '2024-01-02 03:04:05+02', '\\x00ff10', '2024-02-29', 1.5, true, 9007199254740993, 'é€'),
+ '2024-01-02 03:04:05+02', '\\x00ff10', '2024-02-29', 1.5, true, 9007199254740993, 'é€',
+ '03:04:05.123456'),
 (2, '', 0.0001, '1970-01-01 00:00:00', '1999-12-31 23:59:59.999999+00', '', '0001-01-01',
- -0.0, false, -1, ''),
-(3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
-(4, 'NULL', -99999999999999.9999, '2038-01-19 03:14:08', '2024-06-01 12:00:00-07',
- '\\x0a0d22', '9999-12-31', 1e300, true, 0, ' x ')
+ -0.0, false, -1, '', '00:00:00'),
+(3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+(4, 'NULL', -99999999999999.9999, '2038-01-19 03:14:08', '2024-06-01 12:00:00.5-07',
+ '\\x0a0d22', '9999-12-31', 1e300, true, 0, ' x ', '23:59:59.999999')
 """
+# The instants of column tz as the copy writes them (in UTC, with their offset).
+TZ_UTC = ("2024-01-02 01:04:05", "1999-12-31 23:59:59.999999", "2024-06-01 19:00:00.500000")
+
+
+def in_zone(connection_string: str, zone: str) -> str:
+    """``connection_string`` whose session starts in ``zone`` (psqlODBC's ConnSettings): a copy
+    that wrote a timestamptz as local time would shift it when loaded in another zone."""
+    return f"{connection_string};ConnSettings={{SET TimeZone='{zone}'}}"
+
+
+def assert_instants_written_in_utc(data: bytes, fmt: str) -> None:
+    """The tz column of ROWS in the file: each value in UTC with its offset."""
+    if fmt == "parquet":
+        import io
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        assert str(table.schema.field("tz").type) == "timestamp[us, tz=UTC]"
+        assert str(table.schema.field("ts").type) == "timestamp[us]"  # wall clock: no zone
+        assert [v and v.isoformat(" ") for v in table.column("tz").to_pylist()] == [
+            TZ_UTC[0] + "+00:00", TZ_UTC[1] + "+00:00", None, TZ_UTC[2] + "+00:00"]
+        return
+    text = data.decode()
+    for value in TZ_UTC:
+        written = (value.replace(" ", "T") if fmt == "jsonl" else value) + "+00:00"
+        assert written in text, (written, text)
+    assert "+02" not in text and "-07" not in text and "+05:30" not in text
 
 
 @pytest.fixture
@@ -65,7 +94,8 @@ def test_round_trip_postgresql_blob_postgresql_is_value_identical(
     c, table = pg
     service = open_blob_service(azurite_connection_string)
     sink = BlobSink(service, "copy-tests", f"{table}.{fmt}")
-    with OdbcSource(pg_odbc) as src:
+    # read in one zone, loaded in another: timestamptz must travel as an instant
+    with OdbcSource(in_zone(pg_odbc, "Asia/Kolkata")) as src:
         result = copy_query(src, f"SELECT * FROM {table} ORDER BY id", sink, fmt, f"j-{table}")
         assert result.rows == 4
         props = sink.client().get_blob_properties()
@@ -73,11 +103,51 @@ def test_round_trip_postgresql_blob_postgresql_is_value_identical(
         assert bytes(props.content_settings.content_md5).hex() == result.md5_hex
         again = copy_query(src, f"SELECT * FROM {table} ORDER BY id", sink, fmt, f"j-{table}")
         assert again.skipped  # same job id: nothing rewritten
+    assert_instants_written_in_utc(sink.client().download_blob().readall(), fmt)
+    with OdbcSource(in_zone(pg_odbc, "America/Los_Angeles")) as dst:
         for _ in range(2):  # the second, a retried load, must add nothing
             stream = ChunkReader(sink.client().download_blob().chunks())
-            load_file(src, f"{table}_back", stream, fmt, f"load-{table}")
+            load_file(dst, f"{table}_back", stream, fmt, f"load-{table}")
     assert c.execute(f"SELECT count(*) FROM {table}_back").fetchone()[0] == 4
     assert _differences(c, table, f"{table}_back") == 0
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_timestamps_and_times_keep_their_fractions_on_the_fast_insert_path(
+    pg, pg_odbc: str, tmp_path: Path, fmt: str
+) -> None:
+    # no empty bytea here, so psqlODBC takes fast_executemany for every batch (which sized
+    # timestamp parameters without a fraction and dropped the microseconds)
+    c, table = pg
+    c.execute(f"CREATE TABLE {table}_z AS SELECT id, ts, tz, t FROM {table} WHERE false")
+    try:
+        out = tmp_path / f"z.{fmt}"
+        query = f"SELECT id, ts, tz, t FROM {table} ORDER BY id"
+        with OdbcSource(in_zone(pg_odbc, "Pacific/Chatham")) as src:
+            copy_query(src, query, FolderSink(out), fmt, "z")
+        with OdbcSource(in_zone(pg_odbc, "Asia/Kolkata")) as dst, out.open("rb") as f:
+            assert load_file(dst, f"{table}_z", f, fmt, f"z-{table}-{fmt}").rows == 4
+        assert c.execute(
+            f"SELECT count(*) FROM (({query}) EXCEPT ALL (SELECT * FROM {table}_z)) x"
+        ).fetchone()[0] == 0
+    finally:
+        c.execute(f"DROP TABLE {table}_z")
+
+
+def test_a_file_with_offsets_loads_the_instants_it_names(pg, pg_odbc: str, tmp_path: Path
+                                                         ) -> None:
+    c, table = pg
+    given = tmp_path / "given.csv"
+    given.write_text("id,ts,tz\r\n1,2024-01-02 03:04:05.25,2024-01-02 03:04:05.5+02:00\r\n"
+                     "2,2024-01-02 03:04:05+02:00,2024-01-02 03:04:05\r\n")
+    with OdbcSource(in_zone(pg_odbc, "America/Los_Angeles")) as dst, given.open("rb") as f:
+        load_file(dst, f"{table}_back", f, "csv", f"given-{table}")
+    c.execute("SET TimeZone = 'UTC'")
+    got = c.execute(f"SELECT id, ts::text, tz::text FROM {table}_back ORDER BY id").fetchall()
+    # an offset is converted to UTC; a value without one into timestamptz is read as UTC
+    assert [tuple(r) for r in got] == [
+        (1, "2024-01-02 03:04:05.25", "2024-01-02 01:04:05.5+00"),
+        (2, "2024-01-02 01:04:05", "2024-01-02 03:04:05+00")]
 
 
 def test_csv_options_and_folder_round_trip(pg, pg_odbc: str, tmp_path: Path) -> None:
@@ -227,3 +297,15 @@ def test_progress_is_reported_and_a_cancel_commits_nothing(pg_odbc: str, tmp_pat
                           "c", progress=seen.append)
     assert done.rows == 30_000 and seen[-1].rows == 30_000 and seen[-1].rows_per_s > 0
     assert out.read_bytes().count(b"\r\n") >= 30_001
+
+
+def test_timestamptz_columns_are_found_whatever_the_query_looks_like(pg_odbc: str) -> None:
+    from shir.adapters.copy_zones import instant_columns
+
+    with OdbcSource(pg_odbc) as src:
+        assert instant_columns(src, "SELECT now() AS a, 1 AS a -- same names, a comment") == {0}
+        assert instant_columns(
+            src, "WITH x AS (SELECT now()::timestamp AS t, now() AS z) SELECT * FROM x "
+                 "ORDER BY 1;  ") == {1}
+        assert instant_columns(src, "SELECT 1 AS n") == frozenset()
+        assert instant_columns(src, "SELECT 1; SELECT now()") is None  # cannot be wrapped

@@ -13,7 +13,12 @@ import pytest
 pytest.importorskip("pyodbc")
 pytest.importorskip("arrow_odbc")
 
-from test_copy import _differences, pg  # noqa: F401 - the fixture
+from test_copy import (  # noqa: F401 - pg: the fixture
+    _differences,
+    assert_instants_written_in_utc,
+    in_zone,
+    pg,
+)
 
 from shir.adapters.copy import CopyCancelled, copy_query
 from shir.adapters.copy_arrow import ArrowOdbcSource, NotArrowFaithful, open_source
@@ -32,11 +37,13 @@ def test_arrow_round_trip_postgresql_blob_postgresql_is_value_identical(
     c, table = pg
     sink = BlobSink(open_blob_service(azurite_connection_string), "copy-tests",
                     f"{table}.arrow.{fmt}")
-    source = open_source(pg_odbc, fmt, "arrow")
+    # read in one zone, loaded in another: timestamptz must travel as an instant
+    source = open_source(in_zone(pg_odbc, "Asia/Kolkata"), fmt, "arrow")
     assert isinstance(source, ArrowOdbcSource)
     result = copy_query(source, f"SELECT * FROM {table} ORDER BY id", sink, fmt, f"a-{table}")
     assert result.rows == 4
-    with OdbcSource(pg_odbc) as src:
+    assert_instants_written_in_utc(sink.client().download_blob().readall(), fmt)
+    with OdbcSource(in_zone(pg_odbc, "America/Los_Angeles")) as src:
         load_file(src, f"{table}_back", ChunkReader(sink.client().download_blob().chunks()),
                   fmt, f"load-{table}")
     assert _differences(c, table, f"{table}_back") == 0
@@ -48,11 +55,12 @@ def test_arrow_csv_bytes_match_the_pyodbc_engine_but_for_floats(
     pg, pg_odbc: str, tmp_path: Path, options: CsvOptions  # noqa: F811
 ) -> None:
     c, table = pg
-    query = f"SELECT id, s, n, ts, tz, b, d, ok, big, v FROM {table} ORDER BY id"
+    query = f"SELECT id, s, n, ts, tz, b, d, ok, big, v, t FROM {table} ORDER BY id"
     a, p = tmp_path / "a.csv", tmp_path / "p.csv"
-    copy_query(open_source(pg_odbc, "csv", "arrow"), query, FolderSink(a), "csv", "a",
+    zoned = in_zone(pg_odbc, "Asia/Kolkata")  # both write timestamptz in UTC with +00:00
+    copy_query(open_source(zoned, "csv", "arrow"), query, FolderSink(a), "csv", "a",
                csv_options=options)
-    with OdbcSource(pg_odbc) as src:
+    with OdbcSource(zoned) as src:
         copy_query(src, query, FolderSink(p), "csv", "p", csv_options=options)
     assert a.read_bytes() == p.read_bytes()
     # floats: Arrow's shortest text, Python's repr; the same doubles once loaded

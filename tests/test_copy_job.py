@@ -53,6 +53,13 @@ def test_the_spec_is_validated_field_by_field() -> None:
     assert "'csv'" in str(_spec_error({**good, "csv": {"sep": ";"}}))
     assert "not both" in str(_spec_error({**good, "table": "t"}))
     assert "needs 'query'" in str(_spec_error({"format": "csv"}))
+    staged = {**good, "sink": None, "staging": {"container": "s", "credential": "st"},
+              "target": good["source"], "table": "t"}
+    del staged["sink"]
+    assert parse_copy_spec(staged).direction == "staged"
+    assert "not 'sink'" in str(_spec_error({**staged, "sink": good["sink"]}))
+    assert "not a folder" in str(_spec_error({**staged, "staging": {"folder": "/tmp/s"}}))
+    assert "holds a password" in str(_spec_error({**staged, "target": "Driver=x;Pwd=p"}))
 
 
 @pytest.fixture
