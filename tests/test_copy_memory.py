@@ -110,8 +110,12 @@ def test_a_blob_sink_uploads_at_most_max_parallel_parts_and_queues_none() -> Non
         def commit_block_list(self, blocks: Any, **kwargs: Any) -> None:
             pass
 
+    class Containers:
+        account_name, container_name = "test", "c"
+
     class Service:
-        account_name = "test"
+        def get_container_client(self, container: str) -> Containers:
+            return Containers()
 
     from shir.adapters.copy_sinks import _BlobWriter
 
