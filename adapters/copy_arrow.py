@@ -27,11 +27,14 @@ and the ``auto`` engine then runs the query on the pyodbc engine instead):
   maps to float32 (lossy): every float is fetched as float64 instead (exact for ``real`` too).
 
 Memory: arrow-odbc allocates its transit buffer from the columns' declared widths (psqlODBC:
-``text`` 8,190 characters, ``varchar(n)`` n); ``max_bytes_per_batch`` (8 MiB) caps it, so a
-wide row gets fewer rows per fetch (about 200 on the benchmark's rows); the stream joins those
-into compact batches of ``batch_rows`` (actual lengths) for the encoders. The engine sets
-pyarrow's default memory pool to the system allocator (process-wide): pyarrow's own mimalloc
-keeps freed pages, 30-40 MB more peak RSS on the benchmark's copy.
+``text`` 8,190 characters, ``varchar(n)`` n); ``max_bytes_per_batch`` (4 MiB) caps it, so a
+wide row gets fewer rows per fetch (about 100 on the benchmark's rows); the stream joins those
+into compact batches of ``batch_rows`` (actual lengths) for the encoders. The engine sets, once
+and process-wide, Arrow's default memory pool to the system allocator (before pyarrow's first
+import: :func:`~shir.adapters.copy_parquet.system_allocator_first`; pyarrow's own mimalloc keeps
+freed pages: 30-50 MB more peak RSS on the benchmark's copy) and, on glibc, a fixed mmap
+threshold of 1 MiB (:func:`_fix_mmap_threshold`). Importing pyarrow, its compute module,
+arrow-odbc and the Blob SDK is about 100 MB of the copy's peak RSS (docs/copy.md).
 
 A text or binary value longer than its bound (the declared width, or ``max_text_size`` /
 ``max_binary_size``) is an error, never truncated.
@@ -45,8 +48,12 @@ from __future__ import annotations
 import array
 import binascii
 import codecs
+import contextlib
+import ctypes
 import functools
 import itertools
+import os
+import platform
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -59,7 +66,7 @@ from shir.adapters.copy_formats import (
     FormatError,
     UnsupportedType,
 )
-from shir.adapters.copy_parquet import ParquetEncoder
+from shir.adapters.copy_parquet import ParquetEncoder, system_allocator_first
 from shir.adapters.copy_zones import utc_connection_string, zoned_arrow_schema
 from shir.adapters.odbc import (
     ConnectFailed,
@@ -72,7 +79,11 @@ from shir.adapters.odbc import (
 __all__ = ["ENGINES", "ArrowOdbcSource", "NotArrowFaithful", "arrow_available"]
 
 ARROW_FORMATS = ("csv", "parquet")  # JSON lines stays on the pyodbc engine's encoder
-DEFAULT_MAX_BYTES_PER_BATCH = 8 * 1024 * 1024
+#: arrow-odbc's transit buffer: 4 MiB peaks 3-6 MB lower than 8 MiB for about 4% more client CPU
+#: (twice the fetches and joins; docs/copy.md)
+DEFAULT_MAX_BYTES_PER_BATCH = 4 * 1024 * 1024
+#: glibc's mmap threshold while the arrow engine runs; see :func:`_fix_mmap_threshold`.
+MMAP_THRESHOLD_BYTES = 1024 * 1024
 #: Bound of a binary column whose driver declares none (psqlODBC's ``bytea``): a longer value is
 #: an error (the pyodbc engine has no such bound). Text has the driver's declared width.
 DEFAULT_MAX_BINARY_SIZE = 8190
@@ -84,6 +95,7 @@ class NotArrowFaithful(UnsupportedType):
 
 def arrow_available() -> bool:
     """Whether the ``arrow`` extra (arrow-odbc and pyarrow) is installed."""
+    system_allocator_first()
     try:
         import arrow_odbc  # noqa: F401
         import pyarrow  # noqa: F401
@@ -93,6 +105,7 @@ def arrow_available() -> bool:
 
 
 def _modules() -> tuple[Any, Any, Any]:
+    system_allocator_first()
     try:
         import arrow_odbc
         import pyarrow as pa
@@ -144,8 +157,10 @@ class ArrowOdbcSource:
                  max_bytes_per_batch: int = DEFAULT_MAX_BYTES_PER_BATCH) -> None:
         arrow_odbc, pa, _ = _modules()
         if pa.default_memory_pool().backend_name != "system":
-            # mimalloc/jemalloc keep freed pages: 30-40 MB more peak RSS on the benchmark's copy
+            # pyarrow was imported before system_allocator_first: its Python-level pool, at least
+            # (mimalloc/jemalloc keep freed pages: 30-40 MB more peak RSS on the benchmark's copy)
             pa.set_memory_pool(pa.system_memory_pool())
+        _fix_mmap_threshold()
         connection_string = utc_connection_string(connection_string)  # timestamptz as UTC
         pairs = parse_connection_string(connection_string)
         scrub = _scrubber(pairs)
@@ -200,6 +215,28 @@ class ArrowOdbcSource:
 
     def __repr__(self) -> str:
         return f"ArrowOdbcSource({self.target})"
+
+
+@functools.cache
+def _fix_mmap_threshold() -> None:
+    """Fix glibc malloc's mmap threshold at :data:`MMAP_THRESHOLD_BYTES` (process-wide, once;
+    not on another C library, nor when ``MALLOC_MMAP_THRESHOLD_`` is set).
+
+    glibc raises the threshold to the size of the largest block freed so far (up to 32 MiB) and
+    its trim threshold to twice that: after the first multi-MiB part is freed, parts and Arrow
+    buffers come from the heap arenas of the five threads a copy runs, and 13-15 MB of freed
+    memory stays resident in them (``mallinfo2`` at the peak of the benchmark's copy). A fixed
+    threshold gives every block of 1 MiB or more back to the system when it is freed: 6-8 MB
+    less peak RSS for 2-5% more client CPU (page faults on fresh mappings; 256 KiB saved 1-2 MB
+    more for 5-9% more CPU; docs/copy.md).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:  # the user's choice
+        return
+    m_mmap_threshold = -3  # malloc.h
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
 
 
 def _translate(exc: BaseException, scrub: Callable[[str], str], target: str) -> Exception:

@@ -73,7 +73,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--null", default="", help="text of NULL in CSV (default: empty)")
     p.add_argument("--no-header", action="store_true")
-    p.add_argument("--part-size-kib", type=int, default=8192, help=argparse.SUPPRESS)
+    p.add_argument("--part-size-kib", type=int, metavar="KIB",
+                   help="size of the parts (Blob blocks) in KiB: default 4096, doubling every "
+                        "10,000 parts; up to 5 parts are held in memory at once")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(handler=_run)
 
@@ -175,7 +177,7 @@ def _run_staged(args: argparse.Namespace, options: Any) -> int:
         done = staged_copy(source, args.query, staging, target, args.table, fmt, job,
                            csv_options=options, progress=_progress(args),
                            transaction_rows=args.transaction_rows,
-                           part_size_bytes=args.part_size_kib * 1024)
+                           part_size_bytes=_part_size_bytes(args))
     if not done.cleaned_up:
         print(f"shir copy: warning: the staged blob {staging.describe()} was not deleted; the "
               "next run of this command deletes it", file=sys.stderr)
@@ -183,6 +185,12 @@ def _run_staged(args: argparse.Namespace, options: Any) -> int:
     return _report(args, done.skipped, f"job {job}: already loaded into {args.table}; nothing to "
                    "do", f"staged copy: {done.loaded_rows} rows into {args.table} through "
                    f"{staging.describe()} in {done.elapsed_s:.1f} s{earlier}")
+
+
+def _part_size_bytes(args: argparse.Namespace) -> int:
+    from shir.adapters.copy import DEFAULT_PART_SIZE_BYTES
+
+    return DEFAULT_PART_SIZE_BYTES if args.part_size_kib is None else args.part_size_kib * 1024
 
 
 def _report(args: argparse.Namespace, skipped: bool, nothing_to_do: str, done: str) -> int:
@@ -207,6 +215,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         options = CsvOptions(delimiter=args.delimiter, quote=args.quote, encoding=args.encoding,
                              null=args.null, header=not args.no_header)
+        if args.part_size_kib is not None and not 64 <= args.part_size_kib <= 256 * 1024:
+            return _fail("--part-size-kib must be between 64 and 262144 (256 MiB)")
         if args.transaction_rows is not None and args.transaction_rows < 1:
             return _fail(f"--transaction-rows {args.transaction_rows}: give a number of rows "
                          "above 0")
@@ -226,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
             with opened as source:
                 result = copy_query(source, args.query, sink, args.format, job,
                                     csv_options=options, progress=_progress(args),
-                                    part_size_bytes=args.part_size_kib * 1024)
+                                    part_size_bytes=_part_size_bytes(args))
             return _report(args, result.skipped,
                            f"job {job}: already copied to {sink.describe()}; nothing to do",
                            f"copied {result.rows} rows ({result.bytes} bytes, {result.parts} "

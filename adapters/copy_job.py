@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from shir.adapters.copy import DEFAULT_PART_SIZE_BYTES
 from shir.core.errors import ShirError
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class CopyJobSpec:
     query: str | None = None
     table: str | None = None
     csv: Mapping[str, Any] = attrs.field(factory=dict)
-    part_size_bytes: int = 8 * 1024 * 1024
+    part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
     batch_rows: int = 10_000
     engine: str = "auto"
     transaction_rows: int | None = None
@@ -231,7 +232,8 @@ def parse_copy_spec(raw: bytes | str | Mapping[str, Any]) -> CopyJobSpec:
     if not isinstance(csv, dict) or set(csv) - allowed:
         raise _bad(f"'csv' must be an object with keys among {', '.join(sorted(allowed))}")
     common = {"format": fmt, "csv": csv,
-              "part_size_bytes": _int(raw, "part_size_bytes", 8 << 20, 64 << 10, 256 << 20),
+              "part_size_bytes": _int(raw, "part_size_bytes", DEFAULT_PART_SIZE_BYTES, 64 << 10,
+                                      256 << 20),
               "batch_rows": _int(raw, "batch_rows", 10_000, 1, 1_000_000)}
     per_txn = (None if raw.get("transaction_rows") is None
                else _int(raw, "transaction_rows", 0, 1, 1_000_000_000))

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 A sink opens a :class:`SinkWriter` for one job id. The pipeline hands it numbered parts
-(``put(part, data)``, parts numbered from 0 in file order) and finally ``commit(md5)`` with the
+(``put(part, data)``, parts numbered from 0 in file order; ``data`` then belongs to the writer,
+which may keep it until the part is uploaded) and finally ``commit(md5)`` with the
 MD5 of the whole content, or ``abort()``.
 
 * :class:`FolderSink` writes the parts in order to a hidden temporary file next to the target
@@ -12,7 +13,8 @@ MD5 of the whole content, or ``abort()``.
   hidden temporary file, which the next run of the same job deletes. Each attempt has its own
   file, so two deliveries of one job running at once cannot mix their bytes (the last rename
   wins, with a whole file).
-* :class:`BlobSink` stages every part as a block of the block blob (bounded parallel uploads)
+* :class:`BlobSink` stages every part as a block of the block blob (bounded parallel uploads:
+  ``max_parallel`` parts in flight, each held in memory until staged)
   and commits the block list once at the end, with ``Content-MD5`` and the job id in the
   metadata. Uncommitted blocks are invisible to readers. A block id is derived from the job id,
   the part number and the part's own MD5, so a retried job with the same id finds the blocks
@@ -68,7 +70,7 @@ class SinkWriter:
 
     already_done = False  #: the same job committed this output before: nothing to write
 
-    def put(self, part: int, data: bytes) -> None:  # pragma: no cover - interface
+    def put(self, part: int, data: bytes | bytearray) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def commit(self, md5: bytes, rows: int) -> None:  # pragma: no cover - interface
@@ -114,7 +116,7 @@ class _FolderWriter(SinkWriter):
         except OSError as exc:
             raise SinkError(f"folder sink {path}: cannot write {temp}: {exc.strerror}") from None
 
-    def put(self, part: int, data: bytes) -> None:
+    def put(self, part: int, data: bytes | bytearray) -> None:
         if part != self._next:
             raise SinkError(f"folder sink {self.path}: part {part} came before {self._next}")
         self._next += 1
@@ -414,7 +416,7 @@ def _reason(exc: Exception, via: str = "") -> str:
 class _DoneWriter(SinkWriter):
     already_done = True
 
-    def put(self, part: int, data: bytes) -> None:
+    def put(self, part: int, data: bytes | bytearray) -> None:
         pass
 
     def commit(self, md5: bytes, rows: int) -> None:
@@ -431,11 +433,13 @@ class _BlobWriter(SinkWriter):
         self.ids: list[str] = []
         self.skipped_parts = 0
         self._pool = ThreadPoolExecutor(sink.max_parallel, thread_name_prefix="shir-blob-put")
-        self._slots = threading.BoundedSemaphore(sink.max_parallel * 2)  # bounds memory
+        # bounds memory: a part waits for a free upload, none queue (a queue bought no speed on
+        # loopback and cost up to max_parallel more parts of peak RSS)
+        self._slots = threading.BoundedSemaphore(sink.max_parallel)
         self._futures: list[Future[None]] = []
         self._error: BaseException | None = None
 
-    def put(self, part: int, data: bytes) -> None:
+    def put(self, part: int, data: bytes | bytearray) -> None:
         if self._error is not None:
             raise self._error
         digest = hashlib.md5(data).hexdigest()[:16]
@@ -450,7 +454,7 @@ class _BlobWriter(SinkWriter):
         self._futures.append(future)
         self._futures = [f for f in self._futures if not f.done() or f.exception()]
 
-    def _stage(self, block_id: str, data: bytes) -> None:
+    def _stage(self, block_id: str, data: bytes | bytearray) -> None:
         from azure.core.exceptions import AzureError
 
         try:

@@ -232,6 +232,9 @@ def test_cli_errors_name_the_part_and_exit_2(pg_odbc: str, tmp_path: Path, capsy
     assert main(["copy", "--source", pg_odbc, "--query", "SELECT 1", "--sink",
                  str(tmp_path / "missing" / "o.csv"), "--format", "csv"]) == 2
     assert "folder sink" in capsys.readouterr().err
+    assert main(["copy", "--source", pg_odbc, "--query", "SELECT 1", "--sink", str(out),
+                 "--format", "csv", "--part-size-kib", "0"]) == 2
+    assert "--part-size-kib must be between 64" in capsys.readouterr().err
     assert main(["copy", "--from", str(out), "--format", "csv", "--to", pg_odbc,
                  "--table", "no_such_table"]) == 2
     assert not out.exists()
