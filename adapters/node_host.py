@@ -16,7 +16,11 @@ elsewhere). Each turn of its loop it reads the clock and:
    others decide again on the newer log, where nothing is due any more);
 4. as the dispatcher of the current term, moves job requests from the control channel into the
    log (``SubmitJob``, idempotency key = message id) and settles each message only after the
-   append is durable, and sends ``DispatchJobs`` when the core says ``DispatchWanted``.
+   append is durable, sends ``DispatchJobs`` when the core says ``DispatchWanted``, and
+   publishes the results the core lists as ``unpublished_results`` (when it takes over or
+   starts, and every ``DISPATCH_POLL_S``);
+5. records the results it published (``ConfirmResultsPublished``): a result is published at
+   least once, and a repeat is absorbed by the reply queue.
 
 Credentials (:mod:`shir.adapters.node_credentials`, which says how): heartbeats report the
 store's versions, after ``SaveCredential`` for newer ones; ``SealCredentialFor`` has a version
@@ -70,8 +74,10 @@ from shir.core.credentials import DeliverCredential, SealCredentialFor
 from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
 from shir.core.errors import DomainError, Fenced, ShirError, TimeWentBackwards
 from shir.core.leasing import (
+    MAX_CONFIRMED,
     AbandonJob,
     CompleteJob,
+    ConfirmResultsPublished,
     DispatchJobs,
     FailJob,
     RenewLeases,
@@ -79,6 +85,7 @@ from shir.core.leasing import (
     StaleLease,
     SubmitJob,
     UnknownJob,
+    unpublished_results,
 )
 from shir.core.model import NodeMetrics
 from shir.core.proxy import ProxySettings, RestartHostService, SaveProxySettings, saved_proxy
@@ -169,6 +176,7 @@ class NodeHost:
         self._finished: queue.Queue[tuple[JobRun, str | None]] = queue.Queue()
         self._unreported: list[tuple[JobRun, str | None]] = []
         self._dispatch_wanted = False
+        self._published: dict[str, None] = {}  # job ids published, their record not yet sent
         book = self.driver.state.jobs
         self._specs: dict[str, bytes] = {j.job_id: j.spec for j in book.jobs.values()}
         self.stop = threading.Event()
@@ -281,7 +289,7 @@ class NodeHost:
                     self.log("info", "dispatcher", term=effect.term, node=effect.node)
                 self._dispatch_wanted = effect.node == me
                 if effect.node == me and not was_me:
-                    self._republish_recent()
+                    self._next_sweep = 0.0  # publish what the last one may have left
         elif isinstance(effect, fx.StartSession):
             if effect.session != self.session:
                 self.session = effect.session
@@ -320,11 +328,12 @@ class NodeHost:
             self.log("warning", "refused", command=what, error=type(exc).__name__,
                      reason=str(exc))
 
-    def _republish_recent(self) -> None:
-        """A new dispatcher publishes again the completions the log still remembers (the
-        duplicate window): the previous one, or a completer, may have died before publishing."""
-        for key, (token, _at) in self.driver.state.jobs.recent.items():
-            self._publish(fx.PublishJobResult(token.job_id, key, "completed", ""))
+    def _publish_unpublished(self) -> None:
+        """As the dispatcher, publish the results the core says no host confirmed publishing:
+        the one that should have may have died first, or its channel failed."""
+        for effect in unpublished_results(self.driver.state):
+            if effect.job_id not in self._published:
+                self._publish(effect)
 
     def _publish(self, effect: fx.PublishJobResult) -> None:
         if self.channel is None:
@@ -335,6 +344,18 @@ class NodeHost:
             self.channel.publish_result(result)
         except ChannelError as exc:
             self.log("warning", "result_not_published", job=effect.job_id, error=str(exc))
+            return
+        self._published[effect.job_id] = None
+
+    def _confirm_published(self) -> None:
+        """Record in the log the results this host published (one append per turn at most);
+        kept for the next turn when the store cannot be written."""
+        while self._published:
+            ids = tuple(self._published)[:MAX_CONFIRMED]
+            if self.send(partial(ConfirmResultsPublished, ids)) is None:
+                return
+            for job_id in ids:
+                del self._published[job_id]
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -396,12 +417,16 @@ class NodeHost:
             self._cancel_all()
             return exc.code
 
-    def _serve(self) -> None:
-        self._next_hb = self._next_dispatch = 0.0
+    def _begin_serving(self) -> None:
+        """Arm the loop's timers: heartbeat, dispatch and the results sweep are due at once."""
+        self._next_hb = self._next_dispatch = self._next_sweep = 0.0
         if self.credentials is not None:
             self.credentials.set_nodes(self.driver.state.nodes)
         self._next_renew = self.clock() + self.driver.state.settings.lock_duration_s / 3
         self._stuck_deadline: float | None = None
+
+    def _serve(self) -> None:
+        self._begin_serving()
         while not self.stop.is_set():
             try:
                 self._turn()
@@ -438,7 +463,11 @@ class NodeHost:
             if self._dispatch_wanted or now >= self._next_dispatch:
                 self._next_dispatch = now + DISPATCH_POLL_S
                 self._dispatch()
+            if now >= self._next_sweep:
+                self._next_sweep = now + DISPATCH_POLL_S
+                self._publish_unpublished()
         self._drain_effects()
+        self._confirm_published()
 
     def _wait(self, timeout_s: float) -> None:
         try:
@@ -536,6 +565,7 @@ class NodeHost:
             self._wait(POLL_S)
         self._cancel_all()  # past the bound: leaving gives their leases back at once
         self._drain_effects()  # the last completions' results are published before leaving
+        self._confirm_published()
         if self.restart_to is not None:
             # a restart, as the product's host service does it: the node stays registered
             # (with its proxy setting); leases cut short above end when it registers again

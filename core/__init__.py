@@ -83,6 +83,7 @@ from shir.core.jobs import (
     JobDeadLettered,
     JobLeased,
     JobReleased,
+    JobResultsPublished,
     JobSubmitted,
     LeaseRenewed,
     LeaseToken,
@@ -92,6 +93,7 @@ from shir.core.keys import AuthKey
 from shir.core.leasing import (
     AbandonJob,
     CompleteJob,
+    ConfirmResultsPublished,
     DispatchJobs,
     FailJob,
     NotDispatcher,
@@ -103,6 +105,7 @@ from shir.core.leasing import (
     UnknownJob,
     concurrency_limit,
     default_limit,
+    unpublished_results,
 )
 from shir.core.model import (
     CredentialVersion,
@@ -149,6 +152,7 @@ __all__ = [
     "AuthKeyRegenerated",
     "CompleteJob",
     "ConcurrencyLimitSet",
+    "ConfirmResultsPublished",
     "CreateRuntime",
     "CredentialNotHeld",
     "CredentialSaved",
@@ -177,6 +181,7 @@ __all__ = [
     "JobDeadLettered",
     "JobLeased",
     "JobReleased",
+    "JobResultsPublished",
     "JobStats",
     "JobSubmitted",
     "KeyName",
@@ -257,4 +262,5 @@ __all__ = [
     "next_deadline",
     "scale_advice",
     "to_node",
+    "unpublished_results",
 ]
