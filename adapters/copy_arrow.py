@@ -339,7 +339,7 @@ def _base64(pa: Any, column: Any) -> Any:
         padded = np.zeros(len(data) + int(pad.sum()), np.uint8)
         padded[np.arange(len(data)) + np.repeat(np.cumsum(pad) - pad, lengths)] = data
         data = padded
-    text = np.frombuffer(bytearray(binascii.b2a_base64(data, newline=False)), np.uint8)
+    text = np.frombuffer(bytearray(binascii.b2a_base64(data.data, newline=False)), np.uint8)
     text_ends = np.cumsum((lengths + pad) // 3 * 4)
     text[text_ends[pad == 2] - 2] = ord("=")
     text[text_ends[pad > 0] - 1] = ord("=")
