@@ -65,12 +65,12 @@ from shir.adapters.copy_formats import (
 )
 from shir.adapters.copy_parquet import ParquetEncoder, system_allocator_first
 from shir.adapters.copy_zones import utc_connection_string, zoned_arrow_schema
-from shir.adapters.odbc import (
+from shir.adapters.odbc_base import (
     ConnectFailed,
     QueryFailed,
-    _describe_target,
-    _scrubber,
+    describe_target,
     parse_connection_string,
+    scrubber,
 )
 
 __all__ = ["ENGINES", "ArrowOdbcSource", "NotArrowFaithful", "arrow_available"]
@@ -160,8 +160,8 @@ class ArrowOdbcSource:
         _fix_mmap_threshold()
         connection_string = utc_connection_string(connection_string)  # timestamptz as UTC
         pairs = parse_connection_string(connection_string)
-        scrub = _scrubber(pairs)
-        self.target = _describe_target(pairs)
+        scrub = scrubber(pairs)
+        self.target = describe_target(pairs)
         self.fallback = fallback
         self._cancelled = False
         target = self.target
