@@ -6,8 +6,9 @@ Theory of operation
 pyodbc builds a Python object per value (about 2.6 µs a row on the benchmark's rows) and the
 text encoders turn those objects back into text (1.9 µs more), all under the GIL: that is the
 pyodbc engine's floor (docs/copy.md). arrow-odbc binds column buffers and fills them in Rust;
-:class:`ArrowCsvEncoder` and :class:`ArrowParquetEncoder` turn each batch into bytes with
-Arrow compute kernels and pyarrow's Parquet writer.
+the text encoders of :mod:`shir.adapters.copy_arrow_text` (CSV, JSON lines) and
+:class:`ArrowParquetEncoder` turn each batch into bytes with Arrow compute kernels and
+pyarrow's Parquet writer.
 
 :class:`ArrowOdbcSource` stands where an :class:`~shir.adapters.odbc.OdbcSource` does for
 :func:`~shir.adapters.copy.copy_query`: ``read(query)`` executes and returns a stream whose
@@ -20,7 +21,7 @@ and the ``auto`` engine then runs the query on the pyodbc engine instead):
 * integers, text, binary, date, timestamp, time, boolean: as arrow-odbc maps them; on
   PostgreSQL the connection's ``TimeZone`` is UTC and a ``timestamptz`` column is written as
   ``timestamp[us, tz=UTC]`` (:mod:`shir.adapters.copy_zones` asks the server which, on a
-  pyodbc connection), with ``+00:00`` in CSV;
+  pyodbc connection), with ``+00:00`` in CSV and JSON lines;
 * numeric: fetched as the driver's text (exact, whatever the declared precision), cast to
   ``decimal128(p, s)`` for Parquet (a value with more digits than declared is an error);
 * floating point: psqlODBC describes ``double precision`` as ``SQL_FLOAT(17)``, which arrow-odbc
@@ -45,22 +46,18 @@ scrubbed with the ODBC adapter's scrubber and name the target, as OdbcSource's d
 
 from __future__ import annotations
 
-import array
-import binascii
-import codecs
 import contextlib
 import ctypes
 import functools
-import itertools
 import os
 import platform
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from shir.adapters.copy_arrow_text import ArrowCsvEncoder, ArrowJsonLinesEncoder
 from shir.adapters.copy_formats import (
     ENGINES,
-    CsvEncoder,
     CsvOptions,
     Encoder,
     FormatError,
@@ -68,17 +65,17 @@ from shir.adapters.copy_formats import (
 )
 from shir.adapters.copy_parquet import ParquetEncoder, system_allocator_first
 from shir.adapters.copy_zones import utc_connection_string, zoned_arrow_schema
-from shir.adapters.odbc import (
+from shir.adapters.odbc_base import (
     ConnectFailed,
     QueryFailed,
-    _describe_target,
-    _scrubber,
+    describe_target,
     parse_connection_string,
+    scrubber,
 )
 
 __all__ = ["ENGINES", "ArrowOdbcSource", "NotArrowFaithful", "arrow_available"]
 
-ARROW_FORMATS = ("csv", "parquet")  # JSON lines stays on the pyodbc engine's encoder
+ARROW_FORMATS = ("csv", "jsonl", "parquet")
 #: arrow-odbc's transit buffer: 4 MiB peaks 3-6 MB lower than 8 MiB for about 4% more client CPU
 #: (twice the fetches and joins; docs/copy.md)
 DEFAULT_MAX_BYTES_PER_BATCH = 4 * 1024 * 1024
@@ -163,8 +160,8 @@ class ArrowOdbcSource:
         _fix_mmap_threshold()
         connection_string = utc_connection_string(connection_string)  # timestamptz as UTC
         pairs = parse_connection_string(connection_string)
-        scrub = _scrubber(pairs)
-        self.target = _describe_target(pairs)
+        scrub = scrubber(pairs)
+        self.target = describe_target(pairs)
         self.fallback = fallback
         self._cancelled = False
         target = self.target
@@ -288,6 +285,8 @@ class ArrowStream:
     def encoder(self, fmt: str, options: CsvOptions | None) -> Encoder:
         if fmt == "csv":
             return ArrowCsvEncoder(self.columns, options or CsvOptions())
+        if fmt == "jsonl":
+            return ArrowJsonLinesEncoder(self.columns)
         if fmt == "parquet":
             return ArrowParquetEncoder(self.columns)
         raise NotArrowFaithful(f"the arrow engine writes {', '.join(ARROW_FORMATS)}, not {fmt}")
@@ -300,88 +299,6 @@ def _joined(pa: Any, batches: list[Any]) -> Any:
     if len(batches) == 1:
         return batches[0]
     return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
-
-
-_B64 = functools.partial(binascii.b2a_base64, newline=False)
-
-
-def _strings(pa: Any, texts: Sequence[bytes]) -> Any:
-    """A string array of UTF-8 ``texts``, built from buffers: converting Python values with
-    ``pa.array`` or ``pa.scalar`` imports pandas when it is installed (about 50 MB)."""
-    offsets = array.array("i", itertools.accumulate(map(len, texts), initial=0))
-    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets.tobytes()),
-                                       pa.py_buffer(b"".join(texts)))
-
-
-class ArrowCsvEncoder(CsvEncoder):
-    """RFC 4180 from record batches, the same bytes as :class:`CsvEncoder` except floats.
-
-    Each column becomes text with Arrow kernels (timestamps and times lose a ``.000000``
-    fraction, as Python's ``str`` does; bytes are base64, the one column turned into Python
-    objects); values that need quoting are quoted; one element-wise join makes the lines.
-    Floats are Arrow's shortest text (``100``, ``-0``, ``0.00001``) where Python's ``repr``
-    writes ``100.0``, ``-0.0``, ``1e-05``: the same double read back.
-    """
-
-    def __init__(self, schema: Any, options: CsvOptions) -> None:
-        _, self._pa, self._pc = _modules()
-        self.options = options
-        self.names = list(schema.names)
-        self._schema = schema
-        self._specials = (options.delimiter, options.quote, "\r", "\n")
-        self._encode = codecs.getincrementalencoder(options.encoding)().encode
-        self._utf8 = codecs.lookup(options.encoding).name == "utf-8"
-        texts = (options.quote, "", options.null, options.delimiter, "\r\n", "+00:00")
-        (self._quote, self._empty_text, self._null, self._delimiter, self._crlf,
-         self._utc) = _strings(self._pa, [t.encode() for t in texts])  # scalars, see _strings
-
-    def _column_text(self, column: Any) -> Any:
-        pa, pc = self._pa, self._pc
-        t = column.type
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            text = _strings(pa, [b"" if v is None else _B64(v) for v in column.to_pylist()])
-            if column.null_count:
-                text = pc.if_else(pc.is_valid(column), text, pa.nulls(len(text), pa.string()))
-            return text
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            return column
-        text = pc.cast(column, pa.string())
-        if pa.types.is_timestamp(t) or pa.types.is_time(t):
-            text = pc.replace_substring_regex(text, r"\.0{6}$", "")
-        return text
-
-    def encode(self, rows: Any) -> bytes:
-        pc = self._pc
-        o = self.options
-        needs_quote = "[" + "".join("\\" + c if c in "\\]^-" else c
-                                    for c in (o.delimiter, o.quote)) + "\r\n]"
-        texts = []
-        for column, field in zip(rows.columns, self._schema, strict=True):
-            text = self._column_text(column)
-            if getattr(field.type, "tz", None):  # an instant, in UTC: its offset after it
-                text = pc.binary_join_element_wise(text, self._empty_text, self._utc)
-            mask = pc.or_(pc.or_(pc.match_substring_regex(text, needs_quote),
-                                 pc.equal(text, self._empty_text)), pc.equal(text, self._null))
-            if pc.any(mask).as_py():
-                quoted = pc.binary_join_element_wise(
-                    self._quote, pc.replace_substring(text, o.quote, o.quote * 2), self._quote,
-                    self._empty_text)
-                text = pc.if_else(mask, quoted, text)
-            texts.append(text)
-        lines = pc.binary_join_element_wise(*texts, self._delimiter, null_handling="replace",
-                                            null_replacement=o.null)
-        lines = pc.binary_join_element_wise(lines, self._empty_text, self._crlf)  # line + CRLF
-        _, offsets, values = lines.buffers()
-        bounds = memoryview(offsets).cast("i")  # int32 offsets: one past each line's end
-        data = memoryview(values)[bounds[lines.offset]:bounds[lines.offset + len(lines)]]
-        if self._utf8:
-            return data.tobytes()
-        try:
-            return self._encode(str(data, "utf-8"))
-        except UnicodeEncodeError as exc:
-            raise FormatError(
-                f"csv: a text value has a character that {o.encoding} cannot encode "
-                f"({exc.reason}); choose another encoding (e.g. utf-8)") from None
 
 
 class ArrowParquetEncoder(ParquetEncoder):
@@ -411,12 +328,12 @@ class ArrowParquetEncoder(ParquetEncoder):
 
 def open_source(connection_string: str, fmt: str, engine: str = "auto") -> Any:
     """The source the copy reads with: ``arrow`` (arrow-odbc), ``pyodbc``, or ``auto`` (arrow
-    when installed and the format is CSV or Parquet, falling back to pyodbc for a result whose
+    when installed, falling back to pyodbc for a result whose
     types the arrow engine does not carry)."""
     if engine not in ENGINES:
         raise FormatError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if engine == "arrow" and fmt not in ARROW_FORMATS:
-        raise FormatError(f"the arrow engine writes {' and '.join(ARROW_FORMATS)}; use "
+        raise FormatError(f"the arrow engine writes {', '.join(ARROW_FORMATS)}; use "
                           f"--engine pyodbc for {fmt}")
     if engine == "arrow" or (engine == "auto" and fmt in ARROW_FORMATS and arrow_available()):
         return ArrowOdbcSource(connection_string, fallback=engine == "auto")
