@@ -36,7 +36,7 @@ def test_a_result_the_killed_host_never_published_is_published_after_its_restart
         c.start("n1")
         wait_for("n1 Online", lambda: [n.status.value for n in c.state().nodes] == ["Online"],
                  30)
-        params = ["--param", f"sink={sink}", "--param", "seconds=1.5"]
+        params = ["--param", f"sink={sink}", "--param", "seconds=3"]
         if outcome == "dead_lettered":
             params += ["--param", "fail=true"]
         shir("job", "submit", "--store", c.store_url, "--channel", channel_url, "--kind",
