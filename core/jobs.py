@@ -16,8 +16,8 @@ the job's live lease is refused as stale. So one key has at most one completion:
 effect.
 
 State stays bounded by live work: finished jobs leave counters, completed keys only for the
-duplicate window, and results only until a host confirms it published them
-(``JobResultsPublished``).
+duplicate window, and results until a host confirms it published them (``JobResultsPublished``)
+or for the duplicate window at most.
 
 Queue: jobs wait in FIFO order in one queue per *requirement* (the credential versions a node
 must hold for it), so assignment looks at the heads of a few queues instead of scanning every
@@ -220,8 +220,8 @@ class JobBook:
         self.recent: OrderedDict[str, tuple[LeaseToken, float]] = OrderedDict()  # completed keys
         self.recent_jobs: dict[str, LeaseToken] = {}  # the same completions, by job id
         # finished jobs whose result no host has confirmed publishing, in the order they ended:
-        # job id -> (idempotency key, outcome, detail)
-        self.unpublished: dict[str, tuple[str, str, str]] = {}
+        # job id -> (idempotency key, outcome, detail, when it ended); for the duplicate window
+        self.unpublished: dict[str, tuple[str, str, str, float]] = {}
         self.window_s = 600.0  # the runtime's duplicate_window_s
         self.pruned_at = float("-inf")
         self.limits: dict[str, int] = {}  # overrides only
@@ -275,7 +275,9 @@ class JobBook:
         return len(self.jobs) - len(self.leases)
 
     def prune_recent(self, now: float) -> None:
-        """Forget completed keys older than the duplicate window.
+        """Forget completed keys, and results no host confirmed publishing, older than the
+        duplicate window (so the state stays bounded whatever the hosts do: a host without a
+        channel never confirms).
 
         Amortised: at most every 1/16 of the window (submissions judge the window by time
         themselves, so a key kept a little longer changes no decision).
@@ -291,6 +293,12 @@ class JobBook:
                 break
             recent.popitem(last=False)
             recent_jobs.pop(token.job_id, None)
+        unpublished = self.unpublished
+        while unpublished:  # in the order the jobs ended, which the log's time follows
+            job_id, result = next(iter(unpublished.items()))
+            if now - result[3] < window_s:
+                break
+            del unpublished[job_id]
 
     def _drop_stale_tops(self) -> None:
         # Cache upkeep only: entries of renewed or ended leases are dropped from the heap top.
@@ -397,7 +405,7 @@ def _job_completed(m: Any, e: JobCompleted) -> None:
     b._forget(e.token.job_id)
     b.recent[e.idempotency_key] = (e.token, e.at)
     b.recent_jobs[e.token.job_id] = e.token
-    b.unpublished[e.token.job_id] = (e.idempotency_key, "completed", "")
+    b.unpublished[e.token.job_id] = (e.idempotency_key, "completed", "", e.at)
     b.completed += 1
     if e.at - b.pruned_at >= b.window_s / 16:
         b.prune_recent(e.at)
@@ -425,8 +433,10 @@ def _job_dead_lettered(m: Any, e: JobDeadLettered) -> None:
     b: JobBook = m.jobs
     b._unlease(e.token.job_id)
     b._forget(e.token.job_id)
-    b.unpublished[e.token.job_id] = (e.idempotency_key, "dead_lettered", e.detail)
+    b.unpublished[e.token.job_id] = (e.idempotency_key, "dead_lettered", e.detail, e.at)
     b.dead_lettered += 1
+    if e.at - b.pruned_at >= b.window_s / 16:
+        b.prune_recent(e.at)
 
 
 def _job_results_published(m: Any, e: JobResultsPublished) -> None:

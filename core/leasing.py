@@ -497,9 +497,11 @@ def unpublished_results(state: RuntimeState) -> tuple[PublishJobResult, ...]:
     publishing, oldest first: what a host taking over the factory side publishes again (a
     host may die between storing a job's end and publishing it). Publishing is at least once:
     a result published but not yet confirmed comes back here, and the reply queue keeps one
-    result per (request, outcome)."""
+    result per (request, outcome). A result stays listed for the duplicate window at most
+    (``duplicate_window_s``): one never confirmed within it (no channel, a reply queue down
+    that long) leaves the list, and only the log keeps the job's outcome."""
     return tuple(PublishJobResult(job_id, key, outcome, detail)
-                 for job_id, (key, outcome, detail) in state.model().jobs.unpublished.items())
+                 for job_id, (key, outcome, detail, _at) in state.model().jobs.unpublished.items())
 
 
 # --- effects: what the events tell whom ------------------------------------------------------

@@ -141,8 +141,8 @@ def _restore(body: list[Any]) -> RuntimeState:
         tok = decode_value(LeaseToken, token)
         b.recent[key] = (tok, at)
         b.recent_jobs[tok.job_id] = tok
-    b.unpublished = {job_id: (key, outcome, detail)
-                     for job_id, key, outcome, detail in unpublished}
+    b.unpublished = {job_id: (key, outcome, detail, at)
+                     for job_id, key, outcome, detail, at in unpublished}
     b.limits = dict(limits)
     (b.next_seq, b.submitted, b.completed, b.dead_lettered, b.released, b.window_s,
      b.pruned_at) = counters

@@ -597,6 +597,26 @@ def test_finished_results_stay_unpublished_until_a_host_confirms_them() -> None:
     assert fold(initial(), r.log) == r.state
 
 
+def test_results_no_host_confirms_leave_after_the_duplicate_window() -> None:
+    # No host ever confirms (one without a channel): the state stays bounded all the same.
+    window_s, step_s = 160.0, 10.0
+    r = Rig.online(1, RuntimeSettings(duplicate_window_s=window_s, max_deliveries=1,
+                                      heartbeat_interval_s=5000.0, lock_duration_s=3000.0))
+    t = 2.0
+    for i in range(1, 101):  # every step_s one job ends: completed, or dead-lettered
+        r.submit(f"j{i}", at=t)
+        (leased,) = r.dispatch(at=t)
+        end = CompleteJob(leased.token, t + 1) if i % 2 else FailJob(leased.token, t + 1)
+        r.handle(end)
+        listed = unpublished_results(r.state)
+        assert len(listed) <= window_s * (1 + 1 / 16) / step_s + 1
+        t += step_s
+    listed = unpublished_results(r.state)
+    assert listed[-1].job_id == "j100" and listed[0].job_id != "j1"
+    assert {p.outcome for p in listed} == {"completed", "dead_lettered"}
+    assert fold(initial(), r.log) == r.state  # pruning is part of folding: replay agrees
+
+
 @pytest.mark.parametrize("job_ids", [["j1"], ("j1", 2), ("j",) * (MAX_CONFIRMED + 1)])
 def test_a_malformed_confirmation_is_refused(job_ids: Any) -> None:
     r = Rig.online(1)
