@@ -34,9 +34,11 @@ from shir.core.leasing import (
     unpublished_results,
 )
 
-__all__ = ["MAX_REQUESTS_PER_TURN", "DispatcherDuties", "JobDuties", "job_id_for"]
+__all__ = ["MAX_REQUESTS_PER_TURN", "MAX_RESULTS_PER_TURN", "DispatcherDuties", "JobDuties",
+           "job_id_for"]
 
 MAX_REQUESTS_PER_TURN = 32  # job requests taken per loop turn (and per append), at most
+MAX_RESULTS_PER_TURN = 256  # left-over results published again per loop turn, at most
 
 
 def job_id_for(message_id: str) -> str:
@@ -153,24 +155,30 @@ class DispatcherDuties(HostBase):
         self._dispatch_wanted = False
         self.send(partial(DispatchJobs, self.name, self.term))
 
-    def _publish_unpublished(self) -> None:
-        """As the dispatcher, publish the results the core says no host confirmed publishing:
-        the one that should have may have died first, or its channel failed."""
-        for effect in unpublished_results(self.driver.state):
-            if effect.job_id not in self._published:
-                self._publish(effect)
+    def _publish_unpublished(self) -> bool:
+        """As the dispatcher, publish the results the core says no host confirmed publishing
+        (the one that should have may have died first, or its channel failed): at most
+        ``MAX_RESULTS_PER_TURN``, and none after a failure, so that a backlog or a channel
+        that is down does not hold up the turn. True when some are left for the next turn."""
+        todo = [e for e in unpublished_results(self.driver.state)
+                if e.job_id not in self._published]
+        for effect in todo[:MAX_RESULTS_PER_TURN]:
+            if not self._publish(effect):
+                return False  # the channel failed: the next sweep tries again
+        return len(todo) > MAX_RESULTS_PER_TURN
 
-    def _publish(self, effect: fx.PublishJobResult) -> None:
+    def _publish(self, effect: fx.PublishJobResult) -> bool:
         if self.channel is None:
-            return
+            return False
         result = JobResult(effect.idempotency_key, effect.job_id, effect.outcome, effect.detail,
                            self.clock())
         try:
             self.channel.publish_result(result)
         except ChannelError as exc:
             self.log("warning", "result_not_published", job=effect.job_id, error=str(exc))
-            return
+            return False
         self._published[effect.job_id] = None
+        return True
 
     def _confirm_published(self) -> None:
         """Record in the log the results this host published (one append per turn at most);

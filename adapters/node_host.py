@@ -260,8 +260,8 @@ class NodeHost(JobDuties, DispatcherDuties):
                 self._next_dispatch = now + DISPATCH_POLL_S
                 self._dispatch()
             if now >= self._next_sweep:
-                self._next_sweep = now + DISPATCH_POLL_S
-                self._publish_unpublished()
+                more = self._publish_unpublished()
+                self._next_sweep = now if more else now + DISPATCH_POLL_S
         self._drain_effects()
         self._confirm_published()
 

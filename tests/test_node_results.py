@@ -71,16 +71,19 @@ def test_a_result_the_killed_host_never_published_is_published_after_its_restart
         assert c.stop_all()["n1"] == 0
 
 
-def test_a_result_the_channel_refused_is_published_by_the_dispatchers_next_sweep(
-        tmp_path: Path) -> None:
-    """One host, driven turn by turn on a clock of its own: the reply queue is locked when the
-    job completes, so publishing fails; the result stays unpublished in the log (no record
-    sent), and the dispatcher's sweep publishes it once the channel works again."""
+def test_results_the_channel_refused_are_published_by_the_dispatchers_sweep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One host, driven turn by turn on a clock of its own: the reply queue is locked when its
+    three jobs complete, so publishing fails; the results stay unpublished in the log (no
+    record sent), and the dispatcher's sweep publishes them once the channel works again: at
+    most MAX_RESULTS_PER_TURN a turn (here 2), and nothing more in a sweep after a failure."""
+    from shir.adapters import node_duties
     from shir.adapters.channel import JobRequest
     from shir.adapters.node_host import DISPATCH_POLL_S, NodeHost
     from shir.adapters.stores import open_store
     from shir.core.model import NodeMetrics
 
+    monkeypatch.setattr(node_duties, "MAX_RESULTS_PER_TURN", 2)
     url = f"sqlite:///{tmp_path / 'store.db'}"
     keys = json.loads(shir("runtime", "create", "--store", url, "--name", "rt", "--json").stdout)
     channel_path = tmp_path / "channel.db"
@@ -90,35 +93,46 @@ def test_a_result_the_channel_refused_is_published_by_the_dispatchers_next_sweep
     host = NodeHost(store=open_store(url, create=False), channel=channel,
                     key_text=keys["key1"], name="n1", machine_id="m1",
                     metrics=lambda running: NodeMetrics(running_jobs=running), cores=2,
-                    memory_mb=2048, clock=lambda: now[0],
+                    memory_mb=4096, clock=lambda: now[0],
                     log=lambda level, event, **f: logged.append(event))
+
+    def published() -> list[str]:
+        return sorted(r.message_id for r in channel.results())
+
+    def turn(after_s: float = 0.1) -> None:
+        now[0] += after_s
+        host._turn()
+
     try:
         host.register()
         host._begin_serving()
-        channel.send([JobRequest("r1", "touch", json.dumps({"sink": str(tmp_path)}).encode())])
-        job = job_id_for("r1")
+        params = json.dumps({"sink": str(tmp_path)}).encode()
+        channel.send([JobRequest(f"r{i}", "touch", params) for i in (1, 2, 3)])
+        jobs = {job_id_for(f"r{i}") for i in (1, 2, 3)}
         for _ in range(50):  # pulled, dispatched, started
-            host._turn()
-            if job in host.running:
+            turn()
+            if set(host.running) == jobs:
                 break
-        host.running[job].thread.join(10)
+        for run in list(host.running.values()):
+            run.thread.join(10)
         lock = sqlite3.connect(channel_path, timeout=5, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         try:
-            now[0] += 0.1
-            host._turn()  # completes the job; its result cannot be published
+            turn()  # completes the jobs; their results cannot be published
+            assert not host.running and logged.count("result_not_published") == 3
+            turn(DISPATCH_POLL_S)  # the sweep's time: one try, then it waits for the next
+            assert logged.count("result_not_published") == 4
         finally:
             lock.rollback()
             lock.close()
-        assert "result_not_published" in logged and job not in host.running
-        assert list(host.driver.state.model().jobs.unpublished) == [job]
-        assert channel.results("r1") == []
-        now[0] += 0.1
-        host._turn()  # not yet the sweep's time
-        assert channel.results("r1") == []
-        now[0] += DISPATCH_POLL_S
-        host._turn()
-        assert [(r.job_id, r.outcome) for r in channel.results("r1")] == [(job, "completed")]
+        assert set(host.driver.state.model().jobs.unpublished) == jobs
+        assert published() == []
+        turn()  # not yet the sweep's time
+        assert published() == []
+        turn(DISPATCH_POLL_S)
+        assert len(published()) == 2  # at most two a turn: the rest on the next one
+        turn()
+        assert published() == ["r1", "r2", "r3"]
         assert not host.driver.state.model().jobs.unpublished  # recorded: not published again
     finally:
         host._cancel_all()
