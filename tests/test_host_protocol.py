@@ -23,6 +23,7 @@ from shir.core import (
     Fenced,
     Heartbeat,
     JobReleased,
+    LeasesRenewed,
     LeaseToken,
     LeaveRuntime,
     NodeLeft,
@@ -109,10 +110,23 @@ def test_renewing_an_ended_lease_answers_lease_lost_for_that_token_only() -> Non
     lost, live = deliveries[0].token, deliveries[1].token
     c.handle(CompleteJob(lost, 12.0))
     d = handle(c.state, RenewLeases((lost, live), 13.0))
-    assert [e.token for e in d.events] == [live]  # the live one is renewed
+    assert [e.tokens for e in d.events] == [(live,)]  # the live one is renewed
     stops = of_type(d.effects, StopJob)
     assert [s.token for s in stops] == [lost] and stops[0].reason.startswith("lease lost")
     assert stops[0].to == to_node(lost.node)
+
+
+def test_a_keep_alive_renews_its_live_leases_in_one_event_each_once() -> None:
+    c = Rig.online(2, at=10.0)
+    a, b, gone = (d.token for d in leased(c, 3))
+    c.handle(CompleteJob(gone, 12.0))
+    lock_s = c.state.settings.lock_duration_s
+    d = handle(c.state, RenewLeases((a, b, a, gone), 13.0))
+    (renewed,) = d.events
+    assert renewed == LeasesRenewed((a, b), 13.0 + lock_s, 13.0)
+    assert decode(encode(renewed)) == renewed
+    assert [s.token for s in of_type(d.effects, StopJob)] == [gone]
+    assert handle(d.state, RenewLeases((gone,), 14.0)).events == ()  # none live: no event
 
 
 @pytest.mark.parametrize("command", ["complete", "renew"])
