@@ -102,6 +102,23 @@ def test_dispatch_is_wanted_only_when_work_waits_and_something_changed() -> None
     assert effects_of(d.events) == d.effects  # without the state: no dispatch hint at all
 
 
+def test_a_job_queued_behind_others_wants_no_dispatch_of_its_own() -> None:
+    c = Rig.online(1, at=10.0)
+    c.handle(SetConcurrencyLimit("n1", 1, 10.0))
+    c.handle(SubmitJob("j1", "k1", 11.0))
+    d = handle(c.state, SubmitJob("j2", "k2", 11.1))
+    assert d.effects == ()  # j1 is ahead: the dispatch wanted for it places j2 too
+    c.state = d.state
+    d = handle(c.state, DispatchJobs("n1", 1, 11.2))
+    (delivery,) = of_type(d.effects, DeliverJob)  # the one slot: j1; j2 waits
+    c.state = d.state
+    d = handle(c.state, SubmitJob("j3", "k3", 11.3))
+    assert d.effects == ()  # j2 waits for a slot, and so does j3: nothing to place yet
+    c.state = d.state
+    d = handle(c.state, CompleteJob(delivery.token, 12.0))  # a slot frees: dispatch
+    assert d.effects[-1] == DispatchWanted("n1", 1)
+
+
 # --- answers and fenced replies ---------------------------------------------------------------
 
 def test_renewing_an_ended_lease_answers_lease_lost_for_that_token_only() -> None:
