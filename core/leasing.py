@@ -509,13 +509,17 @@ DISPATCH_TRIGGERS: dict[type, Callable[[Model, Any], bool] | None] = {
 def _answer_renew(c: RenewLeases, events: tuple[object, ...], state: RuntimeState
                   ) -> tuple[object, ...]:
     """"Lease lost" for each token neither renewed nor ended (ended ones got ``StopJob``)."""
-    settled = {e.token for e in events if isinstance(e, (JobReleased, JobDeadLettered))}
+    # By job id (str hashes are cached; a token's hash is not): the token each event settled.
+    settled: dict[str, LeaseToken] = {}
     for e in events:
         if type(e) is LeasesRenewed:
-            settled.update(e.tokens)
+            settled.update((t.job_id, t) for t in e.tokens)
+        elif isinstance(e, (JobReleased, JobDeadLettered)):
+            settled[e.token.job_id] = e.token
     return tuple(
         StopJob(t, f"lease lost: delivery {t.delivery} of {t.job_id} in term {t.term} has ended")
-        for t in c.tokens if t not in settled
+        for t in c.tokens
+        if (done := settled.get(t.job_id)) is None or (done is not t and done != t)
     )
 
 
