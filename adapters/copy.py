@@ -238,8 +238,9 @@ def _read(source: Any, query: str, batch_rows: int) -> Any:
 
 
 def _flush(writer: SinkWriter, pending: bytearray, parts: int, md5: Any) -> int:
-    """Hand ``pending`` itself to the sink (no copy: a part is several MiB); the caller starts
-    a new buffer."""
+    """Hand ``pending`` itself to the sink (no copy: a part is several MiB) with the content's
+    MD5 through it (the Blob sink's block id: no second hash of the part); the caller starts a
+    new buffer."""
     md5.update(pending)
-    writer.put(parts, pending)
+    writer.put(parts, pending, md5.copy().digest())
     return parts + 1

@@ -55,6 +55,7 @@ import itertools
 import os
 import platform
 import re
+import string
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -302,9 +303,6 @@ def _joined(pa: Any, batches: list[Any]) -> Any:
     return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
-_B64 = functools.partial(binascii.b2a_base64, newline=False)
-
-
 def _strings(pa: Any, texts: Sequence[bytes]) -> Any:
     """A string array of UTF-8 ``texts``, built from buffers: converting Python values with
     ``pa.array`` or ``pa.scalar`` imports pandas when it is installed (about 50 MB)."""
@@ -313,64 +311,150 @@ def _strings(pa: Any, texts: Sequence[bytes]) -> Any:
                                        pa.py_buffer(b"".join(texts)))
 
 
+def _base64(pa: Any, column: Any) -> Any:
+    """Standard base64 of each value of a binary array, as a string array (nulls kept), in a
+    few vectorised steps: each value is zero-padded to a multiple of 3 bytes, so the base64 of
+    all of them at once is the values' base64 texts end to end; then each padded value's last
+    one or two characters become ``=``. About 7x cheaper than a Python call per value."""
+    import numpy as np
+
+    n = len(column)
+    if column.offset:  # a slice: its buffers start before it
+        column = pa.concat_arrays([column])
+    validity, offsets, values = column.buffers()
+    wide = pa.types.is_large_binary(column.type)
+    ends = np.frombuffer(offsets, np.int64 if wide else np.int32, n + 1)
+    lengths = np.diff(ends)
+    data = np.frombuffer(values, np.uint8, int(ends[-1]))[int(ends[0]):] if n else \
+        np.zeros(0, np.uint8)
+    if column.null_count:  # a null slot may hold bytes: drop them
+        # from the validity bitmap: a boolean array's to_numpy imports pandas (about 50 MB)
+        valid = np.unpackbits(np.frombuffer(validity, np.uint8), count=n,
+                              bitorder="little").astype(bool)
+        if lengths[~valid].any():
+            data = data[np.repeat(valid, lengths)]
+            lengths = np.where(valid, lengths, 0)
+    pad = -lengths % 3
+    if pad.any():  # each value moves right by the padding of the values before it
+        padded = np.zeros(len(data) + int(pad.sum()), np.uint8)
+        padded[np.arange(len(data)) + np.repeat(np.cumsum(pad) - pad, lengths)] = data
+        data = padded
+    text = np.frombuffer(bytearray(binascii.b2a_base64(data.data, newline=False)), np.uint8)
+    text_ends = np.cumsum((lengths + pad) // 3 * 4)
+    text[text_ends[pad == 2] - 2] = ord("=")
+    text[text_ends[pad > 0] - 1] = ord("=")
+    text_offsets = np.zeros(n + 1, np.int32)
+    text_offsets[1:] = text_ends
+    return pa.StringArray.from_buffers(n, pa.py_buffer(text_offsets), pa.py_buffer(text),
+                                       validity if column.null_count else None,
+                                       column.null_count)
+
+
+# The characters the text of each kind of non-text value can hold (Arrow's cast to string,
+# base64, a driver's numeric text such as NaN or Infinity): a column whose kind cannot hold the
+# delimiter, the quote or a line break, and whose text is never empty, needs no quoting check.
+_DIGITS = frozenset(string.digits)
+_WORDS = _DIGITS | frozenset(string.ascii_letters)
+_ALPHABETS = (
+    ("is_integer", _DIGITS | set("-")),
+    ("is_floating", _WORDS | set("+-.")),
+    ("is_decimal", _WORDS | set("+-.")),
+    ("is_boolean", _WORDS),
+    ("is_date32", _DIGITS | set("-")),
+    ("is_timestamp", _DIGITS | set("-+:. Z")),
+    ("is_time", _DIGITS | set(":.")),
+    ("is_binary", _WORDS | set("+/=")),
+    ("is_large_binary", _WORDS | set("+/=")),
+)
+
+
 class ArrowCsvEncoder(CsvEncoder):
     """RFC 4180 from record batches, the same bytes as :class:`CsvEncoder` except floats.
 
-    Each column becomes text with Arrow kernels (timestamps and times lose a ``.000000``
-    fraction, as Python's ``str`` does; bytes are base64, the one column turned into Python
-    objects); values that need quoting are quoted; one element-wise join makes the lines.
-    Floats are Arrow's shortest text (``100``, ``-0``, ``0.00001``) where Python's ``repr``
-    writes ``100.0``, ``-0.0``, ``1e-05``: the same double read back.
+    Each column becomes text with Arrow kernels (timestamps and times without a ``.000000``
+    fraction, as Python's ``str`` writes them; bytes as base64, vectorised: :func:`_base64`);
+    values that need quoting are quoted, checked only in columns whose text can need it; one
+    element-wise join makes the lines. Floats are Arrow's shortest text (``100``, ``-0``,
+    ``0.00001``) where Python's ``repr`` writes ``100.0``, ``-0.0``, ``1e-05``: the same double
+    read back.
     """
 
     def __init__(self, schema: Any, options: CsvOptions) -> None:
         _, self._pa, self._pc = _modules()
+        pa = self._pa
         self.options = options
         self.names = list(schema.names)
         self._schema = schema
-        self._specials = (options.delimiter, options.quote, "\r", "\n")
+        self._specials = (options.delimiter, options.quote, "\r", "\n")  # for header()
         self._encode = codecs.getincrementalencoder(options.encoding)().encode
         self._utf8 = codecs.lookup(options.encoding).name == "utf-8"
         texts = (options.quote, "", options.null, options.delimiter, "\r\n", "+00:00")
         (self._quote, self._empty_text, self._null, self._delimiter, self._crlf,
-         self._utc) = _strings(self._pa, [t.encode() for t in texts])  # scalars, see _strings
+         self._utc) = _strings(pa, [t.encode() for t in texts])  # scalars, see _strings
+        self._needs_quote = "[" + "".join("\\" + c if c in "\\]^-" else c
+                                          for c in (options.delimiter, options.quote)) + "\r\n]"
+        self._checks = [self._quoting_checks(field.type) for field in schema]
+
+    def _quoting_checks(self, t: Any) -> tuple[bool, bool, bool]:
+        """Which checks a column of type ``t`` needs: (specials, empty text, the null text)."""
+        pa, o = self._pa, self.options
+        alphabet = next((chars for test, chars in _ALPHABETS if getattr(pa.types, test)(t)),
+                        None)
+        if alphabet is None:  # text: anything
+            return True, True, bool(o.null)
+        specials = any(c in alphabet for c in (o.delimiter, o.quote))
+        empty = pa.types.is_binary(t) or pa.types.is_large_binary(t)  # b"" is ""
+        null = bool(o.null) and set(o.null) <= alphabet
+        return specials, empty, null
 
     def _column_text(self, column: Any) -> Any:
         pa, pc = self._pa, self._pc
         t = column.type
         if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            text = _strings(pa, [b"" if v is None else _B64(v) for v in column.to_pylist()])
-            if column.null_count:
-                text = pc.if_else(pc.is_valid(column), text, pa.nulls(len(text), pa.string()))
-            return text
+            return _base64(pa, column)
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             return column
-        text = pc.cast(column, pa.string())
         if pa.types.is_timestamp(t) or pa.types.is_time(t):
-            text = pc.replace_substring_regex(text, r"\.0{6}$", "")
-        return text
+            # whole seconds are written without a fraction (as Python's str does)
+            whole = pc.cast(column, pa.timestamp("s", t.tz) if pa.types.is_timestamp(t)
+                            else pa.time32("s"), safe=False)
+            text = pc.cast(whole, pa.string())
+            fraction = pc.not_equal(pc.cast(whole, t), column)
+            if pc.any(fraction).as_py():
+                text = pc.if_else(fraction, pc.cast(column, pa.string()), text)
+            return text
+        return pc.cast(column, pa.string())
 
     def encode(self, rows: Any) -> bytes:
         pc = self._pc
         o = self.options
-        needs_quote = "[" + "".join("\\" + c if c in "\\]^-" else c
-                                    for c in (o.delimiter, o.quote)) + "\r\n]"
         texts = []
-        for column, field in zip(rows.columns, self._schema, strict=True):
+        for column, field, (specials, empty, null) in zip(rows.columns, self._schema,
+                                                          self._checks, strict=True):
             text = self._column_text(column)
             if getattr(field.type, "tz", None):  # an instant, in UTC: its offset after it
                 text = pc.binary_join_element_wise(text, self._empty_text, self._utc)
-            mask = pc.or_(pc.or_(pc.match_substring_regex(text, needs_quote),
-                                 pc.equal(text, self._empty_text)), pc.equal(text, self._null))
-            if pc.any(mask).as_py():
-                quoted = pc.binary_join_element_wise(
-                    self._quote, pc.replace_substring(text, o.quote, o.quote * 2), self._quote,
-                    self._empty_text)
-                text = pc.if_else(mask, quoted, text)
+            masks = []
+            if specials:
+                masks.append(pc.match_substring_regex(text, self._needs_quote))
+            if empty:
+                masks.append(pc.equal(text, self._empty_text))
+            if null:  # a value that reads as NULL
+                masks.append(pc.equal(text, self._null))
+            if masks:
+                mask = functools.reduce(pc.or_, masks)
+                if pc.any(mask).as_py():
+                    quoted = pc.binary_join_element_wise(
+                        self._quote, pc.replace_substring(text, o.quote, o.quote * 2),
+                        self._quote, self._empty_text)
+                    text = pc.if_else(mask, quoted, text)
             texts.append(text)
+        # the line break joins the last column (its NULL as the null text): one pass less over
+        # whole lines than joining it after them
+        texts[-1] = pc.binary_join_element_wise(
+            pc.fill_null(texts[-1], self._null), self._crlf, self._empty_text)
         lines = pc.binary_join_element_wise(*texts, self._delimiter, null_handling="replace",
                                             null_replacement=o.null)
-        lines = pc.binary_join_element_wise(lines, self._empty_text, self._crlf)  # line + CRLF
         _, offsets, values = lines.buffers()
         bounds = memoryview(offsets).cast("i")  # int32 offsets: one past each line's end
         data = memoryview(values)[bounds[lines.offset]:bounds[lines.offset + len(lines)]]

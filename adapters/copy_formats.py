@@ -253,7 +253,9 @@ class CsvEncoder(Encoder):
             kind = _kind(c.name, c.python_type, "csv")
             self._forms.append(_CSV_ZONED if _zoned(c, kind) else _CSV_FORMS.get(kind))
             alphabet = _ALPHABET[kind]
-            self._scan.append(alphabet is None or any(ch in alphabet for ch in specials))
+            # scanned too when its text can equal the null text (`--null 1`: a 1 is quoted)
+            self._scan.append(alphabet is None or any(ch in alphabet for ch in specials)
+                              or (bool(options.null) and set(options.null) <= set(alphabet)))
         self._specials = tuple(specials)
         # empty bytes are text "" and need quotes to differ from NULL
         self._empty = {"": options.quote * 2}

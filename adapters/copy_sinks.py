@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 A sink opens a :class:`SinkWriter` for one job id. The pipeline hands it numbered parts
-(``put(part, data)``, parts numbered from 0 in file order; ``data`` then belongs to the writer,
-which may keep it until the part is uploaded) and finally ``commit(md5)`` with the
-MD5 of the whole content, or ``abort()``.
+(``put(part, data, through_md5)``, parts numbered from 0 in file order; ``data`` then belongs
+to the writer, which may keep it until the part is uploaded; ``through_md5`` is the MD5 of the
+whole output up to the end of this part) and finally ``commit(md5)`` with the MD5 of the whole
+content, or ``abort()``.
 
 * :class:`FolderSink` writes the parts in order to a hidden temporary file next to the target
   (``.<name>.<job>.<attempt>.partial``), fsyncs it, renames it over the target and fsyncs the
@@ -17,9 +18,13 @@ MD5 of the whole content, or ``abort()``.
   ``max_parallel`` parts in flight, each held in memory until staged)
   and commits the block list once at the end, with ``Content-MD5`` and the job id in the
   metadata. Uncommitted blocks are invisible to readers. A block id is derived from the job id,
-  the part number and the part's own MD5, so a retried job with the same id finds the blocks
-  its first attempt staged (``get_block_list("uncommitted")``) and skips uploading any part
-  whose id is already there: its content is then known to be identical. A blob already
+  the part number, the part's length and the MD5 of the output through the part's end (equal
+  digests: equal output up to there; with the length, the part's bytes are equal too). So a
+  retried job with the same id finds the blocks its first attempt staged
+  (``get_block_list("uncommitted")``) and skips uploading any part whose id is already there:
+  its content is then known to be identical. The digest is the pipeline's running MD5 of the
+  content, so no part is hashed twice (MD5 runs at about 360 MiB/s here: a second pass cost
+  0.2-0.3 us of CPU per CSV row). A blob already
   committed by the same job id is left as it is (the retry is a no-op).
 
 Errors are :class:`SinkError`, naming the sink (never its key).
@@ -70,7 +75,8 @@ class SinkWriter:
 
     already_done = False  #: the same job committed this output before: nothing to write
 
-    def put(self, part: int, data: bytes | bytearray) -> None:  # pragma: no cover - interface
+    def put(self, part: int, data: bytes | bytearray,
+            through_md5: bytes) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def commit(self, md5: bytes, rows: int) -> None:  # pragma: no cover - interface
@@ -116,7 +122,7 @@ class _FolderWriter(SinkWriter):
         except OSError as exc:
             raise SinkError(f"folder sink {path}: cannot write {temp}: {exc.strerror}") from None
 
-    def put(self, part: int, data: bytes | bytearray) -> None:
+    def put(self, part: int, data: bytes | bytearray, through_md5: bytes) -> None:
         if part != self._next:
             raise SinkError(f"folder sink {self.path}: part {part} came before {self._next}")
         self._next += 1
@@ -416,7 +422,7 @@ def _reason(exc: Exception, via: str = "") -> str:
 class _DoneWriter(SinkWriter):
     already_done = True
 
-    def put(self, part: int, data: bytes | bytearray) -> None:
+    def put(self, part: int, data: bytes | bytearray, through_md5: bytes) -> None:
         pass
 
     def commit(self, md5: bytes, rows: int) -> None:
@@ -439,11 +445,11 @@ class _BlobWriter(SinkWriter):
         self._futures: list[Future[None]] = []
         self._error: BaseException | None = None
 
-    def put(self, part: int, data: bytes | bytearray) -> None:
+    def put(self, part: int, data: bytes | bytearray, through_md5: bytes) -> None:
         if self._error is not None:
             raise self._error
-        digest = hashlib.md5(data).hexdigest()[:16]
-        block_id = f"{self.tag}-{part:06d}-{digest}"  # the SDK base64-encodes it
+        # 50 characters, as Blob wants every id of a blob the same length (the SDK base64s it)
+        block_id = f"{self.tag}-{part:06d}-{len(data):09d}-{through_md5.hex()[:16]}"
         self.ids.append(block_id)
         if block_id in self.staged:  # staged by an earlier attempt of this job: same bytes
             self.skipped_parts += 1

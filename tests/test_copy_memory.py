@@ -64,7 +64,7 @@ class _Recording(SinkWriter):
         self.parts: list[bytes | bytearray] = []
         self.committed = False
 
-    def put(self, part: int, data: bytes | bytearray) -> None:
+    def put(self, part: int, data: bytes | bytearray, through_md5: bytes) -> None:
         assert part == len(self.parts)
         self.parts.append(data)
 
@@ -125,7 +125,7 @@ def test_a_blob_sink_uploads_at_most_max_parallel_parts_and_queues_none() -> Non
 
     def producer() -> None:
         for part in range(8):
-            writer.put(part, bytearray(b"x" * 10))
+            writer.put(part, bytearray(b"x" * 10), bytes([part]) * 16)
             put.append(part)
 
     thread = threading.Thread(target=producer, daemon=True)

@@ -155,8 +155,8 @@ def _write(sink: BlobSink, parts: int = 3) -> bytes:
     data = b""
     for i in range(parts):
         chunk = bytes([i]) * 70_000
-        writer.put(i, chunk)
         data += chunk
+        writer.put(i, chunk, hashlib.md5(data).digest())
     writer.commit(hashlib.md5(data).digest(), parts)
     return data
 
