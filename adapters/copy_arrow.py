@@ -6,8 +6,9 @@ Theory of operation
 pyodbc builds a Python object per value (about 2.6 µs a row on the benchmark's rows) and the
 text encoders turn those objects back into text (1.9 µs more), all under the GIL: that is the
 pyodbc engine's floor (docs/copy.md). arrow-odbc binds column buffers and fills them in Rust;
-:class:`ArrowCsvEncoder` and :class:`ArrowParquetEncoder` turn each batch into bytes with
-Arrow compute kernels and pyarrow's Parquet writer.
+the text encoders of :mod:`shir.adapters.copy_arrow_text` (CSV, JSON lines) and
+:class:`ArrowParquetEncoder` turn each batch into bytes with Arrow compute kernels and
+pyarrow's Parquet writer.
 
 :class:`ArrowOdbcSource` stands where an :class:`~shir.adapters.odbc.OdbcSource` does for
 :func:`~shir.adapters.copy.copy_query`: ``read(query)`` executes and returns a stream whose
@@ -20,7 +21,7 @@ and the ``auto`` engine then runs the query on the pyodbc engine instead):
 * integers, text, binary, date, timestamp, time, boolean: as arrow-odbc maps them; on
   PostgreSQL the connection's ``TimeZone`` is UTC and a ``timestamptz`` column is written as
   ``timestamp[us, tz=UTC]`` (:mod:`shir.adapters.copy_zones` asks the server which, on a
-  pyodbc connection), with ``+00:00`` in CSV;
+  pyodbc connection), with ``+00:00`` in CSV and JSON lines;
 * numeric: fetched as the driver's text (exact, whatever the declared precision), cast to
   ``decimal128(p, s)`` for Parquet (a value with more digits than declared is an error);
 * floating point: psqlODBC describes ``double precision`` as ``SQL_FLOAT(17)``, which arrow-odbc
@@ -45,23 +46,18 @@ scrubbed with the ODBC adapter's scrubber and name the target, as OdbcSource's d
 
 from __future__ import annotations
 
-import array
-import binascii
-import codecs
 import contextlib
 import ctypes
 import functools
-import itertools
 import os
 import platform
 import re
-import string
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from shir.adapters.copy_arrow_text import ArrowCsvEncoder, ArrowJsonLinesEncoder
 from shir.adapters.copy_formats import (
     ENGINES,
-    CsvEncoder,
     CsvOptions,
     Encoder,
     FormatError,
@@ -69,17 +65,17 @@ from shir.adapters.copy_formats import (
 )
 from shir.adapters.copy_parquet import ParquetEncoder, system_allocator_first
 from shir.adapters.copy_zones import utc_connection_string, zoned_arrow_schema
-from shir.adapters.odbc import (
+from shir.adapters.odbc_base import (
     ConnectFailed,
     QueryFailed,
-    _describe_target,
-    _scrubber,
+    describe_target,
     parse_connection_string,
+    scrubber,
 )
 
 __all__ = ["ENGINES", "ArrowOdbcSource", "NotArrowFaithful", "arrow_available"]
 
-ARROW_FORMATS = ("csv", "parquet")  # JSON lines stays on the pyodbc engine's encoder
+ARROW_FORMATS = ("csv", "jsonl", "parquet")
 #: arrow-odbc's transit buffer: 4 MiB peaks 3-6 MB lower than 8 MiB for about 4% more client CPU
 #: (twice the fetches and joins; docs/copy.md)
 DEFAULT_MAX_BYTES_PER_BATCH = 4 * 1024 * 1024
@@ -164,8 +160,8 @@ class ArrowOdbcSource:
         _fix_mmap_threshold()
         connection_string = utc_connection_string(connection_string)  # timestamptz as UTC
         pairs = parse_connection_string(connection_string)
-        scrub = _scrubber(pairs)
-        self.target = _describe_target(pairs)
+        scrub = scrubber(pairs)
+        self.target = describe_target(pairs)
         self.fallback = fallback
         self._cancelled = False
         target = self.target
@@ -289,6 +285,8 @@ class ArrowStream:
     def encoder(self, fmt: str, options: CsvOptions | None) -> Encoder:
         if fmt == "csv":
             return ArrowCsvEncoder(self.columns, options or CsvOptions())
+        if fmt == "jsonl":
+            return ArrowJsonLinesEncoder(self.columns)
         if fmt == "parquet":
             return ArrowParquetEncoder(self.columns)
         raise NotArrowFaithful(f"the arrow engine writes {', '.join(ARROW_FORMATS)}, not {fmt}")
@@ -301,171 +299,6 @@ def _joined(pa: Any, batches: list[Any]) -> Any:
     if len(batches) == 1:
         return batches[0]
     return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
-
-
-def _strings(pa: Any, texts: Sequence[bytes]) -> Any:
-    """A string array of UTF-8 ``texts``, built from buffers: converting Python values with
-    ``pa.array`` or ``pa.scalar`` imports pandas when it is installed (about 50 MB)."""
-    offsets = array.array("i", itertools.accumulate(map(len, texts), initial=0))
-    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets.tobytes()),
-                                       pa.py_buffer(b"".join(texts)))
-
-
-def _base64(pa: Any, column: Any) -> Any:
-    """Standard base64 of each value of a binary array, as a string array (nulls kept), in a
-    few vectorised steps: each value is zero-padded to a multiple of 3 bytes, so the base64 of
-    all of them at once is the values' base64 texts end to end; then each padded value's last
-    one or two characters become ``=``. About 7x cheaper than a Python call per value."""
-    import numpy as np
-
-    n = len(column)
-    if column.offset:  # a slice: its buffers start before it
-        column = pa.concat_arrays([column])
-    validity, offsets, values = column.buffers()
-    wide = pa.types.is_large_binary(column.type)
-    ends = np.frombuffer(offsets, np.int64 if wide else np.int32, n + 1)
-    lengths = np.diff(ends)
-    data = np.frombuffer(values, np.uint8, int(ends[-1]))[int(ends[0]):] if n else \
-        np.zeros(0, np.uint8)
-    if column.null_count:  # a null slot may hold bytes: drop them
-        # from the validity bitmap: a boolean array's to_numpy imports pandas (about 50 MB)
-        valid = np.unpackbits(np.frombuffer(validity, np.uint8), count=n,
-                              bitorder="little").astype(bool)
-        if lengths[~valid].any():
-            data = data[np.repeat(valid, lengths)]
-            lengths = np.where(valid, lengths, 0)
-    pad = -lengths % 3
-    if pad.any():  # each value moves right by the padding of the values before it
-        padded = np.zeros(len(data) + int(pad.sum()), np.uint8)
-        padded[np.arange(len(data)) + np.repeat(np.cumsum(pad) - pad, lengths)] = data
-        data = padded
-    text = np.frombuffer(bytearray(binascii.b2a_base64(data.data, newline=False)), np.uint8)
-    text_ends = np.cumsum((lengths + pad) // 3 * 4)
-    text[text_ends[pad == 2] - 2] = ord("=")
-    text[text_ends[pad > 0] - 1] = ord("=")
-    text_offsets = np.zeros(n + 1, np.int32)
-    text_offsets[1:] = text_ends
-    return pa.StringArray.from_buffers(n, pa.py_buffer(text_offsets), pa.py_buffer(text),
-                                       validity if column.null_count else None,
-                                       column.null_count)
-
-
-# The characters the text of each kind of non-text value can hold (Arrow's cast to string,
-# base64, a driver's numeric text such as NaN or Infinity): a column whose kind cannot hold the
-# delimiter, the quote or a line break, and whose text is never empty, needs no quoting check.
-_DIGITS = frozenset(string.digits)
-_WORDS = _DIGITS | frozenset(string.ascii_letters)
-_ALPHABETS = (
-    ("is_integer", _DIGITS | set("-")),
-    ("is_floating", _WORDS | set("+-.")),
-    ("is_decimal", _WORDS | set("+-.")),
-    ("is_boolean", _WORDS),
-    ("is_date32", _DIGITS | set("-")),
-    ("is_timestamp", _DIGITS | set("-+:. Z")),
-    ("is_time", _DIGITS | set(":.")),
-    ("is_binary", _WORDS | set("+/=")),
-    ("is_large_binary", _WORDS | set("+/=")),
-)
-
-
-class ArrowCsvEncoder(CsvEncoder):
-    """RFC 4180 from record batches, the same bytes as :class:`CsvEncoder` except floats.
-
-    Each column becomes text with Arrow kernels (timestamps and times without a ``.000000``
-    fraction, as Python's ``str`` writes them; bytes as base64, vectorised: :func:`_base64`);
-    values that need quoting are quoted, checked only in columns whose text can need it; one
-    element-wise join makes the lines. Floats are Arrow's shortest text (``100``, ``-0``,
-    ``0.00001``) where Python's ``repr`` writes ``100.0``, ``-0.0``, ``1e-05``: the same double
-    read back.
-    """
-
-    def __init__(self, schema: Any, options: CsvOptions) -> None:
-        _, self._pa, self._pc = _modules()
-        pa = self._pa
-        self.options = options
-        self.names = list(schema.names)
-        self._schema = schema
-        self._specials = (options.delimiter, options.quote, "\r", "\n")  # for header()
-        self._encode = codecs.getincrementalencoder(options.encoding)().encode
-        self._utf8 = codecs.lookup(options.encoding).name == "utf-8"
-        texts = (options.quote, "", options.null, options.delimiter, "\r\n", "+00:00")
-        (self._quote, self._empty_text, self._null, self._delimiter, self._crlf,
-         self._utc) = _strings(pa, [t.encode() for t in texts])  # scalars, see _strings
-        self._needs_quote = "[" + "".join("\\" + c if c in "\\]^-" else c
-                                          for c in (options.delimiter, options.quote)) + "\r\n]"
-        self._checks = [self._quoting_checks(field.type) for field in schema]
-
-    def _quoting_checks(self, t: Any) -> tuple[bool, bool, bool]:
-        """Which checks a column of type ``t`` needs: (specials, empty text, the null text)."""
-        pa, o = self._pa, self.options
-        alphabet = next((chars for test, chars in _ALPHABETS if getattr(pa.types, test)(t)),
-                        None)
-        if alphabet is None:  # text: anything
-            return True, True, bool(o.null)
-        specials = any(c in alphabet for c in (o.delimiter, o.quote))
-        empty = pa.types.is_binary(t) or pa.types.is_large_binary(t)  # b"" is ""
-        null = bool(o.null) and set(o.null) <= alphabet
-        return specials, empty, null
-
-    def _column_text(self, column: Any) -> Any:
-        pa, pc = self._pa, self._pc
-        t = column.type
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            return _base64(pa, column)
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            return column
-        if pa.types.is_timestamp(t) or pa.types.is_time(t):
-            # whole seconds are written without a fraction (as Python's str does)
-            whole = pc.cast(column, pa.timestamp("s", t.tz) if pa.types.is_timestamp(t)
-                            else pa.time32("s"), safe=False)
-            text = pc.cast(whole, pa.string())
-            fraction = pc.not_equal(pc.cast(whole, t), column)
-            if pc.any(fraction).as_py():
-                text = pc.if_else(fraction, pc.cast(column, pa.string()), text)
-            return text
-        return pc.cast(column, pa.string())
-
-    def encode(self, rows: Any) -> bytes:
-        pc = self._pc
-        o = self.options
-        texts = []
-        for column, field, (specials, empty, null) in zip(rows.columns, self._schema,
-                                                          self._checks, strict=True):
-            text = self._column_text(column)
-            if getattr(field.type, "tz", None):  # an instant, in UTC: its offset after it
-                text = pc.binary_join_element_wise(text, self._empty_text, self._utc)
-            masks = []
-            if specials:
-                masks.append(pc.match_substring_regex(text, self._needs_quote))
-            if empty:
-                masks.append(pc.equal(text, self._empty_text))
-            if null:  # a value that reads as NULL
-                masks.append(pc.equal(text, self._null))
-            if masks:
-                mask = functools.reduce(pc.or_, masks)
-                if pc.any(mask).as_py():
-                    quoted = pc.binary_join_element_wise(
-                        self._quote, pc.replace_substring(text, o.quote, o.quote * 2),
-                        self._quote, self._empty_text)
-                    text = pc.if_else(mask, quoted, text)
-            texts.append(text)
-        # the line break joins the last column (its NULL as the null text): one pass less over
-        # whole lines than joining it after them
-        texts[-1] = pc.binary_join_element_wise(
-            pc.fill_null(texts[-1], self._null), self._crlf, self._empty_text)
-        lines = pc.binary_join_element_wise(*texts, self._delimiter, null_handling="replace",
-                                            null_replacement=o.null)
-        _, offsets, values = lines.buffers()
-        bounds = memoryview(offsets).cast("i")  # int32 offsets: one past each line's end
-        data = memoryview(values)[bounds[lines.offset]:bounds[lines.offset + len(lines)]]
-        if self._utf8:
-            return data.tobytes()
-        try:
-            return self._encode(str(data, "utf-8"))
-        except UnicodeEncodeError as exc:
-            raise FormatError(
-                f"csv: a text value has a character that {o.encoding} cannot encode "
-                f"({exc.reason}); choose another encoding (e.g. utf-8)") from None
 
 
 class ArrowParquetEncoder(ParquetEncoder):
@@ -495,12 +328,12 @@ class ArrowParquetEncoder(ParquetEncoder):
 
 def open_source(connection_string: str, fmt: str, engine: str = "auto") -> Any:
     """The source the copy reads with: ``arrow`` (arrow-odbc), ``pyodbc``, or ``auto`` (arrow
-    when installed and the format is CSV or Parquet, falling back to pyodbc for a result whose
+    when installed, falling back to pyodbc for a result whose
     types the arrow engine does not carry)."""
     if engine not in ENGINES:
         raise FormatError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if engine == "arrow" and fmt not in ARROW_FORMATS:
-        raise FormatError(f"the arrow engine writes {' and '.join(ARROW_FORMATS)}; use "
+        raise FormatError(f"the arrow engine writes {', '.join(ARROW_FORMATS)}; use "
                           f"--engine pyodbc for {fmt}")
     if engine == "arrow" or (engine == "auto" and fmt in ARROW_FORMATS and arrow_available()):
         return ArrowOdbcSource(connection_string, fallback=engine == "auto")

@@ -63,8 +63,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--transaction-rows", type=int, metavar="N",
                    help="a load commits every N rows (resumable; default: one transaction)")
     p.add_argument("--engine", default="auto", choices=("auto", "arrow", "pyodbc"),
-                   help="how rows are fetched: arrow (arrow-odbc, shir[arrow]; CSV and "
-                        "Parquet), pyodbc, or auto (arrow when installed; default)")
+                   help="how rows are fetched: arrow (arrow-odbc, shir[arrow]), pyodbc, "
+                        "or auto (arrow when installed; default)")
     p.add_argument("--container", help="Blob container")
     p.add_argument("--blob", help="Blob name")
     p.add_argument("--job-id", help="idempotency key (default: digest of the command)")

@@ -30,7 +30,7 @@ from shir.adapters.odbc import ConnectFailed, OdbcSource, QueryFailed, sqlite_co
 pytestmark = pytest.mark.services
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_arrow_round_trip_postgresql_blob_postgresql_is_value_identical(
     pg, pg_odbc: str, azurite_connection_string: str, fmt: str  # noqa: F811
 ) -> None:
@@ -79,6 +79,27 @@ def test_arrow_csv_bytes_match_the_pyodbc_engine_but_for_floats(
     assert _differences(c, table, f"{table}_back") == 0
 
 
+def test_arrow_json_lines_match_the_pyodbc_engine_but_for_floats(
+    pg, pg_odbc: str, tmp_path: Path  # noqa: F811
+) -> None:
+    _, table = pg
+    query = f"SELECT id, s, n, ts, tz, b, d, ok, big, v, t FROM {table} ORDER BY id"
+    a, p = tmp_path / "a.jsonl", tmp_path / "p.jsonl"
+    zoned = in_zone(pg_odbc, "Asia/Kolkata")
+    copy_query(open_source(zoned, "jsonl", "arrow"), query, FolderSink(a), "jsonl", "a")
+    with OdbcSource(zoned) as src:
+        copy_query(src, query, FolderSink(p), "jsonl", "p")
+    assert a.read_bytes() == p.read_bytes()
+    f_a = tmp_path / "fa.jsonl"
+    copy_query(open_source(pg_odbc, "jsonl", "arrow"), f"SELECT f FROM {table} ORDER BY id",
+               FolderSink(f_a), "jsonl", "fa")
+    assert f_a.read_text().split() == ['{"f":1.5}', '{"f":0}', '{"f":null}', '{"f":1e+300}']
+    with pytest.raises(Exception, match="no JSON representation"):
+        copy_query(open_source(pg_odbc, "jsonl", "arrow"), "SELECT 'NaN'::float8 AS f",
+                   FolderSink(tmp_path / "nan.jsonl"), "jsonl", "nan")
+    assert not (tmp_path / "nan.jsonl").exists()
+
+
 def test_auto_engine_picks_arrow_and_falls_back_for_a_type_it_does_not_carry(
     pg_odbc: str, tmp_path: Path
 ) -> None:
@@ -87,7 +108,7 @@ def test_auto_engine_picks_arrow_and_falls_back_for_a_type_it_does_not_carry(
     from shir.adapters.copy_arrow import _check_faithful
 
     assert isinstance(open_source(pg_odbc, "csv"), ArrowOdbcSource)
-    assert isinstance(open_source(pg_odbc, "jsonl"), OdbcSource)
+    assert isinstance(open_source(pg_odbc, "jsonl"), ArrowOdbcSource)
     assert isinstance(open_source(pg_odbc, "parquet", "pyodbc"), OdbcSource)
     with pytest.raises(NotArrowFaithful, match="'d'"):
         _check_faithful(pa.schema([("d", pa.duration("us"))]), pa)

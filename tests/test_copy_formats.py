@@ -7,7 +7,9 @@ import decimal
 import io
 import random
 import uuid
+from typing import Any
 
+import attrs
 import pytest
 
 pytest.importorskip("pyodbc")
@@ -139,37 +141,82 @@ ARROW_CSV_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", ARROW_CSV_OPTIONS, ids=range(len(ARROW_CSV_OPTIONS)))
-def test_the_arrow_csv_encoder_writes_the_pyodbc_encoders_bytes(options: CsvOptions) -> None:
-    """The arrow engine's vectorised text (base64, timestamps without a zero fraction, quoting
-    checked only where a kind's text can need it) against the pyodbc engine's encoder on the
-    same tricky values, bytes of every length around base64's 3-byte groups, and slices."""
+def _arrow_batch(seed: int, n: int) -> tuple[list[Any], list[tuple], Any, Any]:
+    """Columns, rows of tricky values (bytes of every length around base64's 3-byte groups,
+    timestamps and times with and without a fraction) and the same rows as a record batch as
+    arrow-odbc gives it (numeric as the driver's text), with the schema the encoders get."""
     pa = pytest.importorskip("pyarrow")
     pytest.importorskip("numpy")
-    from shir.adapters.copy_arrow import ArrowCsvEncoder
-
     columns = [c for c in COLUMNS if c.name not in ("f", "u")]  # floats differ; uuid: pyodbc
-    rng = random.Random(11)
+    rng = random.Random(seed)
     tricky = {**TRICKY, "b": [*TRICKY["b"], *(rng.randbytes(k) for k in range(1, 12))],
               "ts": [*TRICKY["ts"], dt.datetime(1969, 12, 31, 23, 59, 59, 999999),
                      dt.datetime(2020, 1, 1, 0, 0, 1)],
-              "t": [*TRICKY["t"], dt.time(0, 0, 1), dt.time(12, 0, 0, 500000)]}
+              "t": [*TRICKY["t"], dt.time(0, 0, 1), dt.time(12, 0, 0, 500000)],
+              "s": [*TRICKY["s"], 'q"uote', "back\\slash", "\x1f\t\x08\x0c", "\u2028"]}
     rows = [(i, *(None if rng.random() < 0.3 else rng.choice(tricky[c.name])
-                  for c in columns[1:])) for i in range(400)]
+                  for c in columns[1:])) for i in range(n)]
     types = {"id": pa.int32(), "s": pa.string(), "n": pa.string(), "ts": pa.timestamp("us"),
              "b": pa.binary(), "ok": pa.bool_(), "d": pa.date32(), "t": pa.time64("us")}
-    fetched = pa.record_batch(  # as arrow-odbc gives them: numeric as the driver's text
+    batch = pa.record_batch(
         [pa.array([None if r[k] is None else str(r[k]) if c.name == "n" else r[k]
                    for r in rows], types[c.name]) for k, c in enumerate(columns)],
         names=[c.name for c in columns])
     described = pa.schema([pa.field(c.name, pa.decimal128(18, 4) if c.name == "n"
                                     else types[c.name]) for c in columns])
+    return columns, rows, batch, described
+
+
+SLICES = ((0, 400), (0, 1), (3, 40), (17, 399))  # offsets into the batch's buffers
+
+
+@pytest.mark.parametrize("options", ARROW_CSV_OPTIONS, ids=range(len(ARROW_CSV_OPTIONS)))
+def test_the_arrow_csv_encoder_writes_the_pyodbc_encoders_bytes(options: CsvOptions) -> None:
+    """The arrow engine's vectorised text (base64, timestamps without a zero fraction, quoting
+    checked only where a kind's text can need it) against the pyodbc engine's encoder."""
+    from shir.adapters.copy_arrow_text import ArrowCsvEncoder
+
+    columns, rows, batch, described = _arrow_batch(11, 400)
     arrow = ArrowCsvEncoder(described, options)
     pyodbc = make_encoder("csv", columns, options)
     assert arrow.header() == pyodbc.header()
-    for start, stop in ((0, 400), (0, 1), (3, 40), (17, 399)):  # slices: offsets in buffers
-        assert arrow.encode(fetched.slice(start, stop - start)) == pyodbc.encode(
+    for start, stop in SLICES:
+        assert arrow.encode(batch.slice(start, stop - start)) == pyodbc.encode(
             rows[start:stop]), (options, start, stop)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_arrow_json_lines_encoder_writes_the_pyodbc_encoders_bytes(seed: int) -> None:
+    """JSON strings escaped as json.encoder does (quotes, backslashes, control characters),
+    ISO 8601 with T, numeric and bytes as strings, NULL as null; and odd column names."""
+    pa = pytest.importorskip("pyarrow")
+    from shir.adapters.copy_arrow_text import ArrowJsonLinesEncoder
+
+    columns, rows, batch, described = _arrow_batch(seed, 400)
+    names = [c.name if c.name != "s" else 'we"ird %s\\né' for c in columns]
+    columns = [attrs.evolve(c, name=n) for n, c in zip(names, columns, strict=True)]
+    batch = pa.record_batch(batch.columns, names=names)
+    described = pa.schema([f.with_name(n) for f, n in zip(described, names, strict=True)])
+    arrow = ArrowJsonLinesEncoder(described)
+    pyodbc = make_encoder("jsonl", columns)
+    for start, stop in SLICES:
+        assert arrow.encode(batch.slice(start, stop - start)) == pyodbc.encode(
+            rows[start:stop]), (start, stop)
+    data = arrow.encode(batch)
+    names_back, records = read_records(io.BytesIO(data), "jsonl")
+    assert list(names_back) == names and len(list(records)) == 400
+
+
+def test_the_arrow_json_lines_encoder_refuses_what_json_cannot_hold() -> None:
+    pa = pytest.importorskip("pyarrow")
+    from shir.adapters.copy_arrow_text import ArrowJsonLinesEncoder
+
+    encoder = ArrowJsonLinesEncoder(pa.schema([("f", pa.float64())]))
+    assert encoder.encode(pa.record_batch([pa.array([1.5, None, -0.0])], names=["f"])) == \
+        b'{"f":1.5}\n{"f":null}\n{"f":-0}\n'
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(FormatError, match="no JSON representation"):
+            encoder.encode(pa.record_batch([pa.array([1.0, None, bad])], names=["f"]))
 
 
 def test_vectorised_base64_matches_pythons_on_any_binary_array() -> None:
@@ -179,7 +226,7 @@ def test_vectorised_base64_matches_pythons_on_any_binary_array() -> None:
     np = pytest.importorskip("numpy")
     import binascii
 
-    from shir.adapters.copy_arrow import _base64
+    from shir.adapters.copy_arrow_text import _base64
 
     rng = random.Random(5)
     for _ in range(500):
@@ -199,3 +246,50 @@ def test_vectorised_base64_matches_pythons_on_any_binary_array() -> None:
         want = [None if v is None else binascii.b2a_base64(v, newline=False).decode()
                 for v in a.to_pylist()]
         assert _base64(pa, a).to_pylist() == want
+
+
+def test_the_arrow_encoders_never_import_pandas() -> None:
+    """pyarrow imports pandas (about 50 MB of peak RSS) to turn a Python value into an Arrow
+    scalar or a boolean array into numpy; the encoders must never take such a path. A fresh
+    interpreter records every attempt to import pandas (installed or not) while they run."""
+    pa = pytest.importorskip("pyarrow")
+    pytest.importorskip("numpy")
+    import subprocess
+    import sys
+
+    _, _, batch, described = _arrow_batch(3, 300)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    schema = pa.BufferOutputStream()
+    with pa.ipc.new_stream(schema, described) as writer:
+        pass
+    child = """
+import sys
+import pyarrow as pa
+data, schema = sys.stdin.buffer.read().split(b"--schema--")
+batch = pa.ipc.open_stream(data).read_next_batch()
+described = pa.ipc.open_stream(schema).schema
+from shir.adapters.copy_arrow import ArrowParquetEncoder
+from shir.adapters.copy_arrow_text import ArrowCsvEncoder, ArrowJsonLinesEncoder
+from shir.adapters.copy_formats import CsvOptions
+tried = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pandas":
+            tried.append(name)
+        return None
+sys.meta_path.insert(0, Watch())
+for options in (CsvOptions(), CsvOptions(null="1", delimiter="-")):
+    ArrowCsvEncoder(described, options).encode(batch)
+ArrowJsonLinesEncoder(described).encode(batch)
+parquet = ArrowParquetEncoder(described)
+parquet.encode(batch)
+parquet.finish()
+print(sorted(set(tried)) or "none")
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=120,
+                         input=sink.getvalue().to_pybytes() + b"--schema--"
+                         + schema.getvalue().to_pybytes())
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().strip() == "none"
