@@ -85,6 +85,7 @@ from shir.core.jobs import (
     JobReleased,
     JobSubmitted,
     LeaseRenewed,
+    LeasesRenewed,
     LeaseToken,
     ReleaseReason,
 )
@@ -182,6 +183,7 @@ __all__ = [
     "KeyName",
     "LeaseRenewed",
     "LeaseToken",
+    "LeasesRenewed",
     "LeaveRuntime",
     "LinkRuntime",
     "LinkedJobAccepted",
