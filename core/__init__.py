@@ -86,6 +86,7 @@ from shir.core.jobs import (
     JobResultsPublished,
     JobSubmitted,
     LeaseRenewed,
+    LeasesRenewed,
     LeaseToken,
     ReleaseReason,
 )
@@ -187,6 +188,7 @@ __all__ = [
     "KeyName",
     "LeaseRenewed",
     "LeaseToken",
+    "LeasesRenewed",
     "LeaveRuntime",
     "LinkRuntime",
     "LinkedJobAccepted",

@@ -66,7 +66,7 @@ ANSWERS = {**lifecycle.ANSWERS, **leasing.ANSWERS}
 RULES: tuple[TimedRule, ...] = (
     *lifecycle.RULES, *leasing.RULES, *credentials.RULES, *sharing.RULES, *proxy.RULES,
 )
-DISPATCH_TRIGGERS = lifecycle.DISPATCH_TRIGGERS | leasing.DISPATCH_TRIGGERS
+DISPATCH_TRIGGERS = {**lifecycle.DISPATCH_TRIGGERS, **leasing.DISPATCH_TRIGGERS}
 
 
 def current_rules() -> tuple[TimedRule, ...]:
@@ -200,15 +200,16 @@ def effects_of(events: Iterable[object], state: RuntimeState | None = None
     out: list[object] = []
     table = EFFECTS
     triggers = DISPATCH_TRIGGERS
-    triggered = False
+    wanted = state is None  # without the state, no dispatch hint at all: stop looking
     for e in events:
         t = type(e)
         f = table.get(t)
         if f is not None:
             out.extend(f(e))
-        if t in triggers:
-            triggered = True
-    if triggered and state is not None:
+        if not wanted and t in triggers:
+            test = triggers[t]
+            wanted = test is None or test(state.model(), e)  # type: ignore[union-attr]
+    if wanted and state is not None:
         m = state.model()
         if m.dispatcher is not None and m.jobs.queues:
             out.append(DispatchWanted(m.dispatcher, m.term))

@@ -153,7 +153,8 @@ class StopJob:
 @attrs.frozen
 class DispatchWanted:
     """Tell the dispatcher of ``term`` to send ``DispatchJobs``: work waits and something
-    changed that may let it be placed (a job queued, a slot freed, a node came up...)."""
+    changed that may let it be placed (a job queued first in its queue, a slot freed, a node
+    came up...)."""
 
     node: str
     term: int

@@ -49,6 +49,7 @@ __all__ = [
     "Lease",
     "LeaseRenewed",
     "LeaseToken",
+    "LeasesRenewed",
     "ReleaseReason",
     "Requirement",
     "requirement_of",
@@ -109,6 +110,18 @@ class LeaseRenewed:
     """A node extended its lease."""
 
     token: LeaseToken
+    expires_at: float
+    at: float
+
+
+@event("leases_renewed")
+@attrs.frozen
+class LeasesRenewed:
+    """A node extended several of its leases at once, all until ``expires_at`` (its periodic
+    keep-alive: one event per ``RenewLeases``, as Service Bus renews a batch of lock tokens in
+    one request). ``tokens`` are distinct and each was its job's live lease."""
+
+    tokens: tuple[LeaseToken, ...]
     expires_at: float
     at: float
 
@@ -399,6 +412,15 @@ def _lease_renewed(m: Any, e: LeaseRenewed) -> None:
     m.jobs_moved(e.expires_at)
 
 
+def _leases_renewed(m: Any, e: LeasesRenewed) -> None:
+    b: JobBook = m.jobs
+    leases, heap, expires_at = b.leases, b.expiry_heap, e.expires_at
+    for token in e.tokens:
+        leases[token.job_id].expires_at = expires_at
+        heapq.heappush(heap, (expires_at, token.job_id, token.delivery))
+    m.jobs_moved(expires_at)
+
+
 def _job_completed(m: Any, e: JobCompleted) -> None:
     b: JobBook = m.jobs
     b._unlease(e.token.job_id)
@@ -457,6 +479,7 @@ JOB_EVOLVE: dict[type, Any] = {
     JobSubmitted: _job_submitted,
     JobLeased: _job_leased,
     LeaseRenewed: _lease_renewed,
+    LeasesRenewed: _leases_renewed,
     JobCompleted: _job_completed,
     JobReleased: _job_released,
     JobDeadLettered: _job_dead_lettered,

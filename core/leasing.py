@@ -44,6 +44,7 @@ from shir.core.jobs import (
     JobSubmitted,
     Lease,
     LeaseRenewed,
+    LeasesRenewed,
     LeaseToken,
     ReleaseReason,
 )
@@ -403,13 +404,17 @@ def _renew_many(m: Model, c: RenewLeases, k: Decider) -> Events:
     s, out = k.timed(m, c.at, jobs_only=True)
     leases = s.jobs.leases
     pending = s.pending
-    expires = c.at + runtime_of(s).settings.lock_duration_s
+    live: dict[str, LeaseToken] = {}  # by job: each live lease renewed once
     for token in c.tokens:
         lease = leases.get(token.job_id)
         if lease is not None and (lease.token is token or lease.token == token) and (
             token.job_id not in pending
         ):
-            emit(s, out, LeaseRenewed(token, expires, c.at))
+            live[token.job_id] = token
+    if live:
+        # One event for the batch: a keep-alive renews every lease a node holds.
+        expires = c.at + runtime_of(s).settings.lock_duration_s
+        emit(s, out, LeasesRenewed(tuple(live.values()), expires, c.at))
     return out
 
 
@@ -518,20 +523,47 @@ EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
     ),
 }
 
-# A job queued, a slot freed, a limit changed: queued work may be placed.
-DISPATCH_TRIGGERS = frozenset({
-    JobSubmitted, JobCompleted, JobReleased, JobDeadLettered, ConcurrencyLimitSet,
-})
+def _first_in_queue(m: Model, e: JobSubmitted) -> bool:
+    """Is the job ``e`` queued the first of its requirement queue (in the state after it)?
+
+    Only then does queueing it want a dispatch: the jobs ahead of it need the same nodes, so
+    either a dispatch is already wanted for them (and will place it too) or none of them can
+    be placed until a slot frees or a status changes, which want one of their own. A burst of
+    submissions thus asks for one dispatch, not one each.
+    """
+    b = m.jobs
+    job = b.jobs.get(e.job_id)
+    if job is None:  # placed (or gone) in the same batch
+        return False
+    q = b.queues.get(job.requirement)
+    return q is not None and q[0] == e.job_id
+
+
+# A job queued first in its queue, a slot freed, a limit changed: queued work may be placed.
+# None: always; a function: when it says so, given the model after the events.
+DISPATCH_TRIGGERS: dict[type, Callable[[Model, Any], bool] | None] = {
+    JobSubmitted: _first_in_queue,
+    JobCompleted: None,
+    JobReleased: None,
+    JobDeadLettered: None,
+    ConcurrencyLimitSet: None,
+}
 
 
 def _answer_renew(c: RenewLeases, events: tuple[object, ...], state: RuntimeState
                   ) -> tuple[object, ...]:
     """"Lease lost" for each token neither renewed nor ended (ended ones got ``StopJob``)."""
-    settled = {e.token for e in events if isinstance(e, (LeaseRenewed, JobReleased,
-                                                         JobDeadLettered))}
+    # By job id (str hashes are cached; a token's hash is not): the token each event settled.
+    settled: dict[str, LeaseToken] = {}
+    for e in events:
+        if type(e) is LeasesRenewed:
+            settled.update((t.job_id, t) for t in e.tokens)
+        elif isinstance(e, (JobReleased, JobDeadLettered)):
+            settled[e.token.job_id] = e.token
     return tuple(
         StopJob(t, f"lease lost: delivery {t.delivery} of {t.job_id} in term {t.term} has ended")
-        for t in c.tokens if t not in settled
+        for t in c.tokens
+        if (done := settled.get(t.job_id)) is None or (done is not t and done != t)
     )
 
 

@@ -517,7 +517,10 @@ EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
 }
 
 # A new dispatcher, or a node that can (or no longer can) take work: queued work may be placed.
-DISPATCH_TRIGGERS = frozenset({ev.DispatcherChanged, ev.NodeStatusChanged})
+# A new dispatcher, a status changed: queued work may be placed (see leasing.DISPATCH_TRIGGERS).
+DISPATCH_TRIGGERS: dict[type, Callable[[Model, Any], bool] | None] = {
+    ev.DispatcherChanged: None, ev.NodeStatusChanged: None,
+}
 
 
 def _answer_register(c: cmd.RegisterNode, events: tuple[object, ...], state: RuntimeState

@@ -71,6 +71,7 @@ class Checkers:
             ev.DispatcherChanged: self._dispatcher_changed,
             jobs.JobLeased: self._leased,
             jobs.LeaseRenewed: self._renewed,
+            jobs.LeasesRenewed: self._renewed_many,
             jobs.JobCompleted: self._completed,
             jobs.JobReleased: self._ended,
             jobs.JobDeadLettered: self._ended,
@@ -153,6 +154,12 @@ class Checkers:
 
     def _renewed(self, e: jobs.LeaseRenewed) -> None:
         self._check_live(e.token, "renewal")
+
+    def _renewed_many(self, e: jobs.LeasesRenewed) -> None:
+        live = self.live
+        for token in e.tokens:
+            if live.get(token.job_id) != token:
+                self._check_live(token, "renewal")
 
     def _end(self, token: jobs.LeaseToken, what: str) -> None:
         if self._check_live(token, what):
@@ -262,15 +269,16 @@ class ClusterChecks:
                 if self.status.get(token.node) is not NodeStatus.OFFLINE:
                     continue
                 self.fail("offline-leases", f"{token.job_id} leased to {token.node}, Offline")
-            elif t is jobs.LeaseRenewed or t is jobs.JobCompleted:
-                token = e.token  # type: ignore[attr-defined]
-                granted = self.lease_epoch.get(token.job_id)
-                if granted is not None and granted != self.epoch.get(token.node, 0):
-                    verb = "renewed" if t is jobs.LeaseRenewed else "completed"
-                    self.fail("fencing", f"{token.node} {verb} {token.job_id} under a lease "
-                                         "granted before it went Offline")
-                if t is jobs.JobCompleted:
-                    self._end(token)
+            elif t is jobs.LeaseRenewed or t is jobs.LeasesRenewed or t is jobs.JobCompleted:
+                tokens = e.tokens if t is jobs.LeasesRenewed else (e.token,)  # type: ignore[attr-defined]
+                for token in tokens:
+                    granted = self.lease_epoch.get(token.job_id)
+                    if granted is not None and granted != self.epoch.get(token.node, 0):
+                        verb = "completed" if t is jobs.JobCompleted else "renewed"
+                        self.fail("fencing", f"{token.node} {verb} {token.job_id} under a "
+                                             "lease granted before it went Offline")
+                    if t is jobs.JobCompleted:
+                        self._end(token)
             elif t is jobs.JobReleased or t is jobs.JobDeadLettered:
                 self._end(e.token)  # type: ignore[attr-defined]
         for node in lost:

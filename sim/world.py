@@ -41,6 +41,7 @@ from typing import Any
 
 import attrs
 import simpy
+from simpy.events import NORMAL
 
 from shir.core import commands as cmd
 from shir.core.codec import encode
@@ -193,8 +194,8 @@ class World:
 
     # -- scheduling helpers (callbacks, not processes)
     def later(self, delay: float, fn: Callable[[], object]) -> None:
-        # The timeout carries ``fn`` as its value: no closure per message.
-        self.env.timeout(delay if delay > 0.0 else 0.0, fn).callbacks.append(_call_value)
+        """Call ``fn`` after ``delay`` simulated seconds (in the order a SimPy timeout would)."""
+        self.env.schedule(_Call(fn), NORMAL, delay if delay > 0.0 else 0.0)  # type: ignore[arg-type]
 
     def at(self, when: float, fn: Callable[[], object]) -> None:
         self.later(when - self.env.now, fn)
@@ -382,8 +383,27 @@ class World:
         )
 
 
-def _call_value(event: Any) -> None:
-    event.value()
+class _Call:
+    """A scheduled call: all ``Environment.step`` reads of an event (``callbacks``, ``_ok``).
+
+    Most of a run's steps are messages and timers that only call a function; a full
+    ``simpy.Timeout`` per step (its checks, value and callback list) cost a tenth of the run.
+    ``env.schedule`` orders it exactly as a timeout made at the same moment.
+    """
+
+    __slots__ = ("callbacks", "fn")
+    _ok = True
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.callbacks: tuple[Callable[[_Call], None], ...] | None = _FIRE
+        self.fn = fn
+
+
+def _fire(call: _Call) -> None:
+    call.fn()
+
+
+_FIRE = (_fire,)
 
 
 def run(scenario: Scenario, seed: int | None = None, until_s: float | None = None) -> RunResult:

@@ -23,6 +23,7 @@ from shir.core import (
     Fenced,
     Heartbeat,
     JobReleased,
+    LeasesRenewed,
     LeaseToken,
     LeaveRuntime,
     NodeLeft,
@@ -101,6 +102,23 @@ def test_dispatch_is_wanted_only_when_work_waits_and_something_changed() -> None
     assert effects_of(d.events) == d.effects  # without the state: no dispatch hint at all
 
 
+def test_a_job_queued_behind_others_wants_no_dispatch_of_its_own() -> None:
+    c = Rig.online(1, at=10.0)
+    c.handle(SetConcurrencyLimit("n1", 1, 10.0))
+    c.handle(SubmitJob("j1", "k1", 11.0))
+    d = handle(c.state, SubmitJob("j2", "k2", 11.1))
+    assert d.effects == ()  # j1 is ahead: the dispatch wanted for it places j2 too
+    c.state = d.state
+    d = handle(c.state, DispatchJobs("n1", 1, 11.2))
+    (delivery,) = of_type(d.effects, DeliverJob)  # the one slot: j1; j2 waits
+    c.state = d.state
+    d = handle(c.state, SubmitJob("j3", "k3", 11.3))
+    assert d.effects == ()  # j2 waits for a slot, and so does j3: nothing to place yet
+    c.state = d.state
+    d = handle(c.state, CompleteJob(delivery.token, 12.0))  # a slot frees: dispatch
+    assert d.effects[-1] == DispatchWanted("n1", 1)
+
+
 # --- answers and fenced replies ---------------------------------------------------------------
 
 def test_renewing_an_ended_lease_answers_lease_lost_for_that_token_only() -> None:
@@ -109,10 +127,23 @@ def test_renewing_an_ended_lease_answers_lease_lost_for_that_token_only() -> Non
     lost, live = deliveries[0].token, deliveries[1].token
     c.handle(CompleteJob(lost, 12.0))
     d = handle(c.state, RenewLeases((lost, live), 13.0))
-    assert [e.token for e in d.events] == [live]  # the live one is renewed
+    assert [e.tokens for e in d.events] == [(live,)]  # the live one is renewed
     stops = of_type(d.effects, StopJob)
     assert [s.token for s in stops] == [lost] and stops[0].reason.startswith("lease lost")
     assert stops[0].to == to_node(lost.node)
+
+
+def test_a_keep_alive_renews_its_live_leases_in_one_event_each_once() -> None:
+    c = Rig.online(2, at=10.0)
+    a, b, gone = (d.token for d in leased(c, 3))
+    c.handle(CompleteJob(gone, 12.0))
+    lock_s = c.state.settings.lock_duration_s
+    d = handle(c.state, RenewLeases((a, b, a, gone), 13.0))
+    (renewed,) = d.events
+    assert renewed == LeasesRenewed((a, b), 13.0 + lock_s, 13.0)
+    assert decode(encode(renewed)) == renewed
+    assert [s.token for s in of_type(d.effects, StopJob)] == [gone]
+    assert handle(d.state, RenewLeases((gone,), 14.0)).events == ()  # none live: no event
 
 
 @pytest.mark.parametrize("command", ["complete", "renew"])

@@ -56,6 +56,7 @@ def test_a_clean_stream_has_no_violation() -> None:
         jobs.JobSubmitted("j1", "k1", (), (), 0.0, 0.0),
         jobs.JobLeased(t, 60.0, 0.0),
         jobs.LeaseRenewed(t, 90.0, 30.0),
+        jobs.LeasesRenewed((t,), 95.0, 35.0),
         jobs.JobCompleted(t, "k1", 40.0),
     ]) == []
 
@@ -81,6 +82,15 @@ def test_renewal_or_completion_with_a_stale_token_is_caught() -> None:
                 jobs.JobCompleted(_token("j1", delivery=1), "k1", 2.0)])
     assert any("renewal of j1" in x for x in v)
     assert any("completion of j1" in x for x in v)
+
+
+def test_a_batch_renewal_with_a_stale_token_is_caught() -> None:
+    live, other = _token("j1", delivery=2), _token("j2")
+    v = _check([_registered("a", 4, 4096), _dispatcher(1), jobs.JobLeased(live, 60.0, 0.0),
+                jobs.JobLeased(other, 60.0, 0.0),
+                jobs.LeasesRenewed((other, _token("j1", delivery=1)), 90.0, 1.0)])
+    assert [x for x in v if "renewal of" in x] == [
+        x for x in v if "renewal of j1" in x and "delivery=1" in x] != []
 
 
 def test_deliveries_must_grow() -> None:

@@ -54,6 +54,7 @@ from shir.core import (
     JobReleased,
     JobSubmitted,
     LeaseRenewed,
+    LeasesRenewed,
     LeaseToken,
     NodeMetrics,
     NodeRegistered,
@@ -390,6 +391,11 @@ def check_stream(log: list[object], s: RuntimeSettings, final: bool) -> None:
             live.add(job)
         elif isinstance(e, LeaseRenewed):
             assert e.expires_at == e.at + s.lock_duration_s
+        elif isinstance(e, LeasesRenewed):
+            assert e.expires_at == e.at + s.lock_duration_s
+            jobs = [t.job_id for t in e.tokens]
+            assert jobs and len(set(jobs)) == len(jobs), f"renewed {jobs}: empty or twice"
+            assert all(j in live for j in jobs), f"renewed {jobs}, live are {sorted(live)}"
         elif isinstance(e, JobCompleted):
             live.discard(e.token.job_id)
             key = e.idempotency_key
