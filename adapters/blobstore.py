@@ -88,7 +88,6 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -111,6 +110,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'shir[azure]'"
     ) from exc
 
+from shir.adapters.closing import CloseOnExit
 from shir.adapters.framing import (
     CHECKPOINT_EVERY,
     HEADER,
@@ -313,7 +313,7 @@ def _check_container_name(name: str) -> str:
     return name
 
 
-class BlobEventStore:
+class BlobEventStore(CloseOnExit):
     """The :class:`~shir.core.store.EventStore` port on Azure Blob Storage; see the module doc.
 
     ``container`` is a :class:`azure.storage.blob.ContainerClient` with whatever credential the
@@ -383,15 +383,6 @@ class BlobEventStore:
                 self._closed = True
                 self._streams.clear()
                 self._container.close()
-
-    def __enter__(self) -> BlobEventStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def container_name(self) -> str:

@@ -35,7 +35,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from types import TracebackType
 
 from shir.adapters.channel import (
     ChannelError,
@@ -45,6 +44,7 @@ from shir.adapters.channel import (
     LockLost,
     ReceivedRequest,
 )
+from shir.adapters.closing import CloseOnExit
 from shir.adapters.sqlitestore import enable_wal
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "DeadLetter", "EmbeddedChannel"]
@@ -72,7 +72,7 @@ _SCHEMA = (
 )
 
 
-class EmbeddedChannel:
+class EmbeddedChannel(CloseOnExit):
     """The :class:`~shir.adapters.channel.ControlChannel` port on a SQLite file."""
 
     def __init__(
@@ -397,12 +397,3 @@ class EmbeddedChannel:
         """Close the connection. Safe to call twice; the channel is unusable after."""
         with self._mutex:
             self._close_quietly()
-
-    def __enter__(self) -> EmbeddedChannel:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -49,10 +49,10 @@ import fcntl
 import os
 import threading
 from collections.abc import Sequence
-from types import TracebackType
 
 import attrs
 
+from shir.adapters.closing import CloseOnExit
 from shir.adapters.framing import (
     CHECKPOINT_EVERY,
     HEADER,
@@ -187,7 +187,7 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-class FileEventStore:
+class FileEventStore(CloseOnExit):
     """The :class:`~shir.core.store.EventStore` port on a local directory; see the module doc.
 
     ``fsync=False`` skips the flushes to disk: appends then survive a process crash but not a
@@ -231,15 +231,6 @@ class FileEventStore:
                 os.close(self._lock_fd)  # closing the descriptor drops the flock
                 self._lock_fd = None
                 self._index.clear()
-
-    def __enter__(self) -> FileEventStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # Best effort: a forgotten store must not keep its directory locked forever.

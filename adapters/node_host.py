@@ -16,7 +16,11 @@ elsewhere). Each turn of its loop it reads the clock and:
    others decide again on the newer log, where nothing is due any more);
 4. as the dispatcher of the current term, moves job requests from the control channel into the
    log (``SubmitJob``, idempotency key = message id) and settles each message only after the
-   append is durable, and sends ``DispatchJobs`` when the core says ``DispatchWanted``.
+   append is durable, sends ``DispatchJobs`` when the core says ``DispatchWanted``, and
+   publishes the results the core lists as ``unpublished_results`` (when it takes over or
+   starts, and every ``DISPATCH_POLL_S``);
+5. records the results it published (``ConfirmResultsPublished``): a result is published at
+   least once, and a repeat is absorbed by the reply queue.
 
 Credentials (:mod:`shir.adapters.node_credentials`, which says how): heartbeats report the
 store's versions, after ``SaveCredential`` for newer ones; ``SealCredentialFor`` has a version
@@ -41,203 +45,42 @@ refusal carries): those are the only places that know the protocol. The host dec
 the core decides: who dispatches, which node runs what, when a node is Offline, when a lease
 has ended.
 
+The host is three modules, by role: :mod:`shir.adapters.node_base` holds its state and the door
+to the core (``send``); :mod:`shir.adapters.node_duties` the jobs running on this node and the
+dispatcher's work with the control channel; this module start-up, the turn loop, the effects it
+carries out, and shutdown.
+
 Commands are stamped with ``max(clock, the log's latest time)``: several writers share one log,
 and the core refuses time going backwards.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import queue
-import threading
-import time
-from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
 
 import attrs
 
-from shir.adapters.channel import ChannelError, ControlChannel, JobResult, LockLost
-from shir.adapters.node_credentials import HostCredentials, request_credentials
-from shir.adapters.node_jobs import KINDS, JobContext, JobRun, pack_spec
+from shir.adapters.node_base import NO_PROXY, SEND_TRIES, HostExit
+from shir.adapters.node_duties import DispatcherDuties, JobDuties, job_id_for
 from shir.core import commands as cmd
 from shir.core import effects as fx
-from shir.core import effects_of, jobs
-from shir.core import events as ev
-from shir.core.capacity import requests_wanted
 from shir.core.credentials import DeliverCredential, SealCredentialFor
-from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict, Driver
-from shir.core.errors import DomainError, Fenced, ShirError, TimeWentBackwards
-from shir.core.leasing import (
-    AbandonJob,
-    CompleteJob,
-    DispatchJobs,
-    FailJob,
-    RenewLeases,
-    SetConcurrencyLimit,
-    StaleLease,
-    SubmitJob,
-    UnknownJob,
-)
+from shir.core.driver import AppendOutcomeUnknown, ConcurrencyConflict
+from shir.core.errors import ShirError, TimeWentBackwards
+from shir.core.leasing import RenewLeases, SetConcurrencyLimit
 from shir.core.model import NodeMetrics
-from shir.core.proxy import ProxySettings, RestartHostService, SaveProxySettings, saved_proxy
-from shir.core.state import Node
-from shir.core.store import EventStore, StoreError
+from shir.core.proxy import RestartHostService, SaveProxySettings, saved_proxy
+from shir.core.store import StoreError
 
 __all__ = ["HostExit", "NodeHost", "job_id_for"]
 
-Log = Callable[..., None]
 POLL_S = 0.1  # how often the log is read for other writers' events
-_SEND_TRIES = 6
-MAX_REQUESTS_PER_TURN = 32  # job requests taken per loop turn (and per append), at most
-DISPATCH_POLL_S = 5.0  # the dispatcher also dispatches this often without being asked
-_MEMBERSHIP_EVENTS = (ev.NodeRegistered, ev.NodeRemoved, ev.NodeLeft)
-NO_PROXY = ProxySettings()
+DISPATCH_POLL_S = 5.0  # the dispatcher also dispatches (and publishes) this often unasked
 
 
-class _LogDriver(Driver):
-    """The core's Driver, reporting every tail it reads from the store to ``on_tail``.
-
-    Those are other writers' events (and, after an append whose outcome was unknown, this
-    node's own): their effects come from the log. The effects of this node's own appends come
-    back from ``handle`` with the answer to its command.
-    """
-
-    def __init__(self, store: EventStore, on_tail: Callable[[list[object]], None]) -> None:
-        self._on_tail: Callable[[list[object]], None] | None = None
-        super().__init__(store)  # the history: folded, not acted on
-        self._on_tail = on_tail
-
-    def catch_up(self) -> list[object]:
-        tail = super().catch_up()
-        if tail and self._on_tail is not None:
-            self._on_tail(tail)
-        return tail
-
-
-class HostExit(Exception):
-    """The host must stop: ``code`` is the exit code, ``message`` says why."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def job_id_for(message_id: str) -> str:
-    """The job id of a request: derived from its message id, so a redelivery is the same job."""
-    return "j-" + hashlib.sha256(message_id.encode()).hexdigest()[:20]
-
-
-class NodeHost:
+class NodeHost(JobDuties, DispatcherDuties):
     """One node of a runtime (see the module doc). ``run`` returns the process's exit code."""
-
-    def __init__(
-        self, *, store: EventStore, channel: ControlChannel | None, key_text: str, name: str,
-        machine_id: str, metrics: Callable[[int], NodeMetrics], cores: int, memory_mb: int,
-        log: Log, heartbeat_interval_s: float | None = None,
-        concurrency_limit: int | None = None, drain_timeout_s: float = 30.0,
-        clock: Callable[[], float] = time.time,
-        kinds: dict[str, Callable[[JobContext], None]] = KINDS,
-        intranet_address: str | None = None, cert_sha256: str | None = None,
-        on_members: Callable[[tuple[Node, ...]], None] | None = None,
-        credentials: HostCredentials | None = None,
-        proxy: ProxySettings = NO_PROXY,
-    ) -> None:
-        self._effects: list[tuple[object, bool]] = []  # (effect, caused by this node's command)
-        self.driver = _LogDriver(store, self._on_tail)  # the history's effects are not redone
-        self.driver.listeners.append(self._on_events)
-        self.channel = channel
-        self._key_text = key_text
-        self.name = name
-        self.machine_id = machine_id
-        self._metrics = metrics
-        self.cores, self.memory_mb = cores, memory_mb
-        self.log = log
-        self._hb_option = heartbeat_interval_s
-        self._limit_option = concurrency_limit
-        self.drain_timeout_s = drain_timeout_s
-        self.clock = clock
-        self.kinds = kinds
-        self.intranet_address, self.cert_sha256 = intranet_address, cert_sha256
-        self._on_members = on_members  # told the registered nodes whenever they change
-        self.credentials = credentials
-        self.session = 0
-        self.term = 0
-        self.dispatcher: str | None = None
-        self.running: dict[str, JobRun] = {}
-        self._finished: queue.Queue[tuple[JobRun, str | None]] = queue.Queue()
-        self._unreported: list[tuple[JobRun, str | None]] = []
-        self._dispatch_wanted = False
-        book = self.driver.state.jobs
-        self._specs: dict[str, bytes] = {j.job_id: j.spec for j in book.jobs.values()}
-        self.stop = threading.Event()
-        self.draining = False
-        self.leaving = False
-        self.proxy = proxy  # the setting this process's clients were built with
-        self.restart_to: ProxySettings | None = None  # set: stop, stay registered, start again
-
-    # -- the one door to the core -------------------------------------------------------------
-
-    def send(self, make: Callable[[float], object]) -> bool | None:
-        """Decide ``make(at)``; True when the core accepted it (or found it satisfied).
-
-        A refusal returns False; a fenced one also queues the reply it carries. Lost races (a
-        conflict, an append whose outcome was unknown and did not land) are retried with a
-        fresh stamp; None means the store could not be written this turn (nothing was decided:
-        the caller may try again later).
-        """
-        [ok] = self.send_all([make])
-        return ok
-
-    def send_all(self, makes: Sequence[Callable[[float], object]]) -> list[bool | None]:
-        """:meth:`send` for several commands stored in one append (group commit): what each
-        would have returned alone. A batch of job requests pays one durable write, so a burst
-        of requests does not starve the other nodes' heartbeats of the store."""
-        commands: list[object] = []
-        for _ in range(_SEND_TRIES):
-            at = max(self.clock(), self.driver.state.now)
-            commands = [make(at) for make in makes]
-            try:
-                outcomes = self.driver.handle_all(commands)
-            except (ConcurrencyConflict, AppendOutcomeUnknown, TimeWentBackwards):
-                self.driver.catch_up()
-                continue
-            except StoreError as exc:
-                # busy, unreachable, throttled: this turn is lost, the next one tries again
-                self.log("warning", "store_error", command=type(commands[0]).__name__,
-                         error=str(exc))
-                return [None] * len(commands)
-            done: list[bool | None] = []
-            for command, outcome in zip(commands, outcomes, strict=True):
-                if isinstance(outcome, DomainError):
-                    self._refused(command, outcome)
-                    if isinstance(outcome, Fenced):  # the sender (this node) is stale: the
-                        self._effects.append((outcome.reply, True))  # reply catches it up
-                    done.append(False)
-                else:
-                    self._effects.extend((e, True) for e in outcome)
-                    done.append(True)
-            return done
-        self.log("warning", "command_retries_exhausted", command=type(commands[0]).__name__)
-        return [None] * len(commands)
-
-    def _on_tail(self, events: list[object]) -> None:
-        # Events read from the log (other writers'): their effects, some of them for this node.
-        self._effects.extend((e, False) for e in effects_of(events, self.driver.state))
-
-    def _on_events(self, events: Any) -> None:
-        # Every folded batch, this node's and others': keep what to run for each job.
-        for e in events:
-            t = type(e)
-            if t is jobs.JobSubmitted:
-                self._specs[e.job_id] = e.spec
-            elif t is jobs.JobCompleted or t is jobs.JobDeadLettered:
-                self._specs.pop(e.token.job_id, None)
-            elif t is ev.NodeStatusChanged and e.node == self.name:
-                self.log("info", "status", status=e.status.value, reasons=list(e.reasons))
-            elif t in _MEMBERSHIP_EVENTS and self._on_members is not None:
-                self._on_members(self.driver.state.nodes)
 
     def _drain_effects(self) -> None:
         while self._effects:
@@ -281,7 +124,7 @@ class NodeHost:
                     self.log("info", "dispatcher", term=effect.term, node=effect.node)
                 self._dispatch_wanted = effect.node == me
                 if effect.node == me and not was_me:
-                    self._republish_recent()
+                    self._next_sweep = 0.0  # publish what the last one may have left
         elif isinstance(effect, fx.StartSession):
             if effect.session != self.session:
                 self.session = effect.session
@@ -310,32 +153,6 @@ class NodeHost:
         self.log("info", "restart_wanted", reason=reason, proxy=wanted.describe())
         self.stop.set()
 
-    def _refused(self, command: object, exc: DomainError) -> None:
-        what = type(command).__name__
-        if isinstance(exc, (StaleLease, UnknownJob)):
-            job = getattr(getattr(command, "token", None), "job_id", None)
-            self.log("warning", "late_work_refused", command=what, job=job, reason=str(exc),
-                     detail=getattr(command, "reason", ""))
-        else:
-            self.log("warning", "refused", command=what, error=type(exc).__name__,
-                     reason=str(exc))
-
-    def _republish_recent(self) -> None:
-        """A new dispatcher publishes again the completions the log still remembers (the
-        duplicate window): the previous one, or a completer, may have died before publishing."""
-        for key, (token, _at) in self.driver.state.jobs.recent.items():
-            self._publish(fx.PublishJobResult(token.job_id, key, "completed", ""))
-
-    def _publish(self, effect: fx.PublishJobResult) -> None:
-        if self.channel is None:
-            return
-        result = JobResult(effect.idempotency_key, effect.job_id, effect.outcome, effect.detail,
-                           self.clock())
-        try:
-            self.channel.publish_result(result)
-        except ChannelError as exc:
-            self.log("warning", "result_not_published", job=effect.job_id, error=str(exc))
-
     # -- life cycle ---------------------------------------------------------------------------
 
     def register(self) -> None:
@@ -348,7 +165,7 @@ class NodeHost:
         self.term, self.dispatcher = state.term, state.dispatcher
         if self._on_members is not None:
             self._on_members(state.nodes)
-        for _ in range(_SEND_TRIES):
+        for _ in range(SEND_TRIES):
             at = max(self.clock(), self.driver.state.now)
             command = cmd.RegisterNode(
                 self._key_text, self.name, self.machine_id, self.cores, self.memory_mb, at,
@@ -396,12 +213,16 @@ class NodeHost:
             self._cancel_all()
             return exc.code
 
-    def _serve(self) -> None:
-        self._next_hb = self._next_dispatch = 0.0
+    def _begin_serving(self) -> None:
+        """Arm the loop's timers: heartbeat, dispatch and the results sweep are due at once."""
+        self._next_hb = self._next_dispatch = self._next_sweep = 0.0
         if self.credentials is not None:
             self.credentials.set_nodes(self.driver.state.nodes)
         self._next_renew = self.clock() + self.driver.state.settings.lock_duration_s / 3
         self._stuck_deadline: float | None = None
+
+    def _serve(self) -> None:
+        self._begin_serving()
         while not self.stop.is_set():
             try:
                 self._turn()
@@ -438,7 +259,11 @@ class NodeHost:
             if self._dispatch_wanted or now >= self._next_dispatch:
                 self._next_dispatch = now + DISPATCH_POLL_S
                 self._dispatch()
+            if now >= self._next_sweep:
+                more = self._publish_unpublished()
+                self._next_sweep = now if more else now + DISPATCH_POLL_S
         self._drain_effects()
+        self._confirm_published()
 
     def _wait(self, timeout_s: float) -> None:
         try:
@@ -466,55 +291,6 @@ class NodeHost:
             tokens = tuple(r.token for r in self.running.values())
             self.send(lambda at: RenewLeases(tokens, at))
 
-    # -- jobs on this node --------------------------------------------------------------------
-
-    def _start_job(self, token: jobs.LeaseToken) -> None:
-        old = self.running.get(token.job_id)
-        if old is not None:
-            if old.token == token:
-                return  # the same delivery seen twice
-            old.cancelled.set()  # a newer delivery replaces a copy whose lease has ended
-            del self.running[token.job_id]
-        if self.draining:
-            self.send(partial(AbandonJob, token, reason=f"node {self.name} is shutting down"))
-            return
-        spec = self._specs.get(token.job_id, b"")
-        run = JobRun(token, spec, lambda r, error: self._finished.put((r, error)), self.kinds)
-        self.running[token.job_id] = run
-        self.log("info", "job_started", job=token.job_id, kind=run.kind,
-                 delivery=token.delivery, term=token.term)
-        run.start()
-
-    def _report_finished(self) -> None:
-        """Complete or fail finished runs; one the store could not take is retried next turn
-        (and its lease still renewed meanwhile)."""
-        while True:
-            try:
-                self._unreported.append(self._finished.get_nowait())
-            except queue.Empty:
-                break
-        pending, self._unreported = self._unreported, []
-        for run, error in pending:
-            token = run.token
-            if error is None:
-                outcome = self.send(partial(CompleteJob, token))
-            else:
-                outcome = self.send(partial(FailJob, token, reason=error[:500]))
-            if outcome is None:
-                self._unreported.append((run, error))
-                continue
-            if self.running.get(token.job_id) is run:
-                del self.running[token.job_id]
-            if outcome and error is None:
-                self.log("info", "job_completed", job=token.job_id)
-            elif outcome and error is not None:
-                self.log("warning", "job_failed", job=token.job_id, reason=error[:500])
-
-    def _cancel_all(self) -> None:
-        for run in self.running.values():
-            run.cancelled.set()
-        self.running.clear()
-
     def _drain(self) -> int:
         """Finish running jobs (bounded), give back the rest, and leave."""
         self.draining = True
@@ -536,6 +312,7 @@ class NodeHost:
             self._wait(POLL_S)
         self._cancel_all()  # past the bound: leaving gives their leases back at once
         self._drain_effects()  # the last completions' results are published before leaving
+        self._confirm_published()
         if self.restart_to is not None:
             # a restart, as the product's host service does it: the node stays registered
             # (with its proxy setting); leases cut short above end when it registers again
@@ -545,61 +322,3 @@ class NodeHost:
         left = self.send(partial(cmd.LeaveRuntime, self.name, self.session))
         self.log("info", "stopped", left=bool(left))
         return 0
-
-    # -- dispatcher duties --------------------------------------------------------------------
-
-    def _pull_requests(self) -> None:
-        if self.channel is None:
-            return
-        wanted = requests_wanted(self.driver.state, MAX_REQUESTS_PER_TURN)
-        if not wanted:
-            return
-        try:
-            received = self.channel.receive(wanted, 0.0)
-        except ChannelError as exc:
-            self.log("warning", "channel_error", doing="receive", error=str(exc))
-            return
-        # One append for the whole batch; each message settled only after it.
-        makes, taken = [], []
-        for r in received:
-            req = r.request
-            try:
-                needs, carried = request_credentials(self.driver.state, req)
-                spec = pack_spec(req.kind, req.spec, req.credential)
-            except (ValueError, ShirError) as exc:
-                self._settle(r.lock_token, f"bad request: {exc}")
-                continue
-            makes.append(partial(SubmitJob, job_id_for(req.message_id), req.message_id,
-                                 needs=needs, carried=carried, spec=spec))
-            taken.append(r)
-        if not makes:
-            return
-        for r, ok in zip(taken, self.send_all(makes), strict=True):
-            if ok:
-                self._settle(r.lock_token, None)  # the job is in the log: durable
-            elif ok is None or self.dispatcher != self.name:
-                self._abandon_message(r.lock_token)  # it comes back; the key absorbs repeats
-            else:
-                self._settle(r.lock_token, "refused by the runtime (see the node's log)")
-
-    def _settle(self, lock_token: str, dead_reason: str | None) -> None:
-        assert self.channel is not None
-        try:
-            if dead_reason is None:
-                self.channel.complete(lock_token)
-            else:
-                self.channel.dead_letter(lock_token, dead_reason)
-        except LockLost:
-            pass  # redelivered elsewhere: the idempotency key absorbs the duplicate
-        except ChannelError as exc:
-            self.log("warning", "channel_error", doing="settle", error=str(exc))
-
-    def _abandon_message(self, lock_token: str) -> None:
-        assert self.channel is not None
-        with contextlib.suppress(ChannelError):  # else the lock expires and it comes back
-            self.channel.abandon(lock_token)
-
-    def _dispatch(self) -> None:
-        self._dispatch_wanted = False
-        self.send(partial(DispatchJobs, self.name, self.term))
-

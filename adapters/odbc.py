@@ -66,7 +66,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
 from typing import Any
 
 import attrs
@@ -81,6 +80,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "(the last two: the PostgreSQL and SQLite ODBC drivers)"
     ) from exc
 
+from shir.adapters.closing import CloseOnExit
 from shir.adapters.odbc_base import (
     DEFAULT_FETCH_ROWS,
     Column,
@@ -184,7 +184,7 @@ class _Call:
     timed_out: bool = False
 
 
-class OdbcSource:
+class OdbcSource(CloseOnExit):
     """One ODBC connection that reads source rows in batches; see the module docs.
 
     ``OdbcSource(connection_string, timeout_s=30)`` connects at once (``connect_timeout_s``
@@ -385,15 +385,6 @@ class OdbcSource:
             self._connection.close()
         log.debug("closed the connection to %s", self.target)
 
-    def __enter__(self) -> OdbcSource:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "reading" if self._stream else "open"
         driver = getattr(self, "driver", "not connected")  # a failed __init__ has none
@@ -550,7 +541,7 @@ def _one_tuple(row: Any) -> tuple[Any, ...]:
     return (row[0],)
 
 
-class RowStream:
+class RowStream(CloseOnExit):
     """The rows of one :meth:`OdbcSource.read`: ``columns`` and an iterator of batches.
 
     Each batch is a tuple of row tuples, ``batch_rows`` long except the last; no empty batch
@@ -650,15 +641,6 @@ class RowStream:
                 "%s: read %d rows in %d batches", self._source.target, self.rows_read,
                 self.batches_read,
             )
-
-    def __enter__(self) -> RowStream:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"

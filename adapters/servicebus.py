@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from functools import partial
-from types import TracebackType
 from typing import Any, TypeVar
 
 import msgpack
@@ -60,6 +59,7 @@ from shir.adapters.channel import (
     LockLost,
     ReceivedRequest,
 )
+from shir.adapters.closing import CloseOnExit
 from shir.adapters.proxy import ClientProxy, proxy_refused
 from shir.adapters.servicebus_messages import (
     CONTENT_TYPE,
@@ -88,7 +88,7 @@ MAX_PEEKED = 100_000  # results and dead letters read back at most (a bound on u
 T = TypeVar("T")
 
 
-class ServiceBusChannel:
+class ServiceBusChannel(CloseOnExit):
     """The :class:`~shir.adapters.channel.ControlChannel` port on Azure Service Bus queues.
 
     ``connection_string`` is the namespace's (``Endpoint=sb://...;SharedAccessKeyName=...;
@@ -541,12 +541,3 @@ class ServiceBusChannel:
             with contextlib.suppress(Exception):
                 self._client.close()
             self._client = None
-
-    def __enter__(self) -> ServiceBusChannel:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -44,8 +44,8 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from types import TracebackType
 
+from shir.adapters.closing import CloseOnExit
 from shir.core.codec import decode, encode
 from shir.core.store import (
     AppendOutcomeUnknown,
@@ -119,7 +119,7 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     )
 
 
-class SQLiteEventStore:
+class SQLiteEventStore(CloseOnExit):
     """The :class:`~shir.core.store.EventStore` port on a SQLite file; see the module doc.
 
     ``create=False`` refuses a file that does not exist yet (a node joining a runtime must not
@@ -225,15 +225,6 @@ class SQLiteEventStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-
-    def __enter__(self) -> SQLiteEventStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SQLiteEventStore(path={self._path!r})"

@@ -83,6 +83,7 @@ from shir.core.jobs import (
     JobDeadLettered,
     JobLeased,
     JobReleased,
+    JobResultsPublished,
     JobSubmitted,
     LeaseRenewed,
     LeasesRenewed,
@@ -93,6 +94,7 @@ from shir.core.keys import AuthKey
 from shir.core.leasing import (
     AbandonJob,
     CompleteJob,
+    ConfirmResultsPublished,
     DispatchJobs,
     FailJob,
     NotDispatcher,
@@ -104,6 +106,7 @@ from shir.core.leasing import (
     UnknownJob,
     concurrency_limit,
     default_limit,
+    unpublished_results,
 )
 from shir.core.model import (
     CredentialVersion,
@@ -150,6 +153,7 @@ __all__ = [
     "AuthKeyRegenerated",
     "CompleteJob",
     "ConcurrencyLimitSet",
+    "ConfirmResultsPublished",
     "CreateRuntime",
     "CredentialNotHeld",
     "CredentialSaved",
@@ -178,6 +182,7 @@ __all__ = [
     "JobDeadLettered",
     "JobLeased",
     "JobReleased",
+    "JobResultsPublished",
     "JobStats",
     "JobSubmitted",
     "KeyName",
@@ -259,4 +264,5 @@ __all__ = [
     "next_deadline",
     "scale_advice",
     "to_node",
+    "unpublished_results",
 ]

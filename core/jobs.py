@@ -15,8 +15,9 @@ completing twice with the completing token does nothing; everything else with a 
 the job's live lease is refused as stale. So one key has at most one completion: no duplicate
 effect.
 
-State stays bounded by live work: finished jobs leave counters, and completed keys only for the
-duplicate window.
+State stays bounded by live work: finished jobs leave counters, completed keys only for the
+duplicate window, and results until a host confirms it published them (``JobResultsPublished``)
+or for the duplicate window at most.
 
 Queue: jobs wait in FIFO order in one queue per *requirement* (the credential versions a node
 must hold for it), so assignment looks at the heads of a few queues instead of scanning every
@@ -43,6 +44,7 @@ __all__ = [
     "JobDeadLettered",
     "JobLeased",
     "JobReleased",
+    "JobResultsPublished",
     "JobSubmitted",
     "Lease",
     "LeaseRenewed",
@@ -157,6 +159,16 @@ class JobDeadLettered:
     at: float
 
 
+@event("job_results_published")
+@attrs.frozen
+class JobResultsPublished:
+    """The factory side was told how these finished jobs ended (their results are on the reply
+    queue): no host needs to publish them again."""
+
+    job_ids: tuple[str, ...]
+    at: float
+
+
 @event("concurrency_limit_set")
 @attrs.frozen
 class ConcurrencyLimitSet:
@@ -208,7 +220,7 @@ class JobBook:
     __slots__ = (
         "active_keys", "completed", "dead_lettered", "expiry_heap", "jobs", "leases",
         "limits", "next_seq", "node_leases", "pruned_at", "queues", "recent", "recent_jobs",
-        "released", "submitted", "window_s",
+        "released", "submitted", "unpublished", "window_s",
     )
 
     def __init__(self) -> None:
@@ -220,6 +232,9 @@ class JobBook:
         self.expiry_heap: list[tuple[float, str, int]] = []  # (expires_at, job, delivery), lazy
         self.recent: OrderedDict[str, tuple[LeaseToken, float]] = OrderedDict()  # completed keys
         self.recent_jobs: dict[str, LeaseToken] = {}  # the same completions, by job id
+        # finished jobs whose result no host has confirmed publishing, in the order they ended:
+        # job id -> (idempotency key, outcome, detail, when it ended); for the duplicate window
+        self.unpublished: dict[str, tuple[str, str, str, float]] = {}
         self.window_s = 600.0  # the runtime's duplicate_window_s
         self.pruned_at = float("-inf")
         self.limits: dict[str, int] = {}  # overrides only
@@ -240,6 +255,7 @@ class JobBook:
         b.expiry_heap = list(self.expiry_heap)
         b.recent = OrderedDict(self.recent)
         b.recent_jobs = dict(self.recent_jobs)
+        b.unpublished = dict(self.unpublished)
         b.window_s, b.pruned_at = self.window_s, self.pruned_at
         b.limits = dict(self.limits)
         b.next_seq = self.next_seq
@@ -256,6 +272,7 @@ class JobBook:
                          for k, q in self.queues.items() if q)),
             tuple(sorted((k, v.token, v.expires_at) for k, v in self.leases.items())),
             tuple(self.recent.items()),
+            tuple(self.unpublished.items()),
             self.window_s, self.pruned_at,
             tuple(sorted(self.limits.items())),
             self.next_seq, self.submitted, self.completed, self.dead_lettered, self.released,
@@ -271,7 +288,9 @@ class JobBook:
         return len(self.jobs) - len(self.leases)
 
     def prune_recent(self, now: float) -> None:
-        """Forget completed keys older than the duplicate window.
+        """Forget completed keys, and results no host confirmed publishing, older than the
+        duplicate window (so the state stays bounded whatever the hosts do: a host without a
+        channel never confirms).
 
         Amortised: at most every 1/16 of the window (submissions judge the window by time
         themselves, so a key kept a little longer changes no decision).
@@ -287,6 +306,12 @@ class JobBook:
                 break
             recent.popitem(last=False)
             recent_jobs.pop(token.job_id, None)
+        unpublished = self.unpublished
+        while unpublished:  # in the order the jobs ended, which the log's time follows
+            job_id, result = next(iter(unpublished.items()))
+            if now - result[3] < window_s:
+                break
+            del unpublished[job_id]
 
     def _drop_stale_tops(self) -> None:
         # Cache upkeep only: entries of renewed or ended leases are dropped from the heap top.
@@ -402,6 +427,7 @@ def _job_completed(m: Any, e: JobCompleted) -> None:
     b._forget(e.token.job_id)
     b.recent[e.idempotency_key] = (e.token, e.at)
     b.recent_jobs[e.token.job_id] = e.token
+    b.unpublished[e.token.job_id] = (e.idempotency_key, "completed", "", e.at)
     b.completed += 1
     if e.at - b.pruned_at >= b.window_s / 16:
         b.prune_recent(e.at)
@@ -429,7 +455,16 @@ def _job_dead_lettered(m: Any, e: JobDeadLettered) -> None:
     b: JobBook = m.jobs
     b._unlease(e.token.job_id)
     b._forget(e.token.job_id)
+    b.unpublished[e.token.job_id] = (e.idempotency_key, "dead_lettered", e.detail, e.at)
     b.dead_lettered += 1
+    if e.at - b.pruned_at >= b.window_s / 16:
+        b.prune_recent(e.at)
+
+
+def _job_results_published(m: Any, e: JobResultsPublished) -> None:
+    unpublished = m.jobs.unpublished
+    for job_id in e.job_ids:
+        unpublished.pop(job_id, None)
 
 
 def _concurrency_limit_set(m: Any, e: ConcurrencyLimitSet) -> None:
@@ -448,5 +483,6 @@ JOB_EVOLVE: dict[type, Any] = {
     JobCompleted: _job_completed,
     JobReleased: _job_released,
     JobDeadLettered: _job_dead_lettered,
+    JobResultsPublished: _job_results_published,
     ConcurrencyLimitSet: _concurrency_limit_set,
 }

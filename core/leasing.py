@@ -40,6 +40,7 @@ from shir.core.jobs import (
     JobDeadLettered,
     JobLeased,
     JobReleased,
+    JobResultsPublished,
     JobSubmitted,
     Lease,
     LeaseRenewed,
@@ -72,6 +73,7 @@ __all__ = [
     "RULES",
     "AbandonJob",
     "CompleteJob",
+    "ConfirmResultsPublished",
     "DispatchJobs",
     "FailJob",
     "NotDispatcher",
@@ -86,9 +88,11 @@ __all__ = [
     "end_leases",
     "lease_end",
     "limit_of",
+    "unpublished_results",
 ]
 
 MAX_SPEC_BYTES = 64 * 1024  # a job spec names its inputs; it does not carry them
+MAX_CONFIRMED = 4096  # job ids per ConfirmResultsPublished: one event stays small
 LIMIT_RANGE = (1, 256)  # bounds of a user override
 _DEFAULT_RANGE = (1, 64)
 
@@ -178,6 +182,15 @@ class FailJob:
     token: LeaseToken
     at: float
     reason: str = ""
+
+
+@attrs.frozen
+class ConfirmResultsPublished:
+    """Record that these jobs' results are on the reply queue (``PublishJobResult`` carried
+    out), so that no host publishes them again. Ids already confirmed are ignored."""
+
+    job_ids: tuple[str, ...]
+    at: float
 
 
 @attrs.frozen
@@ -436,6 +449,24 @@ def _fail(m: Model, c: FailJob, k: Decider) -> Events:
     return _give_back(m, c.token, c.at, ReleaseReason.FAILED, c.reason, "fail", k)
 
 
+def _confirm_published(m: Model, c: ConfirmResultsPublished, k: Decider) -> Events:
+    runtime_of(m)
+    ids = c.job_ids
+    if not (isinstance(ids, tuple) and len(ids) <= MAX_CONFIRMED
+            and all(isinstance(j, str) for j in ids)):
+        raise InvalidCommand(
+            f"job_ids must be a tuple of at most {MAX_CONFIRMED} job ids (strings), got "
+            f"{type(ids).__name__}{f' of {len(ids)}' if isinstance(ids, tuple) else ''}"
+        )
+    unpublished = m.jobs.unpublished
+    job_ids = tuple(j for j in dict.fromkeys(ids) if j in unpublished)
+    if not job_ids:
+        return []  # confirmed already (or never finished): satisfied
+    s, out = k.timed(m, c.at, jobs_only=True)
+    emit(s, out, JobResultsPublished(job_ids, c.at))
+    return out
+
+
 def _set_limit(m: Model, c: SetConcurrencyLimit, k: Decider) -> Events:
     runtime_of(m)
     node_of(m, c.node)
@@ -461,8 +492,21 @@ DECIDE: dict[type, Handler] = {
     CompleteJob: _complete,
     AbandonJob: _abandon,
     FailJob: _fail,
+    ConfirmResultsPublished: _confirm_published,
     SetConcurrencyLimit: _set_limit,
 }
+
+
+def unpublished_results(state: RuntimeState) -> tuple[PublishJobResult, ...]:
+    """The results of finished jobs (completed or dead-lettered) that no host has confirmed
+    publishing, oldest first: what a host taking over the factory side publishes again (a
+    host may die between storing a job's end and publishing it). Publishing is at least once:
+    a result published but not yet confirmed comes back here, and the reply queue keeps one
+    result per (request, outcome). A result stays listed for the duplicate window at most
+    (``duplicate_window_s``): one never confirmed within it (no channel, a reply queue down
+    that long) leaves the list, and only the log keeps the job's outcome."""
+    return tuple(PublishJobResult(job_id, key, outcome, detail)
+                 for job_id, (key, outcome, detail, _at) in state.model().jobs.unpublished.items())
 
 
 # --- effects: what the events tell whom ------------------------------------------------------

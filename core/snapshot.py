@@ -7,7 +7,8 @@ after ``version``. The simulator checks "snapshot + tail == full replay" on ever
 The format is one msgpack array whose first item is ``FORMAT`` (2 added the credential state,
 3 the nodes' intranet address and certificate fingerprint, 4 the sharing state, proxy
 settings, the latest removals and each node's last update, 5 each node's ``live_since``, 6 each
-node's ``envelope_key``; older snapshots still restore, with none); a newer format is refused with
+node's ``envelope_key``, 7 the results not yet confirmed published; older snapshots still
+restore, with none); a newer format is refused with
 :class:`~shir.core.codec.UnsupportedEventVersion`, damaged bytes with ``CorruptRecord``.
 """
 
@@ -29,10 +30,10 @@ from shir.core.state import Node, RuntimeInfo, RuntimeState, initial
 
 __all__ = ["FORMAT", "restore", "snapshot_bytes"]
 
-FORMAT = 6
+FORMAT = 7
 # 3 added the nodes' intranet_address and cert_sha256, 4 see above, 5 the nodes' live_since,
-# 6 the nodes' envelope_key
-_READABLE = (1, 2, 3, 4, 5, 6)
+# 6 the nodes' envelope_key, 7 the job book's unpublished results
+_READABLE = (1, 2, 3, 4, 5, 6, 7)
 
 for _cls in (RuntimeInfo, Node, Job, Lease):
     register_value(_cls)
@@ -63,6 +64,7 @@ def snapshot_bytes(state: RuntimeState) -> bytes:
         ],
         [[node, seq, encode_value(p)] for (node, seq), p in sorted(m.proxies.items())],
         [[node, reason, at] for node, (reason, at) in m.removed.items()],
+        [[job_id, *result] for job_id, result in b.unpublished.items()],
     ]
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -93,15 +95,20 @@ def _restore(body: list[Any]) -> RuntimeState:
     sharing: list[Any] | None = None
     proxies: list[Any] = []
     removed: list[Any] = []
+    unpublished: list[Any] = []  # before format 7: every result counts as published
     if body[0] == 1:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters) = body
     elif body[0] in (2, 3):
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters, credentials, syncs) = body
-    else:
+    elif body[0] < 7:
         (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
          recent, limits, counters, credentials, syncs, sharing, proxies, removed) = body
+    else:
+        (_fmt, runtime, keys, nodes, next_seq, term, dispatcher, now, jobs, queues, leases,
+         recent, limits, counters, credentials, syncs, sharing, proxies, removed,
+         unpublished) = body
     m = initial().model()
     m.runtime = decode_value(RuntimeInfo, runtime) if runtime is not None else None
     for raw in keys:
@@ -134,6 +141,8 @@ def _restore(body: list[Any]) -> RuntimeState:
         tok = decode_value(LeaseToken, token)
         b.recent[key] = (tok, at)
         b.recent_jobs[tok.job_id] = tok
+    b.unpublished = {job_id: (key, outcome, detail, at)
+                     for job_id, key, outcome, detail, at in unpublished}
     b.limits = dict(limits)
     (b.next_seq, b.submitted, b.completed, b.dead_lettered, b.released, b.window_s,
      b.pruned_at) = counters

@@ -6,8 +6,10 @@ names (``effect.to``): one node, every node, or the factory side (linked factori
 through ``shir.sim.surface``). A refused sender gets the reply its ``Fenced`` refusal carries.
 The service decides nothing the core decides; it only batches the transport (the same message to
 the same node within ``NUDGE_COALESCE_S`` goes once) and retries its own commands that were not
-stored. It ticks at the core's next deadline, and it carries out what users do through the
-service: regenerate a key, update a node, save a credential, set a concurrency limit.
+stored. The factory side's job results count as published when the service carries them out;
+it records that (``ConfirmResultsPublished``) once per ``CONFIRM_EVERY_S`` for all of them, as a
+host does once per turn. It ticks at the core's next deadline, and it carries out what users do
+through the service: regenerate a key, update a node, save a credential, set a concurrency limit.
 
 The world's ``service`` is a :class:`ServiceHost`; the run itself (set-up, faults, end-of-run
 checks) lives in ``shir.sim.world``.
@@ -31,7 +33,13 @@ from shir.core.credentials import SaveCredential, credential_status
 from shir.core.driver import AppendOutcomeUnknown
 from shir.core.errors import DomainError, Fenced
 from shir.core.keys import AuthKey
-from shir.core.leasing import RenewLeases, SetConcurrencyLimit, default_limit
+from shir.core.leasing import (
+    MAX_CONFIRMED,
+    ConfirmResultsPublished,
+    RenewLeases,
+    SetConcurrencyLimit,
+    default_limit,
+)
 from shir.core.model import CredentialVersion, NodeStatus
 from shir.core.store import InMemoryEventStore
 from shir.sim.network import CONTROL, HB, SERVICE
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["FlakyStore", "ServiceHost"]
 
 _JOB_EVENTS = frozenset(jobs.JOB_EVOLVE)
+CONFIRM_EVERY_S = 1.0  # published results are recorded in the log this often, in one command
 
 
 class FlakyStore(InMemoryEventStore):
@@ -72,6 +81,7 @@ class ServiceHost:
         self._last_sent: dict[tuple[str, type], tuple[object, float]] = {}  # see _carry_out
         self.tick_at: float | None = None
         self._tick_gen = 0
+        self._published: list[str] = []  # job ids whose results went out, not yet recorded
 
     def handle(self, command: object, sender: str | None = None) -> tuple[object, ...]:
         """Decide ``command`` (from node ``sender``, or the service's own if None) and carry out
@@ -116,7 +126,16 @@ class ServiceHost:
             for name in self.w.node_names:
                 self._send_to(name, effect)
         else:
+            if type(effect) is fx.PublishJobResult:
+                if not self._published:
+                    self.w.later(CONFIRM_EVERY_S, self._confirm_published)
+                self._published.append(effect.job_id)
             self.w.surface.to_factory(effect)  # linked factories hear theirs (shir.sim.surface)
+
+    def _confirm_published(self) -> None:
+        ids, self._published = self._published, []
+        for i in range(0, len(ids), MAX_CONFIRMED):
+            self.handle(ConfirmResultsPublished(tuple(ids[i:i + MAX_CONFIRMED]), self.w.env.now))
 
     def _send_to(self, name: str, effect: object) -> None:
         node = self.w.nodes.get(name)

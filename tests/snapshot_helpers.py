@@ -25,7 +25,8 @@ def strip_nodes(body: list, fmt: int) -> None:
 
 def as_older_format_sees(state: RuntimeState, fmt: int) -> RuntimeState:
     """``state`` as a snapshot of format ``fmt`` restores it: what newer formats added to node
-    records is unknown (live_since None from format 4 down, envelope_key None from 5 down)."""
+    records is unknown (live_since None from format 4 down, envelope_key None from 5 down), and
+    below format 7 every result counts as published."""
     body = msgpack.unpackb(snapshot_bytes(state), raw=False)
     defaults = {5: None, 6: None}  # live_since, envelope_key: the last node fields, in order
     unknown = [f for f in defaults if f > fmt]
@@ -36,6 +37,8 @@ def as_older_format_sees(state: RuntimeState, fmt: int) -> RuntimeState:
             fields[len(fields) - len(defaults) + list(defaults).index(f)] = defaults[f]
         records.append(msgpack.packb(fields, use_bin_type=True))
     body[3] = records
+    if fmt < 7:
+        body[-1] = []
     return restore(msgpack.packb(body, use_bin_type=True))
 
 

@@ -556,11 +556,12 @@ def test_snapshot_round_trips_the_credential_state_and_the_tail_replays() -> Non
 def test_a_format_1_snapshot_restores_with_no_credential_state() -> None:
     c = online(2)
     body = msgpack.unpackb(snapshot_bytes(c.state), raw=False)
-    assert body[0] == FORMAT and body[-5:] == [[], [], None, [], []]  # no sharing, proxy, removal
+    # no sharing, proxy, removal or unpublished result
+    assert body[0] == FORMAT and body[-6:] == [[], [], None, [], [], []]
     # format 1 had no credential state, and its nodes no intranet address, certificate, last
     # update or live_since
     strip_nodes(body, 1)
-    old = msgpack.packb([1, *body[1:-5]], use_bin_type=True)
+    old = msgpack.packb([1, *body[1:-6]], use_bin_type=True)
     assert restore(old) == as_format_4_sees(c.state)
 
 

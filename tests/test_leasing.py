@@ -18,6 +18,7 @@ from shir.core import (
     AbandonJob,
     CompleteJob,
     ConcurrencyLimitSet,
+    ConfirmResultsPublished,
     CredentialVersion,
     DeliverJob,
     DispatcherChanged,
@@ -28,6 +29,7 @@ from shir.core import (
     JobDeadLettered,
     JobLeased,
     JobReleased,
+    JobResultsPublished,
     JobSubmitted,
     LeaseRenewed,
     LeaseToken,
@@ -54,6 +56,7 @@ from shir.core import (
     job_stats,
     next_deadline,
     scale_advice,
+    unpublished_results,
 )
 from shir.core.capacity import requests_wanted
 from shir.core.errors import (
@@ -63,7 +66,8 @@ from shir.core.errors import (
     TimeWentBackwards,
     UnknownNode,
 )
-from shir.core.leasing import LIMIT_RANGE, NotDispatcher
+from shir.core.leasing import LIMIT_RANGE, MAX_CONFIRMED, NotDispatcher
+from shir.core.snapshot import restore, snapshot_bytes
 
 VERSION = "5.0"
 CONFIG = "cfg-a"
@@ -569,6 +573,55 @@ def test_dead_lettered_after_max_deliveries(how: str, reason: ReleaseReason) -> 
     assert (stats.queued, stats.running, stats.dead_lettered, stats.released) == (0, 0, 1, 2)
     assert r.state.jobs.jobs == {}
     r.refused(CompleteJob(leased.token, t), UnknownJob)
+
+
+def test_finished_results_stay_unpublished_until_a_host_confirms_them() -> None:
+    r = Rig.online(1, RuntimeSettings(max_deliveries=1))
+    r.submit_n(3)
+    a, b, _queued = r.dispatch()
+    r.handle(CompleteJob(a.token, 3.0))
+    r.handle(FailJob(b.token, 3.0, reason="boom"))  # its only delivery: dead-lettered
+    detail = "boom; delivered 1 times (max 1)"
+    assert unpublished_results(r.state) == (
+        PublishJobResult("j1", "key-j1", "completed", ""),
+        PublishJobResult("j2", "key-j2", "dead_lettered", detail),
+    )
+    assert restore(snapshot_bytes(r.state)) == r.state  # a restarted host sees them too
+    events = r.handle(ConfirmResultsPublished(("j1", "j3", "nope", "j1"), 4.0))
+    assert events == (JobResultsPublished(("j1",), 4.0),)  # only what is finished, once
+    assert unpublished_results(r.state) == (
+        PublishJobResult("j2", "key-j2", "dead_lettered", detail),)
+    assert r.handle(ConfirmResultsPublished(("j1",), 5.0)) == ()  # satisfied already
+    r.handle(ConfirmResultsPublished(("j2",), 5.0))
+    assert unpublished_results(r.state) == ()
+    assert fold(initial(), r.log) == r.state
+
+
+def test_results_no_host_confirms_leave_after_the_duplicate_window() -> None:
+    # No host ever confirms (one without a channel): the state stays bounded all the same.
+    window_s, step_s = 160.0, 10.0
+    r = Rig.online(1, RuntimeSettings(duplicate_window_s=window_s, max_deliveries=1,
+                                      heartbeat_interval_s=5000.0, lock_duration_s=3000.0))
+    t = 2.0
+    for i in range(1, 101):  # every step_s one job ends: completed, or dead-lettered
+        r.submit(f"j{i}", at=t)
+        (leased,) = r.dispatch(at=t)
+        end = CompleteJob(leased.token, t + 1) if i % 2 else FailJob(leased.token, t + 1)
+        r.handle(end)
+        listed = unpublished_results(r.state)
+        assert len(listed) <= window_s * (1 + 1 / 16) / step_s + 1
+        t += step_s
+    listed = unpublished_results(r.state)
+    assert listed[-1].job_id == "j100" and listed[0].job_id != "j1"
+    assert {p.outcome for p in listed} == {"completed", "dead_lettered"}
+    assert fold(initial(), r.log) == r.state  # pruning is part of folding: replay agrees
+
+
+@pytest.mark.parametrize("job_ids", [["j1"], ("j1", 2), ("j",) * (MAX_CONFIRMED + 1)])
+def test_a_malformed_confirmation_is_refused(job_ids: Any) -> None:
+    r = Rig.online(1)
+    err = r.refused(ConfirmResultsPublished(job_ids, 2.0), InvalidCommand)
+    assert "job_ids must be a tuple" in str(err)
 
 
 def test_default_max_deliveries_is_ten() -> None:
