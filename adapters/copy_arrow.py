@@ -31,10 +31,11 @@ Memory: arrow-odbc allocates its transit buffer from the columns' declared width
 ``text`` 8,190 characters, ``varchar(n)`` n); ``max_bytes_per_batch`` (4 MiB) caps it, so a
 wide row gets fewer rows per fetch (about 100 on the benchmark's rows); the stream joins those
 into compact batches of ``batch_rows`` (actual lengths) for the encoders. The engine sets, once
-and process-wide, Arrow's default memory pool to the system allocator (before pyarrow's first
-import: :func:`~shir.adapters.copy_parquet.system_allocator_first`; pyarrow's own mimalloc keeps
-freed pages: 30-50 MB more peak RSS on the benchmark's copy) and, on glibc, a fixed mmap
-threshold of 1 MiB (:func:`_fix_mmap_threshold`). Importing pyarrow, its compute module,
+and process-wide, Arrow's C++ default memory pool to mimalloc returning freed memory at once
+(before pyarrow's first import: :func:`~shir.adapters.copy_parquet.arrow_allocator_first`; with
+its defaults it keeps freed pages, and glibc's arenas fragment under the Parquet writer), the
+Python-level pool that the compute kernels use to the system allocator, and, on glibc, a fixed
+mmap threshold of 1 MiB (:func:`_fix_mmap_threshold`). Importing pyarrow, its compute module,
 arrow-odbc and the Blob SDK is about 100 MB of the copy's peak RSS (docs/copy.md).
 
 A text or binary value longer than its bound (the declared width, or ``max_text_size`` /
@@ -63,7 +64,7 @@ from shir.adapters.copy_formats import (
     FormatError,
     UnsupportedType,
 )
-from shir.adapters.copy_parquet import ParquetEncoder, system_allocator_first
+from shir.adapters.copy_parquet import ParquetEncoder, arrow_allocator_first
 from shir.adapters.copy_zones import utc_connection_string, zoned_arrow_schema
 from shir.adapters.odbc_base import (
     ConnectFailed,
@@ -92,7 +93,7 @@ class NotArrowFaithful(UnsupportedType):
 
 def arrow_available() -> bool:
     """Whether the ``arrow`` extra (arrow-odbc and pyarrow) is installed."""
-    system_allocator_first()
+    arrow_allocator_first()
     try:
         import arrow_odbc  # noqa: F401
         import pyarrow  # noqa: F401
@@ -102,7 +103,7 @@ def arrow_available() -> bool:
 
 
 def _modules() -> tuple[Any, Any, Any]:
-    system_allocator_first()
+    arrow_allocator_first()
     try:
         import arrow_odbc
         import pyarrow as pa
@@ -154,8 +155,9 @@ class ArrowOdbcSource:
                  max_bytes_per_batch: int = DEFAULT_MAX_BYTES_PER_BATCH) -> None:
         arrow_odbc, pa, _ = _modules()
         if pa.default_memory_pool().backend_name != "system":
-            # pyarrow was imported before system_allocator_first: its Python-level pool, at least
-            # (mimalloc/jemalloc keep freed pages: 30-40 MB more peak RSS on the benchmark's copy)
+            # the kernels' pool: as little CPU as mimalloc for the same peak here, and pyarrow may
+            # have been imported before arrow_allocator_first (mimalloc's defaults keep freed
+            # pages: 30-40 MB more peak RSS on the benchmark's copy)
             pa.set_memory_pool(pa.system_memory_pool())
         _fix_mmap_threshold()
         connection_string = utc_connection_string(connection_string)  # timestamptz as UTC

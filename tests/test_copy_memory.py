@@ -1,6 +1,6 @@
 """What keeps the copy's memory flat and small (docs/copy.md, "Peak RSS"): parts cut at a size
 that doubles every 10,000 parts, handed to the sink uncopied, at most ``max_parallel`` of them
-uploading; the arrow engine on the system allocator and without ``pyarrow.fs``."""
+uploading; the arrow engine's memory pools and no ``pyarrow.fs``."""
 
 from __future__ import annotations
 
@@ -141,11 +141,13 @@ def test_a_blob_sink_uploads_at_most_max_parallel_parts_and_queues_none() -> Non
     assert len(put) == 8 and most[0] == 3 and in_flight[0] == 0
 
 
-def test_arrow_engine_runs_on_the_system_allocator_without_pyarrow_fs() -> None:
+def test_arrow_engine_memory_pools_and_no_pyarrow_fs() -> None:
+    """The kernels on the system allocator, the Parquet writer on mimalloc set to give freed
+    memory back at once (flat peak RSS at 5 M rows: docs/copy.md), and no pyarrow.fs."""
     pytest.importorskip("arrow_odbc")
     # a fresh process: Arrow picks its C++ default pool once, at pyarrow's first import
     script = """
-import sys
+import os, sys
 from shir.adapters.copy_arrow import ArrowOdbcSource, ArrowParquetEncoder, arrow_available
 assert arrow_available()
 ArrowOdbcSource("Driver={PostgreSQL Unicode};Server=127.0.0.1")  # parsed, not connected
@@ -154,14 +156,15 @@ schema = pa.schema([("i", pa.int64()), ("s", pa.string())])
 encoder = ArrowParquetEncoder(schema)
 batch = pa.record_batch([pa.array(range(3)), pa.array(["a", None, "c"])], schema=schema)
 data = encoder.encode(batch) + encoder.finish()
-# the Parquet writer allocates from Arrow's C++ default pool: mimalloc's would count it
-print(pa.default_memory_pool().backend_name, pa.mimalloc_memory_pool().max_memory(),
+# the Parquet writer allocates from Arrow's C++ default pool: mimalloc's counts it
+print(pa.default_memory_pool().backend_name, pa.mimalloc_memory_pool().max_memory() > 0,
+      os.environ["MIMALLOC_PURGE_DELAY"], os.environ["MIMALLOC_ARENA_EAGER_COMMIT"],
       "pyarrow.fs" in sys.modules, data[:4] == b"PAR1")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["system", "0", "False", "True"]
+    assert out.stdout.split() == ["system", "True", "0", "0", "False", "True"]
 
 
 def test_the_parquet_writer_writes_what_pyarrow_parquet_writes() -> None:
