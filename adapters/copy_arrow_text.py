@@ -18,21 +18,22 @@ from __future__ import annotations
 import array
 import binascii
 import codecs
+import datetime as dt
+import decimal
 import functools
 import itertools
 import json
-import string
 from collections.abc import Sequence
 from typing import Any
 
-from shir.adapters.copy_formats import CsvEncoder, CsvOptions, Encoder, FormatError
-from shir.adapters.copy_parquet import _pyarrow
+from shir.adapters.copy_formats import ALPHABETS, CsvEncoder, CsvOptions, Encoder, FormatError
+from shir.adapters.copy_parquet import load_pyarrow
 
 __all__ = ["ArrowCsvEncoder", "ArrowJsonLinesEncoder"]
 
 
 def _compute() -> tuple[Any, Any]:
-    pa = _pyarrow()
+    pa = load_pyarrow()
     import pyarrow.compute as pc
 
     return pa, pc
@@ -85,21 +86,13 @@ def _base64(pa: Any, column: Any) -> Any:
                                        column.null_count)
 
 
-# The characters the text of each kind of non-text value can hold (Arrow's cast to string,
-# base64, a driver's numeric text such as NaN or Infinity): a column whose kind cannot hold the
-# delimiter, the quote or a line break, and whose text is never empty, needs no quoting check.
-_DIGITS = frozenset(string.digits)
-_WORDS = _DIGITS | frozenset(string.ascii_letters)
-_ALPHABETS = (
-    ("is_integer", _DIGITS | set("-")),
-    ("is_floating", _WORDS | set("+-.")),
-    ("is_decimal", _WORDS | set("+-.")),
-    ("is_boolean", _WORDS),
-    ("is_date32", _DIGITS | set("-")),
-    ("is_timestamp", _DIGITS | set("-+:. Z")),
-    ("is_time", _DIGITS | set(":.")),
-    ("is_binary", _WORDS | set("+/=")),
-    ("is_large_binary", _WORDS | set("+/=")),
+# The kind whose text each Arrow type's text is, for the characters it can hold
+# (copy_formats.ALPHABETS; Arrow's float text is as narrow as repr's): numeric is the driver's
+# text, timestamps and times as str writes them, bytes base64.
+_KINDS = (
+    ("is_integer", int), ("is_floating", float), ("is_decimal", decimal.Decimal),
+    ("is_boolean", bool), ("is_date32", dt.date), ("is_timestamp", dt.datetime),
+    ("is_time", dt.time), ("is_binary", bytes), ("is_large_binary", bytes),
 )
 
 
@@ -133,13 +126,13 @@ class ArrowCsvEncoder(CsvEncoder):
     def _quoting_checks(self, t: Any) -> tuple[bool, bool, bool]:
         """Which checks a column of type ``t`` needs: (specials, empty text, the null text)."""
         pa, o = self._pa, self.options
-        alphabet = next((chars for test, chars in _ALPHABETS if getattr(pa.types, test)(t)),
-                        None)
+        kind = next((k for test, k in _KINDS if getattr(pa.types, test)(t)), str)
+        alphabet = ALPHABETS[kind]
         if alphabet is None:  # text: anything
             return True, True, bool(o.null)
         specials = any(c in alphabet for c in (o.delimiter, o.quote))
         empty = pa.types.is_binary(t) or pa.types.is_large_binary(t)  # b"" is ""
-        null = bool(o.null) and set(o.null) <= alphabet
+        null = bool(o.null) and set(o.null) <= set(alphabet)
         return specials, empty, null
 
     def _column_text(self, column: Any) -> Any:

@@ -194,10 +194,11 @@ _JSON_FORMS: dict[type, _Form] = {
 # A timestamp column of instants (Column.time_zone "UTC": naive values in UTC) gets its offset.
 _CSV_ZONED = _Form((str, "%s+00:00".__mod__))
 _JSON_ZONED = _Form((dt.datetime.isoformat, '"%s+00:00"'.__mod__), dt.datetime.min, unique=False)
-# The characters each kind's CSV text can hold (None: anything): a column whose alphabet misses
-# the delimiter and the quote never needs quoting, so it is never scanned.
-_ALPHABET: dict[type, str | None] = {
-    int: "-0123456789", decimal.Decimal: "-+.0123456789EInfinity",
+#: The characters each kind's CSV text can hold (None: anything), on both engines: a column
+#: whose alphabet misses the delimiter, the quote and the null text never needs quoting, so it
+#: is never scanned. (numeric: ``NaN`` and ``Infinity`` as both engines write them.)
+ALPHABETS: dict[type, str | None] = {
+    int: "-0123456789", decimal.Decimal: "-+.0123456789EINaNfinity",
     float: "-+.0123456789einfa", bool: "truefals", uuid.UUID: "-0123456789abcdef",
     dt.datetime: "-+:. 0123456789", dt.date: "-0123456789", dt.time: "-+:.0123456789",
     bytes: "+/=0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", str: None,
@@ -252,7 +253,7 @@ class CsvEncoder(Encoder):
         for c in columns:
             kind = _kind(c.name, c.python_type, "csv")
             self._forms.append(_CSV_ZONED if _zoned(c, kind) else _CSV_FORMS.get(kind))
-            alphabet = _ALPHABET[kind]
+            alphabet = ALPHABETS[kind]
             # scanned too when its text can equal the null text (`--null 1`: a 1 is quoted)
             self._scan.append(alphabet is None or any(ch in alphabet for ch in specials)
                               or (bool(options.null) and set(options.null) <= set(alphabet)))

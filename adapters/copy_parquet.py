@@ -38,7 +38,8 @@ from typing import Any
 
 from shir.adapters.copy_formats import Encoder, FormatError, UnsupportedType, _kind
 
-__all__ = ["ParquetEncoder", "arrow_allocator_first", "arrow_type", "read_parquet_records"]
+__all__ = ["ParquetEncoder", "arrow_allocator_first", "arrow_type", "load_pyarrow",
+           "read_parquet_records"]
 
 DEFAULT_ROW_GROUP_ROWS = 50_000  # a row group is buffered whole by the writer: bounds memory
 
@@ -56,7 +57,8 @@ def arrow_allocator_first() -> None:
     os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
 
 
-def _pyarrow() -> Any:
+def load_pyarrow() -> Any:
+    """pyarrow, imported after :func:`arrow_allocator_first`; a clear error without it."""
     arrow_allocator_first()
     try:
         import pyarrow as pa
@@ -69,7 +71,7 @@ def _writer_class() -> Any:
     """pyarrow's Parquet writer itself (``pyarrow._parquet``), which ``pyarrow.parquet`` wraps:
     importing ``pyarrow.parquet`` imports ``pyarrow.fs`` and with it the S3, GCS, Azure and HDFS
     file systems (8 MB of peak RSS) that writing into memory never uses."""
-    _pyarrow()
+    load_pyarrow()
     from pyarrow._parquet import ParquetWriter
 
     return ParquetWriter
@@ -77,7 +79,7 @@ def _writer_class() -> Any:
 
 def arrow_type(column: Any) -> Any:
     """The Arrow type that holds ``column``'s values exactly; raises UnsupportedType."""
-    pa = _pyarrow()
+    pa = load_pyarrow()
     kind = _kind(column.name, column.python_type, "parquet")
     if kind is decimal.Decimal:
         precision, scale = column.size or 0, column.scale or 0
@@ -129,7 +131,7 @@ class ParquetEncoder(Encoder):
 
     def __init__(self, columns: Sequence[Any], *,
                  row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
-        pa = _pyarrow()
+        pa = load_pyarrow()
         self.names = [c.name for c in columns]
         self._types = [arrow_type(c) for c in columns]
         self._uuid = [_kind(c.name, c.python_type, "parquet") is uuid.UUID for c in columns]
@@ -138,7 +140,7 @@ class ParquetEncoder(Encoder):
 
     def _start(self, schema: Any, row_group_rows: int) -> None:
         """Open the writer of ``schema`` (also the arrow engine's encoder's start)."""
-        self._pa = _pyarrow()
+        self._pa = load_pyarrow()
         self._schema = schema
         self._sink = _Collector()
         # no dictionary encoding: its builders tripled the writer's memory per row group, and on
@@ -192,7 +194,7 @@ def read_parquet_records(
     binary: Any, batch_rows: int = 10_000
 ) -> tuple[tuple[str, ...], Iterator[Sequence[Any]]]:
     """(column names, iterator of rows of Python values) of a Parquet file (seekable)."""
-    pa = _pyarrow()
+    pa = load_pyarrow()
     import pyarrow.parquet as pq
 
     try:
