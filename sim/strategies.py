@@ -40,6 +40,10 @@ from shir.sim.core_strategies import (
     runtime_settings,
     strategy_for_type,
 )
+
+# Still importable from here, as before they moved to shir.sim.core_strategies.
+from shir.sim.core_strategies import FLOATS as FLOATS
+from shir.sim.core_strategies import MSGPACK_INT as MSGPACK_INT
 from shir.sim.faults import FAULT_KINDS, FIELD_TYPES, Fault
 from shir.sim.scenario import (
     DurationDist,
