@@ -53,11 +53,11 @@ __all__ = [
     "add_commands",
     "check_log",
     "parse_duration",
+    "parse_until",
     "replay_command",
 ]
 
 Handler = Callable[[argparse.Namespace], int]
-_mark = mark  # shir.sim.sweep imports it from here
 
 PLOT_INSTALL_HINT = "pip install 'shir[plot]'"
 
@@ -145,7 +145,9 @@ def _load(scenario_arg: str) -> Scenario:
         raise UsageError(str(exc)) from None
 
 
-def _until_s(args: argparse.Namespace, scenario: Scenario | None = None) -> float | None:
+def parse_until(args: argparse.Namespace, scenario: Scenario | None = None) -> float | None:
+    """``--until`` in seconds (None if not given), refused past the limits; with ``scenario``,
+    its drain and heartbeats count too. A bad value raises :class:`UsageError`."""
     if args.until is None:
         return None
     until_s = parse_duration(args.until)
@@ -227,7 +229,7 @@ def _cmd_run(args: argparse.Namespace, logs: EventLogFiles) -> int:
         _check_plot_available()
     log_target = _log_target(args.log) if args.log is not None else None
     scenario = _load(args.scenario)
-    until_s = _until_s(args, scenario)
+    until_s = parse_until(args, scenario)
     # why: open the store (and take its lock) before the run, so a folder another process
     # holds is refused at once instead of after the whole run, whose results would be lost
     opened: AbstractContextManager[EventStore | None] = (
@@ -430,7 +432,7 @@ def _cmd_replay(args: argparse.Namespace, logs: EventLogFiles) -> int:
               f"running, {c['lost']} lost, {c['duplicate_effects']} duplicate effects")
         if violations:
             print(f"invariants    {len(violations)} violated")
-            print("\n".join(listed(violations, f"{_mark(False, out)} ")))
+            print("\n".join(listed(violations, f"{mark(False, out)} ")))
         else:
             print("invariants    all held (terms, leases, capacity, effects, membership, replay, "
                   "lost)")

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from shir.sim.node import SimNode
     from shir.sim.world import World
 
-__all__ = ["FAULT_KINDS", "Fault", "FaultKind", "draw_faults", "links", "parse_fault"]
+__all__ = ["FAULT_KINDS", "FIELD_TYPES", "Fault", "FaultKind", "draw_faults", "links",
+           "parse_fault"]
 
 
 End = Callable[[], object]
@@ -282,7 +283,8 @@ FAULT_KINDS: dict[str, FaultKind] = {
     ),
 }
 
-_FIELD_TYPES: dict[str, str] = {
+# Each field's kind of value, by name: what parse_fault checks (and shir.sim.strategies draws).
+FIELD_TYPES: dict[str, str] = {
     "node": "str", "peer": "str", "duration_s": "pos", "probability": "prob", "extra_s": "pos",
     "factor": "pos", "key": "key", "version": "str", "fail": "bool", "oneway": "bool",
     "count": "count", "credential": "str",
@@ -369,7 +371,7 @@ _NO_OP: dict[str, tuple[float, str]] = {
 
 def _field(kind: str, k: str, v: Any, nodes: set[str]) -> Any:
     """One checked field of a fault; ``ValueError('.k: expected ...')`` names what is wrong."""
-    t = _FIELD_TYPES[k]
+    t = FIELD_TYPES[k]
     if t == "str":
         if not isinstance(v, str):
             raise ValueError(f".{k}: expected a string, got {v!r:.80}")

@@ -36,14 +36,14 @@ term, no dispatch under an old term, no lease held by an Offline node and none u
 node went Offline. ``shir sim run`` checks only the former; :func:`replay` runs a scenario with
 both.
 
-The strategies the machine draws from live in ``shir.sim.strategies``; ``shir.sim.testing``
-re-exports both modules' public names.
+The strategies the machine draws from (its set-ups among them) live in ``shir.sim.strategies``;
+what it reports on failure (:class:`Failure`) and :func:`replay` in ``shir.sim.failure``.
+``shir.sim.testing`` re-exports the public names of all three.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import sys
 from collections.abc import Sequence
@@ -71,28 +71,26 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from shir.core import events as ev
 from shir.core.credentials import credential_status
-from shir.core.model import (
-    NodeStatus,
-    RuntimeSettings,
+from shir.core.model import NodeStatus
+from shir.sim.failure import (
+    SCHEDULE_DESCRIPTION,
+    Failure,
+    final_violations,
+    record_failure,
+    replay,
 )
 from shir.sim.faults import FAULT_KINDS, Fault
 from shir.sim.invariants import ClusterChecks
-from shir.sim.scenario import (
-    DurationDist,
-    NodeSpec,
-    Scenario,
-    Workload,
-    load_scenario,
-)
+from shir.sim.scenario import Scenario
 from shir.sim.strategies import (
     CREDENTIALS,
     NEVER_S,
-    NODE_NAMES,
+    ClusterSetup,
+    cluster_setups,
     faults,
     profile,
-    to_toml,
 )
-from shir.sim.world import RunResult, World
+from shir.sim.world import World
 
 __all__ = [
     "ClusterMachine",
@@ -103,107 +101,7 @@ __all__ = [
     "replay",
 ]
 
-_DESCRIPTION = "A fault schedule found by shir.sim.testing.ClusterMachine"
-
-def final_violations(world: World) -> list[str]:
-    """The end-of-run checks of ``World.run`` (see :meth:`World.final_violations`)."""
-    return world.final_violations()
-
-
-def replay(scenario: Scenario | str | Path, seed: int | None = None) -> RunResult:
-    """Run a scenario (or a file, or a built-in name) like ``shir sim run``, with
-    :class:`ClusterChecks` attached: its violations join ``invariant_violations``."""
-    from shir.sim.report import evaluate
-
-    sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
-    world = World(sc, seed)
-    checks = ClusterChecks(world)
-    result = world.run()
-    result.invariant_violations.extend(checks.violations)
-    evaluate(sc, result)
-    return result
-
-
 # --- the cluster machine -----------------------------------------------------------------------
-
-@attrs.frozen
-class ClusterSetup:
-    """What a machine starts from: the seed, every node it may have, settings, the workload.
-
-    Nodes with ``join_at_s == 0`` are there from the start; the others wait for ``join``.
-    """
-
-    seed: int
-    nodes: tuple[NodeSpec, ...]
-    settings: RuntimeSettings
-    workload: Workload
-
-
-_HARDWARE = ((2, 4096, "key1"), (4, 8192, "key2"), (8, 16384, "key1"))  # cores, MiB, key
-_TIMING = ((10.0, 3, 60.0), (5.0, 2, 20.0), (10.0, 3, 20.0))  # heartbeat, missed, lock
-
-
-@st.composite
-def cluster_setups(draw: st.DrawFn, max_nodes: int = 5) -> ClusterSetup:
-    """Setups for :class:`ClusterMachine`: 1..``max_nodes`` nodes (a fifth is one too many and
-    must be refused), short settings, and the workload: job durations, maybe credentials the
-    jobs need, and maybe a window of Poisson arrivals besides the ``burst`` rule's.
-
-    Few draws on purpose: every draw costs Hypothesis time in every example.
-    """
-    count = draw(st.integers(1, max_nodes))
-    late = draw(st.integers(0, count - 1))  # shrinks towards "everyone from the start"
-    nodes = []
-    for i in range(count):
-        cores, memory, key = draw(st.sampled_from(_HARDWARE))
-        nodes.append(NodeSpec(NODE_NAMES[i], cores=cores, memory_mb=memory, key=key,
-                              join_at_s=0.0 if i < count - late else NEVER_S,
-                              remote_access=True))  # on, as a multi-node runtime needs
-    heartbeat, missed, lock = draw(st.sampled_from(_TIMING))
-    runtime = RuntimeSettings(
-        heartbeat_interval_s=heartbeat,
-        missed_heartbeats_offline=missed,
-        lock_duration_s=lock,
-        max_deliveries=draw(st.sampled_from((10, 3, 1))),
-        offline_expiry_s=draw(st.sampled_from((None, 120.0))),
-    )
-    kind, mean = draw(st.sampled_from((("fixed", 10.0), ("exponential", 10.0), ("fixed", 2.0),
-                                       ("exponential", 40.0))))
-    rate, start, length = draw(st.sampled_from(((0.0, 0.0, 0), (0.2, 0.0, 30), (1.0, 10.0, 20),
-                                                (0.5, 0.0, 60))))  # shrinks to bursts only
-    workload = Workload(
-        rate_per_s=rate,
-        duration=DurationDist(kind, mean),
-        start_at_s=start,
-        stop_at_s=start + length if rate else None,
-        needs=draw(st.sampled_from(((), (("ls-sql", 1),)))),
-        duplicate_submit_p=draw(st.sampled_from((0.0, 0.2))),
-    )
-    return ClusterSetup(draw(st.integers(0, 2**16)), tuple(nodes), runtime, workload)
-
-
-@attrs.frozen
-class Failure:
-    """The last failing run of a machine class: what failed and the schedule that replays it."""
-
-    scenario: Scenario
-    seed: int
-    error: str
-    trace: tuple[str, ...]  # what the machine's rules did, in order (start included)
-    toml: str
-    path: Path | None  # where the TOML was saved (the final, shrunk run only)
-
-    @property
-    def replay_command(self) -> str:
-        """The command that replays the schedule in the simulator."""
-        return f"shir sim run {self.path or 'FILE.toml'} --seed {self.seed}"
-
-    @property
-    def schedule_length(self) -> int:
-        """Faults plus nodes joining after the start: the size of the schedule."""
-        late = sum(1 for n in self.scenario.nodes if 0 < n.join_at_s < NEVER_S)
-        return len(self.scenario.faults) + late
-
 
 _EDGE = 0.25  # the machine's times are k + 0.25 (see the module docstring)
 # The drain may end once nothing but heartbeats happened for this long: longer than anything the
@@ -316,7 +214,7 @@ class ClusterMachine(RuleBasedStateMachine):
         return Scenario(
             name="cluster-machine",
             nodes=nodes,
-            description=_DESCRIPTION,
+            description=SCHEDULE_DESCRIPTION,
             seed=setup.seed,
             duration_s=duration_s if duration_s is not None else (
                 self._end_s if self._end_s is not None else self.horizon),
@@ -623,34 +521,15 @@ class ClusterMachine(RuleBasedStateMachine):
         if self.setup is None:
             return
         cls = type(self)
-        sc = self.scenario()
-        unchecked = [c for c in ClusterChecks.CATEGORIES if f" {c}: " in str(error)]
-        comment = [
-            f"{_DESCRIPTION}.",
-            f"It failed with: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            if str(error) else f"It failed with {type(error).__name__}",
-        ]
-        if unchecked:
-            comment.append(
-                f"shir sim run does not check {', '.join(unchecked)}: replay it with "
-                "shir.sim.testing.replay(FILE, seed) to see the violation")
-        text = to_toml(sc, "\n".join(comment))
-        path = None
         try:
             final = current_build_context().is_final
         except Exception:
             final = False
-        if final and cls.failure_dir is not None:
-            digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-            path = Path(cls.failure_dir) / f"{cls.__name__}-{digest}.toml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-        failure = Failure(sc, sc.seed, f"{type(error).__name__}: {error}", tuple(self.trace),
-                          text, path)
-        cls.last_failure = failure
+        failure = cls.last_failure = record_failure(  # the file: for the final, shrunk run only
+            self.scenario(), error, self.trace, cls.failure_dir if final else None, cls.__name__)
         with contextlib.suppress(Exception):  # outside a Hypothesis test: nothing to note
             note(f"The failing schedule as a scenario"
-                 f"{f' (saved to {path})' if path else ''}:\n\n{text}\n"
+                 f"{f' (saved to {failure.path})' if failure.path else ''}:\n\n{failure.toml}\n"
                  f"Replay it: {failure.replay_command}")
 
     @classmethod

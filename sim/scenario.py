@@ -10,7 +10,8 @@ The loader refuses, when the file is read, whatever the core or the run would re
 (a name the core rejects, a fault that could never start or would change nothing, a field its
 kind ignores), so a run never passes without doing what the file says.
 
-Every error names the file, the key and what was expected (:class:`ScenarioError`).
+Every error names the file, the key and what was expected (:class:`ScenarioError`). The classes
+a file becomes live in :mod:`shir.sim.scenario_model`; this module re-exports them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,22 @@ from typing import Any
 import attrs
 
 from shir.core.credentials import _check_credential as _core_check_credential
-from shir.core.errors import DomainError, InvalidCommand, ShirError
+from shir.core.errors import InvalidCommand, ShirError
 from shir.core.kernel import check_name as _core_check_name  # the core's own rule, not a copy
 from shir.core.leasing import LIMIT_RANGE
 from shir.core.model import InvalidSettings, NodeStatus, RuntimeSettings
-from shir.sim.faults import FAULT_KINDS, Fault, parse_fault
-from shir.sim.surface import LinkSpec, ProxyChange, parse_link, parse_proxy_change
+from shir.sim.faults import FAULT_KINDS, parse_fault
+from shir.sim.scenario_model import (
+    DurationDist,
+    Expectation,
+    NetworkSpec,
+    NodeSpec,
+    RandomFaults,
+    Scenario,
+    Workload,
+    metric_names,
+)
+from shir.sim.surface import parse_link, parse_proxy_change
 
 __all__ = [
     "LIMITS",
@@ -54,113 +65,6 @@ class ScenarioError(ShirError, ValueError):
     """A scenario file is malformed; the message names the file, the key and what was expected."""
 
 
-@attrs.frozen
-class DurationDist:
-    """How long a job runs on a node of speed 1."""
-
-    kind: str = "exponential"  # exponential | fixed | uniform
-    mean_s: float = 30.0
-    min_s: float = 0.0
-    max_s: float = 0.0
-
-
-@attrs.frozen
-class Workload:
-    """Jobs arriving as a Poisson process."""
-
-    rate_per_s: float = 1.0
-    duration: DurationDist = DurationDist()
-    start_at_s: float = 0.0
-    stop_at_s: float | None = None  # default: the scenario's duration
-    needs: tuple[tuple[str, int], ...] = ()  # credential versions every job needs
-    duplicate_submit_p: float = 0.0  # the service resends a submission (same key)
-
-
-@attrs.frozen
-class NodeSpec:
-    """One machine that joins the runtime."""
-
-    name: str
-    cores: int = 4
-    memory_mb: int = 8192
-    version: str = "5.40"
-    version_released_at: float | None = None
-    join_at_s: float = 0.0
-    key: str = "key1"
-    concurrency_limit: int | None = None
-    speed: float = 1.0  # job speed factor (a slow node < 1)
-    remote_access: bool = False  # off, as on a fresh install: turn it on for a second node
-
-
-@attrs.frozen
-class NetworkSpec:
-    """Message delays between nodes and the control channel."""
-
-    latency_s: float = 0.005
-    jitter_s: float = 0.002
-
-
-@attrs.frozen
-class RandomFaults:
-    """Faults drawn from the seed: ``per_hour`` on average, kinds chosen uniformly."""
-
-    per_hour: float = 0.0
-    kinds: tuple[str, ...] = ()
-    min_duration_s: float = 5.0
-    max_duration_s: float = 120.0
-    probability: float = 0.2  # for message faults: the drop/duplicate probability
-
-
-@attrs.frozen
-class Expectation:
-    """Something that must hold: ``dispatcher`` / ``status`` at a time, or a ``metric`` bound."""
-
-    kind: str
-    at_s: float | None = None
-    node: str | None = None
-    status: str | None = None
-    metric: str | None = None
-    max: float | None = None
-    min: float | None = None
-    equals: float | None = None
-
-    def describe(self) -> str:
-        """A one-line description for reports."""
-        if self.kind == "dispatcher":
-            return f"at {self.at_s:g} s the dispatcher is {self.node or 'nobody'}"
-        if self.kind == "status":
-            return f"at {self.at_s:g} s {self.node} is {self.status}"
-        bounds = []
-        if self.min is not None:
-            bounds.append(f">= {self.min:g}")
-        if self.max is not None:
-            bounds.append(f"<= {self.max:g}")
-        if self.equals is not None:
-            bounds.append(f"== {self.equals:g}")
-        return f"{self.metric} {' and '.join(bounds)}"
-
-
-@attrs.frozen
-class Scenario:
-    """A whole simulation: topology, settings, workload, faults and expectations."""
-
-    name: str
-    nodes: tuple[NodeSpec, ...]
-    description: str = ""
-    seed: int = 1
-    duration_s: float = 600.0
-    drain_s: float = 300.0
-    settings: RuntimeSettings = RuntimeSettings()
-    workload: Workload = Workload()
-    network: NetworkSpec = NetworkSpec()
-    faults: tuple[Fault, ...] = ()
-    random_faults: RandomFaults = RandomFaults()
-    expect: tuple[Expectation, ...] = ()
-    source: str = "<memory>"
-    links: tuple[LinkSpec, ...] = ()  # shir.sim.surface
-    proxy_changes: tuple[ProxyChange, ...] = ()
-
-
 # --- parsing with errors that name the key ---------------------------------------------------
 
 # Documented limits on magnitudes (docs/simulation.md): beyond them a run would take hours of
@@ -173,28 +77,6 @@ LIMITS: Mapping[str, float] = {
     "per_hour": 3600.0,
     "heartbeats": 250_000.0,  # nodes x simulated_s / heartbeat_interval_s: 4 nodes, 7 days, 10 s
 }
-
-_JOB_METRICS = ("submitted", "completed", "dead_lettered", "redelivered", "unfinished", "lost",
-                "duplicate_effects")
-_PLAIN_METRICS = ("failovers", "max_dispatcher_gap_s", "max_offline_detect_s",
-                  "invariant_violations", "store_recoveries", "events", "simulated_s")
-
-
-def _error_names() -> list[str]:
-    seen: list[str] = []
-    todo: list[type] = [DomainError]
-    while todo:
-        cls = todo.pop()
-        if cls is not DomainError and cls.__name__ not in seen:
-            seen.append(cls.__name__)
-        todo.extend(cls.__subclasses__())
-    return sorted({*seen, "AppendOutcomeUnknown"})
-
-
-def metric_names() -> tuple[str, ...]:
-    """Every metric an expectation may name (refusals.X for every refusal the sim counts)."""
-    return (*(f"jobs.{j}" for j in _JOB_METRICS), *_PLAIN_METRICS,
-            *(f"refusals.{e}" for e in _error_names()))
 
 
 def _check_metric(r: _Reader, key: str, metric: str | None) -> None:

@@ -12,7 +12,8 @@ on Dask the scheduler reruns the tasks of a lost worker itself (we count those r
 reported as failing seeds, never retried forever. Results are sorted by seed whatever order they
 arrive in.
 
-Dask and tqdm are optional (``pip install 'shir[dask]'``) and imported only when used.
+Dask and tqdm are optional (``pip install 'shir[dask]'``) and imported only when used. What a
+sweep found and its reports live in :mod:`shir.sim.sweep_report`; this module re-exports them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -31,7 +32,21 @@ from typing import Any, TextIO
 
 import attrs
 
-from shir.sim.scenario import Scenario
+from shir.sim.report import mark
+from shir.sim.scenario import Scenario, ScenarioError, load_scenario
+from shir.sim.sweep_report import (
+    METRICS,
+    Record,
+    SweepResult,
+    distribution,
+    format_report,
+    to_json,
+    write_jsonl,
+)
+
+# Still importable from here, as before they moved to shir.sim.sweep_report.
+from shir.sim.sweep_report import PERCENTILES as PERCENTILES
+from shir.sim.sweep_report import iter_reasons as iter_reasons
 
 __all__ = [
     "METRICS",
@@ -43,16 +58,6 @@ __all__ = [
 ]
 
 DASK_INSTALL_HINT = "pip install 'shir[dask]'"
-# The distributions a sweep reports, by metric name (the names [[expect]] uses).
-METRICS = (
-    "max_dispatcher_gap_s",
-    "max_offline_detect_s",
-    "failovers",
-    "jobs.redelivered",
-    "jobs.unfinished",
-    "jobs.dead_lettered",
-)
-PERCENTILES = (50, 95, 99)
 MAX_ATTEMPTS = 3  # a batch whose worker died this many times is reported, not rerun
 IN_FLIGHT_PER_WORKER = 2  # enough to keep a worker busy while its last result travels
 # A batch's length in run time: long enough that a Dask task's own cost (~5 ms of CPU,
@@ -61,7 +66,6 @@ IN_FLIGHT_PER_WORKER = 2  # enough to keep a worker busy while its last result t
 BATCH_S = 1.0
 TAIL_BATCH_S = 0.1
 
-Record = dict[str, Any]
 BatchFn = Callable[[Scenario, Sequence[int], "float | None"], list[Record]]
 
 
@@ -390,45 +394,6 @@ def _on_dask(scenario: Scenario, seeds: list[int], until_s: float | None, cluste
 # -- the sweep -----------------------------------------------------------------------------
 
 
-def distribution(values: Sequence[float]) -> dict[str, float | None]:
-    """p50, p95, p99 (nearest rank) and max of ``values``; all None when empty."""
-    ordered = sorted(values)
-    out: dict[str, float | None] = {}
-    for p in PERCENTILES:
-        out[f"p{p}"] = ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else None
-    out["max"] = ordered[-1] if ordered else None
-    return out
-
-
-@attrs.define
-class SweepResult:
-    """What a sweep found: one record per seed (sorted by seed) and how it ran."""
-
-    scenario: str
-    seeds: list[int]
-    records: list[Record]
-    where: str
-    workers: int
-    batch_size: int  # the largest batch
-    retried: int
-    wall_s: float
-    startup_s: float = 0.0  # starting or reaching the workers and importing the simulator
-    run_s: float = 0.0  # from the workers being ready to the last result (no start or stop)
-
-    @property
-    def failed(self) -> list[Record]:
-        return [r for r in self.records if not r["ok"]]
-
-    def distributions(self) -> dict[str, dict[str, float | None]]:
-        """Per metric, its distribution over the seeds that ran to the end."""
-        return {m: distribution([r["metrics"][m] for r in self.records
-                                 if r["metrics"].get(m) is not None]) for m in METRICS}
-
-    @property
-    def seeds_per_s(self) -> float:
-        return len(self.records) / self.wall_s if self.wall_s > 0 else math.inf
-
-
 def _progress(total: int, stream: TextIO) -> Any:
     """A tqdm bar on a terminal; None when not a terminal or tqdm is not installed."""
     if not stream.isatty():
@@ -501,93 +466,12 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
                        retried, wall, startup[0], max(0.0, last[0] - t0 - startup[0]))
 
 
-def write_jsonl(result: SweepResult, path: Path) -> None:
-    """One JSON object per seed, in seed order (for notebooks: ``pandas.read_json(lines=True)``)."""
-    with path.open("w", encoding="utf-8") as f:
-        for r in result.records:
-            f.write(json.dumps(_public(r), separators=(",", ":")) + "\n")
-
-
-def _public(r: Record) -> Record:
-    """A seed's record without the worker's process id."""
-    return {k: v for k, v in r.items() if k != "pid"}
-
-
-def iter_reasons(r: Record, limit: int = 3) -> Iterator[str]:
-    """Why a seed failed: the simulator error, then violations and failed expectations."""
-    if r["error"]:
-        yield r["error"]
-    yield from r["invariant_violations"][:limit]
-    yield from r["expectations_failed"][:limit]
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
-
-
-def format_report(result: SweepResult, replays: dict[int, str], mark: Callable[[bool], str],
-                  simulated_s: float) -> str:
-    """The human report of a sweep."""
-    s = result.seeds
-    lines = [
-        f"sweep         {result.scenario}: seeds {s[0]}..{s[-1]} ({len(result.records)} runs on "
-        f"{result.where}, batches of up to {result.batch_size})",
-        f"wall time     {result.wall_s:.2f} s ({result.seeds_per_s:,.1f} seeds/s; "
-        f"{simulated_s:,.1f} s simulated"
-        + (f"; {result.startup_s:.1f} s of it starting the workers)"
-           if result.startup_s >= 0.05 else ")"),
-        f"retried       {result.retried} seed{'s' if result.retried != 1 else ''} "
-        "(their worker died; reruns are deterministic)",
-        f"{'metric':24} {'p50':>9} {'p95':>9} {'p99':>9} {'max':>9}",
-    ]
-    for m, d in result.distributions().items():
-        lines.append(f"  {m:22} " + " ".join(f"{_fmt(d[k]):>9}" for k in ("p50", "p95", "p99",
-                                                                            "max")))
-    failed = result.failed
-    lines.append(f"failures      {len(failed)}")
-    for r in failed:
-        lines.append(f"  seed {r['seed']}: {replays[r['seed']]}")
-        lines += [f"      {mark(False)} {w}" for w in iter_reasons(r)]
-    lines.append("result        " + ("PASS" if not failed else "FAIL"))
-    return "\n".join(lines)
-
-
-def to_json(result: SweepResult, replays: dict[int, str]) -> dict[str, Any]:
-    """The ``--json`` report: totals, distributions, failures, and every seed."""
-    failed = [dict(_public(r), replay=replays[r["seed"]]) for r in result.failed]
-    return {
-        "scenario": result.scenario,
-        "seeds": {"first": result.seeds[0], "last": result.seeds[-1]},
-        "runs": len(result.records),
-        "failures": len(failed),
-        "failing_seeds": [r["seed"] for r in failed],
-        "failed_runs": failed,
-        "where": result.where,
-        "workers": result.workers,
-        "batch_size": result.batch_size,
-        "retried": result.retried,
-        "wall_s": round(result.wall_s, 3),
-        "startup_s": round(result.startup_s, 3),
-        "run_s": round(result.run_s, 3),
-        "seeds_per_s": round(result.seeds_per_s, 3),
-        "simulated_s": round(sum(r["simulated_s"] for r in result.records), 3),
-        "distributions": result.distributions(),
-        "per_seed": [{"seed": r["seed"], "ok": r["ok"],
-                      "event_log_sha256": r["event_log_sha256"], "metrics": r["metrics"]}
-                     for r in result.records],
-        "ok": not failed,
-    }
-
-
 def cmd_sweep(args: Any) -> int:
     """``shir sim sweep``: the handler :mod:`shir.sim.cli` calls; a user's mistake raises
     :class:`SweepError`."""
     import importlib.util
 
-    from shir.sim.cli import _mark, _until_s, replay_command
-    from shir.sim.scenario import ScenarioError, load_scenario
+    from shir.sim.cli import parse_until, replay_command
 
     out_path = _out_target(args.out) if args.out is not None else None
     cluster = parse_cluster(args.cluster, args.workers)
@@ -599,7 +483,7 @@ def cmd_sweep(args: Any) -> int:
     except ScenarioError as exc:
         raise SweepError(str(exc)) from None
     seeds = [scenario.seed + i for i in range(args.seeds)]
-    result = sweep(scenario, seeds, _until_s(args), cluster=cluster,
+    result = sweep(scenario, seeds, parse_until(args), cluster=cluster,
                    batch_size=args.batch_size, progress=sys.stderr)
     replays = {r["seed"]: replay_command(args.scenario, r["seed"], args.until)
                for r in result.failed}
@@ -614,7 +498,7 @@ def cmd_sweep(args: Any) -> int:
         for seed, again in replays.items():
             print(f"seed {seed} failed; replay it with: {again}", file=sys.stderr)
     else:
-        print(format_report(result, replays, lambda ok: _mark(ok, sys.stdout), simulated))
+        print(format_report(result, replays, lambda ok: mark(ok, sys.stdout), simulated))
         if out_path is not None:
             print(f"per seed      {args.out} ({len(result.records)} lines)")
     return 1 if result.failed else 0
@@ -630,3 +514,4 @@ def _out_target(text: str) -> Path:
     if not path.parent.is_dir():
         raise SweepError(f"--out {text}: no such directory {path.parent}")
     return path
+

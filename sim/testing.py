@@ -1,12 +1,14 @@
 """Property-based failover testing: Hypothesis strategies and a stateful cluster machine.
 
-One import for users' own tests. The code lives in ``shir.sim.strategies`` (strategies,
-profiles, ``to_toml``), ``shir.sim.machine`` (the machine, ``replay``; its docstring is the
-theory of operation) and ``shir.sim.invariants`` (``ClusterChecks``); this module re-exports
-their public names. The strategies (:func:`node_metrics`, :func:`commands`, :func:`events`,
-:func:`faults`, :func:`fault_schedules`, :func:`scenarios`) build valid values for a user's own
-tests. Profiles ``shir-quick`` (the machine's default) and ``shir-ci`` (1000 examples) are
-registered on import; ``SHIR_HYPOTHESIS_PROFILE`` picks one (:func:`profile`).
+One import for users' own tests. The code lives in ``shir.sim.core_strategies`` (strategies for
+the core's values), ``shir.sim.strategies`` (faults, scenarios, the machine's set-ups, profiles,
+``to_toml``), ``shir.sim.machine`` (the machine; its docstring is the theory of operation),
+``shir.sim.failure`` (what a failing run reports, ``replay``) and ``shir.sim.invariants``
+(``ClusterChecks``); this module re-exports their public names. The strategies
+(:func:`node_metrics`, :func:`commands`, :func:`events`, :func:`faults`,
+:func:`fault_schedules`, :func:`scenarios`) build valid values for a user's own tests. Profiles
+``shir-quick`` (the machine's default) and ``shir-ci`` (1000 examples) are registered on import;
+``SHIR_HYPOTHESIS_PROFILE`` picks one (:func:`profile`).
 """
 
 from __future__ import annotations
