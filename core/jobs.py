@@ -303,17 +303,21 @@ class JobBook:
             return
         self.pruned_at = now
         recent, recent_jobs = self.recent, self.recent_jobs
-        while recent:
-            _key, (token, at) = next(iter(recent.items()))
+        old: list[str] = []  # both in the order the jobs ended, which the log's time follows
+        for key, (token, at) in recent.items():
             if now - at < window_s:
                 break
-            recent.popitem(last=False)
+            old.append(key)
             recent_jobs.pop(token.job_id, None)
+        for key in old:
+            del recent[key]
         unpublished = self.unpublished
-        while unpublished:  # in the order the jobs ended, which the log's time follows
-            job_id, result = next(iter(unpublished.items()))
+        old = []
+        for job_id, result in unpublished.items():
             if now - result[3] < window_s:
                 break
+            old.append(job_id)
+        for job_id in old:
             del unpublished[job_id]
 
     def _expiries(self) -> OrderedDict[str, float]:
