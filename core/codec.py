@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -46,6 +46,7 @@ __all__ = [
     "decode",
     "decode_value",
     "encode",
+    "encode_all",
     "encode_value",
     "event",
     "registered_events",
@@ -384,6 +385,20 @@ def encode(evt: object) -> bytes:
         spec_for(type(evt))  # raises the explanatory error
     assert spec is not None
     return _packb([spec.tag, spec.version, spec.encode_fields(evt)])
+
+
+def encode_all(events: Iterable[object]) -> bytes:
+    """``b"".join(map(encode, events))``, in one buffer: for hashing a whole log."""
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    pack, specs = packer.pack, _by_cls
+    for evt in events:
+        spec = specs.get(type(evt))
+        if spec is None:
+            spec_for(type(evt))  # raises the explanatory error
+        assert spec is not None
+        pack([spec.tag, spec.version, spec.encode_fields(evt)])
+    data: bytes = packer.bytes()
+    return data
 
 
 def encode_value(obj: object) -> bytes:

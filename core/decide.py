@@ -31,6 +31,7 @@ from shir.core import credentials, leasing, lifecycle, proxy, sharing
 from shir.core.effects import DispatchWanted
 from shir.core.errors import InvalidCommand
 from shir.core.kernel import (
+    JOB_EVENTS,
     NEVER,
     Events,
     Model,
@@ -88,11 +89,22 @@ def decide(state: RuntimeState, command: object) -> tuple[object, ...]:
             + ", ".join(sorted(t.__name__ for t in DECIDE))
         )
     m = state.model()
+    m.scratched = None
     try:
-        return tuple(handler(m, command, _DECIDER))
+        events = tuple(handler(m, command, _DECIDER))
     finally:
         if m.pending:  # decision-scoped: empty again once the decision is over
             m.pending.clear()
+    s = m.scratched
+    if s is not None:
+        m.scratched = None
+        # The scratch model has had exactly these events applied, and its caches (rule due
+        # times, status memo) are up to date with them: folding them may adopt its caches
+        # instead of settling the same rules again. Not with job events, which a scratch
+        # model only notes (``emit``).
+        if events and not any(type(e) in JOB_EVENTS for e in events):
+            m.settled = (events, s)
+    return events
 
 
 def settle(s: Model, at: float, out: Events) -> None:
@@ -130,8 +142,11 @@ def timed(m: Model, at: float, *, jobs_only: bool = False) -> tuple[Model, Event
     out: Events = []
     due = m.due
     if (due is not None and at < due) or not _due(m, at):
-        return (m if jobs_only else m.scratch()), out
-    s = m.scratch()
+        if jobs_only:
+            return m, out
+        s = m.scratched = m.scratch()
+        return s, out
+    s = m.scratched = m.scratch()
     settle(s, at, out)
     return s, out
 

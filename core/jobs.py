@@ -27,7 +27,6 @@ queued job: the cost of one assignment does not grow with the queue.
 from __future__ import annotations
 
 import enum
-import heapq
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -218,9 +217,9 @@ class JobBook:
     """The mutable job part of the runtime's model (see ``kernel.Model``)."""
 
     __slots__ = (
-        "active_keys", "completed", "dead_lettered", "expiry_heap", "jobs", "leases",
-        "limits", "next_seq", "node_leases", "pruned_at", "queues", "recent", "recent_jobs",
-        "released", "submitted", "unpublished", "window_s",
+        "active_keys", "completed", "dead_lettered", "expiring", "expiring_unsorted", "jobs",
+        "latest_expiry", "leases", "limits", "next_seq", "node_leases", "pruned_at", "queues",
+        "recent", "recent_jobs", "released", "submitted", "unpublished", "window_s",
     )
 
     def __init__(self) -> None:
@@ -229,7 +228,10 @@ class JobBook:
         self.queues: dict[Requirement, deque[str]] = {}
         self.leases: dict[str, Lease] = {}
         self.node_leases: dict[str, set[str]] = {}
-        self.expiry_heap: list[tuple[float, str, int]] = []  # (expires_at, job, delivery), lazy
+        # Every live lease's expiry, earliest first (see ``_expire_at``): job id -> expires_at.
+        self.expiring: OrderedDict[str, float] = OrderedDict()
+        self.latest_expiry = float("-inf")  # the latest expiry ever placed in ``expiring``
+        self.expiring_unsorted = False  # an expiry came out of order: sort before reading
         self.recent: OrderedDict[str, tuple[LeaseToken, float]] = OrderedDict()  # completed keys
         self.recent_jobs: dict[str, LeaseToken] = {}  # the same completions, by job id
         # finished jobs whose result no host has confirmed publishing, in the order they ended:
@@ -252,7 +254,8 @@ class JobBook:
         b.queues = {k: deque(q) for k, q in self.queues.items() if q}
         b.leases = {k: Lease(v.token, v.expires_at) for k, v in self.leases.items()}
         b.node_leases = {k: set(v) for k, v in self.node_leases.items() if v}
-        b.expiry_heap = list(self.expiry_heap)
+        b.expiring = OrderedDict(self.expiring)
+        b.latest_expiry, b.expiring_unsorted = self.latest_expiry, self.expiring_unsorted
         b.recent = OrderedDict(self.recent)
         b.recent_jobs = dict(self.recent_jobs)
         b.unpublished = dict(self.unpublished)
@@ -300,50 +303,52 @@ class JobBook:
             return
         self.pruned_at = now
         recent, recent_jobs = self.recent, self.recent_jobs
-        while recent:
-            _key, (token, at) = next(iter(recent.items()))
+        old: list[str] = []  # both in the order the jobs ended, which the log's time follows
+        for key, (token, at) in recent.items():
             if now - at < window_s:
                 break
-            recent.popitem(last=False)
+            old.append(key)
             recent_jobs.pop(token.job_id, None)
+        for key in old:
+            del recent[key]
         unpublished = self.unpublished
-        while unpublished:  # in the order the jobs ended, which the log's time follows
-            job_id, result = next(iter(unpublished.items()))
+        old = []
+        for job_id, result in unpublished.items():
             if now - result[3] < window_s:
                 break
+            old.append(job_id)
+        for job_id in old:
             del unpublished[job_id]
 
-    def _drop_stale_tops(self) -> None:
-        # Cache upkeep only: entries of renewed or ended leases are dropped from the heap top.
-        # What the book means does not change, so queries may call this.
-        heap, live = self.expiry_heap, self.leases
-        while heap:
-            expires_at, job_id, delivery = heap[0]
-            lease = live.get(job_id)
-            if lease and lease.token.delivery == delivery and lease.expires_at == expires_at:
-                return
-            heapq.heappop(heap)
+    def _expiries(self) -> OrderedDict[str, float]:
+        """``expiring``, sorted first if an expiry came out of order (cache upkeep only: what
+        the book means does not change, so queries may call this)."""
+        if self.expiring_unsorted:
+            self.expiring = OrderedDict(sorted(self.expiring.items(), key=_expiry))
+            self.expiring_unsorted = False
+        return self.expiring
 
     def next_expiry(self) -> float | None:
         """When the earliest live lease expires, if any."""
-        self._drop_stale_tops()
-        return self.expiry_heap[0][0] if self.expiry_heap else None
+        for expires_at in self._expiries().values():
+            return expires_at
+        return None
 
     def expired(self, at: float) -> list[Lease]:
-        """Live leases whose expiry is at or before ``at``, earliest first."""
-        self._drop_stale_tops()
-        heap = self.expiry_heap
-        if not heap or heap[0][0] > at:
-            return []
+        """Live leases whose expiry is at or before ``at``, earliest first (ties by job id)."""
         out = []
-        for expires_at, job_id, delivery in sorted(e for e in heap if e[0] <= at):
-            lease = self.leases.get(job_id)
-            if lease and lease.token.delivery == delivery and lease.expires_at == expires_at:
-                out.append(lease)
+        leases = self.leases
+        for job_id, expires_at in self._expiries().items():
+            if expires_at > at:
+                break
+            out.append(leases[job_id])
+        if len(out) > 1:
+            out.sort(key=_lease_order)
         return out
 
     def _unlease(self, job_id: str) -> Lease:
         lease = self.leases.pop(job_id)
+        del self.expiring[job_id]
         held = self.node_leases[lease.token.node]
         held.discard(job_id)
         if not held:
@@ -358,16 +363,32 @@ class JobBook:
     def _lease(self, token: LeaseToken, expires_at: float) -> None:
         self.leases[token.job_id] = Lease(token, expires_at)
         self.node_leases.setdefault(token.node, set()).add(token.job_id)
-        heap = self.expiry_heap
-        heapq.heappush(heap, (expires_at, token.job_id, token.delivery))
-        # Lazy deletion keeps pushes cheap; compact when stale entries dominate.
-        if len(heap) > 64 and len(heap) > 4 * len(self.leases):
-            live = self.leases
-            self.expiry_heap = [
-                e for e in heap
-                if (lease := live.get(e[1])) is not None and lease.expires_at == e[0]
-            ]
-            heapq.heapify(self.expiry_heap)
+        self._expire_at(token.job_id, expires_at)
+
+    def _expire_at(self, job_id: str, expires_at: float) -> None:
+        """Place ``job_id``'s live lease at ``expires_at`` in ``expiring``.
+
+        A lease is granted or renewed for the lock duration from the decision's time, and the
+        core's time never goes back, so expiries arrive in order: the newest goes last, each
+        in O(1) (a heap cost a log factor per grant and renewal, and a pop for every entry
+        that a renewal or an end left stale). One out of order (a restored snapshot lists
+        leases by grant) marks the order for sorting when it is next read.
+        """
+        order = self.expiring
+        order.pop(job_id, None)
+        order[job_id] = expires_at
+        if expires_at >= self.latest_expiry:
+            self.latest_expiry = expires_at
+        else:
+            self.expiring_unsorted = True
+
+
+def _expiry(item: tuple[str, float]) -> float:
+    return item[1]
+
+
+def _lease_order(lease: Lease) -> tuple[float, str]:
+    return lease.expires_at, lease.token.job_id
 
 
 # --- evolve handlers (leasing.EVOLVE; decide.py merges them) ---------------------------------
@@ -408,16 +429,16 @@ def _lease_renewed(m: Any, e: LeaseRenewed) -> None:
     b: JobBook = m.jobs
     lease = b.leases[e.token.job_id]
     lease.expires_at = e.expires_at
-    heapq.heappush(b.expiry_heap, (e.expires_at, e.token.job_id, e.token.delivery))
+    b._expire_at(e.token.job_id, e.expires_at)
     m.jobs_moved(e.expires_at)
 
 
 def _leases_renewed(m: Any, e: LeasesRenewed) -> None:
     b: JobBook = m.jobs
-    leases, heap, expires_at = b.leases, b.expiry_heap, e.expires_at
+    leases, expire_at, expires_at = b.leases, b._expire_at, e.expires_at
     for token in e.tokens:
         leases[token.job_id].expires_at = expires_at
-        heapq.heappush(heap, (expires_at, token.job_id, token.delivery))
+        expire_at(token.job_id, expires_at)
     m.jobs_moved(expires_at)
 
 

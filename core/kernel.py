@@ -50,6 +50,7 @@ from shir.core.model import (
 __all__ = [
     "DAY_S",
     "FIRST_HEARTBEAT_PENDING",
+    "JOB_EVENTS",
     "MAX_NAME",
     "MAX_REMEMBERED_REMOVALS",
     "NEVER",
@@ -156,7 +157,7 @@ class Model:
     __slots__ = (
         "credentials", "dirty", "dispatcher", "due", "evolve", "gen", "job_rules", "jobs", "keys",
         "marks", "next_seq", "nodes", "now", "pending", "proxies", "removed", "rule_due", "rules",
-        "runtime", "sharing", "status_memo", "syncs", "term", "wild",
+        "runtime", "scratched", "settled", "sharing", "status_memo", "syncs", "term", "wild",
     )
 
     def __init__(self, evolve: Mapping[type, Callable[[Model, Any], None]],
@@ -179,6 +180,10 @@ class Model:
         # Status derivation, per node: (its facts, the runtime-wide facts, until when the
         # derivation holds) when it last found no change (``lifecycle.derive_statuses``).
         self.status_memo: dict[str, tuple[tuple[Any, ...], tuple[Any, ...], float]] = {}
+        # The scratch model of the decision under way, and the last decision's events with its
+        # scratch model: folding those very events adopts the scratch's caches (``fold``).
+        self.scratched: Model | None = None
+        self.settled: tuple[tuple[object, ...], Model] | None = None
         self.gen = 0
         self.runtime: RuntimeInfo | None = None
         self.keys: dict[KeyName, KeyVerifier] = {}
@@ -220,6 +225,7 @@ class Model:
         m.pending = set()
         m.rule_due = list(self.rule_due)
         m.status_memo = dict(self.status_memo)
+        m.scratched = m.settled = None
         return m
 
     def jobs_moved(self, at: float) -> None:
@@ -371,7 +377,7 @@ def apply(m: Model, events: Iterable[object]) -> None:
     for e in events:
         t = type(e)
         table[t](m, e)
-        if t not in _JOB_EVENTS:
+        if t not in JOB_EVENTS:
             dirty |= m.marks.get(t, m.wild)
         at = e.at  # type: ignore[attr-defined]
         if at > now:
@@ -432,12 +438,12 @@ def check_time(m: Model, at: float) -> None:
         )
 
 
-_JOB_EVENTS = frozenset(JOB_EVOLVE)  # job events never touch a scratch model's node records
+JOB_EVENTS = frozenset(JOB_EVOLVE)  # job events never touch a scratch model's node records
 
 
 def emit(s: Model, out: Events, e: object) -> None:
     """Record ``e`` as decided and apply it to the scratch model ``s``."""
-    if type(e) in _JOB_EVENTS:
+    if type(e) in JOB_EVENTS:
         # The job book is shared with the real model: note the job instead (see Model.pending).
         token = getattr(e, "token", None)
         if token is not None:

@@ -42,7 +42,15 @@ def initial() -> RuntimeState:
 def fold(state: RuntimeState, events: Iterable[object]) -> RuntimeState:
     """Apply ``events`` in order; ``state`` is spent afterwards (see ``shir.core.kernel``)."""
     m = state.model()
+    settled = m.settled
     apply(m, events)
+    if settled is not None:
+        m.settled = None
+        if settled[0] is events:
+            # the events ``decide`` just returned, applied on its scratch model too: its
+            # caches hold for this model now (see ``decide``)
+            s = settled[1]
+            m.rule_due, m.dirty, m.due, m.status_memo = s.rule_due, s.dirty, s.due, s.status_memo
     m.gen += 1
     return RuntimeState(m)
 

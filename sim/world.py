@@ -44,7 +44,7 @@ import simpy
 from simpy.events import NORMAL
 
 from shir.core import commands as cmd
-from shir.core.codec import encode
+from shir.core.codec import encode_all
 from shir.core.credentials import credential_status
 from shir.core.driver import Driver
 from shir.core.keys import AuthKey
@@ -188,7 +188,7 @@ class World:
         """
         log = self.events_log
         if self._hashed < len(log):
-            self._hasher.update(b"".join(map(encode, log[self._hashed:])))
+            self._hasher.update(encode_all(log[self._hashed:]))
             self._hashed = len(log)
         return self._hasher
 

@@ -35,6 +35,7 @@ from shir.core.codec import (
     decode,
     decode_value,
     encode,
+    encode_all,
     encode_value,
     event,
     registered_events,
@@ -212,6 +213,22 @@ def test_round_trip(spec: Any, data: st.DataObject) -> None:
 def test_value_round_trip(cls: type, data: st.DataObject) -> None:
     obj = data.draw(strategy_for_type(cls))
     assert decode_value(cls, encode_value(obj)) == obj
+
+
+@settings(deadline=None, max_examples=50)
+@given(st.lists(any_event(), max_size=8))
+def test_encode_all_is_the_records_end_to_end(events: list[Any]) -> None:
+    # The simulator hashes its log through encode_all: the same bytes as record by record.
+    assert encode_all(events) == b"".join(map(encode, events))
+
+
+def test_encode_all_names_an_unregistered_event() -> None:
+    @attrs.frozen
+    class NotAnEvent:
+        x: int
+
+    with pytest.raises(UnknownEventType, match="NotAnEvent is not a registered event"):
+        encode_all([Empty(), NotAnEvent(1)])
 
 
 def test_round_trip_extremes() -> None:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import attrs
 import pytest
-from rig import Rig
+from rig import Rig, recomputed
 
 from shir.core import rules
+from shir.core.events import HeartbeatReceived
 from shir.core.model import NodeStatus
+from shir.core.state import fold
 
 CORE = Path(__file__).resolve().parent.parent / "core"
 composed = importlib.import_module("shir.core.decide")  # shir.core.decide is also the function
@@ -197,6 +199,22 @@ def test_the_status_memo_sees_every_fact_a_derivation_reads() -> None:
     )
 
 
+def test_folding_other_events_than_decided_takes_no_caches_from_the_decision() -> None:
+    # A host whose append lost to another writer folds that writer's events instead of its
+    # own decision's: the decision's caches (n1 heard at 20 s) must not be taken for them.
+    c = Rig.online(2, at=1.0)
+    decided = composed.decide(c.state, c.heartbeat_cmd("n1", at=20.0))
+    assert [type(e) for e in decided] == [HeartbeatReceived]
+    m1, m2 = (c.state.node(n).metrics for n in ("n1", "n2"))  # type: ignore[union-attr]
+    other = fold(c.state, [HeartbeatReceived("n1", m1, 5.0), HeartbeatReceived("n2", m2, 20.0)])
+    assert composed.next_deadline(other) == composed.next_deadline(recomputed(other))
+    # and the decision's own events, folded, agree with a fresh derivation too
+    c2 = Rig.online(2, at=1.0)
+    own = composed.decide(c2.state, c2.heartbeat_cmd("n1", at=20.0))
+    mine = fold(c2.state, own)
+    assert composed.next_deadline(mine) == composed.next_deadline(recomputed(mine))
+
+
 def test_a_rule_is_marked_for_settling_only_by_the_events_it_reads() -> None:
     c = Rig.online(2, at=1.0)
     names = [r.name for r in c.state.model().rules]
@@ -208,10 +226,19 @@ def test_a_rule_is_marked_for_settling_only_by_the_events_it_reads() -> None:
     m = c.state.model()
     assert m.dirty == 0  # job events only lower the lease rule's due time, to the new lease's
     assert m.rule_due[names.index("leases")] == m.jobs.next_expiry()
-    c.heartbeat_all(5.0)  # a heartbeat changes a node's facts, not which nodes are Offline
-    m = c.state.model()
+    # A heartbeat changes a node's facts, not which nodes are Offline. Folded as another
+    # writer's event (no decision of this model's to take the caches from), it marks the rules
+    # that read it:
+    metrics = c.state.node("n1").metrics  # type: ignore[union-attr]
+    m = fold(c.state.copy(), [HeartbeatReceived("n1", metrics, 5.0)]).model()
     assert m.dirty & bit["node statuses"]
     assert not m.dirty & (bit["leases"] | bit["offline auto-expiry"])
+    # Decided here, the decision already settled those rules on its scratch model after its
+    # own events: folding the same events takes its caches instead of settling them again.
+    c.heartbeat_all(5.0)
+    m = c.state.model()
+    assert m.dirty == 0
+    assert composed.next_deadline(c.state) == composed.next_deadline(recomputed(c.state))
     events = c.run(40.0, skip=["n2"])  # n2 falls silent: the lease rule must look again
     lost = [e for e in events if type(e).__name__ == "JobReleased"]
     assert [(e.token.node, e.reason.value) for e in lost] == [("n2", "node_lost")]

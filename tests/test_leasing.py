@@ -12,6 +12,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rig import Rig, of_type
 
 from shir.core import (
@@ -66,6 +68,7 @@ from shir.core.errors import (
     TimeWentBackwards,
     UnknownNode,
 )
+from shir.core.jobs import JobBook
 from shir.core.leasing import LIMIT_RANGE, MAX_CONFIRMED, NotDispatcher
 from shir.core.snapshot import restore, snapshot_bytes
 
@@ -837,7 +840,7 @@ def test_finished_jobs_leave_counters_not_records() -> None:
     book = r.state.jobs
     assert (book.jobs, book.leases, book.queues, book.node_leases, book.active_keys) == (
         {}, {}, {}, {}, {})
-    assert book.next_expiry() is None and book.expiry_heap == []
+    assert book.next_expiry() is None and not book.expiring
     # only keys completed within the last window (plus the 1/16 pruning slack) remain
     last = r.now
     slack = window / 16
@@ -857,3 +860,30 @@ def test_a_decision_never_changes_the_state_it_is_given() -> None:
     assert branch.fingerprint() == before
     assert len(of_type(d.events, JobLeased)) == 3
     assert fold(branch, d.events).fingerprint() == d.state.fingerprint()
+
+
+# --- the expiry order ------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(("grant", "renew", "end")), st.integers(0, 7),
+                          st.sampled_from((1.0, 2.0, 2.0, 3.0, 5.0, 8.0))), max_size=40),
+       st.sampled_from((0.0, 2.0, 3.0, 4.0, 9.0)))
+def test_expiry_order_matches_the_live_leases(ops: list[tuple[str, int, float]],
+                                              at: float) -> None:
+    # Expiries in any order (a restored snapshot, or ties): the book's answers are those of
+    # the live leases themselves, earliest first and ties by job id.
+    book = JobBook()
+    for op, i, expires_at in ops:
+        job_id = f"j{i}"
+        live = book.leases.get(job_id)
+        if op == "grant" and live is None:
+            book._lease(LeaseToken(job_id, "n1", 1, 1), expires_at)
+        elif op == "renew" and live is not None:
+            live.expires_at = expires_at
+            book._expire_at(job_id, expires_at)
+        elif op == "end" and live is not None:
+            book._unlease(job_id)
+    leases = sorted(book.leases.values(), key=lambda lz: (lz.expires_at, lz.token.job_id))
+    assert book.next_expiry() == (leases[0].expires_at if leases else None)
+    assert book.expired(at) == [lz for lz in leases if lz.expires_at <= at]
+    assert list(book.copy().expiring.items()) == list(book.expiring.items())
