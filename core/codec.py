@@ -50,6 +50,7 @@ __all__ = [
     "encode_value",
     "event",
     "registered_events",
+    "registered_values",
     "spec_for",
     "value",
 ]
@@ -373,6 +374,11 @@ def spec_for(cls: type) -> EventSpec:
 def registered_events() -> tuple[EventSpec, ...]:
     """Every registered event type, in registration order."""
     return tuple(_by_tag.values())
+
+
+def registered_values() -> tuple[type, ...]:
+    """Every registered value type (what may appear as a field inside events), in order."""
+    return tuple(_values)
 
 
 _packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack

@@ -99,6 +99,7 @@ __all__ = [
     "ShareCredential",
     "StaleCredentialVersion",
     "UnknownCredential",
+    "check_credential",
     "credential_status",
     "request_syncs",
     "sync_timeout_s",
@@ -349,7 +350,8 @@ EFFECTS: dict[type, Callable[[Any], tuple[object, ...]]] = {
 
 # --- decisions ---------------------------------------------------------------------------------
 
-def _check_credential(credential_id: str, version: int) -> None:
+def check_credential(credential_id: str, version: int) -> None:
+    """Refuse (``InvalidCommand``) a malformed credential id or a version out of range."""
     if not isinstance(credential_id, str) or not _CREDENTIAL_ID.fullmatch(credential_id):
         shown = credential_id[:40] if isinstance(credential_id, str) else type(credential_id)
         raise InvalidCommand(
@@ -365,7 +367,7 @@ def _check_credential(credential_id: str, version: int) -> None:
 
 def _save(m: Model, c: SaveCredential, k: Decider) -> Events:
     runtime_of(m)
-    _check_credential(c.credential_id, c.version)
+    check_credential(c.credential_id, c.version)
     node = node_of(m, c.node)
     latest = m.credentials.get(c.credential_id)
     if latest is not None:
@@ -393,7 +395,7 @@ def _save(m: Model, c: SaveCredential, k: Decider) -> Events:
 
 def _share(m: Model, c: ShareCredential, k: Decider) -> Events:
     runtime_of(m)
-    _check_credential(c.credential_id, c.version)
+    check_credential(c.credential_id, c.version)
     if not isinstance(c.envelope, bytes) or not 0 < len(c.envelope) <= MAX_ENVELOPE_BYTES:
         size = len(c.envelope) if isinstance(c.envelope, bytes) else type(c.envelope).__name__
         raise InvalidCommand(

@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from shir.core import commands as cmd
 from shir.core import jobs
-from shir.core.codec import _values, registered_events
+from shir.core.codec import registered_events, registered_values
 from shir.core.keys import AuthKey
 from shir.core.leasing import (
     AbandonJob,
@@ -203,7 +203,7 @@ def strategy_for_type(tp: Any) -> st.SearchStrategy[Any]:
         return st.binary(max_size=20)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return st.sampled_from(tp)
-    if isinstance(tp, type) and (tp in _values or tp in EVENT_OVERRIDES):
+    if isinstance(tp, type) and (tp in registered_values() or tp in EVENT_OVERRIDES):
         return _class_strategy(tp)
     raise TypeError(f"no strategy for field type {tp!r}")
 

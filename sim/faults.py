@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from shir.core.credentials import _check_credential as _core_check_credential
+from shir.core.credentials import check_credential as core_check_credential
 from shir.core.errors import InvalidCommand
 from shir.core.kernel import check_name as _core_check_name
 from shir.sim.network import CONTROL, HB, INTRANET, SERVICE
@@ -379,7 +379,7 @@ def _field(kind: str, k: str, v: Any, nodes: set[str]) -> Any:
             raise ValueError(f".{k}: expected one of the nodes {sorted(nodes)}, got {v!r:.80}")
         try:  # why: a value the core refuses makes the fault do nothing, silently
             if k == "credential":
-                _core_check_credential(v, 1)
+                core_check_credential(v, 1)
             else:
                 _core_check_name(k, v)
         except InvalidCommand as exc:

@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from shir.core.credentials import _check_credential as _core_check_credential
+from shir.core.credentials import check_credential as core_check_credential
 from shir.core.errors import InvalidCommand, ShirError
 from shir.core.kernel import check_name as _core_check_name  # the core's own rule, not a copy
 from shir.core.leasing import LIMIT_RANGE
@@ -210,7 +210,7 @@ def _workload(r: _Reader, data: Any) -> Workload:
             raise r.fail(f"{key}.credential", "a credential id", cid)
         version = r.int_(item, key, "version", 1, lo=1) or 1
         try:
-            _core_check_credential(cid, version)
+            core_check_credential(cid, version)
         except InvalidCommand as exc:
             raise r.fail(key, f"a credential the core accepts ({exc})", cid) from None
         if any(c == cid for c, _v in needs):

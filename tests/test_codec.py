@@ -31,7 +31,6 @@ from shir.core.codec import (
     UnknownEventType,
     UnsupportedEventVersion,
     _shadow,
-    _values,
     decode,
     decode_value,
     encode,
@@ -39,6 +38,7 @@ from shir.core.codec import (
     encode_value,
     event,
     registered_events,
+    registered_values,
     spec_for,
     value,
 )
@@ -207,7 +207,7 @@ def test_round_trip(spec: Any, data: st.DataObject) -> None:
     assert decode(encoded) == evt
 
 
-@pytest.mark.parametrize("cls", list(_values), ids=[c.__name__ for c in _values])
+@pytest.mark.parametrize("cls", registered_values(), ids=[c.__name__ for c in registered_values()])
 @settings(deadline=None, suppress_health_check=[HealthCheck.differing_executors])
 @given(data=st.data())
 def test_value_round_trip(cls: type, data: st.DataObject) -> None:
