@@ -69,6 +69,7 @@ __all__ = [
     "make_encoder",
     "naive_utc",
     "read_records",
+    "value_kind",
 ]
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -113,7 +114,9 @@ _SUPPORTED = (bool, int, str, float, decimal.Decimal, dt.datetime, dt.date, dt.t
               bytearray, uuid.UUID)
 
 
-def _kind(name: str, python_type: type, fmt: str) -> type:
+def value_kind(name: str, python_type: type, fmt: str) -> type:
+    """The supported kind of column ``name``'s values (``bytearray`` counts as ``bytes``);
+    ``UnsupportedType`` naming the column, its type and ``fmt`` for any other type."""
     for t in _SUPPORTED:
         if issubclass(python_type, t):
             return bytes if t is bytearray else t
@@ -251,7 +254,7 @@ class CsvEncoder(Encoder):
         self._scan: list[bool] = []  # may this column's text need quoting?
         specials = {options.delimiter, options.quote, "\r", "\n"}
         for c in columns:
-            kind = _kind(c.name, c.python_type, "csv")
+            kind = value_kind(c.name, c.python_type, "csv")
             self._forms.append(_CSV_ZONED if _zoned(c, kind) else _CSV_FORMS.get(kind))
             alphabet = ALPHABETS[kind]
             # scanned too when its text can equal the null text (`--null 1`: a 1 is quoted)
@@ -318,7 +321,7 @@ class JsonLinesEncoder(Encoder):
 
     def __init__(self, columns: Sequence[Any]) -> None:
         self.names = tuple(c.name for c in columns)
-        self._kinds = [_kind(c.name, c.python_type, "jsonl") for c in columns]
+        self._kinds = [value_kind(c.name, c.python_type, "jsonl") for c in columns]
         self._forms = [_JSON_ZONED if _zoned(c, k) else _JSON_FORMS[k]
                        for c, k in zip(columns, self._kinds, strict=True)]
         fields = ",".join(json.dumps(n, ensure_ascii=False).replace("%", "%%") + ":%s"

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from shir.adapters.copy_formats import Encoder, FormatError, UnsupportedType, _kind
+from shir.adapters.copy_formats import Encoder, FormatError, UnsupportedType, value_kind
 
 __all__ = ["ParquetEncoder", "arrow_allocator_first", "arrow_type", "load_pyarrow",
            "read_parquet_records"]
@@ -80,7 +80,7 @@ def _writer_class() -> Any:
 def arrow_type(column: Any) -> Any:
     """The Arrow type that holds ``column``'s values exactly; raises UnsupportedType."""
     pa = load_pyarrow()
-    kind = _kind(column.name, column.python_type, "parquet")
+    kind = value_kind(column.name, column.python_type, "parquet")
     if kind is decimal.Decimal:
         precision, scale = column.size or 0, column.scale or 0
         if not 0 < precision <= 76 or not 0 <= scale <= precision:
@@ -134,7 +134,7 @@ class ParquetEncoder(Encoder):
         pa = load_pyarrow()
         self.names = [c.name for c in columns]
         self._types = [arrow_type(c) for c in columns]
-        self._uuid = [_kind(c.name, c.python_type, "parquet") is uuid.UUID for c in columns]
+        self._uuid = [value_kind(c.name, c.python_type, "parquet") is uuid.UUID for c in columns]
         self._start(pa.schema([pa.field(n, t) for n, t in zip(self.names, self._types,
                                                                 strict=True)]), row_group_rows)
 
