@@ -14,7 +14,7 @@ before anything is written; its ``finish()`` bytes (Parquet's footer) end the co
 
 Speed: the fetch (pyodbc building Python objects) and the encoding (turning them into text)
 both need the GIL, so on a CPU-bound machine the copy costs their sum; what the fetch thread
-buys is overlap with the database's own work and the upload (benchmarks/copy.py: the copy
+buys is overlap with the database's own work and the upload (benchmarks/copy_bench.py: the copy
 beats the drain-then-encode floor in one thread, docs/copy.md has the figures).
 
 The sink commits once, after the last row, with the content's MD5; any

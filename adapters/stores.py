@@ -162,8 +162,10 @@ def _open_blob_connection_string(
 def _open_blob_url(
     url: str, create: bool, container: str, check_reachable: bool, options: dict[str, Any]
 ) -> EventStore:
-    blob = _blob_module()
+    blob = _blob_module()  # says what to install if the SDK is missing
     from azure.storage.blob import ContainerClient
+
+    from shir.adapters.blobstore_service import check_container_name
 
     parts = urlsplit(url)
     path = [p for p in parts.path.split("/") if p]
@@ -181,7 +183,7 @@ def _open_blob_url(
     account_url = f"{parts.scheme}://{parts.netloc}" + (f"/{account}" if account else "")
     credential = parts.query or None  # the SAS token; SDK errors never show it
     store_options = _store_options(options)
-    blob._check_container_name(container)
+    check_container_name(container)
     client = ContainerClient(account_url, container, credential=credential, **options)
     return _checked(blob.BlobEventStore(client, **store_options), create, check_reachable)
 
@@ -204,23 +206,15 @@ def _checked(store: Any, create: bool, check_reachable: bool) -> EventStore:
     """``store`` after one request that proves the endpoint, credential and container work."""
     if not check_reachable:
         return cast(EventStore, store)
-    from azure.core.exceptions import AzureError, ResourceNotFoundError
-
-    container = store._container
     try:
-        # Listing (not Get Container Properties) because a container SAS may list but not
-        # read the container's properties; the store lists blobs itself anyway.
-        next(iter(container.list_blobs(results_per_page=1).by_page()), None)
-    except ResourceNotFoundError:
-        if not create:
-            store.close()
-            raise StoreError(
-                f"{store!r}: the container does not exist: check its name, or create the "
-                "runtime first"
-            ) from None
-    except AzureError as exc:
-        try:
-            store._raise(exc, "list the container")
-        finally:
-            store.close()
+        exists = store.container_exists()
+    except StoreError:
+        store.close()
+        raise
+    if not exists and not create:
+        store.close()
+        raise StoreError(
+            f"{store!r}: the container does not exist: check its name, or create the "
+            "runtime first"
+        )
     return cast(EventStore, store)

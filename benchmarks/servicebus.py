@@ -18,34 +18,29 @@ free loopback port and stopped by its PID, unless SHIR_SB_CONNECTION_STRING name
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path, and benchmarks/copy.py would shadow the
-# standard library's copy module that the SDK imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from azure.servicebus import ServiceBusClient, ServiceBusMessage
 
-import argparse  # noqa: E402 - after the sys.path fix
-import contextlib  # noqa: E402 - after the sys.path fix
-import json  # noqa: E402 - after the sys.path fix
-import os  # noqa: E402 - after the sys.path fix
-import secrets  # noqa: E402 - after the sys.path fix
-import socket  # noqa: E402 - after the sys.path fix
-import statistics  # noqa: E402 - after the sys.path fix
-import subprocess  # noqa: E402 - after the sys.path fix
-import tempfile  # noqa: E402 - after the sys.path fix
-import time  # noqa: E402 - after the sys.path fix
-import uuid  # noqa: E402 - after the sys.path fix
-from collections.abc import Iterator  # noqa: E402 - after the sys.path fix
-
-from azure.servicebus import ServiceBusClient, ServiceBusMessage  # noqa: E402 - after the sys.path fix
-
-from shir.adapters.channel import JobRequest  # noqa: E402 - after the sys.path fix
-from shir.adapters.servicebus import ServiceBusChannel  # noqa: E402 - after the sys.path fix
-from shir.adapters.servicebus_messages import CONTENT_TYPE, encode_request  # noqa: E402 - after the sys.path fix
-from shir.adapters.sqlitestore import SQLiteEventStore  # noqa: E402 - after the sys.path fix
-from shir.core import AuthKey, CreateRuntime, KeyName, SubmitJob  # noqa: E402 - after the sys.path fix
-from shir.core.driver import Driver  # noqa: E402 - after the sys.path fix
+from shir.adapters.channel import JobRequest
+from shir.adapters.servicebus import ServiceBusChannel
+from shir.adapters.servicebus_messages import CONTENT_TYPE, encode_request
+from shir.adapters.sqlitestore import SQLiteEventStore
+from shir.core import AuthKey, CreateRuntime, KeyName, SubmitJob
+from shir.core.driver import Driver
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPACITY = 32  # the dispatcher's free slots: what one receive may lock

@@ -30,23 +30,16 @@ finished): on a shared machine, run several rounds and read the figures with the
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
 
-# Run as a script, this folder comes first on sys.path, and its copy.py would shadow the
-# standard library's `copy` (which Dask imports): take the folder off first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402 - after the sys.path fix above
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
-
-from shir.sim.scenario import Scenario, load_scenario  # noqa: E402
-from shir.sim.sweep import SweepResult, parse_cluster, run_batch, sweep  # noqa: E402
+from shir.sim.scenario import Scenario, load_scenario
+from shir.sim.sweep import SweepResult, parse_cluster, run_batch, sweep
 
 
 def timed_batch(scenario: Scenario, seeds: Sequence[int],

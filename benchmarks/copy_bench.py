@@ -1,6 +1,6 @@
 """Benchmark: `shir copy` PostgreSQL (psqlODBC) -> Azurite, beside its halves and a pandas script.
 
-    .venv/bin/python benchmarks/copy.py [--rows N] [--repeat R] [--formats csv,jsonl,parquet]
+    .venv/bin/python benchmarks/copy_bench.py [--rows N] [--repeat R] [--formats csv,jsonl,parquet]
                                         [--steps drain,floor,copy-csv,...]
                                         [--flat-rows M] [--flat-repeat F]
 
@@ -30,20 +30,13 @@ is the child's user+system seconds (the database and Azurite are other processes
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
-from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path and this module would shadow the
-# standard library's `copy`: take the folder off before anything imports it.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-import argparse  # noqa: E402 - after the sys.path fix above
-import json  # noqa: E402 - after the sys.path fix above
-import os  # noqa: E402 - after the sys.path fix above
-import resource  # noqa: E402 - after the sys.path fix above
-import subprocess  # noqa: E402 - after the sys.path fix above
-import time  # noqa: E402 - after the sys.path fix above
+import time
 
 QUERY = "SELECT id, s, n, ts, b FROM bench_copy ORDER BY id"
 
@@ -194,11 +187,7 @@ def main() -> None:
     import importlib.util
     import statistics
 
-    spec = importlib.util.spec_from_file_location("shir_bench_services", HERE / "services.py")
-    assert spec and spec.loader
-    services_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(services_module)
-    services = services_module.services
+    from services import services  # benchmarks/services.py: this script's folder is on sys.path
 
     formats = args.formats.split(",")
     arrow = [f for f in formats if f in ("csv", "jsonl", "parquet")]
