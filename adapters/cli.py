@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from shir.core.codec import CodecError
+from shir.core.errors import ShirError
 from shir.core.store import EventStore, StoreError
 
-__all__ = ["GROUPS", "FileLogs", "add_sim_commands", "build_parser", "main"]
+__all__ = ["GROUPS", "FileLogs", "UnreadableLog", "add_sim_commands", "build_parser", "main",
+           "read_log"]
 
 # One line per command group: (name, "module:function" adding it, help in ``shir --help``).
 GROUPS: tuple[tuple[str, str, str], ...] = (
@@ -76,25 +78,44 @@ class FileLogs:
 
     def read(self, log: str, path: Path) -> list[object]:
         """Every record of ``path``, read without the store's lock or write access."""
-        from shir.adapters.filestore import TornTail, read_stream_file
         from shir.sim.cli import UsageError
 
         try:
-            return read_stream_file(path)
-        except TornTail as exc:
-            raise UsageError(
-                f"cannot read the event log: {log}: torn tail at byte offset {exc.offset} "
-                f"after record #{exc.good_records} (an append was cut short). To keep the "
-                f"{exc.good_records} good records, truncate the file there: "
-                f"truncate -s {exc.offset} {shlex.quote(log)} (copy it first to keep the "
-                "damaged tail)"
+            return read_log(log, path)
+        except UnreadableLog as exc:
+            raise UsageError(str(exc)) from None
+
+
+class UnreadableLog(ShirError):
+    """An event log file that cannot be read; the message names it and what to do."""
+
+
+def read_log(log: str, path: Path) -> list[object]:
+    """Every record of the event log file ``path`` (``log``: how the user named it), read
+    without the store's lock or write access; :class:`UnreadableLog` when it cannot be."""
+    from shir.adapters.filestore import TornTail, read_stream_file
+
+    try:
+        return read_stream_file(path)
+    except TornTail as exc:
+        if exc.good_records == 0:  # advising `truncate -s 0` would destroy someone's file
+            raise UnreadableLog(
+                f"{log} is not a shir event log: its first record cannot be read "
+                f"({exc.reason}); give a FILE.events written by shir sim run --log"
             ) from None
-        except StoreError as exc:  # its message names the file
-            raise UsageError(f"cannot read the event log: {exc}") from None
-        except CodecError as exc:
-            raise UsageError(f"cannot read the event log {log}: {exc}") from None
-        except OSError as exc:
-            raise UsageError(f"{log}: {exc.strerror or exc}") from None
+        raise UnreadableLog(
+            f"cannot read the event log: {log}: torn tail at byte offset {exc.offset} "
+            f"after record #{exc.good_records} (an append was cut short). To keep the "
+            f"{exc.good_records} good records, truncate the file there: "
+            f"truncate -s {exc.offset} {shlex.quote(log)} (copy it first to keep the "
+            "damaged tail)"
+        ) from None
+    except StoreError as exc:  # its message names the file
+        raise UnreadableLog(f"cannot read the event log: {exc}") from None
+    except CodecError as exc:
+        raise UnreadableLog(f"cannot read the event log {log}: {exc}") from None
+    except OSError as exc:
+        raise UnreadableLog(f"{log}: {exc.strerror or exc}") from None
 
 
 def add_sim_commands(subparsers: Any) -> None:

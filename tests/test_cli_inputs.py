@@ -1,0 +1,253 @@
+"""A new user's mistakes on the runtime, job, status, credentials and cert commands.
+
+Each test is one mistake found by running the commands by hand as a new (and hostile) user: the
+command must exit 2 (or do what was asked), say what was wrong and what to do, never print a
+traceback, and leave no stray file or half-done state behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from shir.adapters.cli import main
+
+
+def shir(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+@pytest.fixture
+def store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    url = f"sqlite:///{tmp_path / 'rt.db'}"
+    assert shir(capsys, "runtime", "create", "--store", url, "--name", "rt")[0] == 0
+    return url
+
+
+# -- job submit -------------------------------------------------------------------------------
+
+
+def test_a_job_submitted_to_a_store_that_does_not_exist_is_refused_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo.db"
+    code, out, err = shir(capsys, "job", "submit", "--store", f"sqlite:///{typo}",
+                          "--kind", "touch", "--param", "sink=/tmp")
+    assert code == 2 and out == ""
+    assert "no SQLite store at" in err and "shir runtime create" in err
+    assert not typo.exists()
+
+
+def test_a_job_submitted_to_a_store_without_a_runtime_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shir.adapters.stores import open_store
+
+    open_store(f"sqlite:///{tmp_path / 'empty.db'}", create=True).close()  # type: ignore[attr-defined]
+    code, out, err = shir(capsys, "job", "submit", "--store", f"sqlite:///{tmp_path / 'empty.db'}",
+                          "--kind", "touch", "--param", "sink=/tmp")
+    assert code == 2 and out == ""
+    assert "holds no runtime" in err and "shir runtime create" in err
+
+
+def test_an_empty_idempotency_key_is_refused_not_replaced(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--id "$KEY"` with KEY unset: a fresh random id would lose the idempotency asked for
+    code, out, err = shir(capsys, "job", "submit", "--store", store, "--kind", "touch",
+                          "--param", "sink=/tmp", "--id", "")
+    assert code == 2 and out == ""
+    assert "--id" in err and "empty" in err
+
+
+@pytest.mark.parametrize(("params", "said"), [
+    (("--kind", "bogus"), "--kind 'bogus'"),
+    (("--kind", "touch"), "'sink'"),
+    (("--kind", "touch", "--param", "sink=/tmp", "--param", "seconds=-5"), "'seconds'"),
+    (("--kind", "touch", "--param", "sink=/tmp", "--param", "seconds=1e12"), "'seconds'"),
+    (("--kind", "touch", "--param", "sink=/tmp", "--param", "seconds=1e999"), "seconds=1e999"),
+    (("--kind", "copy", "--param", "x=NaN"), "x=NaN"),
+])
+def test_a_request_every_node_would_dead_letter_is_refused_before_it_is_queued(
+    store: str, capsys: pytest.CaptureFixture[str], params: tuple[str, ...], said: str
+) -> None:
+    code, out, err = shir(capsys, "job", "submit", "--store", store, *params)
+    assert code == 2 and out == ""
+    assert said in err
+    code, out, _ = shir(capsys, "status", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["channel_depth"] == 0  # nothing was queued
+
+
+def test_submitted_ids_read_in_part_still_exit_0(store: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # `| head -1`: every request was queued; only the list of ids was cut short
+    proc = subprocess.run(
+        f"{sys.executable} -m shir.adapters.cli job submit --store {store} --kind touch "
+        f"--param sink={tmp_path} --count 20000 --id many | head -1; exit ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.stdout == "many-0\n"
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- status, job show -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("status",), ("job", "show", "x")])
+def test_a_channel_that_does_not_exist_is_refused_and_not_created(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    typo = tmp_path / "typo-channel.db"
+    code, _, err = shir(capsys, *command, "--store", store, "--channel", f"sqlite:///{typo}")
+    assert code == 2
+    assert "no control channel at" in err and "--channel" in err
+    assert not typo.exists()
+
+
+def test_the_status_of_a_torn_recording_says_which_command_to_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "run.events"
+    shir(capsys, "sim", "run", "crash-mid-job", "--until", "30", "--log", str(log))
+    with open(log, "r+b") as f:
+        f.truncate(os.path.getsize(log) - 5)
+    code, _, err = shir(capsys, "status", "--store", str(log))
+    assert code == 2
+    assert "truncate -s" in err and "store.repair" not in err
+
+
+def test_the_status_of_an_empty_recording_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "empty.events"
+    log.write_bytes(b"")
+    code, _, err = shir(capsys, "status", "--store", str(log))
+    assert code == 2
+    assert str(log) in err and "unrecognised" not in err
+
+
+@pytest.mark.parametrize("command", ["status", "replay"])
+def test_a_file_that_is_no_event_log_is_not_called_torn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # advising `truncate -s 0` on a file that was never a log would destroy it
+    junk = tmp_path / "notes.events"
+    junk.write_bytes(b"These are my notes, not an event log.\n" * 3)
+    argv = ["status", "--store", str(junk)] if command == "status" else \
+        ["sim", "replay", str(junk)]
+    code, _, err = shir(capsys, *argv)
+    assert code == 2
+    assert "not a shir event log" in err
+    assert "truncate" not in err
+
+
+# -- node run ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1e308", "-3", "0"])
+def test_a_heartbeat_interval_out_of_range_names_the_option_and_the_range(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code, _, err = shir(capsys, "node", "run", "--store", store, "--key", "IR@x@key1@1@y",
+                        "--name", "n1", "--home", str(tmp_path / "h"),
+                        "--heartbeat-interval", value)
+    assert code == 2
+    assert "--heartbeat-interval:" in err and "--heartbeat-interval-s" not in err
+    assert "3600" in err
+
+
+@pytest.mark.parametrize("option", ["--home", "--store", "--config"])
+def test_an_empty_path_is_refused_not_taken_as_the_default(
+    store: str, capsys: pytest.CaptureFixture[str], option: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SHIR_HOME", str(tmp_path / "default-home"))
+    argv = {"--home": store, "--store": store, "--config": store}
+    args = ["node", "run", "--key", "IR@x@key1@1@y", "--name", "n1", "--store", argv[option],
+            "--home", str(tmp_path / "h")]
+    args[args.index(option) + 1] = ""
+    code, _, err = shir(capsys, *args)
+    assert code == 2
+    assert f"{option} is empty" in err
+    assert not (tmp_path / "default-home").exists()
+
+
+# -- credentials ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["init", "set"])
+def test_an_empty_data_dir_is_refused_not_taken_as_the_current_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SHIR_CREDENTIAL_VALUE", "v")
+    extra = ["--runtime-id", "r", "--node-name", "n"] if command == "init" else \
+        ["--credential-id", "c"]
+    code, _, err = shir(capsys, "credentials", command, "--data-dir", "", *extra)
+    assert code == 2
+    assert "--data-dir is empty" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_credential_saved_into_a_folder_that_does_not_exist_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a typo in --data-dir would save it where no node host reads it, and say it was saved
+    monkeypatch.setenv("SHIR_CREDENTIAL_VALUE", "v")
+    code, out, err = shir(capsys, "credentials", "set", "--data-dir", str(tmp_path / "typo"),
+                          "--credential-id", "c")
+    assert code == 2 and out == ""
+    assert "does not exist" in err and "--home" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_backup_onto_a_folder_names_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SHIR_BACKUP_PASSWORD", "pw")
+    data = tmp_path / "d"
+    assert shir(capsys, "credentials", "init", "--data-dir", str(data), "--runtime-id", "r",
+                "--node-name", "n")[0] == 0
+    (tmp_path / "out").mkdir()
+    code, _, err = shir(capsys, "credentials", "backup", "--data-dir", str(data), "--out",
+                        str(tmp_path / "out"), "--force", "--kdf-memory-kib", "64")
+    assert code == 2
+    assert f"--out: {tmp_path / 'out'} is a folder" in err and ".tmp" not in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# -- cert check -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node", ["", "a b", "x" * 300])
+def test_a_node_name_that_is_no_host_name_is_bad_input_not_an_unusable_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], node: str
+) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1.example.com")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=300))
+            .sign(key, hashes.SHA256()))
+    pem = tmp_path / "c.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    code, out, err = shir(capsys, "cert", "check", str(pem), "--node", node)
+    assert code == 2 and out == ""
+    assert "--node" in err
