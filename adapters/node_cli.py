@@ -134,6 +134,10 @@ def add_commands(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from shir.adapters.node_config import HomeLock, default_home, load_config, machine_id
 
+    for option in ("store", "key", "home", "config", "channel", "intranet_host"):
+        if getattr(args, option) == "":  # `--home "$DIR"` with DIR unset: never the default
+            flag = "--" + option.replace("_", "-")
+            raise ShirError(f"{flag} is empty: give a value, or leave {flag} out")
     config = load_config(args.config, {
         "store": args.store, "channel": args.channel,
         "heartbeat_interval_s": args.heartbeat_interval,

@@ -172,9 +172,9 @@ def test_an_empty_path_is_refused_not_taken_as_the_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SHIR_HOME", str(tmp_path / "default-home"))
-    argv = {"--home": store, "--store": store, "--config": store}
-    args = ["node", "run", "--key", "IR@x@key1@1@y", "--name", "n1", "--store", argv[option],
-            "--home", str(tmp_path / "h")]
+    args = ["node", "run", "--key", "IR@x@key1@1@y", "--name", "n1", "--store", store,
+            "--home", str(tmp_path / "h"), "--config", str(tmp_path / "host.toml")]
+    (tmp_path / "host.toml").write_text("")
     args[args.index(option) + 1] = ""
     code, _, err = shir(capsys, *args)
     assert code == 2

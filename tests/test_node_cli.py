@@ -109,7 +109,8 @@ def test_one_node_host_per_home(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("toml", "message"), [
-    ("heartbeat_interval_s = -1\n", "heartbeat_interval_s must be a number of seconds > 0"),
+    ("heartbeat_interval_s = -1\n",
+     "heartbeat_interval_s must be a number of seconds above 0, at most 3600"),
     ("concurrency_limit = true\n", "concurrency_limit must be an integer 1..256"),
     ("log_level = 'loud'\n", "log_level must be one of debug, info, warning, error"),
     ("intranet_port = 70000\n", "intranet_port must be a TCP port 1..65535"),
