@@ -7,7 +7,6 @@ traceback, and leave no stray file or half-done state behind.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -225,29 +224,3 @@ def test_a_backup_onto_a_folder_names_the_folder(
     assert code == 2
     assert f"--out: {tmp_path / 'out'} is a folder" in err and ".tmp" not in err
     assert list((tmp_path / "out").iterdir()) == []
-
-
-# -- cert check -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("node", ["", "a b", "x" * 300])
-def test_a_node_name_that_is_no_host_name_is_bad_input_not_an_unusable_certificate(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], node: str
-) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1.example.com")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=300))
-            .sign(key, hashes.SHA256()))
-    pem = tmp_path / "c.pem"
-    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    code, out, err = shir(capsys, "cert", "check", str(pem), "--node", node)
-    assert code == 2 and out == ""
-    assert "--node" in err
