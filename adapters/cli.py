@@ -162,18 +162,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: 2 on bad usage (message printed), 0 on --help
         return exc.code if isinstance(exc.code, int) else 2
     handler: Callable[[argparse.Namespace], int] = args.handler
+    command = getattr(args, f"{args.command}_command", None)
+    prog = f"shir {args.command}{f' {command}' if command else ''}"
     try:
         return handler(args)
     except KeyboardInterrupt:
-        command = getattr(args, f"{args.command}_command", None)
-        print(f"shir {args.command}{f' {command}' if command else ''}: interrupted",
-              file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except UnicodeEncodeError:
+        # Linux hands over an argument's bytes that are not UTF-8 as lone surrogates: a path
+        # may hold them, but a name, an id or a parameter cannot be stored or sent
+        bad = next((a for a in argv if not _is_utf8(a)), None)
+        if bad is None:
+            raise
+        shown = repr(bad.encode("utf-8", "surrogateescape"))[2:-1]
+        print(f"{prog}: error: argument '{shown[:80]}' is not UTF-8 text: names, ids and "
+              "parameters must be UTF-8; retype it (or set the terminal to UTF-8)",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `shir sim list | head`: the reader left; say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         # a listing read in part did what was asked; a run's verdict cut off did not
         return 0 if getattr(args, "reader_may_leave", False) else 1
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

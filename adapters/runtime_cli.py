@@ -141,6 +141,8 @@ def _no_runtime(url: str) -> ShirError:
 
 
 def _create(args: argparse.Namespace) -> int:
+    from shir.core import handle, initial
+    from shir.core.codec import encode
     from shir.core.commands import CreateRuntime
     from shir.core.keys import AuthKey
     from shir.core.model import KeyName, RuntimeSettings
@@ -155,14 +157,17 @@ def _create(args: argparse.Namespace) -> int:
     runtime_id = f"ir-{uuid.uuid4().hex[:16]}"
     key1 = AuthKey.from_seed(runtime_id, KeyName.KEY1, 1, os.urandom(48))
     key2 = AuthKey.from_seed(runtime_id, KeyName.KEY2, 1, os.urandom(48))
+    command = CreateRuntime(runtime_id, args.factory, args.name, key1, key2, time.time(),
+                            args.description, settings)
+    for event in handle(initial(), command).events:  # refused before a store file is made
+        encode(event)
     driver = _driver(args.store, create=True)
     if driver.state.runtime is not None:
         rt = driver.state.runtime
         raise ShirError(f"the store already holds runtime {rt.name!r} ({rt.runtime_id}); a "
                         "store holds one runtime: give another store, or use that runtime's "
                         "keys (shir runtime regenerate-key prints a new one)")
-    driver.handle(CreateRuntime(runtime_id, args.factory, args.name, key1, key2, time.time(),
-                                args.description, settings))
+    driver.handle(command)
     if args.json:
         print(json.dumps({"runtime_id": runtime_id, "name": args.name,
                           "key1": key1.text, "key2": key2.text}))
@@ -303,6 +308,8 @@ def _submit(args: argparse.Namespace) -> int:
 
     try:  # refuse what the dispatcher would dead-letter, before it is queued
         pack_spec(args.kind, params)
+    except UnicodeEncodeError:
+        raise  # not UTF-8: shir.adapters.cli.main names the argument
     except ValueError as exc:
         raise ShirError(f"--kind: {exc}") from None
     check_request(args.kind, params)  # and what every node would fail until dead-lettered

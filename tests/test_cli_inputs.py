@@ -224,3 +224,38 @@ def test_a_backup_onto_a_folder_names_the_folder(
     assert code == 2
     assert f"--out: {tmp_path / 'out'} is a folder" in err and ".tmp" not in err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# -- bytes that are not UTF-8 -----------------------------------------------------------------
+
+NOT_UTF8 = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python hands such argv over
+
+
+@pytest.mark.parametrize("argv", [
+    ("runtime", "create", "--name", NOT_UTF8),
+    ("runtime", "create", "--name", "rt", "--factory", NOT_UTF8),
+    ("job", "submit", "--kind", "touch", "--param", "sink=/tmp", "--id", NOT_UTF8),
+    ("job", "submit", "--kind", NOT_UTF8),
+    ("job", "show", NOT_UTF8),
+])
+def test_text_that_is_not_utf8_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'rt.db'}"
+    if argv[0] == "job":
+        assert shir(capsys, "runtime", "create", "--store", url, "--name", "rt")[0] == 0
+    code, out, err = shir(capsys, *argv[:2], "--store", url, *argv[2:])
+    assert code == 2 and out == ""
+    assert "not UTF-8" in err and "caf\\xe9" in err
+    if argv[0] == "runtime":
+        assert not (tmp_path / "rt.db").exists()
+
+
+def test_a_refused_runtime_create_leaves_no_store_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for bad in (("--name", ""), ("--name", "rt", "--heartbeat-interval", "0")):
+        code, _, err = shir(capsys, "runtime", "create", "--store",
+                            f"sqlite:///{tmp_path / 'rt.db'}", *bad)
+        assert code == 2 and "must" in err
+        assert not (tmp_path / "rt.db").exists()
