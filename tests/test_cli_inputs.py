@@ -259,3 +259,13 @@ def test_a_refused_runtime_create_leaves_no_store_file(
                             f"sqlite:///{tmp_path / 'rt.db'}", *bad)
         assert code == 2 and "must" in err
         assert not (tmp_path / "rt.db").exists()
+
+
+# -- sim sweep --------------------------------------------------------------------------------
+
+
+def test_an_absurd_number_of_seeds_is_refused_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    # 10^11 seeds was taken: the sweep listed them and grew to 2.6 GB in 8 s before any run
+    code, out, err = shir(capsys, "sim", "sweep", "crash-mid-job", "--seeds", "99999999999")
+    assert code == 2 and out == ""
+    assert "--seeds" in err and "<= 1,000,000" in err
