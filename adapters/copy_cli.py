@@ -45,7 +45,9 @@ def add_commands(subparsers: Any) -> None:
     """Add ``copy`` to an ``add_subparsers()`` result (heavy imports wait for the run)."""
     p = subparsers.add_parser(
         "copy", help="copy query results to a file or blob, or a file into a table",
-        description=__doc__.split("::")[0].strip() if __doc__ else None,
+        description="The copy activity on the command line: query results to a file or blob, "
+                    "a file or blob into a table, or a staged copy through Blob storage. See "
+                    "docs/copy.md.",
     )
     p.add_argument("--source", help="ODBC connection string to read from")
     p.add_argument("--query", help="the SELECT to copy (give it an ORDER BY to resume exactly)")

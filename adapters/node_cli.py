@@ -105,8 +105,8 @@ def add_commands(subparsers: Any) -> None:
     cmds.required = True
     run = cmds.add_parser(
         "run", help="register this machine and serve jobs until stopped",
-        description=(__doc__ or "").split("::")[0].strip()
-        + " Keys and defaults: see docs/node.md.",
+        description="Start a node host on this machine: it registers with the runtime and "
+                    "serves jobs until SIGTERM or SIGINT. Keys and defaults: see docs/node.md.",
     )
     run.add_argument("--store", help="the runtime's event store URL (or 'store' in --config)")
     run.add_argument("--key", help=f"an auth key of the runtime (or set {KEY_ENV})")

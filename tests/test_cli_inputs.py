@@ -269,3 +269,32 @@ def test_an_absurd_number_of_seeds_is_refused_at_once(capsys: pytest.CaptureFixt
     code, out, err = shir(capsys, "sim", "sweep", "crash-mid-job", "--seeds", "99999999999")
     assert code == 2 and out == ""
     assert "--seeds" in err and "<= 1,000,000" in err
+
+
+# -- help -------------------------------------------------------------------------------------
+
+
+def _leaf_helps() -> dict[str, str]:
+    import argparse
+
+    from shir.adapters.cli import GROUPS, build_parser
+
+    helps: dict[str, str] = {}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        helps[name] = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    walk(child, f"{name} {sub}")
+
+    walk(build_parser(tuple(g[0] for g in GROUPS)), "shir")
+    return helps
+
+
+def test_every_help_is_plain_text_without_docstring_markup() -> None:
+    helps = _leaf_helps()
+    assert len(helps) > 20  # every group mounted, every leaf walked
+    marked = {name: text for name, text in helps.items()
+              if "``" in text or ":mod:" in text or ":class:" in text}
+    assert marked == {}
