@@ -791,7 +791,14 @@ def test_the_state_refolds_from_its_log() -> None:
 
 def test_settings_are_checked() -> None:
     for bad, message in (
-        ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be a positive number"),
+        ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be a number of seconds above 0"),
+        # a typo of an exponent: nodes would never be found Offline (3e308 s overflows to inf)
+        ({"heartbeat_interval_s": 1e308}, "heartbeat_interval_s must be a number of seconds "
+                                          "above 0 and at most 3600"),
+        ({"lock_duration_s": 1e9}, "lock_duration_s must be a number of seconds above 0 and at "
+                                   "most 86400"),
+        ({"duplicate_window_s": 1e9}, "duplicate_window_s must be a number of seconds above 0 "
+                                      "and at most 604800"),
         ({"missed_heartbeats_offline": 0}, "missed_heartbeats_offline must be 1..100"),
         ({"max_nodes": 5}, "max_nodes must be 1..4 (the product allows at most four)"),
         ({"intranet_port": 0}, "intranet_port must be 1..65535"),
