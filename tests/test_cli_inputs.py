@@ -298,3 +298,16 @@ def test_every_help_is_plain_text_without_docstring_markup() -> None:
     marked = {name: text for name, text in helps.items()
               if "``" in text or ":mod:" in text or ":class:" in text}
     assert marked == {}
+
+
+def test_a_torn_file_store_says_which_shell_command_repairs_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"file://{tmp_path / 'fs'}"
+    assert shir(capsys, "runtime", "create", "--store", url, "--name", "rt")[0] == 0
+    log = tmp_path / "fs" / "runtime.events"
+    with open(log, "r+b") as f:
+        f.truncate(os.path.getsize(log) - 3)
+    code, _, err = shir(capsys, "status", "--store", url)
+    assert code == 2
+    assert f"truncate -s 0 {log}" in err  # a CLI user has no store object to call repair on
