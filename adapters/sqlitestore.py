@@ -271,6 +271,12 @@ class SQLiteEventStore(CloseOnExit):
                 f"{self._path} is not a SQLite database (and so not a shir store): give the "
                 "path of a shir store, or a new file"
             )
+        if isinstance(exc, sqlite3.DatabaseError) and "malformed" in str(exc):
+            return StoreError(
+                f"{self._path}: SQLite failed to {doing}: {exc} (the file is damaged: a copy "
+                "cut short, or a crash without fsync): restore it from a backup; nothing was "
+                "written"
+            )
         return StoreError(f"{self._path}: SQLite failed to {doing}: {exc}")
 
     # -- the EventStore port -----------------------------------------------------------------

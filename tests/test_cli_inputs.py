@@ -311,3 +311,17 @@ def test_a_torn_file_store_says_which_shell_command_repairs_it(
     code, _, err = shir(capsys, "status", "--store", url)
     assert code == 2
     assert f"truncate -s 0 {log}" in err  # a CLI user has no store object to call repair on
+
+
+def test_a_damaged_sqlite_store_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'rt.db'}"
+    assert shir(capsys, "runtime", "create", "--store", url, "--name", "rt")[0] == 0
+    assert shir(capsys, "job", "submit", "--store", url, "--kind", "touch", "--param",
+                f"sink={tmp_path}")[0] == 0  # the channel's tables too
+    data = (tmp_path / "rt.db").read_bytes()
+    (tmp_path / "rt.db").write_bytes(data[: len(data) // 4])  # a copy cut short
+    code, _, err = shir(capsys, "status", "--store", url)
+    assert code == 2
+    assert "malformed" in err and "restore" in err and "backup" in err
