@@ -20,6 +20,7 @@ checks it): here the simulator's commands get the file event store for ``run --l
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import shlex
@@ -156,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # user's own setting wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None:  # `>&-`: print() would drop the output (a new runtime's keys) silently
+        if sys.stderr is not None:
+            print("shir: error: standard output is closed; send it to a file or to /dev/null "
+                  "(> /dev/null) instead", file=sys.stderr)
+        return 2
     parser = build_parser(argv[:1])
     try:
         args = parser.parse_args(argv)
@@ -165,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = getattr(args, f"{args.command}_command", None)
     prog = f"shir {args.command}{f' {command}' if command else ''}"
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a full disk shows here, not as a traceback at exit
+        return code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -181,10 +189,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except BrokenPipeError:  # `shir sim list | head`: the reader left; say nothing more
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _drop_stdout()
         # a listing read in part did what was asked; a run's verdict cut off did not
         return 0 if getattr(args, "reader_may_leave", False) else 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            raise
+        _drop_stdout()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: cannot write its output ({exc.strerror}{where}): free space "
+              "there, or send the output elsewhere", file=sys.stderr)
+        return 2
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _is_utf8(text: str) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import uuid
 from typing import Any
@@ -167,15 +168,27 @@ def _create(args: argparse.Namespace) -> int:
         raise ShirError(f"the store already holds runtime {rt.name!r} ({rt.runtime_id}); a "
                         "store holds one runtime: give another store, or use that runtime's "
                         "keys (shir runtime regenerate-key prints a new one)")
-    driver.handle(command)
     if args.json:
-        print(json.dumps({"runtime_id": runtime_id, "name": args.name,
-                          "key1": key1.text, "key2": key2.text}))
+        shown = json.dumps({"runtime_id": runtime_id, "name": args.name,
+                            "key1": key1.text, "key2": key2.text}) + "\n"
     else:
-        print(f"runtime {args.name} ({runtime_id}) created; its keys are shown only now:")
-        print(f"key1: {key1.text}")
-        print(f"key2: {key2.text}")
+        shown = (f"runtime {args.name} ({runtime_id}) created; its keys are shown only now:\n"
+                 f"key1: {key1.text}\nkey2: {key2.text}\n")
+    # printed before the runtime is created: a runtime whose keys nobody saw is not made
+    _show_keys(shown, "nothing was created; run it again with its output to a terminal or a "
+                      "file")
+    driver.handle(command)
     return 0
+
+
+def _show_keys(text: str, if_lost: str) -> None:
+    """Write keys that are shown once to stdout; a stdout that cannot take them (a full disk)
+    is an error saying what became of them, never a traceback."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        raise ShirError(f"cannot write to standard output ({exc.strerror}): {if_lost}") from None
 
 
 def _regenerate(args: argparse.Namespace) -> int:
@@ -198,7 +211,9 @@ def _regenerate(args: argparse.Namespace) -> int:
             driver.catch_up()  # a node wrote meanwhile; the generation may have moved
     else:
         raise ShirError(f"could not regenerate {slot.value}: the store kept changing; retry")
-    print(f"{slot.value}: {key.text}")
+    _show_keys(f"{slot.value}: {key.text}\n",
+               f"{slot.value} was replaced and its new key is lost: run shir runtime "
+               f"regenerate-key {slot.value} again, with its output to a terminal or a file")
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,9 +87,6 @@ def test_a_request_every_node_would_dead_letter_is_refused_before_it_is_queued(
 
 
 def test_submitted_ids_read_in_part_still_exit_0(store: str, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     # `| head -1`: every request was queued; only the list of ids was cut short
     proc = subprocess.run(
         f"{sys.executable} -m shir.adapters.cli job submit --store {store} --kind touch "
@@ -325,3 +324,54 @@ def test_a_damaged_sqlite_store_says_what_to_do(
     code, _, err = shir(capsys, "status", "--store", url)
     assert code == 2
     assert "malformed" in err and "restore" in err and "backup" in err
+
+
+# -- where the output goes --------------------------------------------------------------------
+
+
+def _shell(command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(f"{sys.executable} -m shir.adapters.cli {command}", shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", ["sim list", "runtime create --store {url} --name rt"])
+def test_a_closed_stdout_is_refused_before_anything_is_done(
+    tmp_path: Path, command: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'rt.db'}"
+    proc = _shell(command.format(url=url) + " >&-")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "standard output is closed" in proc.stderr
+    assert not (tmp_path / "rt.db").exists()  # no runtime whose keys nobody saw
+
+
+def test_keys_that_cannot_be_printed_create_no_runtime(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'rt.db'}"
+    proc = _shell(f"runtime create --store {url} --name rt > /dev/full")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "No space left on device" in proc.stderr and "nothing was created" in proc.stderr
+    status = _shell(f"status --store {url}")
+    assert status.returncode == 2 and "holds no runtime" in status.stderr
+
+
+def test_a_regenerated_key_that_cannot_be_printed_says_to_regenerate_again(
+    tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'rt.db'}"
+    assert _shell(f"runtime create --store {url} --name rt").returncode == 0
+    proc = _shell(f"runtime regenerate-key --store {url} key1 > /dev/full")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "regenerate-key key1 again" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [
+    "sim list", "sim run crash-mid-job --until 20", "status --store {url}",
+    "job submit --store {url} --kind touch --param sink=/tmp",
+])
+def test_output_to_a_full_disk_is_an_error_not_a_traceback(tmp_path: Path, command: str) -> None:
+    url = f"sqlite:///{tmp_path / 'rt.db'}"
+    assert _shell(f"runtime create --store {url} --name rt").returncode == 0
+    proc = _shell(command.format(url=url) + " > /dev/full")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert "No space left on device" in proc.stderr

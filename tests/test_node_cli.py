@@ -131,7 +131,7 @@ def test_store_errors_are_clear(tmp_path: Path) -> None:
     missing = shir(*base, "--store", f"sqlite:///{tmp_path}/nothing/rt.db", check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     empty = tmp_path / "empty.db"
-    shir("job", "submit", "--store", f"sqlite:///{empty}", "--kind", "touch")  # makes the file
+    open_store(f"sqlite:///{empty}", create=True).close()  # type: ignore[attr-defined]
     p = shir(*base, "--store", f"sqlite:///{empty}", check=False)
     assert p.returncode == 2 and "holds no runtime: create one with shir runtime create" in p.stderr
     other = tmp_path / "other.db"
