@@ -177,7 +177,11 @@ def _create(args: argparse.Namespace) -> int:
     # printed before the runtime is created: a runtime whose keys nobody saw is not made
     _show_keys(shown, "nothing was created; run it again with its output to a terminal or a "
                       "file")
-    driver.handle(command)
+    try:
+        driver.handle(command)
+    except ShirError as exc:  # another create won the race since the check above
+        raise ShirError(f"{exc}; the keys printed above belong to no runtime: discard "
+                        "them") from None
     return 0
 
 

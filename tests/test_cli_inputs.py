@@ -375,3 +375,16 @@ def test_output_to_a_full_disk_is_an_error_not_a_traceback(tmp_path: Path, comma
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
     assert "No space left on device" in proc.stderr
+
+
+def test_racing_creates_make_one_runtime_and_void_the_others_keys(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'rt.db'}"
+    procs = [subprocess.Popen([sys.executable, "-m", "shir.adapters.cli", "runtime", "create",
+                               "--store", url, "--name", f"rt{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    results = [(p.wait(timeout=60), *p.communicate()) for p in procs]
+    assert sorted(code for code, _, _ in results) == [0, 2, 2, 2]
+    for code, out, err in results:
+        assert "Traceback" not in err
+        if code == 2 and "key1:" in out:  # printed, then lost the race
+            assert "the keys printed above belong to no runtime" in err
