@@ -388,3 +388,19 @@ def test_racing_creates_make_one_runtime_and_void_the_others_keys(tmp_path: Path
         assert "Traceback" not in err
         if code == 2 and "key1:" in out:  # printed, then lost the race
             assert "the keys printed above belong to no runtime" in err
+
+
+def test_status_says_when_it_could_not_read_the_control_channel(store: str) -> None:
+    from shir.adapters.channel import ChannelError
+    from shir.adapters.status import render, status_of
+    from shir.adapters.stores import open_store
+    from shir.core.driver import Driver
+
+    class Unreachable:
+        def queue_depth(self) -> int:
+            raise ChannelError("Service Bus 127.0.0.1:9 (queue depth) failed: refused")
+
+    state = Driver(open_store(store, create=False), "runtime").state
+    report = status_of(state, state.now, Unreachable())
+    assert report["channel_error"] == "Service Bus 127.0.0.1:9 (queue depth) failed: refused"
+    assert "control channel not read (Service Bus 127.0.0.1:9" in render(report)
