@@ -155,9 +155,11 @@ class SQLiteEventStore(CloseOnExit):
             raise StoreError(f"cannot open the SQLite store {self._path}: {exc}") from None
         try:
             self._setup(fsync)
-        except BaseException:
+        except BaseException as exc:
             self._db.close()
             self._db = None
+            if isinstance(exc, sqlite3.Error):  # a damaged file shows in any statement
+                raise self._error(exc, "open") from None
             raise
 
     # -- lifecycle ---------------------------------------------------------------------------

