@@ -77,9 +77,9 @@ class RuntimeSettings:
     duplicate_window_s: float = 600.0
 
     def __attrs_post_init__(self) -> None:
-        # Upper bounds catch a mistyped exponent: an hour between heartbeats (a node host's
-        # limit too), a day-long lease, Service Bus's 7-day duplicate detection window.
-        for name, most in (("heartbeat_interval_s", 3600), ("lock_duration_s", 86400),
+        # Upper bounds catch a mistyped exponent (1e308 s: no node ever went Offline): a day
+        # between heartbeats or for a lease, Service Bus's 7-day duplicate detection window.
+        for name, most in (("heartbeat_interval_s", 86400), ("lock_duration_s", 86400),
                            ("duplicate_window_s", 604800)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= most):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -319,6 +321,8 @@ def test_a_damaged_sqlite_store_says_what_to_do(
     assert shir(capsys, "runtime", "create", "--store", url, "--name", "rt")[0] == 0
     assert shir(capsys, "job", "submit", "--store", url, "--kind", "touch", "--param",
                 f"sink={tmp_path}")[0] == 0  # the channel's tables too
+    with closing(sqlite3.connect(tmp_path / "rt.db")) as db:  # every page in the file itself
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = (tmp_path / "rt.db").read_bytes()
     # the schema page intact and the tables' pages overwritten: it fails at the first read
     (tmp_path / "scrambled.db").write_bytes(data[:4096] + b"\xff" * (len(data) - 4096))

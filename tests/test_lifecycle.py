@@ -794,7 +794,7 @@ def test_settings_are_checked() -> None:
         ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be a number of seconds above 0"),
         # a typo of an exponent: nodes would never be found Offline (3e308 s overflows to inf)
         ({"heartbeat_interval_s": 1e308}, "heartbeat_interval_s must be a number of seconds "
-                                          "above 0 and at most 3600"),
+                                          "above 0 and at most 86400"),
         ({"lock_duration_s": 1e9}, "lock_duration_s must be a number of seconds above 0 and at "
                                    "most 86400"),
         ({"duplicate_window_s": 1e9}, "duplicate_window_s must be a number of seconds above 0 "
