@@ -50,7 +50,7 @@ from shir.adapters.backup import (
     write_backup,
 )
 from shir.adapters.credstore import LocalCredentialStore
-from shir.adapters.envelope import PUBLIC_KEY_SIZE, NodeKeys
+from shir.adapters.envelope import MAX_PLAINTEXT_BYTES, PUBLIC_KEY_SIZE, NodeKeys
 from shir.adapters.offline import encrypt_for_runtime
 from shir.adapters.protect import (
     BadPublicKey,
@@ -144,6 +144,11 @@ def _cmd_set(args: argparse.Namespace) -> int:
     held = store.version_of(args.credential_id)
     version = held + 1 if args.version is None else args.version
     value = read_value(f"credential {args.credential_id}")
+    if len(value) > MAX_PLAINTEXT_BYTES:  # saved, it could never be sealed for another node
+        raise CredentialError(
+            f"the value of credential {args.credential_id} is {len(value)} bytes; at most "
+            f"{MAX_PLAINTEXT_BYTES} fit the sealed envelope that carries it to the other nodes"
+        )
     store.put(args.credential_id, version, value)
     print(f"saved credential {args.credential_id!r} v{version} in {data.credentials_dir}")
     return 0

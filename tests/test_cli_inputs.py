@@ -413,3 +413,24 @@ def test_status_says_when_it_could_not_read_the_control_channel(store: str) -> N
     report = status_of(state, state.now, Unreachable())
     assert report["channel_error"] == "Service Bus 127.0.0.1:9 (queue depth) failed: refused"
     assert "control channel not read (Service Bus 127.0.0.1:9" in render(report)
+
+
+def test_a_credential_too_large_to_sync_is_refused_when_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 100 kB was saved and `set` said so, but the core refuses a ShareCredential envelope
+    # over 64 KiB (and so does the intranet's frame limit): it could never reach another node
+    from shir.adapters.envelope import MAX_PLAINTEXT_BYTES, NodeKeys, seal
+    from shir.core.credentials import MAX_ENVELOPE_BYTES
+
+    longest = seal("c" * 128, 2**63 - 1, b"v" * MAX_PLAINTEXT_BYTES, NodeKeys.generate(),
+                   NodeKeys.generate().public, "n" * 128)
+    assert len(longest) <= MAX_ENVELOPE_BYTES  # the largest value allowed does fit
+    data = tmp_path / "home"
+    data.mkdir()
+    monkeypatch.setenv("SHIR_CREDENTIAL_VALUE", "v" * (MAX_PLAINTEXT_BYTES + 1))
+    code, out, err = shir(capsys, "credentials", "set", "--data-dir", str(data),
+                          "--credential-id", "big")
+    assert code == 2 and out == ""
+    assert f"at most {MAX_PLAINTEXT_BYTES}" in err
+    assert not (data / "credentials").exists() or not list((data / "credentials").iterdir())
