@@ -431,6 +431,9 @@ def _job_in_log(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str
 def _status(args: argparse.Namespace) -> int:
     if args.count is not None and not 1 <= args.count <= 1_000_000:
         raise ShirError(f"--count must be 1..1000000, got {args.count}")
+    if args.count is not None and args.watch is None:
+        raise ShirError("--count counts the reports of --watch: add --watch [S], or leave "
+                        "--count out for one report")
     if args.watch is not None and not 0.1 <= args.watch <= 3600:
         raise ShirError(f"--watch must be 0.1..3600 seconds, got {args.watch:g}")
     if args.store.endswith(".events") and os.path.isfile(args.store):

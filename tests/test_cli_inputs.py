@@ -434,3 +434,11 @@ def test_a_credential_too_large_to_sync_is_refused_when_saved(
     assert code == 2 and out == ""
     assert f"at most {MAX_PLAINTEXT_BYTES}" in err
     assert not (data / "credentials").exists() or not list((data / "credentials").iterdir())
+
+
+def test_count_without_watch_is_refused_not_ignored(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = shir(capsys, "status", "--store", store, "--count", "5")
+    assert code == 2 and out == ""
+    assert "--count" in err and "--watch" in err
