@@ -240,8 +240,9 @@ def _serve_once(name: str, key: str, config: Any, home: Path, machine: str, log:
         on_members=on_members, kinds=kinds_for(home, proxy), proxy=proxy.settings,
     )
     runtime = host.driver.state.runtime
+    data = DataDir(home)
+    new_identity = not data.identity_file.exists()
     if runtime is not None:  # else register() says there is no runtime in the store
-        data = DataDir(home)
         host.credentials = HostCredentials(
             name, node_keys(home, runtime.runtime_id, name), data.store(data.protector()), log)
     channel = None
@@ -261,6 +262,11 @@ def _serve_once(name: str, key: str, config: Any, home: Path, machine: str, log:
         if stopping.is_set():  # signalled while the previous life was closing
             host.stop.set()
         return host.run(), host.restart_to
+    except ShirError:
+        if new_identity and host.session == 0:  # refused before it registered: no node knows
+            for made in (data.identity_file, data.public_key_file):  # the identity made now,
+                made.unlink(missing_ok=True)  # and kept it would refuse every other --name
+        raise
     finally:
         current.clear()
         if intranet is not None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from node_helpers import SHIR, Cluster, cluster, shir, wait_for
+from node_helpers import SHIR, Cluster, cluster, free_ports, shir, wait_for
 
 from shir.adapters.channel import JobRequest
 from shir.adapters.embedded_channel import EmbeddedChannel
@@ -106,6 +106,21 @@ def test_one_node_host_per_home(tmp_path: Path) -> None:
         assert f"node 'a', PID {first.pid}" in second.stderr
         assert "one node host per machine" in second.stderr
         assert "Traceback" not in second.stderr
+
+
+def test_a_refused_registration_leaves_the_home_free_for_another_name(tmp_path: Path) -> None:
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+        c.create(*FAST)
+        c.start("a")
+        wait_for("a Online", lambda: _registered(c, "a"), 20)
+        home = tmp_path / "home-x"  # another machine asks for the name 'a', which is taken
+        taken = subprocess.run(
+            [*SHIR, "node", "run", "--store", c.store_url, "--name", "a", "--home", str(home),
+             "--key", c.keys["key1"], "--intranet-port", str(free_ports(1)[0])],
+            capture_output=True, text=True, timeout=30)
+        assert taken.returncode == 2 and "is taken by machine" in taken.stderr
+        # its new identity named 'a' was never registered: kept, it refused every other name
+        assert not (home / "identity.node").exists() and not (home / "node.pub").exists()
 
 
 @pytest.mark.parametrize(("toml", "message"), [
