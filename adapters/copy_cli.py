@@ -260,7 +260,8 @@ def _run(args: argparse.Namespace) -> int:
                     return _fail(f"{sink.describe()}: cannot read it: {exc.strerror}")
             with OdbcSource(_with_password(args.to, "--to")) as target:
                 loaded = load_file(target, args.table, stream, args.format, job,
-                                   csv_options=options, transaction_rows=args.transaction_rows)
+                                   csv_options=options, transaction_rows=args.transaction_rows,
+                                   what=sink.describe())
             stream.close()
             if loaded.skipped:
                 print(f"job {job}: already loaded into {args.table}; nothing to do")

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -442,3 +443,28 @@ def test_count_without_watch_is_refused_not_ignored(
     code, out, err = shir(capsys, "status", "--store", store, "--count", "5")
     assert code == 2 and out == ""
     assert "--count" in err and "--watch" in err
+
+
+# -- copy --from: a file that is not what --format and --encoding say ---------------------------
+
+
+@pytest.mark.parametrize(("name", "content", "fmt", "said"), [
+    ("latin1.csv", b"a,b\n1,caf\xe9\n", "csv", "latin1.csv is not utf-8 text"),
+    ("table.csv", b"a,b\n1,x\n", "jsonl", "table.csv: record 1 is not jsonl"),
+])
+def test_a_file_to_load_that_does_not_parse_is_named_with_what_to_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    require_odbc_driver: Callable[[str, str], None],
+    name: str, content: bytes, fmt: str, said: str,
+) -> None:
+    require_odbc_driver("SQLite3", "libsqliteodbc")
+    db = tmp_path / "t.db"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE t (a INTEGER, b TEXT)")
+    (tmp_path / name).write_bytes(content)
+    code, out, err = shir(capsys, "copy", "--from", str(tmp_path / name), "--format", fmt,
+                          "--to", f"Driver=SQLite3;Database={db}", "--table", "t")
+    assert code == 2 and out == ""
+    assert said in err and ("--encoding" in err if fmt == "csv" else "--format" in err)
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
