@@ -68,6 +68,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if usable else 1
 
 
+def _fqdn(text: str) -> str:
+    """``--node``: a name a certificate can be matched against (bad input, not a finding)."""
+    if not text or len(text) > 253 or any(c.isspace() or ord(c) < 32 for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:60]!r} is not a node's name: give its FQDN (node1.contoso.com), at most "
+            "253 characters, no spaces"
+        )
+    return text
+
+
 def add_commands(subparsers: Any) -> None:
     """Add ``cert check`` to an ``add_subparsers()`` result."""
     cert = subparsers.add_parser(
@@ -79,7 +89,7 @@ def add_commands(subparsers: Any) -> None:
         description="Exit 0 usable, 1 unusable (errors printed), 2 unreadable input.")
     check.add_argument("file", type=Path, help="the certificate (PEM, possibly with its chain, "
                        "or DER)")
-    check.add_argument("--node", action="append", default=[], metavar="FQDN",
+    check.add_argument("--node", action="append", default=[], metavar="FQDN", type=_fqdn,
                        help="a node that will present it (repeat for each node)")
     check.add_argument("--ca", action="append", default=[], type=Path, metavar="FILE",
                        help="a root every node trusts (repeat); without it trust is not checked")

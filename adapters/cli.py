@@ -20,6 +20,7 @@ checks it): here the simulator's commands get the file event store for ``run --l
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import shlex
@@ -30,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from shir.core.codec import CodecError
+from shir.core.errors import ShirError
 from shir.core.store import EventStore, StoreError
 
-__all__ = ["GROUPS", "FileLogs", "add_sim_commands", "build_parser", "main"]
+__all__ = ["GROUPS", "FileLogs", "UnreadableLog", "add_sim_commands", "build_parser", "main",
+           "read_log"]
 
 # One line per command group: (name, "module:function" adding it, help in ``shir --help``).
 GROUPS: tuple[tuple[str, str, str], ...] = (
@@ -76,25 +79,44 @@ class FileLogs:
 
     def read(self, log: str, path: Path) -> list[object]:
         """Every record of ``path``, read without the store's lock or write access."""
-        from shir.adapters.filestore import TornTail, read_stream_file
         from shir.sim.cli import UsageError
 
         try:
-            return read_stream_file(path)
-        except TornTail as exc:
-            raise UsageError(
-                f"cannot read the event log: {log}: torn tail at byte offset {exc.offset} "
-                f"after record #{exc.good_records} (an append was cut short). To keep the "
-                f"{exc.good_records} good records, truncate the file there: "
-                f"truncate -s {exc.offset} {shlex.quote(log)} (copy it first to keep the "
-                "damaged tail)"
+            return read_log(log, path)
+        except UnreadableLog as exc:
+            raise UsageError(str(exc)) from None
+
+
+class UnreadableLog(ShirError):
+    """An event log file that cannot be read; the message names it and what to do."""
+
+
+def read_log(log: str, path: Path) -> list[object]:
+    """Every record of the event log file ``path`` (``log``: how the user named it), read
+    without the store's lock or write access; :class:`UnreadableLog` when it cannot be."""
+    from shir.adapters.filestore import TornTail, read_stream_file
+
+    try:
+        return read_stream_file(path)
+    except TornTail as exc:
+        if exc.good_records == 0:  # advising `truncate -s 0` would destroy someone's file
+            raise UnreadableLog(
+                f"{log} is not a shir event log: its first record cannot be read "
+                f"({exc.reason}); give a FILE.events written by shir sim run --log"
             ) from None
-        except StoreError as exc:  # its message names the file
-            raise UsageError(f"cannot read the event log: {exc}") from None
-        except CodecError as exc:
-            raise UsageError(f"cannot read the event log {log}: {exc}") from None
-        except OSError as exc:
-            raise UsageError(f"{log}: {exc.strerror or exc}") from None
+        raise UnreadableLog(
+            f"cannot read the event log: {log}: torn tail at byte offset {exc.offset} "
+            f"after record #{exc.good_records} (an append was cut short). To keep the "
+            f"{exc.good_records} good records, truncate the file there: "
+            f"truncate -s {exc.offset} {shlex.quote(log)} (copy it first to keep the "
+            "damaged tail)"
+        ) from None
+    except StoreError as exc:  # its message names the file
+        raise UnreadableLog(f"cannot read the event log: {exc}") from None
+    except CodecError as exc:
+        raise UnreadableLog(f"cannot read the event log {log}: {exc}") from None
+    except OSError as exc:
+        raise UnreadableLog(f"{log}: {exc.strerror or exc}") from None
 
 
 def add_sim_commands(subparsers: Any) -> None:
@@ -135,24 +157,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     # user's own setting wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None:  # `>&-`: print() would drop the output (a new runtime's keys) silently
+        if sys.stderr is not None:
+            print("shir: error: standard output is closed; send it to a file or to /dev/null "
+                  "(> /dev/null) instead", file=sys.stderr)
+        return 2
     parser = build_parser(argv[:1])
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: 2 on bad usage (message printed), 0 on --help
         return exc.code if isinstance(exc.code, int) else 2
     handler: Callable[[argparse.Namespace], int] = args.handler
+    command = getattr(args, f"{args.command}_command", None)
+    prog = f"shir {args.command}{f' {command}' if command else ''}"
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a full disk shows here, not as a traceback at exit
+        return code
     except KeyboardInterrupt:
-        command = getattr(args, f"{args.command}_command", None)
-        print(f"shir {args.command}{f' {command}' if command else ''}: interrupted",
-              file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except UnicodeEncodeError:
+        # Linux hands over an argument's bytes that are not UTF-8 as lone surrogates: a path
+        # may hold them, but a name, an id or a parameter cannot be stored or sent
+        bad = next((a for a in argv if not _is_utf8(a)), None)
+        if bad is None:
+            raise
+        shown = repr(bad.encode("utf-8", "surrogateescape"))[2:-1]
+        print(f"{prog}: error: argument '{shown[:80]}' is not UTF-8 text: names, ids and "
+              "parameters must be UTF-8; retype it (or set the terminal to UTF-8)",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `shir sim list | head`: the reader left; say nothing more
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _drop_stdout()
         # a listing read in part did what was asked; a run's verdict cut off did not
         return 0 if getattr(args, "reader_may_leave", False) else 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            raise
+        _drop_stdout()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: cannot write its output ({exc.strerror}{where}): free space "
+              "there, or send the output elsewhere", file=sys.stderr)
+        return 2
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ def add_commands(subparsers: Any) -> None:
     """Add ``copy`` to an ``add_subparsers()`` result (heavy imports wait for the run)."""
     p = subparsers.add_parser(
         "copy", help="copy query results to a file or blob, or a file into a table",
-        description=__doc__.split("::")[0].strip() if __doc__ else None,
+        description="The copy activity on the command line: query results to a file or blob, "
+                    "a file or blob into a table, or a staged copy through Blob storage. See "
+                    "docs/copy.md.",
     )
     p.add_argument("--source", help="ODBC connection string to read from")
     p.add_argument("--query", help="the SELECT to copy (give it an ORDER BY to resume exactly)")
@@ -258,7 +260,8 @@ def _run(args: argparse.Namespace) -> int:
                     return _fail(f"{sink.describe()}: cannot read it: {exc.strerror}")
             with OdbcSource(_with_password(args.to, "--to")) as target:
                 loaded = load_file(target, args.table, stream, args.format, job,
-                                   csv_options=options, transaction_rows=args.transaction_rows)
+                                   csv_options=options, transaction_rows=args.transaction_rows,
+                                   what=sink.describe())
             stream.close()
             if loaded.skipped:
                 print(f"job {job}: already loaded into {args.table}; nothing to do")

@@ -138,9 +138,11 @@ def load_file(
     batch_rows: int = 5_000,
     transaction_rows: int | None = None,
     cancel: threading.Event | None = None,
+    what: str = "the file",
 ) -> LoadResult:
     """Insert the rows of ``binary`` (``fmt`` csv, jsonl or parquet) into ``table`` once per job
     id. A Parquet stream that cannot seek (a Blob download) is spooled to a temporary file.
+    ``what`` names the file in errors (a record that does not parse, text in another encoding).
 
     ``transaction_rows`` None (the default): one transaction, all or nothing. A number: a commit
     every that many rows, each with the job's marker row saying how many rows are in; a retry
@@ -175,7 +177,12 @@ def load_file(
 
             names, records = read_parquet_records(_seekable(binary))
         else:
-            names, records = read_records(binary, fmt, csv_options)
+            encoding = (csv_options or CsvOptions()).encoding if fmt == "csv" else "utf-8"
+            try:
+                names, records = read_records(binary, fmt, csv_options)
+            except ValueError as exc:  # the header or the first JSON line
+                raise LoadError(_unparsed(exc, 1, what, fmt, encoding)) from None
+            records = _parsed(records, what, fmt, encoding)
         by_name = {n.lower(): (n, t) for n, t in columns}
         if names:
             missing = [n for n in names if n.lower() not in by_name]
@@ -243,6 +250,26 @@ def load_file(
                 conn.rollback()
         with contextlib.suppress(pyodbc.Error):
             cursor.close()
+
+
+def _parsed(records: Iterator[Sequence[Any]], what: str, fmt: str,
+            encoding: str) -> Iterator[Sequence[Any]]:
+    """``records``; one that does not parse is a :class:`LoadError` saying what to check."""
+    n = 1
+    try:
+        for record in records:
+            yield record
+            n += 1
+    except ValueError as exc:  # a UnicodeDecodeError, or a JSON line that does not parse
+        raise LoadError(_unparsed(exc, n, what, fmt, encoding)) from None
+
+
+def _unparsed(exc: ValueError, n: int, what: str, fmt: str, encoding: str) -> str:
+    if isinstance(exc, UnicodeDecodeError):  # decoded a block at a time: no record number
+        advice = "give its --encoding" if fmt == "csv" else "JSON lines are UTF-8"
+        return (f"{what} is not {encoding} text (it holds the byte "
+                f"0x{exc.object[exc.start]:02x}): {advice}; nothing was loaded from it")
+    return f"{what}: record {n} is not {fmt} ({exc}): check --format; nothing was loaded from it"
 
 
 class _Marker:

@@ -50,7 +50,7 @@ from shir.adapters.backup import (
     write_backup,
 )
 from shir.adapters.credstore import LocalCredentialStore
-from shir.adapters.envelope import PUBLIC_KEY_SIZE, NodeKeys
+from shir.adapters.envelope import MAX_PLAINTEXT_BYTES, PUBLIC_KEY_SIZE, NodeKeys
 from shir.adapters.offline import encrypt_for_runtime
 from shir.adapters.protect import (
     BadPublicKey,
@@ -135,10 +135,20 @@ def read_value(what: str, command_line: str | None = None, prog: str = "shir") -
 def _cmd_set(args: argparse.Namespace) -> int:
     data = DataDir(args.data_dir)
     check_credential_id(args.credential_id)
+    if not data.root.is_dir():  # a typo would save it where no node host reads it
+        raise CredentialError(
+            f"--data-dir {data.root} does not exist: give the node's data directory (its "
+            "--home), or make one with shir credentials init"
+        )
     store = data.store(data.protector())
     held = store.version_of(args.credential_id)
     version = held + 1 if args.version is None else args.version
     value = read_value(f"credential {args.credential_id}")
+    if len(value) > MAX_PLAINTEXT_BYTES:  # saved, it could never be sealed for another node
+        raise CredentialError(
+            f"the value of credential {args.credential_id} is {len(value)} bytes; at most "
+            f"{MAX_PLAINTEXT_BYTES} fit the sealed envelope that carries it to the other nodes"
+        )
     store.put(args.credential_id, version, value)
     print(f"saved credential {args.credential_id!r} v{version} in {data.credentials_dir}")
     return 0
@@ -193,6 +203,8 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     kdf = KdfParams(
         memory_kib=args.kdf_memory_kib, iterations=args.kdf_iterations, lanes=args.kdf_lanes
     )
+    if out.is_dir():
+        raise CredentialError(f"--out: {out} is a folder; give the path of the backup file")
     if out.exists() and not args.force:
         raise CredentialError(f"--out: {out} already exists; choose another name or add --force")
     if not out.parent.is_dir():
@@ -245,6 +257,13 @@ def _cmd_encrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_dir(text: str) -> Path:
+    """``--data-dir``: an empty value (``"$DIR"`` with DIR unset) is not the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("--data-dir is empty: give the node's data directory")
+    return Path(text)
+
+
 def _guarded(name: str, command: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -278,7 +297,7 @@ def add_commands(subparsers: Any) -> None:
     commands.required = True
 
     init = commands.add_parser("init", help="create a node identity and an empty store")
-    init.add_argument("--data-dir", required=True, type=Path, help="the node's data directory")
+    init.add_argument("--data-dir", required=True, type=_data_dir, help="the node's data directory")
     init.add_argument("--runtime-id", required=True, help="the runtime this node belongs to")
     init.add_argument("--node-name", required=True, help="this node's name in the runtime")
     init.set_defaults(handler=_guarded("init", _cmd_init))
@@ -286,7 +305,7 @@ def add_commands(subparsers: Any) -> None:
     save = commands.add_parser(
         "set", help="save a credential on this machine (synced by a running node host)",
         description=f"The value comes from {VALUE_ENV} or a prompt, never the command line.")
-    save.add_argument("--data-dir", required=True, type=Path,
+    save.add_argument("--data-dir", required=True, type=_data_dir,
                       help="the node's data directory (its --home)")
     save.add_argument("--credential-id", required=True, help="the credential's id")
     save.add_argument("--version", type=int,
@@ -298,7 +317,8 @@ def add_commands(subparsers: Any) -> None:
         help="write a password-protected backup of the node",
         description=f"The password comes from {PASSWORD_ENV} or a prompt, never the command line.",
     )
-    backup.add_argument("--data-dir", required=True, type=Path, help="the node's data directory")
+    backup.add_argument("--data-dir", required=True, type=_data_dir,
+                        help="the node's data directory")
     backup.add_argument("--out", required=True, type=Path, help="the backup file to write")
     backup.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     defaults = KdfParams()
@@ -321,7 +341,7 @@ def add_commands(subparsers: Any) -> None:
         help="restore a backup into a data directory, re-protected for this machine",
         description=f"The password comes from {PASSWORD_ENV} or a prompt, never the command line.",
     )
-    restore.add_argument("--data-dir", required=True, type=Path, help="the data directory")
+    restore.add_argument("--data-dir", required=True, type=_data_dir, help="the data directory")
     restore.add_argument("file", type=Path, help="the backup file")
     for name, default, what in (("memory-kib", defaults.memory_kib, "memory in KiB"),
                                 ("iterations", defaults.iterations, "passes"),

@@ -60,6 +60,7 @@ from shir.adapters.protect import (
 )
 
 __all__ = [
+    "MAX_PLAINTEXT_BYTES",
     "PUBLIC_KEY_SIZE",
     "NodeKeys",
     "OpenedEnvelope",
@@ -72,6 +73,9 @@ __all__ = [
 ]
 
 PUBLIC_KEY_SIZE = 32
+# The largest credential value a sealed envelope carries within MAX_ENVELOPE_BYTES (64 KiB):
+# the header (two names of at most 128 characters, three keys, a nonce) and the tag take < 1 KiB.
+MAX_PLAINTEXT_BYTES = 63 * 1024
 _MAGIC = b"SHIRENV"
 _FORMAT = 1
 _NONCE_SIZE = 12

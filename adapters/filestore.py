@@ -47,6 +47,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shlex
 import threading
 from collections.abc import Sequence
 
@@ -100,7 +101,8 @@ class TornTail(StoreError):
             f"{path}: torn tail at byte offset {offset}: {trailing_bytes} byte(s) forming one "
             f"incomplete record ({reason}) follow the last good record (#{good_records}); an "
             "append was cut short (crash or full disk). Call "
-            f"store.repair({stream!r}) to truncate the file at offset {offset}"
+            f"store.repair({stream!r}) to truncate the file at offset {offset} (from a shell: "
+            f"truncate -s {offset} {shlex.quote(path)}; copy the file first to keep the tail)"
         )
         self.stream = stream
         self.path = path

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import logging
 import os
 import socket
@@ -229,10 +230,16 @@ class Intranet:
         try:
             listener = socket.create_server((self._host, self._port), reuse_port=False)
         except OSError as exc:
-            raise IntranetError(
-                f"cannot listen on the intranet port {self._host}:{self._port} ({exc.strerror}): "
-                "another program (or another node host on this machine) uses it; choose "
-                "another with --intranet-port"
+            where = f"cannot listen on the intranet port {self._host}:{self._port} ({exc.strerror})"
+            if exc.errno == errno.EADDRINUSE:
+                raise IntranetError(
+                    f"{where}: another program (or another node host on this machine) uses it; "
+                    "choose another with --intranet-port"
+                ) from None
+            raise IntranetError(  # EADDRNOTAVAIL, a name that does not resolve, EACCES...
+                f"{where}: {self._host} is not an address of this machine it may listen on; "
+                "give --intranet-host an address of one of its interfaces (or a name that "
+                "resolves to one)"
             ) from None
         listener.settimeout(0.2)  # the accept loop checks its stop flag this often
         self._listener = listener

@@ -105,8 +105,8 @@ def add_commands(subparsers: Any) -> None:
     cmds.required = True
     run = cmds.add_parser(
         "run", help="register this machine and serve jobs until stopped",
-        description=(__doc__ or "").split("::")[0].strip()
-        + " Keys and defaults: see docs/node.md.",
+        description="Start a node host on this machine: it registers with the runtime and "
+                    "serves jobs until SIGTERM or SIGINT. Keys and defaults: see docs/node.md.",
     )
     run.add_argument("--store", help="the runtime's event store URL (or 'store' in --config)")
     run.add_argument("--key", help=f"an auth key of the runtime (or set {KEY_ENV})")
@@ -134,6 +134,10 @@ def add_commands(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from shir.adapters.node_config import HomeLock, default_home, load_config, machine_id
 
+    for option in ("store", "key", "home", "config", "channel", "intranet_host"):
+        if getattr(args, option) == "":  # `--home "$DIR"` with DIR unset: never the default
+            flag = "--" + option.replace("_", "-")
+            raise ShirError(f"{flag} is empty: give a value, or leave {flag} out")
     config = load_config(args.config, {
         "store": args.store, "channel": args.channel,
         "heartbeat_interval_s": args.heartbeat_interval,
@@ -236,8 +240,9 @@ def _serve_once(name: str, key: str, config: Any, home: Path, machine: str, log:
         on_members=on_members, kinds=kinds_for(home, proxy), proxy=proxy.settings,
     )
     runtime = host.driver.state.runtime
+    data = DataDir(home)
+    new_identity = not data.identity_file.exists()
     if runtime is not None:  # else register() says there is no runtime in the store
-        data = DataDir(home)
         host.credentials = HostCredentials(
             name, node_keys(home, runtime.runtime_id, name), data.store(data.protector()), log)
     channel = None
@@ -257,6 +262,11 @@ def _serve_once(name: str, key: str, config: Any, home: Path, machine: str, log:
         if stopping.is_set():  # signalled while the previous life was closing
             host.stop.set()
         return host.run(), host.restart_to
+    except ShirError:
+        if new_identity and host.session == 0:  # refused before it registered: no node knows
+            for made in (data.identity_file, data.public_key_file):  # the identity made now,
+                made.unlink(missing_ok=True)  # and kept it would refuse every other --name
+        raise
     finally:
         current.clear()
         if intranet is not None:

@@ -64,15 +64,17 @@ class HostConfig:
 _KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "store": (str, "a store URL (sqlite:///PATH, file://PATH, a connection string, a Blob URL)"),
     "channel": (str, "a control channel URL (sqlite:///PATH)"),
-    "heartbeat_interval_s": ((int, float), "a number of seconds > 0"),
+    "heartbeat_interval_s": ((int, float), "a number of seconds above 0, at most 3600"),
     "concurrency_limit": (int, "an integer 1..256"),
     "intranet_port": (int, "a TCP port 1..65535"),
     "intranet_host": (str, "the address peers dial to reach this node (an IP or host name, "
                            "not 0.0.0.0)"),
     "remote_access": (bool, "true or false"),
     "log_level": (str, "one of " + ", ".join(LOG_LEVELS)),
-    "drain_timeout_s": ((int, float), "a number of seconds >= 0"),
+    "drain_timeout_s": ((int, float), "a number of seconds 0..3600"),
 }
+# The command-line option of each key that has one under another name.
+_OPTIONS = {"heartbeat_interval_s": "--heartbeat-interval"}
 
 
 def _check(key: str, value: Any, where: str) -> Any:
@@ -127,7 +129,8 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> HostConfig:
             values[key] = _check(key, value, path)
     for key, value in overrides.items():
         if value is not None:
-            values[key] = _check(key, value, "option --" + key.replace("_", "-"))
+            option = _OPTIONS.get(key, "--" + key.replace("_", "-"))
+            values[key] = _check(key, value, "option " + option)
     return HostConfig(**values)
 
 

@@ -42,8 +42,8 @@ from shir.core.jobs import LeaseToken
 if TYPE_CHECKING:
     from shir.adapters.proxy import ClientProxy
 
-__all__ = ["KINDS", "JobContext", "JobFailed", "JobRun", "credentials_named", "kinds_for",
-           "pack_spec", "split_carried", "unpack_spec"]
+__all__ = ["KINDS", "KIND_NAMES", "JobContext", "JobFailed", "JobRun", "check_request",
+           "credentials_named", "kinds_for", "pack_spec", "split_carried", "unpack_spec"]
 
 MAX_KIND = 64
 
@@ -116,14 +116,20 @@ def _json_params(params: bytes) -> dict[str, Any]:
     return data
 
 
-def _touch(ctx: JobContext) -> None:
-    p = _json_params(ctx.params)
+def _touch_params(params: bytes) -> tuple[dict[str, Any], str, float]:
+    """(the parameters, the sink folder, the seconds to wait) of a touch job; JobFailed if not."""
+    p = _json_params(params)
     sink, seconds = p.get("sink"), p.get("seconds", 0.0)
     if not isinstance(sink, str) or not sink:
         raise JobFailed("touch needs a 'sink' folder")
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) \
             or not 0 <= seconds <= 3600:
         raise JobFailed("touch 'seconds' must be a number 0..3600")
+    return p, sink, seconds
+
+
+def _touch(ctx: JobContext) -> None:
+    p, sink, seconds = _touch_params(ctx.params)
     if ctx.cancelled.wait(seconds):
         return
     if p.get("fail"):
@@ -156,6 +162,20 @@ def _touch(ctx: JobContext) -> None:
 
 
 KINDS: dict[str, Callable[[JobContext], None]] = {"touch": _touch}
+KIND_NAMES = ("copy", "touch")  # what kinds_for gives every node host
+
+
+def check_request(kind: str, params: bytes) -> None:
+    """Refuse, before it is queued, a request that every node would fail (and retry until it
+    is dead-lettered): an unknown kind, or parameters its kind refuses. Raises ShirError."""
+    if kind not in KIND_NAMES:
+        raise JobFailed(f"--kind {kind!r}: a node runs the kinds {', '.join(KIND_NAMES)}")
+    if kind == "touch":
+        _touch_params(params)
+    else:
+        from shir.adapters.copy_job import parse_copy_spec
+
+        parse_copy_spec(params)
 
 
 def kinds_for(
@@ -199,7 +219,7 @@ def kinds_for(
         except CopyJobError as exc:
             raise JobFailed(str(exc)) from None  # its message holds no password or key
 
-    return {**KINDS, "copy": copy}
+    return {**KINDS, "copy": copy}  # KIND_NAMES lists these (check_request refuses others)
 
 
 class JobRun:

@@ -44,7 +44,8 @@ def add_proxy_command(commands: Any) -> None:
 
     p = commands.add_parser(
         "proxy", help="set this node's proxy (none, system or custom); its host restarts",
-        description=(__doc__ or "").split("::")[0].strip() + " See docs/node.md.",
+        description="Set a node's proxy on its machine, as the product's Configuration "
+                    "Manager does; its host restarts with it. See docs/node.md.",
     )
     p.add_argument("mode", choices=("none", "system", "custom"),
                    help="none: direct (the proxy variables are ignored); system: the "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import uuid
 from typing import Any
@@ -92,13 +93,16 @@ def add_job_commands(subparsers: Any) -> None:
     submit.add_argument("--credential-value", metavar="VALUE",
                         help="the value on the command line (other users can see it: "
                              "prefer the environment)")
-    submit.set_defaults(handler=lambda a: cli_errors("shir job submit", lambda: _submit(a)))
+    # read in part (`| head`), a submit still queued every request it printed and more
+    submit.set_defaults(handler=lambda a: cli_errors("shir job submit", lambda: _submit(a)),
+                        reader_may_leave=True)
     show = jcmds.add_parser("show", help="what became of a job (by id or idempotency key)")
     show.add_argument("--store", required=True)
     show.add_argument("--channel", help="control channel URL (default: the store's file)")
     show.add_argument("id", metavar="ID")
     show.add_argument("--json", action="store_true")
-    show.set_defaults(handler=lambda a: cli_errors("shir job show", lambda: _show(a)))
+    show.set_defaults(handler=lambda a: cli_errors("shir job show", lambda: _show(a)),
+                      reader_may_leave=True)
 
 
 def add_status_command(subparsers: Any) -> None:
@@ -116,7 +120,8 @@ def add_status_command(subparsers: Any) -> None:
                         help="print again every S seconds (default 2) until interrupted")
     status.add_argument("--count", type=int, metavar="N",
                         help="with --watch, stop after N reports")
-    status.set_defaults(handler=lambda a: cli_errors("shir status", lambda: _status(a)))
+    status.set_defaults(handler=lambda a: cli_errors("shir status", lambda: _status(a)),
+                        reader_may_leave=True)
 
 
 # -- runtime ----------------------------------------------------------------------------------
@@ -137,6 +142,8 @@ def _no_runtime(url: str) -> ShirError:
 
 
 def _create(args: argparse.Namespace) -> int:
+    from shir.core import handle, initial
+    from shir.core.codec import encode
     from shir.core.commands import CreateRuntime
     from shir.core.keys import AuthKey
     from shir.core.model import KeyName, RuntimeSettings
@@ -151,22 +158,41 @@ def _create(args: argparse.Namespace) -> int:
     runtime_id = f"ir-{uuid.uuid4().hex[:16]}"
     key1 = AuthKey.from_seed(runtime_id, KeyName.KEY1, 1, os.urandom(48))
     key2 = AuthKey.from_seed(runtime_id, KeyName.KEY2, 1, os.urandom(48))
+    command = CreateRuntime(runtime_id, args.factory, args.name, key1, key2, time.time(),
+                            args.description, settings)
+    for event in handle(initial(), command).events:  # refused before a store file is made
+        encode(event)
     driver = _driver(args.store, create=True)
     if driver.state.runtime is not None:
         rt = driver.state.runtime
         raise ShirError(f"the store already holds runtime {rt.name!r} ({rt.runtime_id}); a "
                         "store holds one runtime: give another store, or use that runtime's "
                         "keys (shir runtime regenerate-key prints a new one)")
-    driver.handle(CreateRuntime(runtime_id, args.factory, args.name, key1, key2, time.time(),
-                                args.description, settings))
     if args.json:
-        print(json.dumps({"runtime_id": runtime_id, "name": args.name,
-                          "key1": key1.text, "key2": key2.text}))
+        shown = json.dumps({"runtime_id": runtime_id, "name": args.name,
+                            "key1": key1.text, "key2": key2.text}) + "\n"
     else:
-        print(f"runtime {args.name} ({runtime_id}) created; its keys are shown only now:")
-        print(f"key1: {key1.text}")
-        print(f"key2: {key2.text}")
+        shown = (f"runtime {args.name} ({runtime_id}) created; its keys are shown only now:\n"
+                 f"key1: {key1.text}\nkey2: {key2.text}\n")
+    # printed before the runtime is created: a runtime whose keys nobody saw is not made
+    _show_keys(shown, "nothing was created; run it again with its output to a terminal or a "
+                      "file")
+    try:
+        driver.handle(command)
+    except ShirError as exc:  # another create won the race since the check above
+        raise ShirError(f"{exc}; the keys printed above belong to no runtime: discard "
+                        "them") from None
     return 0
+
+
+def _show_keys(text: str, if_lost: str) -> None:
+    """Write keys that are shown once to stdout; a stdout that cannot take them (a full disk)
+    is an error saying what became of them, never a traceback."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        raise ShirError(f"cannot write to standard output ({exc.strerror}): {if_lost}") from None
 
 
 def _regenerate(args: argparse.Namespace) -> int:
@@ -189,7 +215,9 @@ def _regenerate(args: argparse.Namespace) -> int:
             driver.catch_up()  # a node wrote meanwhile; the generation may have moved
     else:
         raise ShirError(f"could not regenerate {slot.value}: the store kept changing; retry")
-    print(f"{slot.value}: {key.text}")
+    _show_keys(f"{slot.value}: {key.text}\n",
+               f"{slot.value} was replaced and its new key is lost: run shir runtime "
+               f"regenerate-key {slot.value} again, with its output to a terminal or a file")
     return 0
 
 
@@ -205,6 +233,19 @@ def _channel_url(args: argparse.Namespace) -> str:
     return str(args.store)
 
 
+def _channel_to_read(args: argparse.Namespace) -> Any:
+    """The control channel ``status`` and ``job show`` read, or None (a Blob or file store
+    given no --channel). Reading creates nothing: a typo in --channel is refused, not made."""
+    if not (args.channel or args.store.startswith("sqlite:")):
+        return None
+    url = _channel_url(args).strip()
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if path and not os.path.exists(path):
+        raise ShirError(f"no control channel at {path}: check --channel (the store's file "
+                        "carries one; a node host creates another the first time it runs)")
+    return open_channel(url)
+
+
 def _params(pairs: list[str]) -> bytes:
     params: dict[str, Any] = {}
     for pair in pairs:
@@ -215,7 +256,18 @@ def _params(pairs: list[str]) -> bytes:
             params[key] = json.loads(text)
         except ValueError:
             params[key] = text
-    return json.dumps(params, sort_keys=True).encode()
+        _json_bytes(params[key], f"--param {pair[:40]}")
+    return _json_bytes(params, "--param")
+
+
+def _json_bytes(data: Any, what: str) -> bytes:
+    """``data`` as JSON; Python reads 1e999 and NaN, but JSON has no such number, so a node
+    could not read the request back."""
+    try:
+        return json.dumps(data, sort_keys=True, allow_nan=False).encode()
+    except ValueError:
+        raise ShirError(f"{what}: a number is infinite or NaN, which JSON cannot hold; give a "
+                        "finite number") from None
 
 
 def _spec(text: str) -> bytes:
@@ -233,10 +285,10 @@ def _spec(text: str) -> bytes:
         raise ShirError("--spec must be a JSON object (or @FILE holding one)") from None
     if not isinstance(data, dict):
         raise ShirError("--spec must be a JSON object (or @FILE holding one)")
-    return json.dumps(data, sort_keys=True).encode()
+    return _json_bytes(data, "--spec")
 
 
-def _carried(args: argparse.Namespace, params: bytes) -> bytes:
+def _carried(args: argparse.Namespace, params: bytes, state: Any) -> bytes:
     """The bundle carrying ``--credential``, sealed for each node the runtime's log names."""
     from shir.adapters.carried import seal_for_nodes
     from shir.adapters.node_jobs import credentials_named, pack_spec
@@ -249,9 +301,6 @@ def _carried(args: argparse.Namespace, params: bytes) -> bytes:
 
     value = read_value(f"credential {args.credential}", args.credential_value,
                        "shir job submit")
-    state = _driver(args.store).state
-    if state.runtime is None:
-        raise _no_runtime(args.store)
     keys = {n.name: n.envelope_key for n in state.nodes if n.envelope_key is not None}
     bundle = seal_for_nodes(args.credential, value, state.runtime.runtime_id, keys)
     if len(pack_spec(args.kind, params, bundle)) > MAX_SPEC_BYTES:
@@ -265,23 +314,28 @@ def _submit(args: argparse.Namespace) -> int:
 
     if not 1 <= args.count <= 100_000:
         raise ShirError(f"--count must be 1..100000, got {args.count}")
+    if args.id is not None and not args.id:  # `--id "$KEY"` with KEY unset
+        raise ShirError("--id is empty: give the idempotency key, or leave --id out for a "
+                        "new one")
     base = args.id or f"req-{uuid.uuid4().hex[:16]}"
     if not 1 <= len(base) <= 200:
         raise ShirError("--id must be 1-200 characters")
     params = _spec(args.spec) if args.spec is not None else _params(args.param)
     if args.spec is not None and args.param:
         raise ShirError("give the parameters with --spec or with --param, not both")
-    from shir.adapters.node_jobs import pack_spec
+    from shir.adapters.node_jobs import check_request, pack_spec
 
     try:  # refuse what the dispatcher would dead-letter, before it is queued
         pack_spec(args.kind, params)
+    except UnicodeEncodeError:
+        raise  # not UTF-8: shir.adapters.cli.main names the argument
     except ValueError as exc:
         raise ShirError(f"--kind: {exc}") from None
-    if args.kind == "copy":  # refuse a bad copy spec here, before it is queued
-        from shir.adapters.copy_job import parse_copy_spec
-
-        parse_copy_spec(params)
-    carried = _carried(args, params) if args.credential else b""
+    check_request(args.kind, params)  # and what every node would fail until dead-lettered
+    state = _driver(args.store).state  # a typo in --store must not queue into a new file
+    if state.runtime is None:
+        raise _no_runtime(args.store)
+    carried = _carried(args, params, state) if args.credential else b""
     ids = [base] if args.count == 1 else [f"{base}-{i}" for i in range(args.count)]
     channel = open_channel(_channel_url(args))
     try:
@@ -299,9 +353,7 @@ def _show(args: argparse.Namespace) -> int:
     (results on the reply queue; the dead-letter queue for a request the runtime refused, which
     never reaches the log)."""
     info, history = _job_in_log(args)
-    channel = None
-    if args.channel or args.store.startswith("sqlite:"):
-        channel = open_channel(_channel_url(args))
+    channel = _channel_to_read(args)
     published: list[dict[str, Any]] = []
     try:
         if channel is not None:
@@ -379,14 +431,15 @@ def _job_in_log(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str
 def _status(args: argparse.Namespace) -> int:
     if args.count is not None and not 1 <= args.count <= 1_000_000:
         raise ShirError(f"--count must be 1..1000000, got {args.count}")
+    if args.count is not None and args.watch is None:
+        raise ShirError("--count counts the reports of --watch: add --watch [S], or leave "
+                        "--count out for one report")
     if args.watch is not None and not 0.1 <= args.watch <= 3600:
         raise ShirError(f"--watch must be 0.1..3600 seconds, got {args.watch:g}")
     if args.store.endswith(".events") and os.path.isfile(args.store):
         return _status_of_recording(args)
     driver = _driver(args.store)
-    channel = None
-    if args.channel or args.store.startswith("sqlite:"):
-        channel = open_channel(_channel_url(args))
+    channel = _channel_to_read(args)
     printed = 0
     try:
         while True:
@@ -408,13 +461,15 @@ def _status(args: argparse.Namespace) -> int:
 
 def _status_of_recording(args: argparse.Namespace) -> int:
     """Status as of the end of a recorded log (``shir sim run --log FILE.events``)."""
-    from shir.adapters.filestore import read_stream_file
+    from pathlib import Path
+
+    from shir.adapters.cli import read_log
     from shir.core.state import fold, initial
 
-    events = read_stream_file(args.store)
-    state = fold(initial(), events)
+    state = fold(initial(), read_log(args.store, Path(args.store)))
     if state.runtime is None:
-        raise _no_runtime(args.store)
+        raise ShirError(f"{args.store}: the recording holds no runtime (no event in it "
+                        "created one): give a FILE.events written by shir sim run --log")
     print(_shown(state, state.now, None, args))
     return 0
 

@@ -155,9 +155,11 @@ class SQLiteEventStore(CloseOnExit):
             raise StoreError(f"cannot open the SQLite store {self._path}: {exc}") from None
         try:
             self._setup(fsync)
-        except BaseException:
+        except BaseException as exc:
             self._db.close()
             self._db = None
+            if isinstance(exc, sqlite3.Error):  # a damaged file shows in any statement
+                raise self._error(exc, "open") from None
             raise
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -270,6 +272,12 @@ class SQLiteEventStore(CloseOnExit):
             return NotAShirStore(
                 f"{self._path} is not a SQLite database (and so not a shir store): give the "
                 "path of a shir store, or a new file"
+            )
+        if isinstance(exc, sqlite3.DatabaseError) and "malformed" in str(exc):
+            return StoreError(
+                f"{self._path}: SQLite failed to {doing}: {exc} (the file is damaged: a copy "
+                "cut short, or a crash without fsync): restore it from a backup; nothing was "
+                "written"
             )
         return StoreError(f"{self._path}: SQLite failed to {doing}: {exc}")
 

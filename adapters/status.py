@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from shir.core.capacity import job_stats, scale_advice
+from shir.core.errors import ShirError
 from shir.core.leasing import concurrency_limit
 from shir.core.state import RuntimeState
 
@@ -44,12 +45,13 @@ def status_of(state: RuntimeState, now: float, channel: Any = None) -> dict[str,
             "limit": concurrency_limit(state, n.name),
             "session": n.session,
         })
-    channel_depth = None
+    channel_depth, channel_error = None, None
     if channel is not None:
         try:
             channel_depth = channel.queue_depth()
-        except Exception:
-            channel_depth = None
+        except Exception as exc:  # say so: a silent gap reads as "nothing waiting"
+            # a shir error names no secret; another exception's text might
+            channel_error = str(exc) if isinstance(exc, ShirError) else type(exc).__name__
     return {
         "runtime": rt.name,
         "runtime_id": rt.runtime_id,
@@ -60,6 +62,7 @@ def status_of(state: RuntimeState, now: float, channel: Any = None) -> dict[str,
         "nodes": nodes,
         "queue_depth": stats.queued,
         "channel_depth": channel_depth,
+        "channel_error": channel_error,
         "jobs": {
             "submitted": stats.submitted, "running": stats.running,
             "completed": stats.completed, "dead_lettered": stats.dead_lettered,
@@ -86,6 +89,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(
         f"queue     {report['queue_depth']} queued in the log"
         + (f", {channel} waiting in the control channel" if channel is not None else "")
+        + (f", control channel not read ({report['channel_error']})"
+           if report.get("channel_error") else "")
         + f"; {j['running']} running, {j['completed']} completed, "
         f"{j['dead_lettered']} dead-lettered; capacity {j['capacity']}"
     )

@@ -77,10 +77,14 @@ class RuntimeSettings:
     duplicate_window_s: float = 600.0
 
     def __attrs_post_init__(self) -> None:
-        for name in ("heartbeat_interval_s", "lock_duration_s", "duplicate_window_s"):
+        # Upper bounds catch a mistyped exponent (1e308 s: no node ever went Offline): a day
+        # between heartbeats or for a lease, Service Bus's 7-day duplicate detection window.
+        for name, most in (("heartbeat_interval_s", 86400), ("lock_duration_s", 86400),
+                           ("duplicate_window_s", 604800)):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
-                raise InvalidSettings(f"{name} must be a positive number of seconds, got {v!r}")
+            if not (isinstance(v, (int, float)) and 0 < v <= most):
+                raise InvalidSettings(
+                    f"{name} must be a number of seconds above 0 and at most {most}, got {v!r}")
         if not 1 <= self.missed_heartbeats_offline <= 100:
             raise InvalidSettings(
                 f"missed_heartbeats_offline must be 1..100, got {self.missed_heartbeats_offline}"

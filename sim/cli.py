@@ -117,14 +117,21 @@ def _seed_arg(text: str) -> int:
     return seed
 
 
-def _positive_int(what: str) -> Callable[[str], int]:
+# A sweep lists its seeds and keeps a record per seed: 10^11 seeds took 2.6 GB in 8 s, while
+# a million runs of the shortest built-in already take hours on one machine.
+MAX_SEEDS = 1_000_000
+
+
+def _positive_int(what: str, most: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             n = 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected an integer >= 1")
+        if n < 1 or (most is not None and n > most):
+            bound = f" and <= {most:,}" if most is not None else ""
+            raise argparse.ArgumentTypeError(
+                f"invalid {what} {text!r}: expected an integer >= 1{bound}")
         return n
 
     return parse
@@ -515,7 +522,7 @@ def add_commands(subparsers: Any, logs: EventLogFiles) -> None:
                     "failing seed is printed with its replay command.",
     )
     sweep.add_argument("scenario", metavar="SCENARIO", help=scenario_help)
-    sweep.add_argument("--seeds", type=_positive_int("number of seeds"), required=True,
+    sweep.add_argument("--seeds", type=_positive_int("number of seeds", MAX_SEEDS), required=True,
                        metavar="N", help="how many seeds to run")
     sweep.add_argument("--workers", type=_positive_int("number of workers"), metavar="K",
                        help="parallel processes (default: the number of CPUs)")

@@ -219,3 +219,16 @@ def test_a_sha1_signature_is_an_error() -> None:
     (cert,) = load_certificates((Path(__file__).parent / "data/sha1-self-signed.pem").read_bytes())
     findings = check_certificate(cert, now=cert.not_valid_before_utc + dt.timedelta(days=1))
     assert {f.rule for f in findings if f.severity is Severity.ERROR} == {"signature"}
+
+
+@pytest.mark.parametrize("node", ["", "a b", "x" * 300])
+def test_a_node_name_that_is_no_host_name_is_bad_input_not_an_unusable_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], node: str
+) -> None:
+    from shir.adapters.cli import main
+
+    good = tmp_path / "node1.pem"
+    good.write_bytes(build(Spec()).public_bytes(serialization.Encoding.PEM))
+    assert main(["cert", "check", str(good), "--node", node]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "argument --node" in err and "not a node's name" in err

@@ -344,6 +344,7 @@ def test_set_saves_the_next_version_from_the_environment(
     from shir.adapters.credentials_cli import VALUE_ENV
 
     data_dir = str(tmp_path / "home")
+    (tmp_path / "home").mkdir()  # the node's home; a folder that does not exist is refused
     monkeypatch.setenv(VALUE_ENV, CANARY)
     code, out, err = run(capsys, "set", "--data-dir", data_dir, "--credential-id", "pg")
     assert (code, err) == (0, "") and "'pg' v1" in out

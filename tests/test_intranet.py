@@ -409,6 +409,14 @@ def test_a_busy_port_gives_a_clear_error(ids: Ids) -> None:
             channel.start()
 
 
+def test_an_address_this_machine_cannot_listen_on_is_named_not_called_busy(ids: Ids) -> None:
+    channel = Intranet("a", ids["a"], host="192.0.2.1", port=0)  # TEST-NET-1: on no interface
+    with pytest.raises(Exception, match="--intranet-host") as caught:
+        channel.start()
+    assert "not an address of this machine" in str(caught.value)
+    assert "uses it" not in str(caught.value)
+
+
 def test_stop_joins_every_thread(ids: Ids) -> None:
     before = set(threading.enumerate())
     with cluster(ids, "ab", check_interval_s=0.1):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from node_helpers import SHIR, Cluster, cluster, shir, wait_for
+from node_helpers import SHIR, Cluster, cluster, free_ports, shir, wait_for
 
 from shir.adapters.channel import JobRequest
 from shir.adapters.embedded_channel import EmbeddedChannel
@@ -108,8 +108,24 @@ def test_one_node_host_per_home(tmp_path: Path) -> None:
         assert "Traceback" not in second.stderr
 
 
+def test_a_refused_registration_leaves_the_home_free_for_another_name(tmp_path: Path) -> None:
+    with cluster(tmp_path, f"sqlite:///{tmp_path}/rt.db") as c:
+        c.create(*FAST)
+        c.start("a")
+        wait_for("a Online", lambda: _registered(c, "a"), 20)
+        home = tmp_path / "home-x"  # another machine asks for the name 'a', which is taken
+        taken = subprocess.run(
+            [*SHIR, "node", "run", "--store", c.store_url, "--name", "a", "--home", str(home),
+             "--key", c.keys["key1"], "--intranet-port", str(free_ports(1)[0])],
+            capture_output=True, text=True, timeout=30)
+        assert taken.returncode == 2 and "is taken by machine" in taken.stderr
+        # its new identity named 'a' was never registered: kept, it refused every other name
+        assert not (home / "identity.node").exists() and not (home / "node.pub").exists()
+
+
 @pytest.mark.parametrize(("toml", "message"), [
-    ("heartbeat_interval_s = -1\n", "heartbeat_interval_s must be a number of seconds > 0"),
+    ("heartbeat_interval_s = -1\n",
+     "heartbeat_interval_s must be a number of seconds above 0, at most 3600"),
     ("concurrency_limit = true\n", "concurrency_limit must be an integer 1..256"),
     ("log_level = 'loud'\n", "log_level must be one of debug, info, warning, error"),
     ("intranet_port = 70000\n", "intranet_port must be a TCP port 1..65535"),
@@ -130,7 +146,7 @@ def test_store_errors_are_clear(tmp_path: Path) -> None:
     missing = shir(*base, "--store", f"sqlite:///{tmp_path}/nothing/rt.db", check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     empty = tmp_path / "empty.db"
-    shir("job", "submit", "--store", f"sqlite:///{empty}", "--kind", "touch")  # makes the file
+    open_store(f"sqlite:///{empty}", create=True).close()  # type: ignore[attr-defined]
     p = shir(*base, "--store", f"sqlite:///{empty}", check=False)
     assert p.returncode == 2 and "holds no runtime: create one with shir runtime create" in p.stderr
     other = tmp_path / "other.db"
