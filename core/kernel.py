@@ -67,6 +67,7 @@ __all__ = [
     "apply",
     "check_name",
     "check_time",
+    "check_utf8",
     "emit",
     "first_at",
     "node_of",
@@ -396,6 +397,20 @@ def check_name(what: str, value: str) -> None:
         raise InvalidCommand(f"{what} must be 1-{MAX_NAME} characters, got {value!r:.60}")
     if any(ord(ch) < 32 for ch in value):
         raise InvalidCommand(f"{what} must not contain control characters")
+    check_utf8(what, value)
+
+
+def check_utf8(what: str, value: str) -> None:
+    """Refuse text that cannot be stored: a lone surrogate (from bytes that were not UTF-8, or a
+    JSON ``\\udXXX`` escape) would be decided, and then fail when the store encodes it."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidCommand(
+                f"{what} {ascii(value)[:60]} is not UTF-8 text (it holds a lone surrogate): "
+                "send names and ids as UTF-8"
+            ) from None
 
 
 def runtime_of(m: Model) -> RuntimeInfo:

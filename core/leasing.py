@@ -56,6 +56,7 @@ from shir.core.kernel import (
     Node,
     RuntimeState,
     TimedRule,
+    check_utf8,
     emit,
     node_of,
     runtime_of,
@@ -227,11 +228,12 @@ def concurrency_limit(state: RuntimeState, node: str) -> int:
 def _submit(m: Model, c: SubmitJob, k: Decider) -> Events:
     rt = runtime_of(m)
     job_id, key = c.job_id, c.idempotency_key
-    if not (type(job_id) is str and 0 < len(job_id) <= 256
-            and type(key) is str and 0 < len(key) <= 256):
+    if not (type(job_id) is str and 0 < len(job_id) <= 256 and job_id.isascii()
+            and type(key) is str and 0 < len(key) <= 256 and key.isascii()):
         for what, v in (("job_id", job_id), ("idempotency_key", key)):
             if not isinstance(v, str) or not v or len(v) > 256:
                 raise InvalidCommand(f"{what} must be 1-256 characters, got {v!r:.60}")
+            check_utf8(what, v)
     if not (isinstance(c.size_mb, (int, float)) and c.size_mb >= 0):
         raise InvalidCommand(f"size_mb must be >= 0, got {c.size_mb!r}")
     if not isinstance(c.spec, bytes) or len(c.spec) > MAX_SPEC_BYTES:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -289,13 +290,41 @@ def _dask_client(cluster: Cluster) -> tuple[Any, Any]:
                 scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
             )
         return distributed.Client(local), local
-    try:
-        return distributed.Client(cluster.address, timeout="5s"), None
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise SweepError(f"--cluster {cluster.address}: cannot reach a Dask scheduler there "
-                         f"({type(exc).__name__}: {exc}); start one with `dask scheduler` and "
-                         "workers with `dask worker ADDRESS` (shir installed on each), or use "
-                         "--cluster local") from None
+    return _connect(distributed, cluster.address), None
+
+
+CONNECT_TIMEOUT_S = 10.0  # for a scheduler to answer; Dask's own timeout covers only the dial
+
+
+def _connect(distributed: Any, address: str) -> Any:
+    """A client of the scheduler at ``address``, or ``SweepError`` within CONNECT_TIMEOUT_S.
+
+    Dask's ``timeout`` bounds connecting, not the handshake after it: a peer that accepts and
+    never answers (not a scheduler, or a hung one) would hold the sweep forever. So the client
+    is made on a daemon thread, waited for at most ``CONNECT_TIMEOUT_S``, and abandoned after.
+    """
+    hint = ("start one with `dask scheduler` and workers with `dask worker ADDRESS` (shir "
+            "installed on each), or use --cluster local")
+    made: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            made["client"] = distributed.Client(address, timeout=f"{CONNECT_TIMEOUT_S / 2:g}s")
+        except Exception as exc:  # reported on the caller's thread, below
+            made["error"] = exc
+
+    thread = threading.Thread(target=connect, name="shir-dask-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_S)
+    if thread.is_alive():
+        raise SweepError(f"--cluster {address}: nothing answered as a Dask scheduler within "
+                         f"{CONNECT_TIMEOUT_S:g} s (the port takes connections but says "
+                         f"nothing); {hint}")
+    exc = made.get("error")
+    if exc is not None:
+        raise SweepError(f"--cluster {address}: cannot reach a Dask scheduler there "
+                         f"({type(exc).__name__}: {exc}); {hint}") from None
+    return made["client"]
 
 
 def _warm(client: Any) -> None:

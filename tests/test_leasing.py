@@ -887,3 +887,14 @@ def test_expiry_order_matches_the_live_leases(ops: list[tuple[str, int, float]],
     assert book.next_expiry() == (leases[0].expires_at if leases else None)
     assert book.expired(at) == [lz for lz in leases if lz.expires_at <= at]
     assert list(book.copy().expiring.items()) == list(book.expiring.items())
+
+
+@pytest.mark.parametrize("field", ["job_id", "idempotency_key"])
+def test_a_job_id_or_key_that_cannot_be_stored_is_refused(field: str) -> None:
+    # A JSON "\udce9" escape in a factory's request decodes to a lone surrogate: decided, it
+    # would fail the store's encoding in the host instead of being refused.
+    r = Rig.online(1)
+    fields = {"job_id": "j1", "idempotency_key": "k1", field: "caf\udce9"}
+    err = r.refused(SubmitJob(fields["job_id"], fields["idempotency_key"], 2.0), InvalidCommand)
+    assert f"{field} 'caf\\udce9' is not UTF-8 text" in str(err)
+    r.submit("café", at=3.0)  # text beyond ASCII is fine

@@ -123,19 +123,13 @@ def test_create_runtime_refuses_bad_fields(change: dict[str, object], message: s
     assert message in str(err)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core/kernel.py check_name accepts a lone surrogate (argv bytes that are not UTF-8): the "
-    "decision succeeds and the codec's append then fails with UnicodeEncodeError in the host. "
-    "Fix: in check_name, after the control-character test, add `try: value.encode('utf-8') "
-    "except UnicodeEncodeError: raise InvalidCommand(f'{what} must be UTF-8 text') from None`"
-))
 def test_create_runtime_refuses_text_that_cannot_be_stored() -> None:
     c = Rig()
     fresh = Rig(seed=1)
     command = CreateRuntime(**{**_fields(fresh.create), "name": "caf\udce9"})
     c.state = initial()
     err = c.refused(command, InvalidCommand)
-    assert "name must be UTF-8 text" in str(err)
+    assert "name 'caf\\udce9' is not UTF-8 text" in str(err)
 
 
 def test_create_runtime_refuses_keys_not_made_for_it() -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,35 @@ def test_a_batch_that_raises_is_reported_as_its_seeds_failures(scenario: Scenari
     assert errors == {104: "the batch failed: RuntimeError: no such luck",
                       105: "the batch failed: RuntimeError: no such luck"}
     assert [r["seed"] for r in result.records] == SEEDS and result.retried == 0
+
+
+def test_a_port_that_answers_nothing_is_no_scheduler_and_the_sweep_says_so_in_time(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _dask()
+    import socket
+
+    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT_S", 2.0)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        code, _, err = shir(capsys, "sim", "sweep", SHORT, "--seeds", "2", "--cluster", address)
+        took = time.monotonic() - started
+    assert code == 2
+    assert f"--cluster {address}: nothing answered as a Dask scheduler within 2 s" in err
+    assert took < 10  # it hung forever before
+
+
+def test_a_closed_port_is_no_scheduler_either(capsys: pytest.CaptureFixture[str]) -> None:
+    _dask()
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = shir(capsys, "sim", "sweep", SHORT, "--seeds", "2",
+                        "--cluster", f"tcp://127.0.0.1:{port}")
+    assert code == 2
+    assert "cannot reach a Dask scheduler there" in err and "Traceback" not in err
