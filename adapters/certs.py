@@ -17,15 +17,18 @@ them. Nothing here reads the clock: ``now`` is an argument.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 __all__ = [
@@ -77,8 +80,10 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
                     "the file holds a private key, not a certificate: give the certificate "
                     "(PEM 'BEGIN CERTIFICATE') and keep the key file private"
                 )
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
+            with _quietly():
+                return x509.load_pem_x509_certificates(data)
+        with _quietly():
+            return [x509.load_der_x509_certificate(data)]
     except CertificateUnreadable:
         raise
     except ValueError as exc:
@@ -86,6 +91,16 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
             "no X.509 certificate could be read (expected PEM 'BEGIN CERTIFICATE' blocks or one "
             f"DER certificate): {exc}"
         ) from None
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    """Loading, cryptography warns (with a line of our source) about what is wrong in a
+    certificate, e.g. a serial number that is not positive: ``check_certificate`` reports it
+    as a finding instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        yield
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -186,6 +201,12 @@ def check_certificate(
     elif isinstance(key, dsa.DSAPublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         err("key-type", f"the key type ({type(key).__name__.removesuffix('PublicKey').lstrip('_')})"
             " is not accepted for TLS by Windows Server 2012 R2: use an RSA key")
+
+    with _quietly():
+        serial = cert.serial_number
+    if serial <= 0:
+        warn("serial", f"the serial number is {'zero' if serial == 0 else 'negative'}, which "
+             "RFC 5280 forbids and newer TLS libraries refuse: reissue the certificate")
 
     algorithm = cert.signature_hash_algorithm
     if algorithm is not None and algorithm.name in _WEAK_HASHES:

@@ -232,3 +232,18 @@ def test_a_node_name_that_is_no_host_name_is_bad_input_not_an_unusable_certifica
     assert main(["cert", "check", str(good), "--node", node]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "argument --node" in err and "not a node's name" in err
+
+
+def test_a_serial_number_that_is_not_positive_is_a_finding_not_library_noise(
+    tmp_path: Path,
+) -> None:
+    # Old CAs (some in the system bundle) carry serial 0; cryptography warns about it on load,
+    # with a line of shir's source. The check reports it as a finding instead.
+    der = CA.public_bytes(serialization.Encoding.DER)
+    one = b"\xa0\x03\x02\x01\x02\x02\x01\x01"  # [0] version v3, then serialNumber INTEGER 1
+    assert der.count(one) == 1
+    zero = tmp_path / "zero.der"
+    zero.write_bytes(der.replace(one, one[:-1] + b"\x00"))
+    run = _shir("cert", "check", str(zero))
+    assert "Warning" not in run.stderr and "certs.py" not in run.stderr
+    assert "warning [serial] the serial number is zero" in run.stdout
