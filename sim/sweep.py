@@ -290,6 +290,7 @@ def _dask_client(cluster: Cluster) -> tuple[Any, Any]:
                 scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
             )
         return distributed.Client(local), local
+    assert cluster.address is not None  # parse_cluster gives every "address" cluster one
     return _connect(distributed, cluster.address), None
 
 
