@@ -346,10 +346,10 @@ def _seekable(binary: io.RawIOBase | io.BufferedIOBase) -> Any:
 
 
 # Parameters in one multi-row INSERT. psqlODBC loses its connection ("lost synchronization with
-# server") from about 7,500 parameters (measured here: a one-column INSERT of 7,499 rows passed,
-# 7,500 failed; its rewritten statement text nears 64 KiB); SQLite builds before 3.32 take 999.
-# Beyond ~100 rows a statement the round trip is paid off (measured: 100 rows a statement gave
-# 0.93 of the speed of 1,000), so the bound stays far below both.
+# server") on large ones (measured here: a one-column INSERT of 7,498 rows passed, of 7,499
+# failed; six columns failed at 16,380); SQLite builds before 3.32 take 999. Past ~100 rows a
+# statement the round trip is paid off (measured: 100 and 1,000 rows of six columns a statement
+# gave 100-130k rows/s alike), so the bound stays far below psqlODBC's failures.
 _STATEMENT_PARAMS = {"psqlodbc": 2_000, "sqlite": 999}
 
 
