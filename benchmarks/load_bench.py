@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -44,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
 COLUMNS = "id, s, n, ts, tz, b"
 SCHEMA = ("(id int PRIMARY KEY, s text, n numeric(18,4), ts timestamp, tz timestamptz, "
           "b bytea)")
@@ -196,10 +194,7 @@ def main() -> None:
     if args.step:
         print(json.dumps(step(args.step, dict(os.environ), Path(args.folder), args.plain_rows)))
         return
-    spec = importlib.util.spec_from_file_location("shir_bench_services", HERE / "services.py")
-    assert spec and spec.loader
-    services_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(services_module)
+    from services import services  # benchmarks/services.py: this script's folder is on sys.path
 
     steps = ["shir-csv", "shir-parquet", "psql", "pyodbc-fast", "pyodbc-plain"]
     print(json.dumps({"name": "pandas read_csv -> to_sql", "skipped": "to_sql takes no bare "
@@ -209,7 +204,7 @@ def main() -> None:
         steps = [s for s in steps if s in args.steps.split(",")]
     plain = min(args.plain_rows, args.rows)
     print(json.dumps(_load_average()))
-    with services_module.services() as env, tempfile.TemporaryDirectory(
+    with services() as env, tempfile.TemporaryDirectory(
             prefix="shir-load-bench-") as tmp:
         folder = Path(tmp)
         folder.chmod(0o755)  # psql's \copy reads as the client, but keep it readable anyway
@@ -223,7 +218,7 @@ def main() -> None:
                 c = _connect(pg)
                 c.execute(f"TRUNCATE {TARGET}")
                 c.close()
-                p = subprocess.run([sys.executable, "-P", __file__, "--step", name, "--folder", tmp,
+                p = subprocess.run([sys.executable, __file__, "--step", name, "--folder", tmp,
                                     "--plain-rows", str(plain)], env=child_env,
                                    capture_output=True, text=True, timeout=3600)
                 if p.returncode != 0:
