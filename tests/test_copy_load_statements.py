@@ -79,7 +79,7 @@ def test_batches_no_multiple_of_the_statement_load_every_value_exactly(
         assert rows_per_statement(db.driver.driver_name, 11) == 181
         copy_query(db, f"SELECT * FROM {table} ORDER BY id", FolderSink(out), fmt, "out")
         with out.open("rb") as f:
-            assert load_file(db, f"{table}_back", f, fmt, f"in-{fmt}", batch_rows=BATCH).rows \
+            assert load_file(db, f"{table}_back", f, fmt, f"in-{table}", batch_rows=BATCH).rows \
                 == ROWS
     assert _differences(c, table, f"{table}_back") == 0
     # the instants themselves, not their text in the session's zone
@@ -124,18 +124,18 @@ def test_a_statement_failing_mid_batch_commits_nothing_of_it_and_the_retry_resum
         copy_query(db, f"SELECT * FROM {table} ORDER BY id", FolderSink(out), "csv", "out")
         failed = r"(?s)\[23514\].*no950.*rolled back"
         with out.open("rb") as f, pytest.raises(LoadError, match=failed):
-            load_file(db, f"{table}_back", f, "csv", "mid", batch_rows=BATCH,
+            load_file(db, f"{table}_back", f, "csv", f"mid-{table}", batch_rows=BATCH,
                       transaction_rows=BATCH)
         # the first transaction (700 rows) stays; nothing of the one that failed
         kept = tuple(c.execute(f"SELECT count(*), max(id) FROM {table}_back").fetchone())
         assert kept == (BATCH, BATCH)
-        assert not is_loaded(db, "mid")
+        assert not is_loaded(db, f"mid-{table}")
         c.execute(f"ALTER TABLE {table}_back DROP CONSTRAINT no950")
         with out.open("rb") as f:
-            done = load_file(db, f"{table}_back", f, "csv", "mid", batch_rows=BATCH,
+            done = load_file(db, f"{table}_back", f, "csv", f"mid-{table}", batch_rows=BATCH,
                              transaction_rows=BATCH)
         assert (done.resumed_from, done.rows) == (BATCH, ROWS - BATCH)
-        assert is_loaded(db, "mid")
+        assert is_loaded(db, f"mid-{table}")
     assert _differences(c, table, f"{table}_back") == 0
 
 
@@ -177,7 +177,7 @@ def test_the_single_row_path_of_other_drivers_loads_every_value_exactly(
             assert rows_per_statement(db.driver.driver_name, 11) == 1
             copy_query(db, query, FolderSink(out), "parquet", "out")
             with out.open("rb") as f:
-                assert load_file(db, f"{table}_one", f, "parquet", "one",
+                assert load_file(db, f"{table}_one", f, "parquet", f"one-{table}",
                                  batch_rows=BATCH).rows == ROWS
         assert c.execute(f"SELECT count(*) FROM (({query}) EXCEPT ALL "
                          f"SELECT * FROM {table}_one) x").fetchone()[0] == 0
