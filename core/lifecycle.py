@@ -73,7 +73,7 @@ from shir.core.keys import (
     parse_auth_key,
 )
 from shir.core.leasing import lease_end
-from shir.core.model import KeyName, NodeStatus
+from shir.core.model import KeyName, NodeStatus, check_setting_bounds
 from shir.core.rules import (
     DOWN,
     choose_dispatcher,
@@ -199,6 +199,7 @@ EVOLVE: dict[type, Callable[[Model, Any], None]] = {
 def _create_runtime(m: Model, c: cmd.CreateRuntime, k: Decider) -> Events:
     for what, v in (("runtime_id", c.runtime_id), ("factory_id", c.factory_id), ("name", c.name)):
         check_name(what, v)
+    check_setting_bounds(c.settings)
     for slot, key in ((KeyName.KEY1, c.key1), (KeyName.KEY2, c.key2)):
         if key.name is not slot or key.runtime_id != c.runtime_id or not key.salt:
             raise InvalidCommand(

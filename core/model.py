@@ -13,6 +13,7 @@ from shir.core.codec import value
 from shir.core.errors import DomainError
 
 __all__ = [
+    "SETTING_BOUNDS_S",
     "CredentialVersion",
     "InvalidSettings",
     "KeyName",
@@ -21,6 +22,7 @@ __all__ = [
     "NodeStatus",
     "RuntimeSettings",
     "RuntimeStatus",
+    "check_setting_bounds",
 ]
 
 
@@ -59,6 +61,23 @@ class InvalidSettings(DomainError, ValueError):
     """A runtime setting is out of its documented range."""
 
 
+#: Upper bounds of a new runtime's timings: a mistyped exponent (1e308 s) would mean no node is
+#: ever found Offline. A day between heartbeats or for a lease; Service Bus's 7-day duplicate
+#: detection window.
+SETTING_BOUNDS_S = (("heartbeat_interval_s", 86400), ("lock_duration_s", 86400),
+                    ("duplicate_window_s", 604800))
+
+
+def check_setting_bounds(settings: RuntimeSettings) -> None:
+    """Refuse (``InvalidSettings``) settings beyond ``SETTING_BOUNDS_S``: what creating a
+    runtime checks (reading a log does not, so logs from before the bounds still read)."""
+    for name, most in SETTING_BOUNDS_S:
+        v = getattr(settings, name)
+        if v > most:
+            raise InvalidSettings(
+                f"{name} must be a number of seconds above 0 and at most {most}, got {v!r}")
+
+
 @value
 @attrs.frozen
 class RuntimeSettings:
@@ -77,12 +96,11 @@ class RuntimeSettings:
     duplicate_window_s: float = 600.0
 
     def __attrs_post_init__(self) -> None:
-        # Upper bounds catch a mistyped exponent (1e308 s: no node ever went Offline): a day
-        # between heartbeats or for a lease, Service Bus's 7-day duplicate detection window.
-        for name, most in (("heartbeat_interval_s", 86400), ("lock_duration_s", 86400),
-                           ("duplicate_window_s", 604800)):
+        # Only what every log ever written holds: the upper bounds of ``SETTING_BOUNDS_S`` are
+        # checked when a runtime is created, so a log from before them still reads.
+        for name, most in SETTING_BOUNDS_S:
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 < v <= most):
+            if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
                 raise InvalidSettings(
                     f"{name} must be a number of seconds above 0 and at most {most}, got {v!r}")
         if not 1 <= self.missed_heartbeats_offline <= 100:

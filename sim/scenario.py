@@ -29,7 +29,7 @@ from shir.core.credentials import check_credential as core_check_credential
 from shir.core.errors import InvalidCommand, ShirError
 from shir.core.kernel import check_name as _core_check_name  # the core's own rule, not a copy
 from shir.core.leasing import LIMIT_RANGE
-from shir.core.model import InvalidSettings, NodeStatus, RuntimeSettings
+from shir.core.model import InvalidSettings, NodeStatus, RuntimeSettings, check_setting_bounds
 from shir.sim.faults import FAULT_KINDS, parse_fault
 from shir.sim.scenario_model import (
     DurationDist,
@@ -165,7 +165,9 @@ def _settings(r: _Reader, data: Any) -> RuntimeSettings:
     if hb < lo_hb:
         raise r.fail("settings.heartbeat_interval_s", f"a number >= {lo_hb:g} (the limit)", hb)
     try:
-        return RuntimeSettings(**data)
+        settings = RuntimeSettings(**data)
+        check_setting_bounds(settings)  # what creating the runtime would refuse
+        return settings
     except InvalidSettings as exc:
         raise ScenarioError(f"{r.source}: settings: {exc}") from None
     except TypeError as exc:

@@ -42,6 +42,7 @@ from shir.core import (
     initial,
     next_deadline,
 )
+from shir.core.codec import decode_value, encode_value
 from shir.core.errors import (
     Fenced,
     InvalidCommand,
@@ -783,16 +784,37 @@ def test_the_state_refolds_from_its_log() -> None:
     assert fold(initial(), c.log) == c.state
 
 
+@pytest.mark.parametrize(("bad", "message"), [
+    # a typo of an exponent: nodes would never be found Offline (3e308 s overflows to inf)
+    ({"heartbeat_interval_s": 1e308}, "heartbeat_interval_s must be a number of seconds "
+                                      "above 0 and at most 86400"),
+    ({"lock_duration_s": 1e9}, "lock_duration_s must be a number of seconds above 0 and at "
+                               "most 86400"),
+    ({"duplicate_window_s": 1e9}, "duplicate_window_s must be a number of seconds above 0 "
+                                  "and at most 604800"),
+])
+def test_a_runtime_is_not_created_with_timings_beyond_their_bounds(
+    bad: dict[str, float], message: str,
+) -> None:
+    c = Rig()
+    fresh = Rig(seed=1)
+    command = CreateRuntime(**{**_fields(fresh.create), "settings": RuntimeSettings(**bad)})
+    c.state = initial()
+    err = c.refused(command, InvalidSettings)
+    assert message in str(err)
+
+
+def test_a_log_from_before_the_bounds_still_reads() -> None:
+    # Logs written before the upper bounds may hold a longer duplicate window: reading them
+    # must not fail (the bounds are the creation's, not the value's).
+    long_window = RuntimeSettings(duplicate_window_s=30 * 86400.0)
+    assert decode_value(RuntimeSettings, encode_value(long_window)) == long_window
+
+
 def test_settings_are_checked() -> None:
     for bad, message in (
         ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be a number of seconds above 0"),
-        # a typo of an exponent: nodes would never be found Offline (3e308 s overflows to inf)
-        ({"heartbeat_interval_s": 1e308}, "heartbeat_interval_s must be a number of seconds "
-                                          "above 0 and at most 86400"),
-        ({"lock_duration_s": 1e9}, "lock_duration_s must be a number of seconds above 0 and at "
-                                   "most 86400"),
-        ({"duplicate_window_s": 1e9}, "duplicate_window_s must be a number of seconds above 0 "
-                                      "and at most 604800"),
+        ({"lock_duration_s": float("inf")}, "lock_duration_s must be a number of seconds above 0"),
         ({"missed_heartbeats_offline": 0}, "missed_heartbeats_offline must be 1..100"),
         ({"max_nodes": 5}, "max_nodes must be 1..4 (the product allows at most four)"),
         ({"intranet_port": 0}, "intranet_port must be 1..65535"),
