@@ -525,7 +525,7 @@ def add_commands(subparsers: Any, logs: EventLogFiles) -> None:
     sweep.add_argument("--seeds", type=_positive_int("number of seeds", MAX_SEEDS), required=True,
                        metavar="N", help="how many seeds to run")
     sweep.add_argument("--workers", type=_positive_int("number of workers"), metavar="K",
-                       help="parallel processes (default: the number of CPUs)")
+                       help="parallel processes, 1-64 (default: the number of CPUs)")
     sweep.add_argument("--cluster", metavar="ADDRESS",
                        help="run on Dask distributed (pip install 'shir[dask]'): local or "
                             "local:WORKERS for a loopback LocalCluster, or a scheduler address "

@@ -126,9 +126,15 @@ class Cluster:
         return f"the Dask scheduler at {self.address}"
 
 
+MAX_WORKERS = 64  # processes a sweep starts on this machine: each is a whole interpreter
+
+
 def parse_cluster(text: str | None, workers: int | None) -> Cluster:
     """``None`` (the local pool), ``local``, ``local:WORKERS`` or ``tcp://HOST:PORT``."""
-    default = min(workers or os.cpu_count() or 1, 64)
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise SweepError(f"--workers {workers}: expected 1..{MAX_WORKERS} (each worker is a "
+                         "process of its own; a bigger sweep needs a Dask cluster of machines)")
+    default = min(workers or os.cpu_count() or 1, MAX_WORKERS)
     if text is None:
         return Cluster("pool", default)
     if text == "local" or text.startswith("local:"):
@@ -139,9 +145,9 @@ def parse_cluster(text: str | None, workers: int | None) -> Cluster:
             n = int(n_text)
         except ValueError:
             n = 0
-        if n < 1:
+        if not 1 <= n <= MAX_WORKERS:
             raise SweepError(f"--cluster {text}: expected local or local:WORKERS with WORKERS an "
-                             "integer >= 1, e.g. local:2")
+                             f"integer from 1 to {MAX_WORKERS}, e.g. local:2")
         return Cluster("local", n)
     if "://" in text and text.split("://", 1)[1]:
         return Cluster("address", address=text)
@@ -485,6 +491,8 @@ def sweep(scenario: Scenario, seeds: Sequence[int], until_s: float | None = None
             todo = started(min(cluster.workers or 1, len(seeds)))
             retried = _on_pool(scenario, todo, until_s, workers[0], collect, batch_fn)
         else:
+            if cluster.kind == "local":  # no idle worker processes: at most one per seed
+                cluster = attrs.evolve(cluster, workers=min(cluster.workers or 1, len(seeds)))
             retried = _on_dask(scenario, seeds, until_s, cluster, collect, batch_fn, started)
     finally:
         if bar is not None:

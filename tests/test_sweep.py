@@ -218,6 +218,8 @@ def test_human_report_prints_a_row_per_metric(capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.parametrize(("argv", "message"), [
     (("--cluster", "local:zero"), "expected local or local:WORKERS"),
+    (("--cluster", "local:100000"), "WORKERS an integer from 1 to 64"),
+    (("--workers", "100000"), "--workers 100000: expected 1..64"),
     (("--cluster", "nowhere"), "a Dask scheduler address such as tcp://"),
     (("--out", "x.csv"), "expected a file name ending in .jsonl"),
     (("--out", "/no/such/dir/x.jsonl"), "no such directory"),
