@@ -99,3 +99,21 @@ def test_a_setting_that_cannot_reach_the_store_is_refused_and_not_kept(
     assert out.returncode == 2 and f"custom proxy 127.0.0.1:{port}" in out.stderr
     assert PASSWORD not in out.stdout + out.stderr and "Traceback" not in out.stderr
     assert load_home_proxy(tmp_path / "home") == ProxySettings()
+
+
+def test_a_home_of_another_node_is_refused_and_nothing_is_saved(tmp_path: Path) -> None:
+    # The setting is sealed with the home's key and kept in the home: given node n2's home,
+    # node n1 could never open it, and n2 would start with n1's proxy.
+    from shir.adapters.node_credentials import node_keys
+
+    store = _runtime(tmp_path)
+    home = tmp_path / "home-of-n2"
+    runtime_id = _saved(store).runtime.runtime_id  # type: ignore[union-attr]
+    node_keys(home, runtime_id, "n2")  # what n2's first run makes in its home
+    out = _proxy(store, home, "none")
+    assert out.returncode == 2
+    assert f"{home} is the home of node 'n2'" in out.stderr and "Traceback" not in out.stderr
+    assert not (home / "proxy.settings").exists()
+    assert saved_proxy(_saved(store), "n1") is None
+    again = shir("node", "proxy", "--store", store, "--name", "n2", "--home", str(home), "none")
+    assert again.returncode == 0, again.stderr  # its own node's name is fine
