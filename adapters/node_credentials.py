@@ -68,7 +68,7 @@ from shir.core.errors import ShirError
 from shir.core.model import CredentialVersion
 from shir.core.state import RuntimeState
 
-__all__ = ["HostCredentials", "node_keys", "request_credentials"]
+__all__ = ["HostCredentials", "home_identity", "node_keys", "request_credentials"]
 
 Log = Callable[..., None]
 SendEnvelope = Callable[[str, EnvelopeMessage], None]
@@ -92,22 +92,30 @@ def node_keys(home: Path, runtime_id: str, node_name: str) -> NodeKeys:
     A home initialised for another runtime is refused (one machine, one runtime); one made for
     another node name is refused too, as the name is sealed into every envelope to it.
     """
-    data = DataDir(home)
-    protector = data.protector()
-    try:
-        identity = load_identity(data.identity_file, protector)
-    except MissingIdentity:
+    identity = home_identity(home, runtime_id, node_name)
+    if identity is None:
+        data = DataDir(home)
         identity = NodeIdentity(runtime_id, node_name, NodeKeys.generate())
-        save_identity(data.identity_file, identity, protector)
+        save_identity(data.identity_file, identity, data.protector())
         data.publish_public_key(identity.keys)
-        return identity.keys
+    return identity.keys
+
+
+def home_identity(home: Path, runtime_id: str, node_name: str) -> NodeIdentity | None:
+    """The identity in ``home``, None if no node has run there yet; ``IdentityConflict`` if it
+    is another node's (or another runtime's)."""
+    data = DataDir(home)
+    try:
+        identity = load_identity(data.identity_file, data.protector())
+    except MissingIdentity:
+        return None
     if (identity.runtime_id, identity.node_name) != (runtime_id, node_name):
         raise IdentityConflict(
             f"{data.identity_file} is the identity of node {identity.node_name!r} of runtime "
             f"{identity.runtime_id!r}, not of node {node_name!r} of runtime {runtime_id!r}: "
             "run this node with its own --home (a machine is one node of one runtime)"
         )
-    return identity.keys
+    return identity
 
 
 class HostCredentials:

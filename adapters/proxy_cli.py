@@ -79,28 +79,9 @@ def _password(args: argparse.Namespace) -> str:
     return ""
 
 
-def _check_home_is_the_nodes(home: Path, runtime_id: str, name: str) -> None:
-    """Refuse a home that holds another node's identity: the setting is sealed with the
-    home's key and kept there, so the node called ``name`` could never open it."""
-    from shir.adapters.backup import load_identity
-    from shir.adapters.credentials_cli import DataDir
-    from shir.adapters.protect import MissingIdentity
-
-    data = DataDir(home)
-    try:
-        identity = load_identity(data.identity_file, data.protector())
-    except MissingIdentity:
-        return  # a home no node has run in yet
-    if (identity.runtime_id, identity.node_name) != (runtime_id, name):
-        raise ShirError(
-            f"{home} is the home of node {identity.node_name!r} of runtime "
-            f"{identity.runtime_id!r}, not of node {name!r} of this runtime: give node {name}'s "
-            "own --home (the setting is sealed with its home's key); nothing was saved"
-        )
-
-
 def _set(args: argparse.Namespace) -> int:
     from shir.adapters.node_config import default_home
+    from shir.adapters.node_credentials import home_identity
     from shir.adapters.protect import default_protector
     from shir.adapters.proxy import client_proxy, save_home_proxy, seal_proxy_settings
     from shir.adapters.runtime_cli import STREAM
@@ -122,7 +103,9 @@ def _set(args: argparse.Namespace) -> int:
         driver = Driver(store, STREAM)
         if driver.state.runtime is None:
             raise ShirError("the store holds no runtime: check --store")
-        _check_home_is_the_nodes(home, driver.state.runtime.runtime_id, args.name)
+        # the setting is sealed with the home's key and kept there: another node's home
+        # would hold what the named node could never open
+        home_identity(home, driver.state.runtime.runtime_id, args.name)
         registered = any(n.name == args.name for n in driver.state.nodes)
         changed = (saved_proxy(driver.state, args.name) or ProxySettings()) != sealed
         for _ in range(_TRIES if registered else 0):

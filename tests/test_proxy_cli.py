@@ -112,7 +112,8 @@ def test_a_home_of_another_node_is_refused_and_nothing_is_saved(tmp_path: Path) 
     node_keys(home, runtime_id, "n2")  # what n2's first run makes in its home
     out = _proxy(store, home, "none")
     assert out.returncode == 2
-    assert f"{home} is the home of node 'n2'" in out.stderr and "Traceback" not in out.stderr
+    assert f"is the identity of node 'n2' of runtime {runtime_id!r}, not of node 'n1'" in (
+        out.stderr) and "Traceback" not in out.stderr
     assert not (home / "proxy.settings").exists()
     assert saved_proxy(_saved(store), "n1") is None
     again = shir("node", "proxy", "--store", store, "--name", "n2", "--home", str(home), "none")
